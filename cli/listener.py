@@ -1,0 +1,133 @@
+"""A webhook receiver that verifies Standard Webhooks signatures: `inpaint-gateway listen`.
+
+Teams use it to try their integration; the test suite uses it as the real receiver.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReceivedEvent:
+    """One verified delivery."""
+
+    webhook_id: str
+    timestamp: str
+    payload: dict[str, Any]
+    received_at: float
+
+
+@dataclass
+class WebhookReceiver:
+    """An HTTP server on (host, port) that verifies every POST with `secret`."""
+
+    secret: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    on_event: Callable[[ReceivedEvent], None] | None = None
+    # Test hook: answer this status (and don't record) instead of 204; None = normal.
+    forced_status: int | None = None
+    events: list[ReceivedEvent] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._verifier = Webhook(self.secret)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((self.host, self.port), self._handler_class())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Where to point webhook_url."""
+        return f"http://{self.host}:{self.port}/webhook"
+
+    def start(self) -> WebhookReceiver:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted."""
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def received(self) -> list[ReceivedEvent]:
+        """A copy of the verified events so far."""
+        with self._lock:
+            return list(self.events)
+
+    def _accept(self, body: bytes, headers: dict[str, str]) -> int:
+        if self.forced_status is not None:
+            return self.forced_status
+        try:
+            payload = self._verifier.verify(body.decode(), headers)
+        except (WebhookVerificationError, ValueError, UnicodeDecodeError) as exc:
+            with self._lock:
+                self.rejected.append(str(exc))
+            return 401
+
+        event = ReceivedEvent(
+            headers["webhook-id"], headers["webhook-timestamp"], payload, time.time()
+        )
+        with self._lock:
+            self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        return 204
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES:
+                    self.send_response(413)
+                    self.end_headers()
+                    return
+                body = self.rfile.read(length)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                status = receiver._accept(body, headers)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # events are printed by on_event; no access log noise
+
+        return Handler
+
+
+def print_event(event: ReceivedEvent) -> None:
+    """How `inpaint-gateway listen` shows an event."""
+    data = event.payload.get("data", {})
+    line = {
+        "verified": True,
+        "webhook_id": event.webhook_id,
+        "type": event.payload.get("type"),
+        "job_id": data.get("id"),
+        "status": data.get("status"),
+        "output": data.get("output"),
+        "error": data.get("error"),
+    }
+    print(json.dumps(line), flush=True)

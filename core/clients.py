@@ -1,0 +1,155 @@
+"""API clients: who may call the gateway, with which key, and the secret their webhooks are signed with.
+
+Only a SHA-256 of each API key is stored (keys are 256-bit random, so a fast hash is enough);
+the key itself is shown once, at creation. Webhook secrets are stored as they must sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, replace
+
+import redis
+
+from core.store import PREFIX
+
+API_KEY_PREFIX = "igw_"
+SECRET_ROTATION_OVERLAP_S = 24 * 3600
+
+
+def new_api_key() -> str:
+    """A fresh API key."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks secret (`whsec_` + base64 of 32 random bytes)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def hash_api_key(api_key: str) -> str:
+    """What is stored in place of the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Client:
+    """A calling team."""
+
+    id: str
+    name: str
+    created_at: float
+    api_key_hash: str
+    webhook_secret: str
+    previous_webhook_secret: str | None = None
+    previous_secret_until: float | None = None
+    revoked_at: float | None = None
+
+    def signing_secrets(self, now: float) -> list[str]:
+        """Secrets to sign with: the current one, plus the previous during a rotation."""
+        live = [self.webhook_secret]
+        if self.previous_webhook_secret and (self.previous_secret_until or 0) > now:
+            live.append(self.previous_webhook_secret)
+        return live
+
+    def summary(self) -> dict[str, object]:
+        """What `clients list` shows (no secrets)."""
+        return {
+            "client_id": self.id,
+            "name": self.name,
+            "created_at": self.created_at,
+            "revoked": self.revoked_at is not None,
+        }
+
+
+@dataclass(frozen=True)
+class NewClientCredentials:
+    """Shown once: the caller must keep these."""
+
+    client_id: str
+    api_key: str
+    webhook_secret: str
+
+
+class ClientStore:
+    """Clients in Redis, found by the hash of their API key."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    @staticmethod
+    def _key(client_id: str) -> str:
+        return f"{PREFIX}apiclient:{client_id}"
+
+    @staticmethod
+    def _api_key_index(api_key_hash: str) -> str:
+        return f"{PREFIX}apikey:{api_key_hash}"
+
+    _ALL = PREFIX + "apiclients"
+
+    def create(self, name: str) -> NewClientCredentials:
+        """Register a client; returns its API key and webhook secret (shown only now)."""
+        client_id = "cli_" + secrets.token_hex(8)
+        api_key = new_api_key()
+        client = Client(
+            id=client_id,
+            name=name,
+            created_at=time.time(),
+            api_key_hash=hash_api_key(api_key),
+            webhook_secret=new_webhook_secret(),
+        )
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(client_id), json.dumps(asdict(client)))
+            pipe.set(self._api_key_index(client.api_key_hash), client_id)
+            pipe.sadd(self._ALL, client_id)
+            pipe.execute()
+        return NewClientCredentials(client_id, api_key, client.webhook_secret)
+
+    def get(self, client_id: str) -> Client | None:
+        """A client by id, revoked or not."""
+        raw = self.redis.get(self._key(client_id))
+        return Client(**json.loads(raw)) if raw is not None else None
+
+    def authenticate(self, api_key: str) -> Client | None:
+        """The live client holding this key, or None."""
+        client_id = self.redis.get(self._api_key_index(hash_api_key(api_key)))
+        if client_id is None:
+            return None
+        client = self.get(str(client_id))
+        return client if client is not None and client.revoked_at is None else None
+
+    def list(self) -> list[Client]:
+        """Every client, oldest first."""
+        ids = sorted(str(m) for m in self.redis.smembers(self._ALL))
+        clients = [c for c in (self.get(i) for i in ids) if c is not None]
+        return sorted(clients, key=lambda c: c.created_at)
+
+    def revoke(self, client_id: str) -> bool:
+        """Stop a client's key from working (its jobs still finish and call back)."""
+        client = self.get(client_id)
+        if client is None:
+            return False
+        revoked = replace(client, revoked_at=client.revoked_at or time.time())
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(client_id), json.dumps(asdict(revoked)))
+            pipe.delete(self._api_key_index(client.api_key_hash))
+            pipe.execute()
+        return True
+
+    def rotate_webhook_secret(self, client_id: str) -> str | None:
+        """A new webhook secret; the old one keeps signing too for 24 h. Returns the new one."""
+        client = self.get(client_id)
+        if client is None:
+            return None
+        rotated = replace(
+            client,
+            webhook_secret=new_webhook_secret(),
+            previous_webhook_secret=client.webhook_secret,
+            previous_secret_until=time.time() + SECRET_ROTATION_OVERLAP_S,
+        )
+        self.redis.set(self._key(client_id), json.dumps(asdict(rotated)))
+        return rotated.webhook_secret

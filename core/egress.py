@@ -1,0 +1,286 @@
+"""Outbound-address policy for webhook delivery: which addresses we may connect to, and how.
+
+A webhook URL is given by another team, so it may point anywhere: at our metadata service, at
+Redis on localhost, at a host whose DNS answer changes between our check and our connect. The
+policy resolves the host, judges every address it resolves to, and the adapter then connects to
+the address that was judged, so there is no second DNS lookup to rebind.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests.utils import select_proxy
+from urllib3.connectionpool import ConnectionPool
+
+if TYPE_CHECKING:
+    # Typing-only names from types-requests, for the hook that requests lets adapters override.
+    from requests.adapters import _HostParams, _PoolKwargs
+
+IPAddress: TypeAlias = IPv4Address | IPv6Address
+IPNetwork: TypeAlias = IPv4Network | IPv6Network
+
+ALLOWED_NETWORKS_SETTING = "WEBHOOK_ALLOWED_NETWORKS"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# Most specific first: the first network that holds an address names the reason it is refused.
+# Written out rather than taken from ipaddress's is_private/is_global, whose answers differ
+# between Python patch releases (cpython#113171).
+REFUSED_NETWORKS: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ip_network(cidr), reason)
+    for cidr, reason in (
+        ("169.254.169.254/32", "a cloud metadata address"),
+        ("fd00:ec2::254/128", "a cloud metadata address"),
+        ("0.0.0.0/8", "an unspecified ('this network') address"),
+        ("10.0.0.0/8", "a private address"),
+        ("100.64.0.0/10", "a carrier-grade NAT address"),
+        ("127.0.0.0/8", "a loopback address"),
+        ("169.254.0.0/16", "a link-local address"),
+        ("172.16.0.0/12", "a private address"),
+        ("192.0.0.0/24", "an IETF protocol-assignment address"),
+        ("192.0.2.0/24", "a documentation address"),
+        ("192.88.99.0/24", "a 6to4 relay address"),
+        ("192.168.0.0/16", "a private address"),
+        ("198.18.0.0/15", "a benchmarking address"),
+        ("198.51.100.0/24", "a documentation address"),
+        ("203.0.113.0/24", "a documentation address"),
+        ("224.0.0.0/4", "a multicast address"),
+        ("240.0.0.0/4", "a reserved address"),
+        ("::/128", "an unspecified address"),
+        ("::1/128", "a loopback address"),
+        ("64:ff9b::/96", "a NAT64 address"),
+        ("64:ff9b:1::/48", "a NAT64 address"),
+        ("100::/64", "a discard-only address"),
+        ("2001::/32", "a Teredo address"),
+        ("2001::/23", "an IETF protocol-assignment address"),
+        ("2001:db8::/32", "a documentation address"),
+        ("2002::/16", "a 6to4 address"),
+        ("3fff::/20", "a documentation address"),
+        ("5f00::/16", "a segment-routing address"),
+        ("fc00::/7", "a private (unique-local) address"),
+        ("fe80::/10", "a link-local address"),
+        ("fec0::/10", "a site-local address"),
+        ("ff00::/8", "a multicast address"),
+    )
+)
+
+
+class RefusedDestination(requests.exceptions.RequestException):
+    """A webhook destination that the egress policy does not let us connect to."""
+
+    def __init__(
+        self, message: str, *, host: str | None = None, address: IPAddress | None = None
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.address = address
+
+
+def unmap_ipv4(address: IPAddress) -> IPAddress:
+    """Return the IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d), else itself."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _parse_ip_literal(host: str) -> IPAddress | None:
+    """Return host as an IP address if it is an IP literal (brackets allowed), else None."""
+    try:
+        return ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+
+
+def _host_header(host: str, port: int | None, scheme: str) -> str:
+    """Return the Host header value for host and port, as http.client would write it."""
+    bracketed = f"[{host}]" if ":" in host else host
+    if port is None or port == DEFAULT_PORTS.get(scheme):
+        return bracketed
+    return f"{bracketed}:{port}"
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Where webhooks may go: public addresses, plus the networks an operator allows."""
+
+    allowed_networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_cidrs(cls, cidrs: str | Iterable[str]) -> EgressPolicy:
+        """Build a policy allowing the networks in a comma-separated CIDR list (or a list)."""
+        items = cidrs.split(",") if isinstance(cidrs, str) else cidrs
+        networks: list[IPNetwork] = []
+        for item in (item.strip() for item in items):
+            if not item:
+                continue
+            try:
+                networks.append(ip_network(item))
+            except ValueError as exc:
+                raise ValueError(
+                    f"{ALLOWED_NETWORKS_SETTING}: {item!r} is not a CIDR network ({exc})"
+                ) from exc
+        return cls(allowed_networks=tuple(networks))
+
+    def in_allowed_networks(self, address: IPAddress) -> bool:
+        """Tell whether address (judged as IPv4 if IPv4-mapped) is inside an allowed network."""
+        address = unmap_ipv4(address)
+        return any(address in network for network in self.allowed_networks)
+
+    def is_refused(self, address: IPAddress) -> str | None:
+        """Return why address is refused (e.g. "a private address"), or None if it is allowed."""
+        if self.in_allowed_networks(address):
+            return None
+        address = unmap_ipv4(address)
+        for network, reason in REFUSED_NETWORKS:
+            if address in network:
+                return reason
+        # Safety net for special-purpose ranges the table above does not name.
+        if address.is_reserved:
+            return "a reserved address"
+        if not address.is_global:
+            return "a non-public address"
+        return None
+
+    def resolve(self, host: str, port: int) -> list[IPAddress]:
+        """Return every address host resolves to, deduplicated, in resolver order."""
+        literal = _parse_ip_literal(host)
+        if literal is not None:
+            return [unmap_ipv4(literal)]
+        try:
+            answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise RefusedDestination(f"webhook host {host} does not resolve", host=host) from exc
+        addresses: list[IPAddress] = []
+        for family, _type, _proto, _canonname, sockaddr in answers:
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address = unmap_ipv4(ip_address(sockaddr[0]))
+            if address not in addresses:
+                addresses.append(address)
+        if not addresses:
+            raise RefusedDestination(f"webhook host {host} does not resolve", host=host)
+        return addresses
+
+    def pick_address(self, host: str, port: int, *, scheme: str = "https") -> IPAddress:
+        """Resolve host, check every address it resolves to, and return the first one."""
+        addresses = self.resolve(host, port)
+        is_literal = _parse_ip_literal(host) is not None
+        for address in addresses:
+            reason = self.is_refused(address)
+            if reason is not None:
+                what = f"is {reason}" if is_literal else f"resolves to {address}, {reason}"
+                raise RefusedDestination(
+                    f"webhook host {host} {what}; allow it with {ALLOWED_NETWORKS_SETTING}",
+                    host=host,
+                    address=address,
+                )
+            if scheme != "https" and not self.in_allowed_networks(address):
+                where = "" if is_literal else f" resolves to {address}, which"
+                raise RefusedDestination(
+                    f"webhook URL uses {scheme}, but host {host}{where} is outside "
+                    f"{ALLOWED_NETWORKS_SETTING}; use https",
+                    host=host,
+                    address=address,
+                )
+        return addresses[0]
+
+    def check_url(self, url: str) -> None:
+        """Raise ValueError for a malformed webhook URL, RefusedDestination for a refused one."""
+        if any(char.isspace() or not char.isprintable() or char == "\\" for char in url):
+            raise ValueError(f"webhook URL contains characters not allowed in a URL: {url!r}")
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise ValueError(f"webhook URL must use https (or http), not {scheme or 'no scheme'!r}")
+        if "@" in parts.netloc:
+            raise ValueError("webhook URL must not contain a user name or password")
+        if not parts.hostname:
+            raise ValueError(f"webhook URL has no host: {url!r}")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"webhook URL has an invalid port: {url!r}") from exc
+        self.pick_address(parts.hostname, port or DEFAULT_PORTS[scheme], scheme=scheme)
+
+
+class PinnedAddressAdapter(HTTPAdapter):
+    """A requests adapter that checks every request's destination and connects to that address."""
+
+    # Pickling an adapter keeps only __attrs__; the policy must survive it.
+    __attrs__ = (*HTTPAdapter.__attrs__, "policy")
+
+    def __init__(self, policy: EgressPolicy, **adapter_options: Any) -> None:
+        self.policy = policy
+        super().__init__(**adapter_options)
+
+    def build_connection_pool_key_attributes(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str,
+        cert: str | tuple[str, str] | None = None,
+    ) -> tuple[_HostParams, _PoolKwargs]:
+        """Swap the URL's host for its checked address; keep the host for Host, SNI and the cert."""
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        scheme: str = host_params["scheme"]
+        host: str = host_params["host"]
+        # The stubs say int, but requests passes None when the URL names no port.
+        port = cast("int | None", host_params["port"])
+        address = self.policy.pick_address(host, port or DEFAULT_PORTS[scheme], scheme=scheme)
+
+        # Copy before writing: callers may share one headers dict between requests.
+        request.headers = CaseInsensitiveDict(request.headers or {})
+        request.headers["Host"] = _host_header(host, port, scheme)
+        if scheme == "https":
+            # The stubs' TypedDict lacks these HTTPS-pool options, which urllib3 accepts:
+            # verify the certificate against, and send as SNI, the URL's host, not the address.
+            tls_options = cast("dict[str, Any]", pool_kwargs)
+            tls_options["assert_hostname"] = host
+            tls_options["server_hostname"] = host
+        host_params["host"] = str(address)
+        return host_params, pool_kwargs
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Mapping[str, str] | None = None,
+        cert: tuple[str, str] | str | None = None,
+    ) -> ConnectionPool:
+        """Refuse proxies (a proxy would resolve the host itself), then get the pinned pool."""
+        if request.url and select_proxy(request.url, proxies):
+            raise ValueError("PinnedAddressAdapter cannot send through a proxy")
+        return super().get_connection_with_tls_context(request, verify, proxies, cert)
+
+    def get_connection(self, url: Any, proxies: Mapping[str, str] | None = None) -> ConnectionPool:
+        """Refuse the deprecated lookup, which would connect without the address check."""
+        raise NotImplementedError("use get_connection_with_tls_context (requests >= 2.32.2)")
+
+
+class NoRedirectSession(requests.Session):
+    """A Session that never follows a redirect: a 3xx answer is returned as the response."""
+
+    def get_redirect_target(self, resp: requests.Response) -> None:
+        """Report no redirect target, so requests neither follows nor prepares one."""
+        # Not max_redirects = 0: with it, requests raises TooManyRedirects on any 3xx even
+        # under allow_redirects=False, as it still prepares response.next.
+        return None
+
+
+def egress_session(policy: EgressPolicy) -> requests.Session:
+    """Return a Session that delivers only to addresses policy allows, ignoring env proxies."""
+    session = NoRedirectSession()
+    session.trust_env = False
+    adapter = PinnedAddressAdapter(policy)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session

@@ -1,0 +1,199 @@
+"""The job: its record, its status machine, and how it is shown to clients."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    """Where a job is; see README 'Job lifecycle'."""
+
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        """True for the four statuses a job ends in."""
+        return self in FINAL_STATUSES
+
+    @property
+    def rank(self) -> int:
+        """Position in the forward-only order; all final statuses share the last rank."""
+        return _RANK[self]
+
+
+FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
+_RANK = {Status.QUEUED: 0, Status.SUBMITTED: 1, Status.RUNNING: 2} | dict.fromkeys(
+    FINAL_STATUSES, 3
+)
+
+
+class IllegalTransition(ValueError):
+    """A status change that would move a job backwards or out of a final status."""
+
+
+def can_move(current: Status, target: Status) -> bool:
+    """Statuses only move forward; a final status never changes."""
+    return not current.is_final and target.rank > current.rank
+
+
+def new_job_id() -> str:
+    """A fresh, unguessable job id."""
+    return "job_" + secrets.token_hex(12)
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as an ISO-8601 UTC string (milliseconds), or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed, in words a caller can act on."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What RunComfy last told us about the job's request."""
+
+    request_id: str
+    status: str | None = None
+    queue_position: int | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """The job record: the source of truth, stored whole in Redis."""
+
+    id: str
+    client_id: str
+    input: dict[str, Any]
+    created_at: float
+    status: Status = Status.QUEUED
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    deadline_at: float = 0.0
+    output_images: tuple[str, ...] | None = None
+    error: JobError | None = None
+    upstream: Upstream | None = None
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = ()
+    metadata: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    # Internal bookkeeping, never shown to clients.
+    submit_started_at: float | None = None
+    submit_attempts: int = 0
+    submit_unknown_outcomes: int = 0
+    cancel_sent: bool = False
+    polls: int = 0
+    running_since: float | None = None
+    transient_errors: int = 0
+    last_transient_error: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    # --- status machine -------------------------------------------------------------------
+
+    def moved_to(self, target: Status, now: float, **changes: Any) -> Job:
+        """This job in `target` status (forward only), with other fields changed too."""
+        if not can_move(self.status, target):
+            raise IllegalTransition(f"{self.id}: {self.status} -> {target} is not allowed")
+        finished = now if target.is_final else None
+        return replace(self, status=target, updated_at=now, finished_at=finished, **changes)
+
+    def changed(self, now: float, **changes: Any) -> Job:
+        """This job with fields changed, status untouched."""
+        return replace(self, updated_at=now, **changes)
+
+    def with_note(self, now: float, text: str) -> Job:
+        """Record something worth knowing later (kept short: the last 20 notes)."""
+        stamped = f"{iso(now)} {text}"
+        return replace(self, updated_at=now, notes=(*self.notes, stamped)[-20:])
+
+    @property
+    def request_id(self) -> str | None:
+        """RunComfy's request id once the submit was accepted."""
+        return self.upstream.request_id if self.upstream else None
+
+    # --- storage --------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The stored form."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Job:
+        """Inverse of to_json."""
+        data = json.loads(text)
+        data["status"] = Status(data["status"])
+        if data.get("error"):
+            data["error"] = JobError(**data["error"])
+        if data.get("upstream"):
+            data["upstream"] = Upstream(**data["upstream"])
+        if data.get("output_images") is not None:
+            data["output_images"] = tuple(data["output_images"])
+        data["webhook_events"] = tuple(data.get("webhook_events") or ())
+        data["notes"] = tuple(data.get("notes") or ())
+        return cls(**data)
+
+    # --- what clients see -----------------------------------------------------------------
+
+    def to_resource(self) -> dict[str, Any]:
+        """The job resource of the HTTP API and of webhook payloads."""
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "finished_at": iso(self.finished_at),
+            "input": self.input,
+            "output": {"images": list(self.output_images)}
+            if self.output_images is not None
+            else None,
+            "error": asdict(self.error) if self.error else None,
+            "upstream": asdict(self.upstream) if self.upstream else None,
+            "webhook_url": self.webhook_url,
+            "webhook_events": list(self.webhook_events),
+            "metadata": self.metadata,
+            "cancel_requested": self.cancel_requested,
+        }
+
+
+def new_job(
+    *,
+    client_id: str,
+    input: dict[str, Any],
+    webhook_url: str | None,
+    webhook_events: tuple[str, ...],
+    metadata: dict[str, Any] | None,
+    deadline_s: float,
+    now: float | None = None,
+) -> Job:
+    """A freshly accepted job, status queued."""
+    created = time.time() if now is None else now
+    return Job(
+        id=new_job_id(),
+        client_id=client_id,
+        input=input,
+        created_at=created,
+        updated_at=created,
+        deadline_at=created + deadline_s,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
+        metadata=metadata,
+    )

@@ -1,0 +1,88 @@
+"""Metrics shared by every replica: counters kept in Redis, exposed by the API's /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from core.store import PREFIX, JobStore
+
+COUNTERS_KEY = PREFIX + "counters"
+
+# Every counter the gateway keeps, with its help text: one place, so names cannot drift.
+COUNTER_HELP = {
+    "jobs_accepted": "Jobs accepted by POST /v1/jobs.",
+    "jobs_finished_succeeded": "Jobs that ended succeeded.",
+    "jobs_finished_failed": "Jobs that ended failed.",
+    "jobs_finished_cancelled": "Jobs that ended cancelled.",
+    "jobs_finished_expired": "Jobs that ended expired (deadline).",
+    "upstream_submits": "Submit calls made to RunComfy.",
+    "upstream_polls": "Status/result calls made to RunComfy.",
+    "upstream_cancels": "Cancel calls made to RunComfy.",
+    "upstream_transient_errors": "RunComfy calls that failed in a way worth retrying.",
+    "submit_outcome_unknown": "Submits whose outcome was unknown (possible duplicate generation).",
+    "webhook_attempts": "Webhook delivery attempts.",
+    "webhook_delivered": "Webhook events delivered (2xx).",
+    "webhook_failed_attempts": "Webhook attempts that did not get a 2xx.",
+    "webhook_exhausted": "Webhook events that ran out of retries.",
+}
+
+
+class Counters:
+    """Increment-only counters in one Redis hash (global across workers and API replicas)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """Count `amount` more of `name` (a key of COUNTER_HELP)."""
+        if name not in COUNTER_HELP:
+            raise KeyError(f"unknown counter {name!r}")
+        self.redis.hincrby(COUNTERS_KEY, name, amount)
+
+    def read(self) -> dict[str, int]:
+        """Every counter's current value (0 for those never counted)."""
+        raw = self.redis.hgetall(COUNTERS_KEY)
+        values = {str(k): int(v) for k, v in raw.items()}
+        return {name: values.get(name, 0) for name in COUNTER_HELP}
+
+
+class GatewayCollector(Collector):
+    """Reads counters and queue figures from Redis at scrape time."""
+
+    def __init__(self, store: JobStore, counters: Counters) -> None:
+        self.store = store
+        self.counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """One sample per counter, plus live backlog gauges."""
+        for name, value in self.counters.read().items():
+            family = CounterMetricFamily(f"inpaint_gateway_{name}", COUNTER_HELP[name])
+            family.add_metric([], value)
+            yield family
+        gauges = {
+            "jobs_live": ("Jobs not yet final.", self.store.job_schedule.size()),
+            "jobs_steps_overdue": (
+                "Job steps due now and not yet taken.",
+                self.store.job_schedule.overdue_count(),
+            ),
+            "webhooks_pending": (
+                "Webhook events waiting for delivery.",
+                self.store.webhook_schedule.size(),
+            ),
+            "webhooks_overdue": (
+                "Webhook attempts due now and not yet taken.",
+                self.store.webhook_schedule.overdue_count(),
+            ),
+            "upstream_in_flight": (
+                "Upstream slots held (cap RUNCOMFY_MAX_IN_FLIGHT).",
+                self.store.in_flight(),
+            ),
+        }
+        for name, (help_text, value) in gauges.items():
+            gauge = GaugeMetricFamily(f"inpaint_gateway_{name}", help_text)
+            gauge.add_metric([], value)
+            yield gauge

@@ -1,0 +1,153 @@
+"""Settings: read from the environment once at start-up, validated, frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import environs
+import marshmallow.validate as mv
+
+RUNCOMFY_PUBLIC_BASE_URL = "https://model-api.runcomfy.net"
+DEFAULT_MODEL_ID = "tongyi-mai/z-image/turbo/inpainting/lora"
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = "0,5,300,1800,7200,18000,36000,50400,72000,86400"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the gateway; see README 'Configuration'."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    celery_broker_url: str = "redis://localhost:6379/0"
+    runcomfy_base_url: str = RUNCOMFY_PUBLIC_BASE_URL
+    runcomfy_api_token: str = field(default="", repr=False)
+    runcomfy_model_id: str = DEFAULT_MODEL_ID
+    runcomfy_timeout_s: float = 20.0
+    runcomfy_max_in_flight: int = 32
+    job_deadline_s: int = 900
+    submit_unknown: Literal["resubmit", "fail"] = "resubmit"
+    webhook_allowed_networks: tuple[str, ...] = ()
+    webhook_retry_schedule_s: tuple[float, ...] = (
+        0,
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        50400,
+        72000,
+        86400,
+    )
+    webhook_timeout_s: float = 15.0
+    job_retention_s: int = 604800
+    dispatch_interval_s: float = 0.5
+    dispatch_batch_size: int = 64
+    step_lease_s: float = 60.0
+    log_level: str = "INFO"
+
+    @property
+    def uses_public_runcomfy(self) -> bool:
+        """True when the upstream is RunComfy itself (so a token is required)."""
+        return self.runcomfy_base_url.rstrip("/") == RUNCOMFY_PUBLIC_BASE_URL
+
+
+def _schedule(text: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError("must be comma-separated seconds, e.g. 0,5,300") from exc
+    if not delays or any(d < 0 for d in delays):
+        raise ValueError("must be a non-empty list of seconds >= 0")
+    return delays
+
+
+def load_settings() -> Settings:
+    """Read and validate every setting; raise SettingsError naming the first bad one.
+
+    Each variable may instead be given as NAME_FILE (a path), for mounted secrets.
+    """
+    env = environs.FileAwareEnv(eager=True, strip_whitespace=True)
+    try:
+        return _read(env)
+    except (environs.EnvError, ValueError) as exc:
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(f"bad setting: {exc}") from None
+
+
+def _read(env: environs.Env) -> Settings:
+    redis_url = env.str(
+        "REDIS_URL", Settings.redis_url, validate=_url_scheme("redis", "rediss", "unix")
+    )
+    broker = env.str(
+        "CELERY_BROKER_URL", redis_url, validate=_url_scheme("redis", "rediss", "amqp", "amqps")
+    )
+    base_url = env.str(
+        "RUNCOMFY_BASE_URL", RUNCOMFY_PUBLIC_BASE_URL, validate=_url_scheme("http", "https")
+    ).rstrip("/")
+    token = env.str("RUNCOMFY_API_TOKEN", "")
+    schedule_text = env.str("WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE)
+    try:
+        schedule = _schedule(schedule_text)
+    except ValueError as exc:
+        raise SettingsError(f"bad setting WEBHOOK_RETRY_SCHEDULE: {exc}") from None
+    listed: list[str] = env.list("WEBHOOK_ALLOWED_NETWORKS", [])
+    networks = tuple(n.strip() for n in listed if n.strip())
+    from core.egress import EgressPolicy  # local: egress imports requests, settings stays light
+
+    try:
+        EgressPolicy.from_cidrs(list(networks))
+    except ValueError as exc:
+        raise SettingsError(f"bad setting {exc}") from None
+    settings = Settings(
+        redis_url=redis_url,
+        celery_broker_url=broker,
+        runcomfy_base_url=base_url,
+        runcomfy_api_token=token,
+        runcomfy_model_id=env.str("RUNCOMFY_MODEL_ID", DEFAULT_MODEL_ID, validate=mv.Length(min=1)),
+        runcomfy_timeout_s=env.float(
+            "RUNCOMFY_TIMEOUT_S", 20.0, validate=mv.Range(min=0.1, max=300)
+        ),
+        runcomfy_max_in_flight=env.int("RUNCOMFY_MAX_IN_FLIGHT", 32, validate=mv.Range(min=1)),
+        job_deadline_s=env.int("JOB_DEADLINE_S", 900, validate=mv.Range(min=1)),
+        submit_unknown=env.str(
+            "SUBMIT_UNKNOWN", "resubmit", validate=mv.OneOf(["resubmit", "fail"])
+        ),  # type: ignore[arg-type]
+        webhook_allowed_networks=networks,
+        webhook_retry_schedule_s=schedule,
+        webhook_timeout_s=env.float("WEBHOOK_TIMEOUT_S", 15.0, validate=mv.Range(min=0.1, max=300)),
+        job_retention_s=env.int("JOB_RETENTION_S", 604800, validate=mv.Range(min=60)),
+        dispatch_interval_s=env.float(
+            "DISPATCH_INTERVAL_S", 0.5, validate=mv.Range(min=0.05, max=60)
+        ),
+        dispatch_batch_size=env.int("DISPATCH_BATCH_SIZE", 64, validate=mv.Range(min=1, max=1000)),
+        step_lease_s=env.float("STEP_LEASE_S", 60.0, validate=mv.Range(min=5, max=3600)),
+        log_level=env.str(
+            "LOG_LEVEL", "INFO", validate=mv.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
+        ),
+    )
+    if settings.uses_public_runcomfy and not settings.runcomfy_api_token:
+        raise SettingsError(
+            "bad setting RUNCOMFY_API_TOKEN: required when RUNCOMFY_BASE_URL is RunComfy's "
+            "(set the token, or point RUNCOMFY_BASE_URL at the emulator)"
+        )
+    if settings.step_lease_s <= settings.runcomfy_timeout_s * 2:
+        raise SettingsError("bad setting STEP_LEASE_S: must exceed twice RUNCOMFY_TIMEOUT_S")
+    return settings
+
+
+def _url_scheme(*schemes: str) -> mv.Validator:
+    return mv.URL(schemes=set(schemes), require_tld=False)
+
+
+def load_settings_or_exit() -> Settings:
+    """load_settings for a process entry point: a bad value stops it with one clear line."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"inpaint-gateway: {exc}") from None

@@ -1,0 +1,280 @@
+"""The Redis store: job records (the truth), their indexes, schedules and webhook outbox.
+
+Every change to a job is compare-and-set (WATCH/MULTI): it is computed from the record as read and
+committed only if nobody changed the record meanwhile, together with everything that follows from
+it — the next due step, webhook events, the in-flight slot — so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from core.jobs import Job
+from core.schedule import DueSchedule
+from core.webhooks import WebhookEvent, events_for_change
+
+PREFIX = "igw:"
+DEFAULT_CHANGE_RETRIES = 20
+LIST_CHUNK = 100
+LIST_EXAMINE_LIMIT = 5000  # a status filter over a long history pages on from here
+
+# Reserve an in-flight slot for ARGV[1] (score: when to forget it) unless ARGV[2] are taken.
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Step:
+    """A job as changed by one step, and when its next step is due (None once final)."""
+
+    job: Job
+    next_step_at: float | None
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a successful change wrote."""
+
+    job: Job
+    events: list[WebhookEvent]
+
+
+def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
+    """A Redis client as every process uses it: text responses, bounded waits, health checks."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=min(5.0, socket_timeout_s),
+        health_check_interval=15,
+    )
+
+
+class JobStore:
+    """Job records, per-client index, the job and webhook schedules, deliveries."""
+
+    def __init__(self, client: redis.Redis, *, retention_s: int) -> None:
+        self.redis = client
+        self.retention_s = retention_s
+        self.job_schedule = DueSchedule(client, PREFIX + "due:jobs")
+        self.webhook_schedule = DueSchedule(client, PREFIX + "due:webhooks")
+        self._admit = client.register_script(_ADMIT)
+
+    # --- keys -----------------------------------------------------------------------------
+
+    @staticmethod
+    def job_key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    @staticmethod
+    def client_index_key(client_id: str) -> str:
+        return f"{PREFIX}client:{client_id}:jobs"
+
+    @staticmethod
+    def event_key(webhook_id: str) -> str:
+        return f"{PREFIX}event:{webhook_id}"
+
+    @staticmethod
+    def job_events_key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}:events"
+
+    @staticmethod
+    def deliveries_key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}:deliveries"
+
+    IN_FLIGHT_KEY = PREFIX + "in_flight"
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def create(self, job: Job) -> None:
+        """Store a new job, index it, and make its first step due now."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.job_key(job.id), job.to_json())
+            index = self.client_index_key(job.client_id)
+            pipe.zadd(index, {job.id: job.created_at})
+            pipe.zremrangebyscore(index, "-inf", job.created_at - self.retention_s)
+            self.job_schedule.put(pipe, job.id, job.created_at)
+            pipe.execute()
+
+    def get(self, job_id: str) -> Job | None:
+        """The job record, or None."""
+        raw = self.redis.get(self.job_key(job_id))
+        return Job.from_json(raw) if raw is not None else None
+
+    def get_for_client(self, client_id: str, job_id: str) -> Job | None:
+        """The job if it exists and belongs to `client_id` (else None: no existence leak)."""
+        job = self.get(job_id)
+        return job if job is not None and job.client_id == client_id else None
+
+    def list_for_client(
+        self, client_id: str, *, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[Job], str | None]:
+        """A page of the client's jobs, newest first, optionally of one status.
+
+        The cursor is the (created_at, id) of the last row examined; rows tied on created_at come
+        in descending id order, so the next page skips those at or above the cursor's id.
+        """
+        index = self.client_index_key(client_id)
+        after: tuple[float, str] | None = _decode_cursor(cursor) if cursor else None
+        max_score: float | str = after[0] if after else "+inf"
+        jobs: list[Job] = []
+        last: tuple[float, str] | None = None
+        offset, examined, exhausted = 0, 0, False
+        while len(jobs) < limit and examined < LIST_EXAMINE_LIMIT:
+            rows: list[tuple[str, float]] = self.redis.zrevrangebyscore(  # type: ignore[assignment]
+                index, max_score, "-inf", start=offset, num=LIST_CHUNK, withscores=True
+            )
+            offset += len(rows)
+            exhausted = len(rows) < LIST_CHUNK
+            ids = [member for member, _ in rows]
+            raws = self.redis.mget([self.job_key(i) for i in ids]) if ids else []
+            for job_id, (_, score), raw in zip(ids, rows, raws, strict=True):
+                if after is not None and score == after[0] and job_id >= after[1]:
+                    continue
+                examined += 1
+                last = (score, job_id)
+                if raw is None:  # expired past retention; the index trims lazily
+                    continue
+                job = Job.from_json(raw)
+                if status is None or job.status.value == status:
+                    jobs.append(job)
+                    if len(jobs) == limit:
+                        exhausted = exhausted and job_id == ids[-1]
+                        break
+            if exhausted:
+                break
+        next_cursor = _encode_cursor(*last) if last is not None and not exhausted else None
+        return jobs, next_cursor
+
+    def change(
+        self,
+        job_id: str,
+        step: Callable[[Job], Step | None],
+        *,
+        retries: int = DEFAULT_CHANGE_RETRIES,
+    ) -> Committed | None:
+        """Apply `step` to the current record, compare-and-set; None if `step` declined.
+
+        `step` may be called more than once (after a concurrent change) and must be pure.
+        """
+        key = self.job_key(job_id)
+        for _ in range(retries):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return None
+                    before = Job.from_json(raw)
+                    result = step(before)
+                    if result is None:
+                        pipe.unwatch()
+                        return None
+                    after = result.job
+                    now = after.updated_at or time.time()
+                    events = events_for_change(before, after, now)
+                    pipe.multi()
+                    self._write_job(pipe, after, result.next_step_at)
+                    for event in events:
+                        self._write_event(pipe, event)
+                    pipe.execute()
+                    return Committed(after, events)
+                except redis.WatchError:
+                    continue
+        raise RuntimeError(f"job {job_id}: too much contention to apply a change")
+
+    def _write_job(self, pipe: Any, job: Job, next_step_at: float | None) -> None:
+        key = self.job_key(job.id)
+        if job.status.is_final:
+            pipe.set(key, job.to_json(), ex=self.retention_s)
+            self.job_schedule.remove(pipe, job.id)
+            pipe.zrem(self.IN_FLIGHT_KEY, job.id)
+        else:
+            pipe.set(key, job.to_json())
+            assert next_step_at is not None, "a live job always has a next step"
+            self.job_schedule.put(pipe, job.id, next_step_at)
+
+    # --- in-flight cap (global across workers) ---------------------------------------------
+
+    def admit(self, job: Job, *, max_in_flight: int, now: float) -> bool:
+        """Reserve one of the `max_in_flight` upstream slots for `job` (True if it holds one)."""
+        forget_at = job.deadline_at + 300
+        return bool(
+            self._admit(keys=[self.IN_FLIGHT_KEY], args=[job.id, max_in_flight, forget_at, now])
+        )
+
+    def release(self, job_id: str) -> None:
+        """Give back the job's upstream slot (it never reached RunComfy)."""
+        self.redis.zrem(self.IN_FLIGHT_KEY, job_id)
+
+    def in_flight(self) -> int:
+        """How many upstream slots are held."""
+        return int(self.redis.zcard(self.IN_FLIGHT_KEY))
+
+    # --- webhook outbox ---------------------------------------------------------------------
+
+    def _write_event(self, pipe: Any, event: WebhookEvent, *, is_new: bool = True) -> None:
+        pipe.set(self.event_key(event.webhook_id), event.to_json(), ex=self.retention_s)
+        if is_new:
+            pipe.rpush(self.job_events_key(event.job_id), event.webhook_id)
+            pipe.expire(self.job_events_key(event.job_id), self.retention_s)
+        self.webhook_schedule.put(pipe, event.webhook_id, event.next_attempt_at or event.created_at)
+
+    def put_event(self, event: WebhookEvent, *, is_new: bool) -> None:
+        """Store an event (new, or reset for redelivery) and make it due."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            self._write_event(pipe, event, is_new=is_new)
+            pipe.execute()
+
+    def get_event(self, webhook_id: str) -> WebhookEvent | None:
+        """One event with its delivery state."""
+        raw = self.redis.get(self.event_key(webhook_id))
+        return WebhookEvent.from_json(raw) if raw is not None else None
+
+    def events_of(self, job_id: str) -> list[WebhookEvent]:
+        """Every event emitted for a job, oldest first."""
+        ids = self.redis.lrange(self.job_events_key(job_id), 0, -1)
+        raws = self.redis.mget([self.event_key(str(i)) for i in ids]) if ids else []
+        return [WebhookEvent.from_json(r) for r in raws if r is not None]
+
+    def record_attempt(self, event: WebhookEvent, attempt: dict[str, Any]) -> None:
+        """Store an event's new delivery state and the attempt that led to it."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.event_key(event.webhook_id), event.to_json(), ex=self.retention_s)
+            pipe.rpush(self.deliveries_key(event.job_id), json.dumps(attempt))
+            pipe.expire(self.deliveries_key(event.job_id), self.retention_s)
+            if event.next_attempt_at is None:
+                self.webhook_schedule.remove(pipe, event.webhook_id)
+            else:
+                self.webhook_schedule.put(pipe, event.webhook_id, event.next_attempt_at)
+            pipe.execute()
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        """Every delivery attempt for a job, oldest first."""
+        return [json.loads(r) for r in self.redis.lrange(self.deliveries_key(job_id), 0, -1)]
+
+
+def _encode_cursor(score: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score!r}|{job_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, job_id = text.split("|", 1)
+        return float(score), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("cursor is not one this API returned") from exc

@@ -1,0 +1,229 @@
+"""The emulated RunComfy Model API: submit, status, result, cancel under /v1."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from emulator.directives import DirectiveError, Directives, parse_directives
+from emulator.faults import Faults
+from emulator.input_schema import MODEL_ID, validate_model_input
+from emulator.outputs import InputFetchError
+from emulator.payloads import error_response, request_urls, result_body, status_body
+from emulator.requests_state import EmulatedRequest, Failure, Phase, RequestPlan
+from emulator.state import EmulatorState, current_state
+
+SERVER_ERROR_STATUSES = (500, 502, 503)
+PLANNED_FAILURE_MESSAGE = "emulated failure: the model raised an error during sampling"
+
+upstream_api = Blueprint("upstream_api", __name__, url_prefix="/v1")
+
+_CALL_KIND_BY_ENDPOINT = {
+    "upstream_api.submit": "submit",
+    "upstream_api.status": "status",
+    "upstream_api.result": "result",
+    "upstream_api.cancel": "cancel",
+}
+
+
+@upstream_api.before_request
+def count_and_authenticate() -> Response | None:
+    """Count the call, then refuse it unless the bearer token is accepted."""
+    state = current_state()
+    kind = _CALL_KIND_BY_ENDPOINT.get(request.endpoint or "")
+    if kind is not None:
+        state.stats.record_call(kind)
+    if not _token_accepted(state.config.token, request.headers.get("Authorization", "")):
+        return error_response(401, 400004, "token missing, revoked or account inactive")
+    return None
+
+
+@upstream_api.after_request
+def count_response(response: Response) -> Response:
+    """Count every /v1 answer by HTTP status."""
+    current_state().stats.record_response(response.status_code)
+    return response
+
+
+@upstream_api.post("/models/<path:model_id>")
+def submit(model_id: str) -> Response:
+    """Validate the input and queue a request."""
+    state = current_state()
+    fault = _transport_fault(state)
+    if fault is not None:
+        return fault
+    if model_id != MODEL_ID:
+        return error_response(400, 400001, f"model {model_id!r} not found or not available")
+    try:
+        body = json.loads(request.get_data())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error_response(400, 400000, f"request body is not valid JSON: {exc}")
+    problems = validate_model_input(body)
+    if problems:
+        return _invalid_input(problems)
+    try:
+        directives = parse_directives(body["prompt"])
+    except DirectiveError as exc:
+        return _invalid_input([{"loc": ["body", "prompt"], "msg": str(exc), "type": "value_error"}])
+    knobs = state.faults.current()
+    if directives.submit_200_error:
+        return error_response(200, 400002, "out of balance")
+    if directives.submit_status == 429:
+        return _too_many_requests(knobs)
+    if directives.submit_status == 500:
+        return _internal_error(500)
+    created = state.registry.create(_plan(state, body, directives, knobs), knobs.request_ttl_s)
+    state.stats.record_submit(body["prompt"])
+    if state.faults.roll(knobs.rate_5xx_after_accept):
+        return _internal_error(state.faults.pick(SERVER_ERROR_STATUSES))
+    return jsonify(
+        {"request_id": created.request_id, **request_urls(_base_url(state), created.request_id)}
+    )
+
+
+@upstream_api.get("/requests/<request_id>/status")
+def status(request_id: str) -> Response:
+    """Report where the request is on its timeline."""
+    state = current_state()
+    found = _find_for_poll(state, request_id)
+    if isinstance(found, Response):
+        return found
+    return jsonify(status_body(found, time.monotonic(), _base_url(state)))
+
+
+@upstream_api.get("/requests/<request_id>/result")
+def result(request_id: str) -> Response:
+    """Report the outcome, rendering the output on the first read after the run ends."""
+    state = current_state()
+    found = _find_for_poll(state, request_id)
+    if isinstance(found, Response):
+        return found
+    phase = found.phase(time.monotonic())
+    if phase is Phase.DONE and not found.plan.bad_status:
+        _settle(state, found)
+    return jsonify(result_body(found, phase, _base_url(state)))
+
+
+@upstream_api.post("/requests/<request_id>/cancel")
+def cancel(request_id: str) -> Response:
+    """Cancel while queued; later the answer is `not_cancellable` and the run completes."""
+    state = current_state()
+    fault = _transport_fault(state)
+    if fault is not None:
+        return fault
+    found = state.registry.find(request_id, state.faults.current().request_ttl_s)
+    if found is None:
+        return _not_found()
+    outcome = state.registry.cancel(found)
+    response = jsonify(
+        {
+            "request_id": found.request_id,
+            "status": found.status_value(found.phase(time.monotonic())),
+            "outcome": str(outcome),
+        }
+    )
+    response.status_code = 202
+    return response
+
+
+def _token_accepted(expected_token: str | None, authorization: str) -> bool:
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return expected_token is None or hmac.compare_digest(token, expected_token)
+
+
+def _base_url(state: EmulatorState) -> str:
+    return (state.config.public_url or request.host_url).rstrip("/")
+
+
+def _transport_fault(state: EmulatorState) -> Response | None:
+    """Apply the global knobs: maybe delay, then maybe answer 429, 5xx or 200-with-error."""
+    knobs = state.faults.current()
+    if state.faults.roll(knobs.rate_slow):
+        time.sleep(knobs.slow_s)
+    if state.faults.roll(knobs.rate_429):
+        return _too_many_requests(knobs)
+    if state.faults.roll(knobs.rate_5xx):
+        return _internal_error(state.faults.pick(SERVER_ERROR_STATUSES))
+    if state.faults.roll(knobs.rate_200_error):
+        return error_response(200, 500001, "internal error, please retry later")
+    return None
+
+
+def _find_for_poll(state: EmulatorState, request_id: str) -> EmulatedRequest | Response:
+    fault = _transport_fault(state)
+    if fault is not None:
+        return fault
+    found = state.registry.find(request_id, state.faults.current().request_ttl_s)
+    if found is None:
+        return _not_found()
+    if state.registry.take_poll_500(found):
+        return _internal_error(500)
+    return found
+
+
+def _plan(
+    state: EmulatorState, model_input: dict[str, Any], directives: Directives, knobs: Faults
+) -> RequestPlan:
+    """Decide at submit time everything about how this request will play out."""
+    planned_failure = None
+    if directives.fail or state.faults.roll(knobs.rate_fail):
+        shape = directives.error_shape or state.registry.next_error_shape(knobs.error_shape)
+        planned_failure = Failure("model_error", PLANNED_FAILURE_MESSAGE, shape)
+    return RequestPlan(
+        model_input=model_input,
+        queue_s=knobs.queue_s if directives.queue_s is None else directives.queue_s,
+        run_s=knobs.run_s if directives.run_s is None else directives.run_s,
+        queue_start_position=knobs.queue_start_position,
+        output_style=directives.output_style
+        or state.registry.next_output_style(knobs.output_style),
+        error_shape=directives.error_shape,
+        planned_failure=planned_failure,
+        bad_status=directives.bad_status,
+        no_output=directives.no_output,
+        poll_500_count=directives.poll_500_count,
+    )
+
+
+def _settle(state: EmulatorState, emulated: EmulatedRequest) -> None:
+    """Fix the final outcome of a finished request once, fetching inputs outside any lock."""
+    with emulated.settle_lock:
+        if emulated.settled:
+            return
+        plan = emulated.plan
+        if plan.planned_failure is not None or plan.no_output:
+            state.registry.settle(emulated, output_name=None, failure=plan.planned_failure)
+            return
+        try:
+            output_name = state.renderer.render(plan.model_input)
+        except InputFetchError as exc:
+            shape = plan.error_shape or state.registry.next_error_shape(
+                state.faults.current().error_shape
+            )
+            failure = Failure("input_error", str(exc), shape)
+            state.registry.settle(emulated, output_name=None, failure=failure)
+            return
+        state.registry.settle(emulated, output_name=output_name, failure=None)
+
+
+def _invalid_input(problems: list[dict[str, Any]]) -> Response:
+    return error_response(422, 422001, "invalid input", detail=problems)
+
+
+def _too_many_requests(knobs: Faults) -> Response:
+    headers = {} if knobs.retry_after_s is None else {"Retry-After": str(knobs.retry_after_s)}
+    return error_response(429, 429001, "too many requests", headers=headers)
+
+
+def _internal_error(http_status: int) -> Response:
+    return error_response(http_status, 500001, "internal error")
+
+
+def _not_found() -> Response:
+    return error_response(404, 404001, "request not found or expired")

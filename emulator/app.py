@@ -1,0 +1,48 @@
+"""The Flask app factory of the emulator."""
+
+from __future__ import annotations
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+from emulator.api import upstream_api
+from emulator.config import EmulatorConfig
+from emulator.control import control_api
+from emulator.faults import FaultControl
+from emulator.images import make_sample_image, make_sample_mask
+from emulator.media import media
+from emulator.outputs import InputFetcher, OutputRenderer, OutputStore
+from emulator.payloads import error_response
+from emulator.requests_state import RequestRegistry
+from emulator.state import EXTENSION_KEY, EmulatorState
+from emulator.stats import CallStats
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(config: EmulatorConfig | None = None) -> Flask:
+    """Build an emulator app with its own in-memory state."""
+    emulator_config = config or EmulatorConfig()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    outputs = OutputStore()
+    app.extensions[EXTENSION_KEY] = EmulatorState(
+        config=emulator_config,
+        faults=FaultControl(emulator_config.faults),
+        registry=RequestRegistry(),
+        stats=CallStats(),
+        outputs=outputs,
+        renderer=OutputRenderer(InputFetcher(), outputs),
+        sample_image_png=make_sample_image(),
+        sample_mask_png=make_sample_mask(),
+    )
+    app.register_blueprint(upstream_api)
+    app.register_blueprint(control_api)
+    app.register_blueprint(media)
+    app.register_error_handler(HTTPException, _http_error_as_json)
+    return app
+
+
+def _http_error_as_json(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    return error_response(code, code * 1000, exc.description or exc.name)

@@ -1,0 +1,93 @@
+"""Per-request directives written into the prompt as `[emulator:KEY]` or `[emulator:KEY=VALUE]`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+DIRECTIVE_PATTERN = re.compile(r"\[emulator:([A-Za-z0-9_-]+)(?:=([^\]]*))?\]")
+DIRECTIVE_NAMES = (
+    "fail",
+    "queue",
+    "run",
+    "image",
+    "images",
+    "error",
+    "submit-200-error",
+    "submit-500",
+    "submit-429",
+    "bad-status",
+    "no-output",
+    "poll-500",
+)
+ERROR_SHAPE_VALUES = ("string", "object", "list")
+
+
+class DirectiveError(ValueError):
+    """A directive in the prompt is unknown or has a bad value."""
+
+
+@dataclass(frozen=True)
+class Directives:
+    """What the prompt asks the emulator to do with this one request."""
+
+    fail: bool = False
+    queue_s: float | None = None
+    run_s: float | None = None
+    output_style: str | None = None
+    error_shape: str | None = None
+    submit_200_error: bool = False
+    submit_status: int | None = None
+    bad_status: bool = False
+    no_output: bool = False
+    poll_500_count: int = 0
+
+
+def parse_directives(prompt: str) -> Directives:
+    """Read every `[emulator:...]` token of the prompt; unknown keys or bad values raise."""
+    found: dict[str, Any] = {}
+    for match in DIRECTIVE_PATTERN.finditer(prompt):
+        key = match.group(1).lower()
+        value = match.group(2)
+        if key not in DIRECTIVE_NAMES:
+            raise DirectiveError(
+                f"unknown emulator directive {key!r}; known: {', '.join(DIRECTIVE_NAMES)}"
+            )
+        if key in ("queue", "run"):
+            found[f"{key}_s"] = _seconds(key, value)
+        elif key == "poll-500":
+            found["poll_500_count"] = _count(key, value)
+        elif key == "error":
+            if value not in ERROR_SHAPE_VALUES:
+                raise DirectiveError(f"error= must be one of {', '.join(ERROR_SHAPE_VALUES)}")
+            found["error_shape"] = value
+        else:
+            if value is not None:
+                raise DirectiveError(f"emulator directive {key!r} takes no value")
+            if key in ("image", "images"):
+                found["output_style"] = key
+            elif key == "submit-500":
+                found["submit_status"] = 500
+            elif key == "submit-429":
+                found["submit_status"] = 429
+            else:
+                found[key.replace("-", "_")] = True
+    return Directives(**found)
+
+
+def _seconds(key: str, value: str | None) -> float:
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        raise DirectiveError(f"{key}= needs a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise DirectiveError(f"{key}= needs a number of seconds >= 0")
+    return seconds
+
+
+def _count(key: str, value: str | None) -> int:
+    if value is None or not value.isdigit():
+        raise DirectiveError(f"{key}= needs a whole number >= 0")
+    return int(value)

@@ -1,0 +1,168 @@
+"""Fault knobs of the emulator and the seeded dice that decide when a fault fires."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+OUTPUT_STYLES = ("images", "image", "alternate")
+ERROR_SHAPES = ("string", "object", "list", "rotate")
+
+T = TypeVar("T")
+
+
+class FaultKnobError(ValueError):
+    """A knob name or value the emulator does not understand."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Global knobs; rates are probabilities per call (or per request for `rate_fail`)."""
+
+    queue_s: float = 1.0
+    run_s: float = 2.0
+    queue_start_position: int = 3
+    rate_5xx: float = 0.0
+    rate_5xx_after_accept: float = 0.0
+    rate_429: float = 0.0
+    retry_after_s: int | None = 1
+    rate_200_error: float = 0.0
+    rate_slow: float = 0.0
+    slow_s: float = 2.0
+    rate_fail: float = 0.0
+    output_style: str = "images"
+    error_shape: str = "rotate"
+    request_ttl_s: float = 3600.0
+    seed: int | None = None
+
+    def merged(self, changes: Mapping[str, Any]) -> Faults:
+        """Return a copy with `changes` applied, after checking every name and value."""
+        checked: dict[str, Any] = {}
+        for name, value in changes.items():
+            check = _KNOB_CHECKS.get(name)
+            if check is None:
+                raise FaultKnobError(f"unknown fault knob {name!r}")
+            checked[name] = check(name, value)
+        return dataclasses.replace(self, **checked)
+
+    def as_json(self) -> dict[str, Any]:
+        """Return the knobs as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FaultKnobError(f"{name} must be a number")
+    return float(value)
+
+
+def _probability(name: str, value: object) -> float:
+    number = _number(name, value)
+    if not 0 <= number <= 1:
+        raise FaultKnobError(f"{name} must be between 0 and 1")
+    return number
+
+
+def _seconds(name: str, value: object) -> float:
+    number = _number(name, value)
+    if number < 0:
+        raise FaultKnobError(f"{name} must be a number of seconds >= 0")
+    return number
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise FaultKnobError(f"{name} must be an integer >= 1")
+    return value
+
+
+def _optional_whole_seconds(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FaultKnobError(f"{name} must be null or an integer >= 0")
+    return value
+
+
+def _optional_int(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FaultKnobError(f"{name} must be null or an integer")
+    return value
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str, object], str]:
+    def check(name: str, value: object) -> str:
+        if value not in choices:
+            raise FaultKnobError(f"{name} must be one of {', '.join(choices)}")
+        return str(value)
+
+    return check
+
+
+_KNOB_CHECKS: dict[str, Callable[[str, object], Any]] = {
+    "queue_s": _seconds,
+    "run_s": _seconds,
+    "queue_start_position": _positive_int,
+    "rate_5xx": _probability,
+    "rate_5xx_after_accept": _probability,
+    "rate_429": _probability,
+    "retry_after_s": _optional_whole_seconds,
+    "rate_200_error": _probability,
+    "rate_slow": _probability,
+    "slow_s": _seconds,
+    "rate_fail": _probability,
+    "output_style": _one_of(OUTPUT_STYLES),
+    "error_shape": _one_of(ERROR_SHAPES),
+    "request_ttl_s": _seconds,
+    "seed": _optional_int,
+}
+assert set(_KNOB_CHECKS) == {f.name for f in dataclasses.fields(Faults)}
+
+
+class FaultControl:
+    """The live knobs of a running emulator and the seeded random source behind them."""
+
+    def __init__(self, startup_faults: Faults) -> None:
+        self._startup_faults = startup_faults
+        self._lock = threading.Lock()
+        self._faults = startup_faults
+        self._rng = random.Random(startup_faults.seed)
+
+    def current(self) -> Faults:
+        """Return the knobs in force now."""
+        with self._lock:
+            return self._faults
+
+    def update(self, changes: Mapping[str, Any]) -> Faults:
+        """Merge `changes` into the knobs; a new `seed` re-seeds the dice."""
+        with self._lock:
+            self._faults = self._faults.merged(changes)
+            if "seed" in changes:
+                self._rng.seed(self._faults.seed)
+            return self._faults
+
+    def reset(self) -> Faults:
+        """Go back to the knobs the emulator started with, and re-seed the dice."""
+        with self._lock:
+            self._faults = self._startup_faults
+            self._rng.seed(self._faults.seed)
+            return self._faults
+
+    def roll(self, probability: float) -> bool:
+        """Return True with the given probability."""
+        if probability <= 0:
+            return False
+        with self._lock:
+            return self._rng.random() < probability
+
+    def pick(self, choices: Sequence[T]) -> T:
+        """Return one of `choices` at random."""
+        with self._lock:
+            return self._rng.choice(choices)

@@ -1,0 +1,79 @@
+"""The HTTP API: `gunicorn "service:create_app()"` (dev: `flask --app service run`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from prometheus_client import CollectorRegistry
+
+from core.clients import ClientStore
+from core.commands import JobCommands
+from core.egress import EgressPolicy
+from core.logs import configure_logging
+from core.metrics import Counters, GatewayCollector
+from core.settings import Settings, load_settings_or_exit
+from core.store import JobStore, connect_redis
+from core.wakeups import Wakeups
+from service.context import ServiceContext
+from service.problems import ProblemApi
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """The API app. `test_config` may carry "SETTINGS" (a Settings) and Flask options."""
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        API_TITLE="inpaint-gateway",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.1.0",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        JSON_SORT_KEYS=False,
+    )
+    if test_config:
+        app.config.update(test_config)
+    settings: Settings = app.config.get("SETTINGS") or load_settings_or_exit()
+    if not app.testing:
+        configure_logging(settings.log_level)
+
+    from workers.celery_app import create_celery_app  # the app sends tasks; it never runs them
+
+    client = connect_redis(settings.redis_url, socket_timeout_s=5)
+    store = JobStore(client, retention_s=settings.job_retention_s)
+    counters = Counters(client)
+    celery = create_celery_app(settings)
+    wakeups = Wakeups(client, celery)
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(GatewayCollector(store, counters))
+    app.extensions["celery"] = celery
+    app.extensions["inpaint_gateway"] = ServiceContext(
+        settings=settings,
+        redis=client,
+        store=store,
+        clients=ClientStore(client),
+        commands=JobCommands(
+            store=store,
+            settings=settings,
+            counters=counters,
+            wakeups=wakeups,
+            egress=EgressPolicy.from_cidrs(list(settings.webhook_allowed_networks)),
+        ),
+        celery=celery,
+        metrics_registry=registry,
+    )
+
+    from service import health, jobs
+
+    api = ProblemApi(
+        app,
+        spec_kwargs={"info": {"description": "Inpainting jobs on RunComfy, with signed webhooks."}},
+    )
+    api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    api.register_blueprint(jobs.blp)
+    app.register_blueprint(health.bp)
+    return app

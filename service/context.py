@@ -1,0 +1,33 @@
+"""What a request handler may use: one object per app, built by create_app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+from flask import current_app
+from prometheus_client import CollectorRegistry
+
+from core.clients import ClientStore
+from core.commands import JobCommands
+from core.settings import Settings
+from core.store import JobStore
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """The API's collaborators."""
+
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    clients: ClientStore
+    commands: JobCommands
+    celery: Celery
+    metrics_registry: CollectorRegistry
+
+
+def ctx() -> ServiceContext:
+    """The current app's ServiceContext."""
+    return current_app.extensions["inpaint_gateway"]

@@ -1,0 +1,19 @@
+"""Production gunicorn settings: `gunicorn -c python:service.gunicorn_conf "service:create_app()"`."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+bind = os.environ.get("API_BIND", "0.0.0.0:8000")
+# Requests are short and mostly wait on Redis: a few threads per process, a process per core.
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
+threads = int(os.environ.get("API_THREADS", 4))
+timeout = 30
+graceful_timeout = 20
+keepalive = 5
+max_requests = 10000
+max_requests_jitter = 1000
+accesslog = None  # request counts and errors are in /metrics and the app's JSON logs
+errorlog = "-"

@@ -1,0 +1,118 @@
+"""/v1/jobs: views validate, call JobCommands or JobStore, and answer — nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+
+from core.commands import CommandRefused, WebhookUrlRefused
+from core.jobs import Job
+from service.auth import authenticate, current_client
+from service.context import ctx
+from service.schemas import (
+    INPUT_FIELDS,
+    DeliveriesSchema,
+    JobCreateSchema,
+    JobListQuerySchema,
+    JobPageSchema,
+    JobSchema,
+)
+
+blp = Blueprint(
+    "jobs", __name__, url_prefix="/v1", description="Inpainting jobs of the calling client."
+)
+blp.before_request(authenticate)
+
+
+@blp.before_request
+def _json_bodies_only() -> None:
+    if request.method == "POST" and request.content_length and not request.is_json:
+        abort(415, message="Send the body as JSON with Content-Type: application/json.")
+
+
+def _own_job(job_id: str) -> Job:
+    job = ctx().store.get_for_client(current_client().id, job_id)
+    if job is None:
+        abort(404, message=f"No job {job_id!r} for this client.")
+    assert job is not None  # abort raised
+    return job
+
+
+@blp.route("/jobs")
+class Jobs(MethodView):
+    @blp.doc(security=[{"bearer": []}])
+    @blp.arguments(JobCreateSchema)
+    @blp.response(202, JobSchema)
+    def post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Accept an inpainting job; the answer is the queued job."""
+        try:
+            job = ctx().commands.accept(current_client().id, body, INPUT_FIELDS)
+        except WebhookUrlRefused as exc:
+            abort(422, errors={"json": {"webhook_url": [str(exc)]}})
+        location = url_for("jobs.Job", job_id=job.id)
+        return job.to_resource(), 202, {"Location": location}
+
+    @blp.doc(security=[{"bearer": []}])
+    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.response(200, JobPageSchema)
+    def get(self, query: dict[str, Any]) -> dict[str, Any]:
+        """The client's jobs, newest first; pass next_cursor back as cursor for more."""
+        try:
+            jobs, cursor = ctx().store.list_for_client(
+                current_client().id,
+                status=query["status"],
+                limit=query["limit"],
+                cursor=query["cursor"],
+            )
+        except ValueError as exc:
+            abort(422, errors={"query": {"cursor": [str(exc)]}})
+        return {"jobs": [j.to_resource() for j in jobs], "next_cursor": cursor}
+
+
+@blp.route("/jobs/<job_id>", endpoint="Job")
+class JobView(MethodView):
+    @blp.doc(security=[{"bearer": []}])
+    @blp.response(200, JobSchema)
+    def get(self, job_id: str) -> dict[str, Any]:
+        """One job."""
+        return _own_job(job_id).to_resource()
+
+
+@blp.route("/jobs/<job_id>/cancel")
+class JobCancel(MethodView):
+    @blp.doc(security=[{"bearer": []}])
+    @blp.response(202, JobSchema)
+    def post(self, job_id: str) -> dict[str, Any]:
+        """Cancel: at once if RunComfy does not have it yet, else asked of RunComfy."""
+        try:
+            job = ctx().commands.cancel(_own_job(job_id))
+        except CommandRefused as exc:
+            abort(409, message=str(exc))
+        return job.to_resource()
+
+
+@blp.route("/jobs/<job_id>/deliveries")
+class JobDeliveries(MethodView):
+    @blp.doc(security=[{"bearer": []}])
+    @blp.response(200, DeliveriesSchema)
+    def get(self, job_id: str) -> dict[str, Any]:
+        """Every webhook delivery attempt for the job, oldest first."""
+        job = _own_job(job_id)
+        return {"deliveries": ctx().store.deliveries(job.id)}
+
+
+@blp.route("/jobs/<job_id>/webhook/redeliver")
+class JobRedeliver(MethodView):
+    @blp.doc(security=[{"bearer": []}])
+    @blp.response(202, JobSchema)
+    def post(self, job_id: str) -> dict[str, Any]:
+        """Send the job's final event again (same webhook-id)."""
+        job = _own_job(job_id)
+        try:
+            ctx().commands.redeliver(job)
+        except CommandRefused as exc:
+            abort(409, message=str(exc))
+        return job.to_resource()

@@ -1,0 +1,84 @@
+"""Every error answer is application/problem+json (RFC 9457), and none carries a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Response, json
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_TYPE_BASE = "https://inpaint-gateway.internal/problems/"
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    errors: dict[str, list[str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """A problem+json response."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + title.lower().replace(" ", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    response = Response(json.dumps(body), status=status, mimetype="application/problem+json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def flatten_field_errors(messages: Any, path: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested messages as {"loras.0.scale": ["..."]}: every bad field listed."""
+    if not isinstance(messages, dict):
+        return {path or "body": [str(m) for m in _as_list(messages)]}
+    flat: dict[str, list[str]] = {}
+    for key, value in messages.items():
+        child = path if key == "_schema" else f"{path}.{key}" if path else str(key)
+        for name, texts in flatten_field_errors(value, child).items():
+            flat.setdefault(name, []).extend(texts)
+    return flat
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+class ProblemApi(Api):
+    """flask-smorest's Api, answering errors as problem+json."""
+
+    def handle_http_exception(self, error: HTTPException) -> Response:  # type: ignore[override]
+        """Render any HTTPException (including webargs' validation aborts) as a problem."""
+        status = error.code or 500
+        data = getattr(error, "data", None) or {}
+        if isinstance(error, InternalServerError):
+            original = getattr(error, "original_exception", None)
+            if original is not None:
+                log.error("unhandled error", exc_info=original)
+            return problem(500, "Internal Server Error", "The server failed to handle the request.")
+        messages = data.get("errors") or data.get("messages")
+        errors = None
+        detail = data.get("message") or error.description or error.name
+        if messages is not None:
+            # webargs nests errors by location: {"json": {...}} or {"query": {...}}
+            if isinstance(messages, dict) and set(messages) <= {"json", "query", "headers", "form"}:
+                merged: dict[str, list[str]] = {}
+                for location_messages in messages.values():
+                    merged.update(flatten_field_errors(location_messages))
+                errors = merged
+            else:
+                errors = flatten_field_errors(messages)
+        if status == 400 and errors:
+            detail = "; ".join(m for ms in errors.values() for m in ms)
+            errors = None
+        elif status == 422:
+            detail = "The request body or query has invalid fields; see errors."
+        return problem(status, error.name, str(detail), errors, data.get("headers"))

@@ -1,0 +1,226 @@
+"""The real stack for integration tests: redis-server, the emulator, Celery worker and beat.
+
+Each is started as a process with the same commands docker-compose.yml and deploy/ run, on free
+ports, once per test session; tests talk to the API through Flask's test client (the same app
+gunicorn serves) and receive webhooks on a real receiver that verifies signatures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from cli.listener import WebhookReceiver
+from cli.processes import (
+    ManagedProcess,
+    RedisServer,
+    free_port,
+    python_module_argv,
+    venv_script,
+    wait_for_port,
+)
+from core.clients import ClientStore, NewClientCredentials
+from core.settings import Settings, load_settings
+from core.store import connect_redis
+from service import create_app
+
+EMULATOR_TOKEN = "emulator-test-token"
+
+
+@dataclass
+class Stack:
+    """Handles on the running processes, for tests that break them on purpose."""
+
+    redis_server: RedisServer
+    emulator_url: str
+    env: dict[str, str]
+    worker: ManagedProcess
+    beat: ManagedProcess
+    logs: Path
+
+    def emulator(self, path: str, **kwargs: Any) -> requests.Response:
+        """Call the emulator's control API."""
+        return requests.request(
+            kwargs.pop("method", "GET"), self.emulator_url + path, timeout=10, **kwargs
+        )
+
+    def settings(self, **overrides: str) -> Settings:
+        """Settings as the processes see them, with overrides (e.g. for an API replica)."""
+        saved = os.environ.copy()
+        try:
+            os.environ.update(self.env | overrides)
+            return load_settings()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    base = tmp_path_factory.mktemp("stack")
+    logs = base / "logs"
+    logs.mkdir()
+    redis_server = RedisServer(base / "redis", log_path=logs / "redis.log").start()
+    emulator_port = free_port()
+    emulator_url = f"http://127.0.0.1:{emulator_port}"
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_BASE_URL": emulator_url,
+        "RUNCOMFY_API_TOKEN": EMULATOR_TOKEN,
+        "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "WEBHOOK_RETRY_SCHEDULE": "0,0.5,1,1,1",
+        "WEBHOOK_TIMEOUT_S": "3",
+        "DISPATCH_INTERVAL_S": "0.2",
+        "RUNCOMFY_TIMEOUT_S": "5",
+        "STEP_LEASE_S": "15",
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    emulator = ManagedProcess(
+        "emulator",
+        python_module_argv(
+            "emulator",
+            "--port",
+            str(emulator_port),
+            "--token",
+            EMULATOR_TOKEN,
+            "--queue-s",
+            "0.3",
+            "--run-s",
+            "0.5",
+        ),
+        env=env,
+        log_path=logs / "emulator.log",
+    ).start()
+    celery = venv_script("celery")
+    worker = ManagedProcess(
+        "worker",
+        [
+            celery,
+            "-A",
+            "workers",
+            "worker",
+            "-Q",
+            "jobs,webhooks",
+            "-c",
+            "2",
+            "-l",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            "test-worker@%h",
+        ],
+        env=env,
+        log_path=logs / "worker.log",
+    )
+    beat = ManagedProcess(
+        "beat",
+        [celery, "-A", "workers", "beat", "-l", "INFO", "-s", str(base / "beat-schedule")],
+        env=env,
+        log_path=logs / "beat.log",
+    )
+    try:
+        wait_for_port(emulator_port, process=emulator.process)
+        worker.start()
+        beat.start()
+        yield Stack(redis_server, emulator_url, env, worker, beat, logs)
+    finally:
+        for process in (beat, worker, emulator):
+            process.stop()
+        redis_server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_client(stack: Stack) -> Iterator[redis.Redis]:
+    client = connect_redis(stack.redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def make_app(stack: Stack) -> Callable[..., Any]:
+    """An API app on the stack's Redis and broker (overrides: env-style settings)."""
+
+    def build(**overrides: str) -> Any:
+        return create_app({"TESTING": True, "SETTINGS": stack.settings(**overrides)})
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def app(make_app: Callable[..., Any]) -> Any:
+    return make_app()
+
+
+@dataclass
+class ApiClient:
+    """A registered client and a Flask test client that sends its key."""
+
+    creds: NewClientCredentials
+    http: Any
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.creds.api_key}"}
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.http.post(path, headers=self.headers() | kwargs.pop("headers", {}), **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.http.get(path, headers=self.headers() | kwargs.pop("headers", {}), **kwargs)
+
+    def wait_for(
+        self, job_id: str, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0
+    ) -> dict[str, Any]:
+        """Poll our own API until the job satisfies `predicate`; fail with its last state."""
+        deadline = time.monotonic() + timeout_s
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.get(f"/v1/jobs/{job_id}").get_json()
+            if predicate(job):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not get there in {timeout_s} s; last: {job}")
+
+    def wait_final(self, job_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        return self.wait_for(
+            job_id,
+            lambda j: j["status"] in {"succeeded", "failed", "cancelled", "expired"},
+            timeout_s,
+        )
+
+
+@pytest.fixture
+def api_client(app: Any, redis_client: redis.Redis) -> ApiClient:
+    """A fresh client (own key, own secret) per test: tests never see each other's jobs."""
+    return ApiClient(ClientStore(redis_client).create("test-client"), app.test_client())
+
+
+@pytest.fixture
+def receiver(api_client: ApiClient) -> Iterator[WebhookReceiver]:
+    """A real webhook receiver verifying with the test client's secret."""
+    rx = WebhookReceiver(secret=api_client.creds.webhook_secret).start()
+    yield rx
+    rx.stop()
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition"
+) -> Any:
+    """Poll `predicate` until truthy; return its value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout_s} s")

@@ -1,0 +1,512 @@
+"""Tests for core.egress: which webhook destinations are refused, and where requests really go."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from core.egress import EgressPolicy, RefusedDestination, egress_session
+
+TIMEOUT_S = 5
+PUBLIC_V4 = "93.184.216.34"
+PUBLIC_V6 = "2606:4700::1111"
+NO_ALLOWED_NETWORKS = EgressPolicy()
+LOOPBACK_ALLOWED = EgressPolicy.from_cidrs("127.0.0.0/8, ::1/128")
+
+
+class FakeDNS:
+    """Answers getaddrinfo for chosen names; every other name goes to the real resolver."""
+
+    def __init__(self, real_getaddrinfo: Any) -> None:
+        self.real_getaddrinfo = real_getaddrinfo
+        self.answers: dict[str, list[tuple[str, ...]]] = {}
+        self.lookups: list[str] = []
+
+    def answer(self, host: str, *addresses: str) -> None:
+        """Queue an answer for host; successive lookups get successive answers, the last repeats."""
+        self.answers.setdefault(host, []).append(addresses)
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if host not in self.answers:
+            return self.real_getaddrinfo(host, port, *args, **kwargs)
+        self.lookups.append(host)
+        queued = self.answers[host]
+        addresses = queued.pop(0) if len(queued) > 1 else queued[0]
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port, 0, 0))
+            if ":" in address
+            else (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in addresses
+        ]
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
+    """Replace socket.getaddrinfo with a FakeDNS."""
+    dns = FakeDNS(socket.getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    return dns
+
+
+# --- which addresses are refused -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.255.0.9", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("172.31.255.254", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "metadata"),
+        ("fd00:ec2::254", "metadata"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("100.64.0.1", "carrier-grade NAT"),
+        ("100.127.255.254", "carrier-grade NAT"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("fc00::1", "private"),
+        ("fd12:3456::1", "private"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:10.0.0.5", "private"),
+        ("::ffff:169.254.169.254", "metadata"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "reserved"),
+        ("192.0.0.1", "IETF protocol-assignment"),
+        ("198.18.0.1", "benchmarking"),
+        ("192.0.2.1", "documentation"),
+        ("2001:db8::1", "documentation"),
+        ("192.88.99.1", "6to4"),
+        ("2002:7f00:1::1", "6to4"),
+        ("64:ff9b::7f00:1", "NAT64"),
+        ("2001::1", "Teredo"),
+        ("::127.0.0.1", "reserved"),
+        ("fec0::1", "site-local"),
+    ],
+)
+def test_non_public_addresses_are_refused(address: str, reason: str) -> None:
+    assert reason in (NO_ALLOWED_NETWORKS.is_refused(ip_address(address)) or "")
+
+
+@pytest.mark.parametrize(
+    "address", [PUBLIC_V4, "8.8.8.8", "1.1.1.1", PUBLIC_V6, "2a00:1450:4001::1", "::ffff:8.8.8.8"]
+)
+def test_public_addresses_are_accepted(address: str) -> None:
+    assert NO_ALLOWED_NETWORKS.is_refused(ip_address(address)) is None
+
+
+def test_allowed_networks_let_loopback_through_and_nothing_else() -> None:
+    assert LOOPBACK_ALLOWED.is_refused(ip_address("127.0.0.1")) is None
+    assert LOOPBACK_ALLOWED.is_refused(ip_address("127.8.9.10")) is None
+    assert LOOPBACK_ALLOWED.is_refused(ip_address("::ffff:127.0.0.1")) is None
+    assert LOOPBACK_ALLOWED.is_refused(ip_address("::1")) is None
+    assert LOOPBACK_ALLOWED.is_refused(ip_address("10.0.0.1")) == "a private address"
+    assert LOOPBACK_ALLOWED.is_refused(ip_address("169.254.169.254")) == "a cloud metadata address"
+
+
+# --- parsing WEBHOOK_ALLOWED_NETWORKS --------------------------------------------------------
+
+
+def test_from_cidrs_parses_a_comma_separated_list() -> None:
+    policy = EgressPolicy.from_cidrs(" 127.0.0.0/8,, 10.0.0.0/8 ,fd00::/8,192.168.1.7")
+    assert [str(network) for network in policy.allowed_networks] == [
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "fd00::/8",
+        "192.168.1.7/32",
+    ]
+
+
+def test_from_cidrs_accepts_a_list_and_empty_text() -> None:
+    assert EgressPolicy.from_cidrs(["127.0.0.0/8"]) == EgressPolicy.from_cidrs("127.0.0.0/8")
+    assert EgressPolicy.from_cidrs("").allowed_networks == ()
+
+
+@pytest.mark.parametrize("bad_cidr", ["10.0.0.0/33", "not-a-network", "127.0.0.1/8", "::1/129"])
+def test_from_cidrs_names_the_bad_entry(bad_cidr: str) -> None:
+    with pytest.raises(ValueError, match=rf"WEBHOOK_ALLOWED_NETWORKS: '{bad_cidr}' is not a CIDR"):
+        EgressPolicy.from_cidrs(f"127.0.0.0/8,{bad_cidr}")
+
+
+# --- resolving -------------------------------------------------------------------------------
+
+
+def test_resolve_returns_every_address_once_in_resolver_order(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("multi.test", PUBLIC_V6, PUBLIC_V4, PUBLIC_V6, f"::ffff:{PUBLIC_V4}")
+    assert NO_ALLOWED_NETWORKS.resolve("multi.test", 443) == [
+        IPv6Address(PUBLIC_V6),
+        IPv4Address(PUBLIC_V4),
+    ]
+
+
+def test_resolve_takes_ip_literals_as_they_are(fake_dns: FakeDNS) -> None:
+    assert NO_ALLOWED_NETWORKS.resolve("::1", 443) == [IPv6Address("::1")]
+    assert NO_ALLOWED_NETWORKS.resolve("[::ffff:10.0.0.1]", 443) == [IPv4Address("10.0.0.1")]
+    assert fake_dns.lookups == []
+
+
+def test_pick_address_returns_the_first_address_after_checking_all(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("dual.test", PUBLIC_V6, PUBLIC_V4)
+    assert NO_ALLOWED_NETWORKS.pick_address("dual.test", 443) == IPv6Address(PUBLIC_V6)
+
+
+def test_an_unresolvable_host_is_refused() -> None:
+    with pytest.raises(RefusedDestination, match=r"webhook host nonexistent\.invalid does not res"):
+        NO_ALLOWED_NETWORKS.check_url("https://nonexistent.invalid/hook")
+
+
+# --- check_url -------------------------------------------------------------------------------
+
+
+def test_https_to_a_public_host_is_accepted(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("hooks.example.com", PUBLIC_V4, PUBLIC_V6)
+    NO_ALLOWED_NETWORKS.check_url("https://hooks.example.com/hook?x=1")
+    NO_ALLOWED_NETWORKS.check_url("HTTPS://HOOKS.example.com:8443/hook")
+
+
+def test_http_is_refused_outside_allowed_networks(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("hooks.example.com", PUBLIC_V4)
+    with pytest.raises(RefusedDestination, match=r"uses http.*use https"):
+        NO_ALLOWED_NETWORKS.check_url("http://hooks.example.com/hook")
+
+
+def test_http_to_an_allowed_loopback_address_is_accepted(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("receiver.local", "127.0.0.1")
+    LOOPBACK_ALLOWED.check_url("http://127.0.0.1:8080/hook")
+    LOOPBACK_ALLOWED.check_url("http://[::1]:8080/hook")
+    LOOPBACK_ALLOWED.check_url("http://receiver.local:8080/hook")
+
+
+def test_http_is_refused_when_only_some_addresses_are_allowed(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("half.test", "127.0.0.1", PUBLIC_V4)
+    with pytest.raises(RefusedDestination, match=f"resolves to {PUBLIC_V4}.*use https"):
+        LOOPBACK_ALLOWED.check_url("http://half.test/hook")
+    LOOPBACK_ALLOWED.check_url("https://half.test/hook")
+
+
+def test_a_refusal_names_the_host_the_address_and_the_setting(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("example.internal", "10.0.0.5")
+    with pytest.raises(RefusedDestination) as refused:
+        NO_ALLOWED_NETWORKS.check_url("https://example.internal/hook")
+    assert str(refused.value) == (
+        "webhook host example.internal resolves to 10.0.0.5, a private address; "
+        "allow it with WEBHOOK_ALLOWED_NETWORKS"
+    )
+    assert refused.value.host == "example.internal"
+    assert refused.value.address == IPv4Address("10.0.0.5")
+    assert isinstance(refused.value, requests.RequestException)
+
+
+def test_an_ip_literal_host_is_refused_by_its_own_address() -> None:
+    with pytest.raises(RefusedDestination, match=r"^webhook host 169\.254\.169\.254 is a cloud"):
+        NO_ALLOWED_NETWORKS.check_url("https://169.254.169.254/latest/meta-data/")
+    with pytest.raises(RefusedDestination, match="a loopback address"):
+        NO_ALLOWED_NETWORKS.check_url("https://[::ffff:127.0.0.1]/hook")
+
+
+def test_a_host_with_one_private_address_among_public_ones_is_refused(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("mixed.test", PUBLIC_V4, PUBLIC_V6, "10.0.0.5")
+    with pytest.raises(RefusedDestination, match=r"resolves to 10\.0\.0\.5, a private address"):
+        NO_ALLOWED_NETWORKS.check_url("https://mixed.test/hook")
+
+
+def test_an_ipv4_mapped_answer_is_judged_as_ipv4(fake_dns: FakeDNS) -> None:
+    fake_dns.answer("mapped.test", "::ffff:192.168.0.10")
+    with pytest.raises(RefusedDestination, match=r"resolves to 192\.168\.0\.10, a private"):
+        NO_ALLOWED_NETWORKS.check_url("https://mapped.test/hook")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:secret@hooks.example.com/hook",
+        "https://user@hooks.example.com/hook",
+        "https://@hooks.example.com/hook",
+        "ftp://hooks.example.com/hook",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "gopher://127.0.0.1:6379/_FLUSHALL",
+        "hooks.example.com/hook",
+        "https:///hook",
+        "https://",
+        "https://:443/hook",
+        "https://hooks.example.com:99999/hook",
+        "https://hooks.example.com\\@127.0.0.1/hook",
+        "https://hooks.example.com /hook",
+        "https://hooks.example.com/\r\nX-Injected: 1",
+    ],
+)
+def test_malformed_urls_raise_value_error(url: str, fake_dns: FakeDNS) -> None:
+    fake_dns.answer("hooks.example.com", PUBLIC_V4)
+    with pytest.raises(ValueError):
+        NO_ALLOWED_NETWORKS.check_url(url)
+    assert fake_dns.lookups == []
+
+
+# --- real HTTP through egress_session --------------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on a real socket that records what reaches it."""
+
+    url: str
+    port: int
+    seen: list[tuple[str, str | None]] = field(default_factory=list)
+    server_names: list[str | None] = field(default_factory=list)
+
+
+class RecordingHandler(BaseHTTPRequestHandler):
+    """Records (path, Host header); /redirect answers 302, everything else 200."""
+
+    def do_GET(self) -> None:
+        self.server.seen.append((self.path, self.headers.get("Host")))  # type: ignore[attr-defined]
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep test output quiet."""
+
+
+class IPv6HTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer on an IPv6 socket."""
+
+    address_family = socket.AF_INET6
+
+
+def _serve(server: ThreadingHTTPServer, receiver: Receiver) -> Iterator[Receiver]:
+    """Serve in a thread while the test runs; shut down and close everything afterwards."""
+    server.seen = receiver.seen  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT_S)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A plain-HTTP receiver on 127.0.0.1 and a free port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHandler)
+    port = server.server_address[1]
+    yield from _serve(server, Receiver(url=f"http://127.0.0.1:{port}", port=port))
+
+
+@pytest.fixture
+def ipv6_receiver() -> Iterator[Receiver]:
+    """A plain-HTTP receiver on [::1] and a free port."""
+    try:
+        server = IPv6HTTPServer(("::1", 0), RecordingHandler)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    port = server.server_address[1]
+    yield from _serve(server, Receiver(url=f"http://[::1]:{port}", port=port))
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for rebind.test (cert.pem, key.pem), made with openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    key_options = "-nodes -days 1 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1"
+    names = "-subj /CN=rebind.test -addext subjectAltName=DNS:rebind.test"
+    outputs = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        [openssl, "req", "-x509", *key_options.split(), *names.split(), *outputs],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_receiver(certificate: tuple[Path, Path]) -> Iterator[Receiver]:
+    """An HTTPS receiver on 127.0.0.1 presenting the rebind.test certificate."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHandler)
+    port = server.server_address[1]
+    receiver = Receiver(url=f"https://127.0.0.1:{port}", port=port)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    context.sni_callback = lambda _socket, server_name, _context: receiver.server_names.append(
+        server_name
+    )
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    yield from _serve(server, receiver)
+
+
+def test_a_get_to_an_allowed_address_reaches_the_receiver(receiver: Receiver) -> None:
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(f"{receiver.url}/hook", allow_redirects=False, timeout=TIMEOUT_S) as response,
+    ):
+        assert response.status_code == 200
+        assert response.content == b"ok"
+    assert receiver.seen == [("/hook", f"127.0.0.1:{receiver.port}")]
+
+
+def test_a_refused_address_is_never_connected_to(receiver: Receiver) -> None:
+    with (
+        egress_session(NO_ALLOWED_NETWORKS) as session,
+        pytest.raises(RefusedDestination, match=r"webhook host 127\.0\.0\.1 is a loopback"),
+    ):
+        session.get(f"{receiver.url}/hook", allow_redirects=False, timeout=TIMEOUT_S)
+    assert receiver.seen == []
+
+
+def test_the_connection_goes_to_the_checked_address_without_a_second_lookup(
+    receiver: Receiver, fake_dns: FakeDNS
+) -> None:
+    fake_dns.answer("rebind.test", "127.0.0.1")
+    fake_dns.answer("rebind.test", "169.254.169.254")  # what a rebinding attacker answers next
+    url = f"http://rebind.test:{receiver.port}/hook"
+    with egress_session(LOOPBACK_ALLOWED) as session:
+        with session.get(url, allow_redirects=False, timeout=TIMEOUT_S) as response:
+            assert response.status_code == 200
+        assert fake_dns.lookups == ["rebind.test"]
+        assert receiver.seen == [("/hook", f"rebind.test:{receiver.port}")]
+
+        # Every request is checked again: the next answer is refused, although a pooled
+        # connection to the first address is still open.
+        with pytest.raises(RefusedDestination, match=r"resolves to 169\.254\.169\.254, a cloud"):
+            session.get(url, allow_redirects=False, timeout=TIMEOUT_S)
+    assert len(receiver.seen) == 1
+
+
+def test_a_host_with_one_refused_address_is_never_connected_to(
+    receiver: Receiver, fake_dns: FakeDNS
+) -> None:
+    fake_dns.answer("mixed.test", "127.0.0.1", "10.0.0.5")
+    with egress_session(LOOPBACK_ALLOWED) as session, pytest.raises(RefusedDestination):
+        session.get(f"http://mixed.test:{receiver.port}/", allow_redirects=False, timeout=TIMEOUT_S)
+    assert receiver.seen == []
+
+
+def test_a_caller_host_header_is_replaced_by_the_urls_host(
+    receiver: Receiver, fake_dns: FakeDNS
+) -> None:
+    fake_dns.answer("rebind.test", "127.0.0.1")
+    shared_headers = {"Host": "metadata.google.internal"}
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(
+            f"http://rebind.test:{receiver.port}/hook",
+            headers=shared_headers,
+            allow_redirects=False,
+            timeout=TIMEOUT_S,
+        ),
+    ):
+        pass
+    assert receiver.seen == [("/hook", f"rebind.test:{receiver.port}")]
+    assert shared_headers == {"Host": "metadata.google.internal"}
+
+
+def test_an_ipv6_literal_url_reaches_the_receiver(ipv6_receiver: Receiver) -> None:
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(f"{ipv6_receiver.url}/v6", allow_redirects=False, timeout=TIMEOUT_S) as reply,
+    ):
+        assert reply.status_code == 200
+    assert ipv6_receiver.seen == [("/v6", f"[::1]:{ipv6_receiver.port}")]
+
+
+def test_a_redirect_is_returned_not_followed(receiver: Receiver) -> None:
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(f"{receiver.url}/redirect", allow_redirects=False, timeout=TIMEOUT_S) as reply,
+    ):
+        assert reply.status_code == 302
+        assert reply.headers["Location"] == "http://169.254.169.254/latest/meta-data/"
+    assert [path for path, _host in receiver.seen] == ["/redirect"]
+
+
+def test_the_session_does_not_follow_redirects_even_if_asked(receiver: Receiver) -> None:
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(f"{receiver.url}/redirect", timeout=TIMEOUT_S) as reply,
+    ):
+        assert reply.status_code == 302
+        assert reply.history == []
+    assert [path for path, _host in receiver.seen] == ["/redirect"]
+
+
+def test_the_session_ignores_proxy_settings_from_the_environment(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(f"{receiver.url}/hook", allow_redirects=False, timeout=TIMEOUT_S) as reply,
+    ):
+        assert reply.status_code == 200
+
+
+def test_an_explicit_proxy_is_refused(receiver: Receiver) -> None:
+    proxies = {"http": "http://127.0.0.1:9"}
+    with egress_session(LOOPBACK_ALLOWED) as session, pytest.raises(ValueError, match="proxy"):
+        session.get(receiver.url, proxies=proxies, allow_redirects=False, timeout=TIMEOUT_S)
+    assert receiver.seen == []
+
+
+def test_https_checks_the_certificate_and_sends_sni_for_the_urls_host(
+    tls_receiver: Receiver, certificate: tuple[Path, Path], fake_dns: FakeDNS
+) -> None:
+    fake_dns.answer("rebind.test", "127.0.0.1")
+    cert, _key = certificate
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(
+            f"https://rebind.test:{tls_receiver.port}/tls",
+            allow_redirects=False,
+            timeout=TIMEOUT_S,
+            verify=str(cert),
+        ) as reply,
+    ):
+        assert reply.status_code == 200
+    assert tls_receiver.seen == [("/tls", f"rebind.test:{tls_receiver.port}")]
+    assert tls_receiver.server_names == ["rebind.test"]
+
+
+def test_https_refuses_a_certificate_for_another_host(
+    tls_receiver: Receiver, certificate: tuple[Path, Path], fake_dns: FakeDNS
+) -> None:
+    fake_dns.answer("other.test", "127.0.0.1")
+    cert, _key = certificate
+    with egress_session(LOOPBACK_ALLOWED) as session, pytest.raises(requests.exceptions.SSLError):
+        session.get(
+            f"https://other.test:{tls_receiver.port}/tls",
+            allow_redirects=False,
+            timeout=TIMEOUT_S,
+            verify=str(cert),
+        )
+    assert tls_receiver.seen == []

@@ -1,0 +1,589 @@
+"""The RunComfy emulator over real HTTP: shapes, timeline, images, faults and directives."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image, ImageChops, ImageStat
+from werkzeug.serving import make_server
+
+from emulator import EmulatorConfig, Faults, create_app
+from emulator.images import SAMPLE_MASK_BOX
+
+TOKEN = "test-token"
+MODEL_PATH = "/v1/models/tongyi-mai/z-image/turbo/inpainting/lora"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+QUICK = "[emulator:queue=0][emulator:run=0]"
+TEST_FAULTS = Faults(queue_s=0.3, run_s=0.3)
+
+
+@contextmanager
+def running_emulator(config: EmulatorConfig) -> Iterator[str]:
+    """Serve an emulator app on a free port in a background thread; yield its base URL."""
+    werkzeug_logger = logging.getLogger("werkzeug")
+    previous_level = werkzeug_logger.level
+    werkzeug_logger.setLevel(logging.WARNING)
+    server = make_server("127.0.0.1", 0, create_app(config), threaded=True)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join()
+        werkzeug_logger.setLevel(previous_level)
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    with running_emulator(EmulatorConfig(token=TOKEN, faults=TEST_FAULTS)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {TOKEN}"
+    yield session
+    session.close()
+
+
+@pytest.fixture(autouse=True)
+def reset_knobs(http: requests.Session, base_url: str) -> Iterator[None]:
+    yield
+    http.post(f"{base_url}/_emulator/reset", timeout=5).raise_for_status()
+
+
+def sample_input(base_url: str, prompt: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "image_url": f"{base_url}/samples/image.png",
+        "mask_image_url": f"{base_url}/samples/mask.png",
+        **fields,
+    }
+
+
+def submit(http: requests.Session, base_url: str, prompt: str, **fields: Any) -> requests.Response:
+    return http.post(f"{base_url}{MODEL_PATH}", json=sample_input(base_url, prompt, **fields))
+
+
+def submit_ok(http: requests.Session, base_url: str, prompt: str, **fields: Any) -> dict[str, Any]:
+    response = submit(http, base_url, prompt, **fields)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def wait_for_result(http: requests.Session, result_url: str, timeout_s: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = http.get(result_url).json()
+        if body["status"] not in ("in_queue", "in_progress"):
+            return body
+        time.sleep(0.03)
+    raise AssertionError(f"no final result at {result_url} within {timeout_s} s")
+
+
+def set_faults(http: requests.Session, base_url: str, **knobs: Any) -> None:
+    http.post(f"{base_url}/_emulator/faults", json=knobs).raise_for_status()
+
+
+def stats(http: requests.Session, base_url: str) -> Any:
+    return http.get(f"{base_url}/_emulator/stats").json()
+
+
+def decode_image(content: bytes) -> Image.Image:
+    with Image.open(BytesIO(content)) as opened:
+        return opened.convert("RGB")
+
+
+def mean_abs_difference(
+    first: Image.Image, second: Image.Image, box: tuple[int, int, int, int]
+) -> float:
+    difference = ImageChops.difference(first.crop(box), second.crop(box))
+    return sum(ImageStat.Stat(difference).mean) / 3
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# --- auth, model id, input validation -------------------------------------------------
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", "Bearer ", f"Basic {TOKEN}"])
+def test_bad_or_missing_token_is_401_with_400004(base_url: str, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for method, path in (("POST", MODEL_PATH), ("GET", "/v1/requests/x/status")):
+        response = requests.request(method, f"{base_url}{path}", headers=headers, json={})
+        assert response.status_code == 401
+        assert response.json() == {
+            "error_code": 400004,
+            "error_message": "token missing, revoked or account inactive",
+        }
+
+
+def test_without_configured_token_any_bearer_token_is_accepted() -> None:
+    with running_emulator(EmulatorConfig(faults=TEST_FAULTS)) as url:
+        accepted = requests.get(
+            f"{url}/v1/requests/unknown/status", headers={"Authorization": "Bearer anything"}
+        )
+        refused = requests.get(f"{url}/v1/requests/unknown/status")
+    assert accepted.status_code == 404
+    assert refused.status_code == 401
+
+
+def test_unknown_model_is_400001(http: requests.Session, base_url: str) -> None:
+    response = http.post(
+        f"{base_url}/v1/models/some/other-model", json=sample_input(base_url, "a cat")
+    )
+    assert response.status_code == 400
+    assert response.json()["error_code"] == 400001
+
+
+@pytest.mark.parametrize(
+    ("fields", "bad_loc"),
+    [
+        ({"prompt": ""}, ["body", "prompt"]),
+        ({"image_url": "ftp://example.com/a.png"}, ["body", "image_url"]),
+        ({"num_inference_step": 20}, ["body", "num_inference_step"]),
+        ({"num_inference_steps": 31}, ["body", "num_inference_steps"]),
+        ({"strength": 1.5}, ["body", "strength"]),
+        ({"image_size": "huge"}, ["body", "image_size"]),
+        ({"output_format": "gif"}, ["body", "output_format"]),
+        ({"seed": "7"}, ["body", "seed"]),
+        ({"loras": [{"path": "a/b"}] * 4}, ["body", "loras"]),
+        ({"loras": [{"path": "a/b", "scale": 4.5}]}, ["body", "loras", 0, "scale"]),
+        ({"control_start": 0.9, "control_end": 0.5}, ["body", "control_start"]),
+        ({"prompt": "x [emulator:explode]"}, ["body", "prompt"]),
+    ],
+)
+def test_invalid_input_is_422001_with_detail(
+    http: requests.Session, base_url: str, fields: dict[str, Any], bad_loc: list[Any]
+) -> None:
+    response = http.post(f"{base_url}{MODEL_PATH}", json={**sample_input(base_url, "ok"), **fields})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error_code"] == 422001
+    assert bad_loc in [problem["loc"] for problem in body["detail"]]
+
+
+def test_missing_required_field_and_invalid_json(http: requests.Session, base_url: str) -> None:
+    missing = http.post(f"{base_url}{MODEL_PATH}", json={"prompt": "a cat"})
+    assert missing.status_code == 422
+    assert {"image_url", "mask_image_url"} <= {p["loc"][-1] for p in missing.json()["detail"]}
+    not_json = http.post(f"{base_url}{MODEL_PATH}", data=b"{not json")
+    assert not_json.status_code == 400
+    assert not_json.json()["error_code"] == 400000
+
+
+def test_full_valid_input_is_accepted(http: requests.Session, base_url: str) -> None:
+    accepted = submit_ok(
+        http,
+        base_url,
+        "every field",
+        control_start=0,
+        control_end=0.6,
+        control_scale=0.75,
+        strength=1,
+        loras=[{"path": "owner/repo", "scale": 1.2}, {"path": "https://x.test/l.safetensors"}],
+        image_size="square",
+        num_inference_steps=8,
+        seed=42,
+        output_format="png",
+    )
+    assert set(accepted) == {"request_id", "status_url", "result_url", "cancel_url"}
+
+
+# --- timeline and output images ------------------------------------------------------
+
+
+def test_request_queues_runs_and_succeeds_with_a_real_inpainted_image(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, "a blue house [emulator:queue=0.9]")
+    request_id = accepted["request_id"]
+    assert accepted["status_url"] == f"{base_url}/v1/requests/{request_id}/status"
+    assert accepted["cancel_url"] == f"{base_url}/v1/requests/{request_id}/cancel"
+    early_result = http.get(accepted["result_url"]).json()
+    assert early_result["status"] == "in_queue"
+    assert early_result["finished_at"] is None
+    assert "output" not in early_result
+
+    seen: list[tuple[str, int | None]] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        body = http.get(accepted["status_url"]).json()
+        assert body["request_id"] == request_id
+        assert body["result_url"] == accepted["result_url"]
+        seen.append((body["status"], body.get("queue_position")))
+        if body["status"] == "completed":
+            break
+        time.sleep(0.02)
+    statuses = [status for status, _ in seen]
+    assert statuses[0] == "in_queue"
+    assert "in_progress" in statuses
+    assert statuses[-1] == "completed"
+    assert statuses == sorted(statuses, key=["in_queue", "in_progress", "completed"].index)
+    positions = [position for status, position in seen if status == "in_queue" and position]
+    assert len(positions) == statuses.count("in_queue")
+    assert positions == sorted(positions, reverse=True)
+    assert positions[0] > positions[-1] == 1
+    assert all(position is None for status, position in seen if status != "in_queue")
+
+    result = http.get(accepted["result_url"]).json()
+    assert result["status"] == "succeeded"
+    assert result["created_at"].endswith("Z")
+    assert result["finished_at"] > result["created_at"]
+    [output_url] = result["output"]["images"]
+    assert output_url.startswith(f"{base_url}/outputs/")
+    output_response = requests.get(output_url)
+    assert output_response.headers["Content-Type"] == "image/png"
+    output = decode_image(output_response.content)
+    source = decode_image(requests.get(f"{base_url}/samples/image.png").content)
+    assert output.size == source.size
+    left, top, right, bottom = SAMPLE_MASK_BOX
+    inside_mask = (left + 10, top + 10, right - 10, bottom - 10)
+    assert mean_abs_difference(output, source, inside_mask) > 60
+    assert mean_abs_difference(output, source, (0, 0, 150, 200)) < 1
+
+
+@pytest.mark.parametrize(
+    ("image_size", "output_format", "expected_size", "content_type"),
+    [
+        ("landscape_16_9", "jpeg", (1024, 576), "image/jpeg"),
+        ("portrait_4_3", "webp", (768, 1024), "image/webp"),
+    ],
+)
+def test_output_follows_image_size_and_format(
+    http: requests.Session,
+    base_url: str,
+    image_size: str,
+    output_format: str,
+    expected_size: tuple[int, int],
+    content_type: str,
+) -> None:
+    accepted = submit_ok(http, base_url, QUICK, image_size=image_size, output_format=output_format)
+    result = wait_for_result(http, accepted["result_url"])
+    output_response = requests.get(result["output"]["images"][0])
+    assert output_response.headers["Content-Type"] == content_type
+    assert decode_image(output_response.content).size == expected_size
+
+
+def test_identical_inputs_render_once_and_share_the_output(
+    http: requests.Session, base_url: str
+) -> None:
+    first = submit_ok(http, base_url, f"same {QUICK}", seed=5)
+    second = submit_ok(http, base_url, f"same {QUICK}", seed=5)
+    other_seed = submit_ok(http, base_url, f"same {QUICK}", seed=6)
+    urls = [
+        wait_for_result(http, accepted["result_url"])["output"]["images"][0]
+        for accepted in (first, second, other_seed)
+    ]
+    assert urls[0] == urls[1] != urls[2]
+
+
+def test_output_styles_by_directive_and_alternating_knob(
+    http: requests.Session, base_url: str
+) -> None:
+    single = wait_for_result(
+        http, submit_ok(http, base_url, f"{QUICK}[emulator:image]")["result_url"]
+    )
+    assert isinstance(single["output"]["image"], str)
+    assert "images" not in single["output"]
+    listed = wait_for_result(
+        http, submit_ok(http, base_url, f"{QUICK}[emulator:images]")["result_url"]
+    )
+    assert isinstance(listed["output"]["images"], list)
+
+    set_faults(http, base_url, output_style="alternate")
+    keys = [
+        set(wait_for_result(http, submit_ok(http, base_url, QUICK)["result_url"])["output"])
+        for _ in range(2)
+    ]
+    assert sorted(map(sorted, keys)) == [["image"], ["images"]]
+
+
+# --- failures -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["string", "object", "list"])
+def test_failed_result_in_each_error_shape(
+    http: requests.Session, base_url: str, shape: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"{QUICK}[emulator:fail][emulator:error={shape}]")
+    assert http.get(accepted["status_url"]).json()["status"] == "completed"
+    result = wait_for_result(http, accepted["result_url"])
+    assert result["status"] == "failed"
+    assert "output" not in result
+    assert result["finished_at"] is not None
+    error = result["error"]
+    if shape == "string":
+        assert error.startswith("generation failed: ")
+    elif shape == "object":
+        assert set(error) == {"type", "message"}
+    else:
+        assert isinstance(error, list)
+        assert set(error[0]) == {"type", "message"}
+
+
+def test_rate_fail_with_rotating_error_shapes(http: requests.Session, base_url: str) -> None:
+    set_faults(http, base_url, rate_fail=1.0, error_shape="rotate")
+    errors = [
+        wait_for_result(http, submit_ok(http, base_url, QUICK)["result_url"])["error"]
+        for _ in range(3)
+    ]
+    assert {type(error).__name__ for error in errors} == {"str", "dict", "list"}
+
+
+def test_unfetchable_input_fails_with_a_readable_error(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(
+        http,
+        base_url,
+        f"{QUICK}[emulator:error=string]",
+        image_url=f"{base_url}/samples/missing.png",
+    )
+    result = wait_for_result(http, accepted["result_url"])
+    assert result["status"] == "failed"
+    assert "could not fetch image_url: HTTP 404" in result["error"]
+
+
+# --- cancel, unknown and expired ids --------------------------------------------------
+
+
+def test_cancel_while_queued_cancels_for_good(http: requests.Session, base_url: str) -> None:
+    accepted = submit_ok(http, base_url, "[emulator:queue=5]")
+    response = http.post(accepted["cancel_url"])
+    assert response.status_code == 202
+    assert response.json() == {
+        "request_id": accepted["request_id"],
+        "status": "cancelled",
+        "outcome": "cancelled",
+    }
+    assert http.get(accepted["status_url"]).json()["status"] == "cancelled"
+    result = http.get(accepted["result_url"]).json()
+    assert result["status"] == "cancelled"
+    assert result["finished_at"] is not None
+    assert "output" not in result
+
+
+def test_cancel_once_running_is_not_cancellable_and_the_run_completes(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, "[emulator:queue=0][emulator:run=1]")
+    response = http.post(accepted["cancel_url"])
+    assert response.status_code == 202
+    assert response.json()["outcome"] == "not_cancellable"
+    assert response.json()["status"] == "in_progress"
+    assert wait_for_result(http, accepted["result_url"])["status"] == "succeeded"
+    after_end = http.post(accepted["cancel_url"]).json()
+    assert (after_end["outcome"], after_end["status"]) == ("not_cancellable", "completed")
+
+
+def test_unknown_and_expired_ids_are_404001(http: requests.Session, base_url: str) -> None:
+    expected = {"error_code": 404001, "error_message": "request not found or expired"}
+    for method, suffix in (("GET", "status"), ("GET", "result"), ("POST", "cancel")):
+        response = http.request(method, f"{base_url}/v1/requests/no-such-id/{suffix}")
+        assert response.status_code == 404
+        assert response.json() == expected
+    accepted = submit_ok(http, base_url, QUICK)
+    set_faults(http, base_url, request_ttl_s=0.1)
+    time.sleep(0.15)
+    expired = http.get(accepted["status_url"])
+    assert expired.status_code == 404
+    assert expired.json() == expected
+
+
+# --- global faults ------------------------------------------------------------------
+
+
+def test_429_with_and_without_retry_after_creates_nothing(
+    http: requests.Session, base_url: str
+) -> None:
+    set_faults(http, base_url, rate_429=1.0, retry_after_s=3)
+    limited = submit(http, base_url, "rate limited")
+    assert limited.status_code == 429
+    assert limited.headers["Retry-After"] == "3"
+    assert limited.json() == {"error_code": 429001, "error_message": "too many requests"}
+    set_faults(http, base_url, retry_after_s=None)
+    limited = http.get(f"{base_url}/v1/requests/any/status")
+    assert limited.status_code == 429
+    assert "Retry-After" not in limited.headers
+    assert "rate limited" not in stats(http, base_url)["submits_by_prompt"]
+
+
+def test_5xx_on_every_call_creates_nothing(http: requests.Session, base_url: str) -> None:
+    set_faults(http, base_url, rate_5xx=1.0)
+    for _ in range(4):
+        response = submit(http, base_url, "server down")
+        assert response.status_code in (500, 502, 503)
+        assert response.json() == {"error_code": 500001, "error_message": "internal error"}
+    assert "server down" not in stats(http, base_url)["submits_by_prompt"]
+
+
+def test_5xx_after_accept_creates_the_request_anyway(http: requests.Session, base_url: str) -> None:
+    set_faults(http, base_url, rate_5xx_after_accept=1.0)
+    response = submit(http, base_url, "ambiguous submit")
+    assert response.status_code >= 500
+    current = stats(http, base_url)
+    assert current["submits_by_prompt"]["ambiguous submit"] == 1
+    assert current["submits"] >= 1
+
+
+def test_200_with_error_code_is_an_error(http: requests.Session, base_url: str) -> None:
+    set_faults(http, base_url, rate_200_error=1.0)
+    response = submit(http, base_url, "looks fine")
+    assert response.status_code == 200
+    assert response.json()["error_code"] == 500001
+    assert "request_id" not in response.json()
+
+
+def test_slow_answers(http: requests.Session, base_url: str) -> None:
+    set_faults(http, base_url, rate_slow=1.0, slow_s=0.3)
+    started = time.monotonic()
+    response = http.get(f"{base_url}/v1/requests/any/status")
+    assert response.status_code == 404
+    assert time.monotonic() - started >= 0.3
+
+
+def test_seeded_faults_are_reproducible(http: requests.Session, base_url: str) -> None:
+    def status_codes() -> list[int]:
+        set_faults(http, base_url, seed=7, rate_429=0.5)
+        return [http.get(f"{base_url}/v1/requests/x/status").status_code for _ in range(12)]
+
+    first = status_codes()
+    assert set(first) == {404, 429}
+    assert status_codes() == first
+
+
+# --- per-request directives -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("directive", "http_status", "error_code"),
+    [
+        ("submit-200-error", 200, 400002),
+        ("submit-500", 500, 500001),
+        ("submit-429", 429, 429001),
+    ],
+)
+def test_submit_directives_answer_without_creating_a_request(
+    http: requests.Session, base_url: str, directive: str, http_status: int, error_code: int
+) -> None:
+    prompt = f"refused [emulator:{directive}]"
+    response = submit(http, base_url, prompt)
+    assert response.status_code == http_status
+    assert response.json()["error_code"] == error_code
+    assert prompt not in stats(http, base_url)["submits_by_prompt"]
+
+
+def test_bad_status_directive_reports_an_unknown_status(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"{QUICK}[emulator:bad-status]")
+    assert http.get(accepted["status_url"]).json()["status"] == "exploded"
+    assert http.get(accepted["result_url"]).json()["status"] == "exploded"
+
+
+def test_no_output_directive_succeeds_without_output(http: requests.Session, base_url: str) -> None:
+    result = wait_for_result(
+        http, submit_ok(http, base_url, f"{QUICK}[emulator:no-output]")["result_url"]
+    )
+    assert result["status"] == "succeeded"
+    assert "output" not in result
+
+
+def test_poll_500_directive_fails_the_first_polls(http: requests.Session, base_url: str) -> None:
+    accepted = submit_ok(http, base_url, f"{QUICK}[emulator:poll-500=2]")
+    assert http.get(accepted["status_url"]).status_code == 500
+    assert http.get(accepted["result_url"]).status_code == 500
+    assert http.get(accepted["result_url"]).json()["status"] == "succeeded"
+
+
+# --- control API and command line -----------------------------------------------------
+
+
+def test_control_endpoints(http: requests.Session, base_url: str) -> None:
+    knobs = http.get(f"{base_url}/_emulator/faults").json()
+    assert (knobs["queue_s"], knobs["run_s"], knobs["output_style"]) == (0.3, 0.3, "images")
+    merged = http.post(f"{base_url}/_emulator/faults", json={"rate_fail": 0.25}).json()
+    assert (merged["rate_fail"], merged["queue_s"]) == (0.25, 0.3)
+    assert http.post(f"{base_url}/_emulator/faults", json={"rate_4299": 1}).status_code == 400
+    assert http.post(f"{base_url}/_emulator/faults", json={"rate_429": 2}).status_code == 400
+
+    submit_ok(http, base_url, f"counted {QUICK}")
+    current = stats(http, base_url)
+    assert current["submits_by_prompt"][f"counted {QUICK}"] == 1
+    assert current["calls"]["submit"] >= 1
+    assert current["responses"]["200"] >= 1
+    assert sum(current["requests"].values()) >= 1
+
+    restored = http.post(f"{base_url}/_emulator/reset").json()
+    assert restored["rate_fail"] == 0.0
+    cleared = stats(http, base_url)
+    assert cleared["submits"] == 0
+    assert cleared["calls"] == {"submit": 0, "status": 0, "result": 0, "cancel": 0}
+    assert sum(cleared["requests"].values()) >= 1
+
+
+def test_command_line_serves_and_stops_on_sigterm() -> None:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "emulator",
+        "--port",
+        str(port),
+        "--token",
+        TOKEN,
+        "--public-url",
+        "http://emulator.test:9000/",
+        "--quiet",
+    ]
+    environment = {**os.environ, "EMULATOR_FAULTS": '{"queue_s": 0.2, "rate_fail": 0.5}'}
+    with subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert (
+                process.stdout.readline().strip()
+                == f"emulator listening on http://127.0.0.1:{port}"
+            )
+            base_url = f"http://127.0.0.1:{port}"
+            knobs = requests.get(f"{base_url}/_emulator/faults").json()
+            assert (knobs["queue_s"], knobs["rate_fail"]) == (0.2, 0.5)
+            accepted = requests.post(
+                f"{base_url}{MODEL_PATH}",
+                json=sample_input(base_url, "cli"),
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ).json()
+            assert accepted["status_url"].startswith("http://emulator.test:9000/v1/requests/")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=5) == 0

@@ -1,0 +1,263 @@
+"""A job from POST to a verified webhook, through real Redis, Celery, the emulator and a receiver."""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import ApiClient, Stack, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def job_body(stack: Stack, prompt: str = "paint the sky red", **extra: Any) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "image_url": f"{stack.emulator_url}/samples/image.png",
+        "mask_image_url": f"{stack.emulator_url}/samples/mask.png",
+        **extra,
+    }
+
+
+def unique(tag: str) -> str:
+    return f"{tag} {time.time_ns()}"
+
+
+def submits_for(stack: Stack, prompt: str) -> int:
+    return int(stack.emulator("/_emulator/stats").json()["submits_by_prompt"].get(prompt, 0))
+
+
+def test_job_succeeds_and_a_signed_webhook_arrives(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    prompt = unique("sunset")
+    resp = api_client.post(
+        "/v1/jobs", json=job_body(stack, prompt, webhook_url=receiver.url, metadata={"order": 7})
+    )
+    assert resp.status_code == 202
+    job = resp.get_json()
+    assert resp.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["input"]["num_inference_steps"] == 20
+
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "succeeded", final
+    assert final["upstream"]["request_id"] and final["error"] is None
+    assert final["metadata"] == {"order": 7}
+    [image_url] = final["output"]["images"]
+    picture = requests.get(image_url, timeout=10)
+    assert picture.status_code == 200
+    with Image.open(io.BytesIO(picture.content)) as img:
+        assert img.width > 0 and img.height > 0
+
+    events = wait_until(receiver.received, what="webhook received")
+    assert [e.payload["type"] for e in events] == ["job.succeeded"]
+    assert events[0].payload["data"]["id"] == job["id"]
+    assert events[0].payload["data"]["output"] == final["output"]
+    assert not receiver.rejected
+    assert submits_for(stack, prompt) == 1
+
+    deliveries = wait_until(
+        lambda: api_client.get(f"/v1/jobs/{job['id']}/deliveries").get_json()["deliveries"]
+    )
+    assert (
+        deliveries[0]["status_code"] == 204 and deliveries[0]["webhook_id"] == events[0].webhook_id
+    )
+
+
+def test_progress_events_when_asked(stack: Stack, api_client: ApiClient, receiver: Any) -> None:
+    body = job_body(
+        stack,
+        unique("progress [emulator:queue=1] [emulator:run=1]"),
+        webhook_url=receiver.url,
+        webhook_events=["job.submitted", "job.running", "job.succeeded"],
+    )
+    job = api_client.post("/v1/jobs", json=body).get_json()
+    api_client.wait_final(job["id"])
+    events = wait_until(
+        lambda: len(receiver.received()) == 3 and receiver.received(), what="3 events"
+    )
+    assert [e.payload["type"] for e in events] == ["job.submitted", "job.running", "job.succeeded"]
+    assert len({e.webhook_id for e in events}) == 3
+
+
+def test_upstream_failure_becomes_failed_job_with_webhook(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    body = job_body(
+        stack, unique("[emulator:fail] [emulator:error=object]"), webhook_url=receiver.url
+    )
+    job = api_client.post("/v1/jobs", json=body).get_json()
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "upstream_failed"
+    assert final["error"]["message"]
+    events = wait_until(receiver.received, what="webhook")
+    assert events[0].payload["type"] == "job.failed"
+
+
+def test_http_200_with_error_code_on_submit_fails_the_job(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    body = job_body(stack, unique("[emulator:submit-200-error]"), webhook_url=receiver.url)
+    job = api_client.post("/v1/jobs", json=body).get_json()
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "upstream_rejected"
+    assert "400002" in final["error"]["message"]
+    assert wait_until(receiver.received)[0].payload["type"] == "job.failed"
+
+
+@pytest.mark.parametrize(
+    ("directive", "code"),
+    [
+        ("[emulator:bad-status]", "upstream_bad_response"),
+        ("[emulator:no-output]", "upstream_bad_response"),
+    ],
+)
+def test_bad_upstream_answers_become_readable_failures(
+    stack: Stack, api_client: ApiClient, directive: str, code: str
+) -> None:
+    job = api_client.post("/v1/jobs", json=job_body(stack, unique(directive))).get_json()
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == code and final["error"]["message"]
+
+
+def test_transient_poll_errors_are_retried(stack: Stack, api_client: ApiClient) -> None:
+    job = api_client.post(
+        "/v1/jobs", json=job_body(stack, unique("[emulator:poll-500=2]"))
+    ).get_json()
+    assert api_client.wait_final(job["id"])["status"] == "succeeded"
+
+
+def test_image_output_style_is_normalised_to_a_list(stack: Stack, api_client: ApiClient) -> None:
+    job = api_client.post("/v1/jobs", json=job_body(stack, unique("[emulator:image]"))).get_json()
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "succeeded"
+    assert isinstance(final["output"]["images"], list) and len(final["output"]["images"]) == 1
+
+
+def test_cancel_while_queued_here_is_immediate(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    prompt = unique("cancel-here")
+    stack.worker.signal(signal.SIGSTOP)  # nobody takes the job: it stays queued here
+    try:
+        job = api_client.post(
+            "/v1/jobs", json=job_body(stack, prompt, webhook_url=receiver.url)
+        ).get_json()
+        resp = api_client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert resp.status_code == 202
+        assert resp.get_json()["status"] == "cancelled"
+    finally:
+        stack.worker.signal(signal.SIGCONT)
+    events = wait_until(receiver.received, what="cancel webhook")
+    assert events[0].payload["type"] == "job.cancelled"
+    time.sleep(1.0)  # a worker that wakes now must not submit it
+    assert submits_for(stack, prompt) == 0
+    assert api_client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+
+
+def test_cancel_while_queued_upstream_cancels_at_runcomfy(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    body = job_body(stack, unique("[emulator:queue=20]"), webhook_url=receiver.url)
+    job = api_client.post("/v1/jobs", json=body).get_json()
+    api_client.wait_for(job["id"], lambda j: j["status"] == "submitted")
+    resp = api_client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert resp.status_code == 202 and resp.get_json()["cancel_requested"] is True
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "cancelled"
+    assert final["upstream"]["status"] == "cancelled"
+    assert wait_until(receiver.received)[0].payload["type"] == "job.cancelled"
+
+
+def test_cancel_while_running_reports_the_honest_final_state(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    body = job_body(stack, unique("[emulator:queue=0] [emulator:run=3]"), webhook_url=receiver.url)
+    job = api_client.post("/v1/jobs", json=body).get_json()
+    api_client.wait_for(job["id"], lambda j: j["status"] == "running")
+    assert api_client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "succeeded"  # RunComfy runs it to the end; we say so
+    assert final["cancel_requested"] is True
+    assert wait_until(receiver.received)[0].payload["type"] == "job.succeeded"
+
+
+def test_deadline_expires_the_job_and_cancels_upstream(
+    stack: Stack, make_app: Any, api_client: ApiClient, receiver: Any
+) -> None:
+    short = ApiClient(api_client.creds, make_app(JOB_DEADLINE_S="2").test_client())
+    body = job_body(stack, unique("[emulator:queue=30]"), webhook_url=receiver.url)
+    job = short.post("/v1/jobs", json=body).get_json()
+    final = short.wait_final(job["id"], timeout_s=15)
+    assert final["status"] == "expired"
+    assert final["error"]["code"] == "deadline_exceeded"
+    assert wait_until(receiver.received)[0].payload["type"] == "job.expired"
+    status = requests.get(
+        f"{stack.emulator_url}/v1/requests/{final['upstream']['request_id']}/status",
+        headers={"Authorization": "Bearer emulator-test-token"},
+        timeout=5,
+    ).json()
+    assert status["status"] == "cancelled"
+
+
+def test_webhook_retries_keep_the_same_webhook_id(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    receiver.forced_status = 503
+    job = api_client.post(
+        "/v1/jobs", json=job_body(stack, unique("retry"), webhook_url=receiver.url)
+    ).get_json()
+    api_client.wait_final(job["id"])
+    wait_until(
+        lambda: (
+            len(api_client.get(f"/v1/jobs/{job['id']}/deliveries").get_json()["deliveries"]) >= 2
+        ),
+        what="two failed attempts",
+    )
+    receiver.forced_status = None
+    events = wait_until(receiver.received, what="delivery after recovery")
+    deliveries = api_client.get(f"/v1/jobs/{job['id']}/deliveries").get_json()["deliveries"]
+    assert {d["webhook_id"] for d in deliveries} == {events[0].webhook_id}
+    assert [d["status_code"] for d in deliveries][:2] == [503, 503]
+    assert deliveries[-1]["status_code"] == 204
+    assert [d["attempt"] for d in deliveries] == list(range(1, len(deliveries) + 1))
+
+
+def test_redeliver_sends_the_final_event_again(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    job = api_client.post(
+        "/v1/jobs", json=job_body(stack, unique("redeliver"), webhook_url=receiver.url)
+    ).get_json()
+    api_client.wait_final(job["id"])
+    first = wait_until(receiver.received)[0]
+    assert api_client.post(f"/v1/jobs/{job['id']}/webhook/redeliver").status_code == 202
+    events = wait_until(
+        lambda: len(receiver.received()) == 2 and receiver.received(), what="redelivery"
+    )
+    assert events[1].webhook_id == first.webhook_id
+    assert events[1].payload == first.payload
+
+
+def test_clients_only_see_their_own_jobs(
+    stack: Stack, app: Any, redis_client: Any, api_client: ApiClient
+) -> None:
+    from core.clients import ClientStore
+
+    other = ApiClient(ClientStore(redis_client).create("other-team"), app.test_client())
+    job = api_client.post("/v1/jobs", json=job_body(stack, unique("mine"))).get_json()
+    assert other.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert other.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+    assert other.get(f"/v1/jobs/{job['id']}/deliveries").status_code == 404
+    assert other.post(f"/v1/jobs/{job['id']}/webhook/redeliver").status_code == 404
+    assert other.get("/v1/jobs").get_json()["jobs"] == []
+    assert [j["id"] for j in api_client.get("/v1/jobs").get_json()["jobs"]] == [job["id"]]

@@ -1,0 +1,59 @@
+"""The Celery app: production settings in one place."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from core.settings import Settings, load_settings
+from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK, JOBS_QUEUE, WEBHOOKS_QUEUE
+
+
+def create_celery_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for `settings` (read from the environment if not given)."""
+    settings = settings or load_settings()
+    app = Celery("inpaint_gateway", broker=settings.celery_broker_url, include=["workers.tasks"])
+    tick = settings.dispatch_interval_s
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        # Messages are only triggers (the schedules in Redis are the truth), yet we still ack late
+        # so a trigger held by a killed worker comes back rather than vanishing.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in (JOBS_QUEUE, WEBHOOKS_QUEUE)
+        ],
+        task_default_queue=JOBS_QUEUE,
+        task_routes={
+            DISPATCH_JOBS_TASK: {"queue": JOBS_QUEUE, "routing_key": JOBS_QUEUE},
+            DISPATCH_WEBHOOKS_TASK: {"queue": WEBHOOKS_QUEUE, "routing_key": WEBHOOKS_QUEUE},
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={"visibility_timeout": 600},
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        beat_schedule={
+            "dispatch-jobs": {
+                "task": DISPATCH_JOBS_TASK,
+                "schedule": tick,
+                "options": {"queue": JOBS_QUEUE, "expires": max(2 * tick, 1.0)},
+            },
+            "dispatch-webhooks": {
+                "task": DISPATCH_WEBHOOKS_TASK,
+                "schedule": tick,
+                "options": {"queue": WEBHOOKS_QUEUE, "expires": max(2 * tick, 1.0)},
+            },
+        },
+        beat_max_loop_interval=max(tick / 2, 0.05),
+    )
+    app.conf.inpaint_settings = settings
+    return app

@@ -1,0 +1,166 @@
+"""Deliver one webhook attempt: sign, send to a checked address, record, schedule the next."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+
+from core.clients import ClientStore
+from core.egress import EgressPolicy, RefusedDestination, egress_session
+from core.metrics import Counters
+from core.retry_after import parse_retry_after_s
+from core.settings import Settings
+from core.store import JobStore
+from core.webhooks import (
+    DELIVERED,
+    EXHAUSTED,
+    GONE,
+    PENDING,
+    WebhookEvent,
+    delivery_record,
+    signature_headers,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one POST to the receiver came to."""
+
+    status_code: int | None
+    error: str | None
+    retry_after_s: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def next_state(
+    event: WebhookEvent, result: AttemptResult, schedule_s: tuple[float, ...], now: float
+) -> tuple[str, float | None]:
+    """The event's state after this attempt, and when to try again (None: no more tries).
+
+    schedule_s[i] is the wait before attempt i (attempt 0 is the first); Retry-After on
+    429/503 is honoured when it asks for a longer wait.
+    """
+    if result.delivered:
+        return DELIVERED, None
+    if result.status_code == 410:
+        return GONE, None
+    following = event.attempts + 1
+    if following >= len(schedule_s):
+        return EXHAUSTED, None
+    wait = schedule_s[following]
+    if result.status_code in (429, 503) and result.retry_after_s is not None:
+        wait = max(wait, min(result.retry_after_s, MAX_RETRY_AFTER_S))
+    return PENDING, now + wait
+
+
+@dataclass
+class WebhookDelivery:
+    """Sends webhook attempts and records each one."""
+
+    store: JobStore
+    clients: ClientStore
+    settings: Settings
+    counters: Counters
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self.policy = EgressPolicy.from_cidrs(list(self.settings.webhook_allowed_networks))
+        self.session = egress_session(self.policy)
+
+    def deliver(self, webhook_id: str) -> None:
+        """Make one attempt at a pending event, if it is still pending."""
+        event = self.store.get_event(webhook_id)
+        if event is None or event.state != PENDING:
+            self.store.webhook_schedule.remove(self.store.redis, webhook_id)
+            return
+        client = self.clients.get(event.client_id)
+        if client is None:  # the client record is gone: nobody can verify a signature
+            result = AttemptResult(None, "client no longer exists; cannot sign")
+            self._record(event, result, self.clock(), 0, force_state=EXHAUSTED)
+            return
+        started = self.clock()
+        headers = signature_headers(event, client.signing_secrets(started), started)
+        began = time.monotonic()
+        result = self._post(event, headers)
+        duration_ms = int((time.monotonic() - began) * 1000)
+        self._record(event, result, started, duration_ms)
+
+    def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
+        timeout_s = self.settings.webhook_timeout_s
+        try:
+            with self.session.post(
+                event.url,
+                data=event.body.encode(),
+                headers=headers,
+                timeout=(min(5.0, timeout_s), timeout_s),
+                allow_redirects=False,
+                stream=True,  # the status is all we need; never read a receiver's body
+            ) as response:
+                code = response.status_code
+                retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
+        except RefusedDestination as exc:
+            return AttemptResult(None, f"refused destination: {exc}")
+        except requests.Timeout:
+            return AttemptResult(None, f"timed out after {timeout_s:g} s")
+        except requests.RequestException as exc:
+            return AttemptResult(None, f"could not connect: {type(exc).__name__}")
+        if 200 <= code < 300:
+            return AttemptResult(code, None)
+        if 300 <= code < 400:
+            return AttemptResult(code, f"HTTP {code}: redirects are not followed")
+        return AttemptResult(code, f"HTTP {code}", retry_after)
+
+    def _record(
+        self,
+        event: WebhookEvent,
+        result: AttemptResult,
+        at: float,
+        duration_ms: int,
+        *,
+        force_state: str | None = None,
+    ) -> None:
+        state, next_at = next_state(event, result, self.settings.webhook_retry_schedule_s, at)
+        if force_state is not None:
+            state, next_at = force_state, None
+        attempt = delivery_record(
+            event,
+            at=at,
+            status_code=result.status_code,
+            error=result.error,
+            duration_ms=duration_ms,
+            next_attempt_at=next_at,
+        )
+        self.store.record_attempt(
+            event.after_attempt(state=state, next_attempt_at=next_at), attempt
+        )
+        self.counters.add("webhook_attempts")
+        if state == DELIVERED:
+            self.counters.add("webhook_delivered")
+        else:
+            self.counters.add("webhook_failed_attempts")
+        if state == EXHAUSTED:
+            self.counters.add("webhook_exhausted")
+        log.info(
+            "webhook attempt",
+            extra={
+                "job_id": event.job_id,
+                "client_id": event.client_id,
+                "webhook_id": event.webhook_id,
+                "event_type": event.type,
+                "attempt": event.attempts + 1,
+                "status_code": result.status_code,
+                "error": result.error,
+                "state": state,
+            },
+        )

@@ -1,0 +1,380 @@
+"""One step of a job's life: submit, poll, cancel or expire — decided from the job record.
+
+`JobPipeline.advance(job_id)` is the only entry point. It reads the record, takes the one step the
+record calls for (at most a couple of short HTTP calls), and commits the outcome compare-and-set
+together with when the next step is due. Nothing here waits for RunComfy: the next look is a time
+in the job schedule, not a sleep. Running a step twice, or concurrently, changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core.jobs import Job, JobError, Status, Upstream
+from core.metrics import Counters
+from core.settings import Settings
+from core.store import Committed, JobStore, Step
+from workers.polling import ADMISSION_RETRY_S, backoff_s, next_poll_delay_s
+from workers.runcomfy import (
+    PermanentUpstreamError,
+    RequestState,
+    RunComfyClient,
+    TransientUpstreamError,
+    UnknownRequestError,
+    UpstreamError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobPipeline:
+    """Takes jobs forward one step at a time."""
+
+    store: JobStore
+    runcomfy: RunComfyClient
+    settings: Settings
+    counters: Counters
+    on_events: Callable[[], None]  # new webhook events are waiting: wake the delivery side
+    clock: Callable[[], float] = time.time
+
+    def advance(self, job_id: str) -> None:
+        """Take the next step the job record calls for."""
+        job = self.store.get(job_id)
+        if job is None or job.status.is_final:
+            self.store.job_schedule.remove(self.store.redis, job_id)
+            return
+        now = self.clock()
+        if now >= job.deadline_at:
+            self._expire(job)
+        elif job.status is Status.QUEUED:
+            if job.submit_started_at is not None:
+                self._submit_outcome_unknown(
+                    job, "a submit was interrupted before its answer was stored"
+                )
+            elif job.cancel_requested:
+                self._commit(job.id, lambda j: _final_if_live(j, Status.CANCELLED, self.clock()))
+            else:
+                self._submit(job)
+        elif job.cancel_requested and not job.cancel_sent:
+            self._cancel_upstream(job)
+        else:
+            self._poll(job)
+
+    # --- submit -----------------------------------------------------------------------------
+
+    def _submit(self, job: Job) -> None:
+        now = self.clock()
+        if not self.store.admit(job, max_in_flight=self.settings.runcomfy_max_in_flight, now=now):
+            self.store.job_schedule.put(self.store.redis, job.id, now + ADMISSION_RETRY_S)
+            return
+        lease_end = now + self.settings.step_lease_s
+
+        def mark_submitting(j: Job) -> Step | None:
+            if (
+                j.status is not Status.QUEUED
+                or j.submit_started_at is not None
+                or j.cancel_requested
+            ):
+                return None
+            return Step(
+                j.changed(now, submit_started_at=now, submit_attempts=j.submit_attempts + 1),
+                lease_end,
+            )
+
+        if self._commit(job.id, mark_submitting) is None:
+            return
+        self.counters.add("upstream_submits")
+        try:
+            submitted = self.runcomfy.submit(job.input)
+        except TransientUpstreamError as exc:
+            self.counters.add("upstream_transient_errors")
+            if exc.maybe_processed:
+                self._submit_outcome_unknown(job, exc.message)
+            else:
+                self._retry_submit_later(job, exc)
+            return
+        except UpstreamError as exc:
+            self._fail(job.id, "upstream_rejected", f"RunComfy refused the job: {exc.message}")
+            return
+        accepted_at = self.clock()
+
+        def record_request(j: Job) -> Step | None:
+            if j.status is not Status.QUEUED or j.submit_started_at != now:
+                return None
+            upstream = Upstream(request_id=submitted.request_id, status="in_queue")
+            moved = j.moved_to(
+                Status.SUBMITTED, accepted_at, upstream=upstream, submit_started_at=None, polls=0
+            )
+            return Step(moved, accepted_at + next_poll_delay_s(upstream_status="in_queue", polls=0))
+
+        committed = self._commit(job.id, record_request)
+        if committed is None:
+            # The job ended meanwhile (expired or deleted): don't leave a paid run behind.
+            log.warning(
+                "job ended while its submit was answered; cancelling the upstream request",
+                extra={"job_id": job.id, "upstream_request_id": submitted.request_id},
+            )
+            self._best_effort_cancel(submitted.request_id)
+        else:
+            log.info(
+                "submitted",
+                extra={
+                    "job_id": job.id,
+                    "client_id": job.client_id,
+                    "upstream_request_id": submitted.request_id,
+                },
+            )
+
+    def _retry_submit_later(self, job: Job, exc: TransientUpstreamError) -> None:
+        now = self.clock()
+
+        def clear_mark(j: Job) -> Step | None:
+            if j.status is not Status.QUEUED or j.submit_started_at is None:
+                return None
+            failures = j.transient_errors + 1
+            changed = j.changed(
+                now,
+                submit_started_at=None,
+                transient_errors=failures,
+                last_transient_error=exc.message,
+            )
+            return Step(changed, now + backoff_s(failures, retry_after_s=exc.retry_after_s))
+
+        self._commit(job.id, clear_mark)
+
+    def _submit_outcome_unknown(self, job: Job, reason: str) -> None:
+        """RunComfy may or may not have accepted the submit: apply SUBMIT_UNKNOWN."""
+        now = self.clock()
+        self.counters.add("submit_outcome_unknown")
+        log.warning(
+            "submit outcome unknown",
+            extra={
+                "job_id": job.id,
+                "client_id": job.client_id,
+                "reason": reason,
+                "rule": self.settings.submit_unknown,
+            },
+        )
+        if self.settings.submit_unknown == "fail":
+            message = (
+                f"whether RunComfy accepted the job is unknown ({reason}); not submitting it again"
+            )
+            self._fail(job.id, "submit_outcome_unknown", message)
+            return
+
+        def resubmit(j: Job) -> Step | None:
+            if j.status is not Status.QUEUED or j.submit_started_at is None:
+                return None
+            noted = j.with_note(now, f"submit outcome unknown ({reason}); submitting again")
+            changed = noted.changed(
+                now,
+                submit_started_at=None,
+                submit_unknown_outcomes=j.submit_unknown_outcomes + 1,
+                transient_errors=j.transient_errors + 1,
+            )
+            return Step(changed, now + backoff_s(j.transient_errors + 1))
+
+        self._commit(job.id, resubmit)
+
+    # --- poll -------------------------------------------------------------------------------
+
+    def _poll(self, job: Job) -> None:
+        request_id = job.request_id
+        assert request_id is not None
+        queued = job.upstream is None or job.upstream.status in (None, "in_queue", "queued")
+        try:
+            # While queued, /status tells the queue position; once running, /result answers in
+            # one call both "still running" and the final output.
+            self.counters.add("upstream_polls")
+            state = self.runcomfy.status(request_id) if queued else self.runcomfy.result(request_id)
+            if queued and state.is_finished:
+                self.counters.add("upstream_polls")
+                state = self.runcomfy.result(request_id)
+        except TransientUpstreamError as exc:
+            self.counters.add("upstream_transient_errors")
+            self._retry_poll_later(job, exc)
+            return
+        except UnknownRequestError as exc:
+            self._fail(
+                job.id,
+                "upstream_request_lost",
+                f"RunComfy no longer knows the request: {exc.message}",
+            )
+            return
+        except PermanentUpstreamError as exc:
+            self._fail(
+                job.id,
+                "upstream_bad_response",
+                f"RunComfy gave an answer we cannot use: {exc.message}",
+            )
+            return
+        self._apply_state(job.id, request_id, state)
+
+    def _apply_state(self, job_id: str, request_id: str, state: RequestState) -> None:
+        now = self.clock()
+
+        def apply(j: Job) -> Step | None:
+            if j.status.is_final or j.request_id != request_id:
+                return None
+            upstream = Upstream(request_id, state.status, state.queue_position)
+            polls = j.polls + 1
+            if state.images is not None:
+                return Step(
+                    j.moved_to(
+                        Status.SUCCEEDED,
+                        now,
+                        upstream=upstream,
+                        output_images=state.images,
+                        polls=polls,
+                    ),
+                    None,
+                )
+            if state.error is not None:
+                error = JobError("upstream_failed", state.error)
+                return Step(
+                    j.moved_to(Status.FAILED, now, upstream=upstream, error=error, polls=polls),
+                    None,
+                )
+            if state.is_finished:  # cancelled upstream
+                cancel_error = (
+                    None
+                    if j.cancel_requested
+                    else JobError("upstream_cancelled", "RunComfy cancelled the request")
+                )
+                return Step(
+                    j.moved_to(
+                        Status.CANCELLED, now, upstream=upstream, error=cancel_error, polls=polls
+                    ),
+                    None,
+                )
+            next_at = min(
+                j.deadline_at, now + next_poll_delay_s(upstream_status=state.status, polls=polls)
+            )
+            if state.is_running and j.status is Status.SUBMITTED:
+                moved = j.moved_to(
+                    Status.RUNNING,
+                    now,
+                    upstream=upstream,
+                    polls=polls,
+                    running_since=now,
+                    transient_errors=0,
+                )
+                return Step(moved, next_at)
+            return Step(j.changed(now, upstream=upstream, polls=polls, transient_errors=0), next_at)
+
+        self._commit(job_id, apply)
+
+    def _retry_poll_later(self, job: Job, exc: TransientUpstreamError) -> None:
+        now = self.clock()
+
+        def later(j: Job) -> Step | None:
+            if j.status.is_final:
+                return None
+            failures = j.transient_errors + 1
+            changed = j.changed(
+                now, transient_errors=failures, last_transient_error=exc.message, polls=j.polls + 1
+            )
+            return Step(
+                changed,
+                min(j.deadline_at, now + backoff_s(failures, retry_after_s=exc.retry_after_s)),
+            )
+
+        self._commit(job.id, later)
+
+    # --- cancel and deadline ----------------------------------------------------------------
+
+    def _cancel_upstream(self, job: Job) -> None:
+        request_id = job.request_id
+        assert request_id is not None
+        try:
+            self.counters.add("upstream_cancels")
+            outcome = self.runcomfy.cancel(request_id)
+        except TransientUpstreamError as exc:
+            self._retry_poll_later(job, exc)
+            return
+        except UpstreamError as exc:
+            outcome = None
+            reason = exc.message
+        now = self.clock()
+
+        def settle(j: Job) -> Step | None:
+            if j.status.is_final or j.request_id != request_id:
+                return None
+            if outcome is not None and outcome.cancelled:
+                upstream = Upstream(request_id, "cancelled", None)
+                return Step(
+                    j.moved_to(Status.CANCELLED, now, upstream=upstream, cancel_sent=True), None
+                )
+            why = outcome.outcome if outcome is not None else reason
+            noted = j.with_note(
+                now, f"cancel requested but RunComfy answered {why}; following the run to its end"
+            )
+            return Step(noted.changed(now, cancel_sent=True), now)
+
+        self._commit(job.id, settle)
+
+    def _expire(self, job: Job) -> None:
+        if job.request_id and not (
+            job.upstream and job.upstream.status in ("cancelled", "canceled")
+        ):
+            self._best_effort_cancel(job.request_id)
+        now = self.clock()
+        message = f"not finished within JOB_DEADLINE_S ({self.settings.job_deadline_s} s)"
+        self._commit(
+            job.id,
+            lambda j: _final_if_live(
+                j, Status.EXPIRED, now, JobError("deadline_exceeded", message)
+            ),
+        )
+
+    def _best_effort_cancel(self, request_id: str) -> None:
+        try:
+            self.counters.add("upstream_cancels")
+            self.runcomfy.cancel(request_id)
+        except UpstreamError as exc:
+            log.info(
+                "cancel on the way out failed",
+                extra={"upstream_request_id": request_id, "error": exc.message},
+            )
+
+    # --- commits ----------------------------------------------------------------------------
+
+    def _fail(self, job_id: str, code: str, message: str) -> None:
+        now = self.clock()
+        self._commit(
+            job_id, lambda j: _final_if_live(j, Status.FAILED, now, JobError(code, message))
+        )
+
+    def _commit(self, job_id: str, step: Callable[[Job], Step | None]) -> Committed | None:
+        committed = self.store.change(job_id, step)
+        if committed is None:
+            return None
+        job = committed.job
+        if job.status.is_final:
+            self.counters.add(f"jobs_finished_{job.status.value}")
+            log.info(
+                "job finished",
+                extra={
+                    "job_id": job.id,
+                    "client_id": job.client_id,
+                    "upstream_request_id": job.request_id,
+                    "status": job.status.value,
+                    "error_code": job.error.code if job.error else None,
+                },
+            )
+        if committed.events:
+            self.on_events()
+        return committed
+
+
+def _final_if_live(
+    job: Job, status: Status, now: float, error: JobError | None = None
+) -> Step | None:
+    """Move a live job to a final status; leave a final one alone."""
+    if job.status.is_final:
+        return None
+    return Step(job.moved_to(status, now, error=error, submit_started_at=None), None)

@@ -1,0 +1,326 @@
+"""A typed client for RunComfy's Model API (async queue endpoints).
+
+Every documented answer shape maps to a small dataclass or to one of two errors: transient
+(try again later) or permanent (the job cannot succeed). See RUNCOMFY.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from core.retry_after import parse_retry_after_s
+
+# Statuses RunComfy (or its own clients) have been seen to report, by meaning.
+QUEUED_STATUSES = frozenset({"in_queue", "queued"})
+RUNNING_STATUSES = frozenset({"in_progress", "running"})
+SUCCEEDED_STATUSES = frozenset({"succeeded", "completed"})
+FAILED_STATUSES = frozenset({"failed", "error"})
+CANCELLED_STATUSES = frozenset({"cancelled", "canceled"})
+KNOWN_STATUSES = (
+    QUEUED_STATUSES | RUNNING_STATUSES | SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
+)
+MAX_ERROR_TEXT = 500
+
+
+class UpstreamError(Exception):
+    """RunComfy did not give a usable answer."""
+
+    def __init__(self, message: str, *, http_status: int | None = None, code: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+
+
+class TransientUpstreamError(UpstreamError):
+    """Try again later: timeouts, network errors, 408/429, 5xx."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        code: Any = None,
+        retry_after_s: float | None = None,
+        maybe_processed: bool = True,
+    ) -> None:
+        super().__init__(message, http_status=http_status, code=code)
+        self.retry_after_s = retry_after_s
+        # False only when RunComfy certainly did not act on the call (refused connection, 429).
+        self.maybe_processed = maybe_processed
+
+
+class PermanentUpstreamError(UpstreamError):
+    """The call cannot succeed as made: rejected input, auth, balance, bad payload."""
+
+
+class UnknownRequestError(PermanentUpstreamError):
+    """RunComfy does not know the request id (never existed, or expired)."""
+
+
+@dataclass(frozen=True)
+class SubmittedRequest:
+    """RunComfy accepted a submit."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class RequestState:
+    """One look at a request: its status and, once finished, its output or error."""
+
+    request_id: str
+    status: str
+    queue_position: int | None = None
+    images: tuple[str, ...] | None = None
+    error: str | None = None
+
+    @property
+    def is_queued(self) -> bool:
+        return self.status in QUEUED_STATUSES
+
+    @property
+    def is_running(self) -> bool:
+        return self.status in RUNNING_STATUSES
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What a cancel achieved: `cancelled` or `not_cancellable`."""
+
+    request_id: str
+    cancelled: bool
+    outcome: str
+
+
+class RunComfyClient:
+    """RunComfy Model API over one kept-alive `requests.Session`."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        token: str,
+        model_id: str,
+        timeout_s: float,
+        connect_timeout_s: float = 5.0,
+        pool_size: int = 64,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_id = model_id
+        self._timeout = (min(connect_timeout_s, timeout_s), timeout_s)
+        self._session = requests.Session()
+        self._session.trust_env = False
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update(
+            {"Authorization": f"Bearer {token}", "User-Agent": "inpaint-gateway/1"}
+        )
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._session.close()
+
+    # --- calls ------------------------------------------------------------------------------
+
+    def submit(self, inputs: dict[str, Any]) -> SubmittedRequest:
+        """POST the model's input; RunComfy answers with a request id. Not idempotent."""
+        body = self._call("POST", f"/v1/models/{quote(self.model_id, safe='/')}", json=inputs)
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise PermanentUpstreamError(f"submit answer has no request_id: {_snippet(body)}")
+        return SubmittedRequest(request_id)
+
+    def status(self, request_id: str) -> RequestState:
+        """GET /status: queued (with position), running, or finished (then read the result)."""
+        body = self._call("GET", f"/v1/requests/{quote(request_id, safe='')}/status")
+        status = _status_of(body)
+        position = body.get("queue_position")
+        return RequestState(
+            request_id=request_id,
+            status=status,
+            queue_position=position if isinstance(position, int) else None,
+        )
+
+    def result(self, request_id: str) -> RequestState:
+        """GET /result: the status, and the output images or error once finished."""
+        body = self._call("GET", f"/v1/requests/{quote(request_id, safe='')}/result")
+        status = _status_of(body)
+        if status == "completed":  # a /status word; /result should say succeeded or failed
+            status = "failed" if body.get("error") and not body.get("output") else "succeeded"
+        images: tuple[str, ...] | None = None
+        error: str | None = None
+        if status in SUCCEEDED_STATUSES:
+            images = _images_of(body)
+        elif status in FAILED_STATUSES:
+            error = _readable_error(body.get("error")) or "RunComfy reported the run failed"
+        return RequestState(request_id=request_id, status=status, images=images, error=error)
+
+    def cancel(self, request_id: str) -> CancelOutcome:
+        """Ask RunComfy to cancel; only a queued request can be (branch on outcome)."""
+        body = self._call("POST", f"/v1/requests/{quote(request_id, safe='')}/cancel")
+        outcome = str(body.get("outcome") or "")
+        if outcome not in {"cancelled", "canceled", "not_cancellable"}:
+            raise PermanentUpstreamError(f"cancel answer has no known outcome: {_snippet(body)}")
+        return CancelOutcome(request_id, outcome in {"cancelled", "canceled"}, outcome)
+
+    # --- one HTTP exchange -----------------------------------------------------------------
+
+    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        url = self.base_url + path
+        try:
+            response = self._session.request(
+                method, url, json=json, timeout=self._timeout, allow_redirects=False
+            )
+        except requests.ConnectTimeout as exc:
+            raise TransientUpstreamError(
+                f"{method} {path}: connect timeout", maybe_processed=False
+            ) from exc
+        except requests.Timeout as exc:
+            raise TransientUpstreamError(
+                f"{method} {path}: timed out waiting for RunComfy"
+            ) from exc
+        except requests.ConnectionError as exc:
+            refused = _is_connection_refused(exc)
+            raise TransientUpstreamError(
+                f"{method} {path}: {'connection refused' if refused else 'connection error'}",
+                maybe_processed=not refused,
+            ) from exc
+        except requests.RequestException as exc:
+            raise TransientUpstreamError(f"{method} {path}: {type(exc).__name__}") from exc
+        with response:
+            return _interpret(method, path, response)
+
+
+def _interpret(method: str, path: str, response: requests.Response) -> dict[str, Any]:
+    where = f"{method} {path}"
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if status in (408, 429) or status >= 500:
+        code, message = _error_fields(body)
+        raise TransientUpstreamError(
+            f"{where}: HTTP {status}{': ' + message if message else ''}",
+            http_status=status,
+            code=code,
+            retry_after_s=parse_retry_after_s(response.headers.get("Retry-After")),
+            maybe_processed=status != 429 and status != 408,
+        )
+    if status == 404:
+        code, message = _error_fields(body)
+        raise UnknownRequestError(
+            f"{where}: HTTP 404{': ' + message if message else ''}", http_status=404, code=code
+        )
+    if not 200 <= status < 300:
+        code, message = _error_fields(body)
+        raise PermanentUpstreamError(
+            f"{where}: HTTP {status}{': ' + message if message else ''}"
+            + (f" (error_code {code})" if code is not None else ""),
+            http_status=status,
+            code=code,
+        )
+    if not isinstance(body, dict):
+        raise PermanentUpstreamError(f"{where}: answer is not a JSON object", http_status=status)
+    if body.get("error_code") not in (None, 0, "0"):
+        code, message = _error_fields(body)
+        error = PermanentUpstreamError if not _is_retryable_code(code) else TransientUpstreamError
+        raise error(
+            f"{where}: RunComfy error {code}{': ' + message if message else ''}",
+            http_status=status,
+            code=code,
+        )
+    return body
+
+
+def _is_retryable_code(code: Any) -> bool:
+    return str(code).startswith("5")
+
+
+def _status_of(body: dict[str, Any]) -> str:
+    status = body.get("status")
+    if not isinstance(status, str) or not status:
+        raise PermanentUpstreamError(f"answer has no status: {_snippet(body)}")
+    status = status.strip().lower()
+    if status not in KNOWN_STATUSES | {"completed"}:
+        raise PermanentUpstreamError(f"RunComfy reported an unknown status {status!r}")
+    return status
+
+
+def _images_of(body: dict[str, Any]) -> tuple[str, ...]:
+    output = body.get("output")
+    if not isinstance(output, dict):
+        raise PermanentUpstreamError(f"finished result has no output: {_snippet(body)}")
+    found: list[str] = []
+    for key in ("images", "image"):
+        value = output.get(key)
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, list):
+            found.extend(v for v in value if isinstance(v, str))
+    if not found:
+        raise PermanentUpstreamError(f"finished result has no image URLs: {_snippet(output)}")
+    bad = [u for u in found if not u.startswith(("https://", "http://"))]
+    if bad:
+        raise PermanentUpstreamError(f"finished result has a non-URL image: {bad[0][:100]!r}")
+    return tuple(found)
+
+
+def _readable_error(error: Any) -> str | None:
+    """RunComfy's failure detail (a string, an object, or a list) as one readable line."""
+    if error is None or error == "":
+        return None
+    if isinstance(error, str):
+        text = error
+    elif isinstance(error, dict):
+        parts = [str(error[k]) for k in ("type", "code", "message", "detail") if error.get(k)]
+        text = ": ".join(parts) if parts else _snippet(error)
+    elif isinstance(error, list):
+        text = "; ".join(filter(None, (_readable_error(e) for e in error)))
+    else:
+        text = str(error)
+    return text[:MAX_ERROR_TEXT]
+
+
+def _error_fields(body: Any) -> tuple[Any, str]:
+    if not isinstance(body, dict):
+        return None, ""
+    code = body.get("error_code")
+    for key in ("error_message", "message", "error", "detail"):
+        text = _readable_error(body.get(key))
+        if text:
+            return code, text
+    return code, ""
+
+
+def _is_connection_refused(exc: BaseException) -> bool:
+    """True if the connection was refused, so the request certainly never reached RunComfy."""
+    seen: object = exc
+    for _ in range(8):  # the chain requests -> urllib3 -> socket is a few links long
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        if not isinstance(seen, BaseException):
+            return False
+        reason = getattr(seen, "reason", None)
+        first_arg = seen.args[0] if seen.args else None
+        seen = (
+            seen.__cause__
+            or reason
+            or (first_arg if isinstance(first_arg, BaseException) else None)
+        )
+    return False
+
+
+def _snippet(value: Any) -> str:
+    return str(value)[:200]

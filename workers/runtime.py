@@ -1,0 +1,63 @@
+"""What a worker process holds: connections and the objects built on them, made once per process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+from celery import current_app
+
+from core.clients import ClientStore
+from core.logs import configure_logging
+from core.metrics import Counters
+from core.settings import Settings
+from core.store import JobStore, connect_redis
+from core.wakeups import Wakeups
+from workers.delivery import WebhookDelivery
+from workers.pipeline import JobPipeline
+from workers.runcomfy import RunComfyClient
+
+
+@dataclass(frozen=True)
+class WorkerRuntime:
+    """Per-process collaborators of the tasks."""
+
+    settings: Settings
+    store: JobStore
+    wakeups: Wakeups
+    pipeline: JobPipeline
+    delivery: WebhookDelivery
+
+
+def runtime() -> WorkerRuntime:
+    """This process's runtime (prefork children each build their own after the fork)."""
+    return _runtime_for(os.getpid())
+
+
+@cache
+def _runtime_for(pid: int) -> WorkerRuntime:
+    settings: Settings = current_app.conf.inpaint_settings
+    configure_logging(settings.log_level)
+    client = connect_redis(settings.redis_url)
+    store = JobStore(client, retention_s=settings.job_retention_s)
+    counters = Counters(client)
+    wakeups = Wakeups(client, current_app)
+    runcomfy = RunComfyClient(
+        base_url=settings.runcomfy_base_url,
+        token=settings.runcomfy_api_token,
+        model_id=settings.runcomfy_model_id,
+        timeout_s=settings.runcomfy_timeout_s,
+        pool_size=settings.dispatch_batch_size,
+    )
+    pipeline = JobPipeline(
+        store=store,
+        runcomfy=runcomfy,
+        settings=settings,
+        counters=counters,
+        on_events=wakeups.webhooks,
+    )
+    delivery = WebhookDelivery(
+        store=store, clients=ClientStore(client), settings=settings, counters=counters
+    )
+    return WorkerRuntime(settings, store, wakeups, pipeline, delivery)
