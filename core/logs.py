@@ -10,7 +10,8 @@ from pythonjsonlogger.json import JsonFormatter
 
 def configure_logging(level: str = "INFO") -> None:
     """Send JSON lines to stderr: time, level, logger, message and any `extra` fields."""
-    handler = logging.StreamHandler(sys.stderr)
+    # The real stderr: Celery replaces sys.stderr in workers with a proxy into logging itself.
+    handler = logging.StreamHandler(sys.__stderr__)
     handler.setFormatter(
         JsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -20,5 +21,6 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Per-request lines from urllib3 would repeat what our own logs say.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # Lines that would repeat, several times a second, what our own logs and metrics say.
+    for chatty in ("urllib3", "celery.beat", "celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,6 +276,9 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         score, job_id = text.split("|", 1)
-        return float(score), job_id
+        created_at = float(score)
+        if not math.isfinite(created_at):
+            raise ValueError(score)
+        return created_at, job_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError("cursor is not one this API returned") from exc

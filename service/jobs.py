@@ -6,12 +6,13 @@ from typing import Any
 
 from flask import request, url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 
 from core.commands import CommandRefused, WebhookUrlRefused
 from core.jobs import Job
 from service.auth import authenticate, current_client
 from service.context import ctx
+from service.parsing import StrictBlueprint
 from service.schemas import (
     INPUT_FIELDS,
     DeliveriesSchema,
@@ -21,7 +22,7 @@ from service.schemas import (
     JobSchema,
 )
 
-blp = Blueprint(
+blp = StrictBlueprint(
     "jobs", __name__, url_prefix="/v1", description="Inpainting jobs of the calling client."
 )
 blp.before_request(authenticate)

@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ApiClient, Stack, wait_until
+from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -261,3 +261,25 @@ def test_clients_only_see_their_own_jobs(
     assert other.post(f"/v1/jobs/{job['id']}/webhook/redeliver").status_code == 404
     assert other.get("/v1/jobs").get_json()["jobs"] == []
     assert [j["id"] for j in api_client.get("/v1/jobs").get_json()["jobs"]] == [job["id"]]
+
+
+def test_secrets_never_reach_logs_or_responses(
+    stack: Stack, api_client: ApiClient, receiver: Any
+) -> None:
+    job = api_client.post(
+        "/v1/jobs", json=job_body(stack, unique("[emulator:fail]"), webhook_url=receiver.url)
+    ).get_json()
+    final = api_client.wait_final(job["id"])
+    wait_until(receiver.received)
+    secrets = [EMULATOR_TOKEN, api_client.creds.api_key, api_client.creds.webhook_secret]
+    responses = [
+        final,
+        api_client.get(f"/v1/jobs/{job['id']}/deliveries").get_json(),
+        api_client.get("/v1/jobs").get_json(),
+        api_client.post("/v1/jobs", json={"prompt": 1}).get_json(),
+    ]
+    logs = "\n".join(p.read_text(errors="replace") for p in stack.logs.iterdir())
+    assert "job finished" in logs  # the logs are there and were read
+    for secret in secrets:
+        assert secret not in logs
+        assert all(secret not in str(r) for r in responses)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import setup_logging
 from kombu import Exchange, Queue
 
+from core.logs import configure_logging
 from core.settings import Settings, load_settings
 from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK, JOBS_QUEUE, WEBHOOKS_QUEUE
 
@@ -56,4 +58,16 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         beat_max_loop_interval=max(tick / 2, 0.05),
     )
     app.conf.inpaint_settings = settings
+    setup_logging.connect(
+        _json_logging_for(settings), weak=False, dispatch_uid="inpaint-gateway-logging"
+    )
     return app
+
+
+def _json_logging_for(settings: Settings):  # type: ignore[no-untyped-def]
+    """Handle Celery's setup_logging signal: our JSON lines instead of Celery's own format."""
+
+    def configure(**_: object) -> None:
+        configure_logging(settings.log_level)
+
+    return configure

@@ -52,6 +52,8 @@ class JobPipeline:
             self._expire(job)
         elif job.status is Status.QUEUED:
             if job.submit_started_at is not None:
+                if now - job.submit_started_at < self.settings.step_lease_s:
+                    return  # another worker is submitting right now; its commit decides
                 self._submit_outcome_unknown(
                     job, "a submit was interrupted before its answer was stored"
                 )

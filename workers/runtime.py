@@ -9,7 +9,6 @@ from functools import cache
 from celery import current_app
 
 from core.clients import ClientStore
-from core.logs import configure_logging
 from core.metrics import Counters
 from core.settings import Settings
 from core.store import JobStore, connect_redis
@@ -38,7 +37,6 @@ def runtime() -> WorkerRuntime:
 @cache
 def _runtime_for(pid: int) -> WorkerRuntime:
     settings: Settings = current_app.conf.inpaint_settings
-    configure_logging(settings.log_level)
     client = connect_redis(settings.redis_url)
     store = JobStore(client, retention_s=settings.job_retention_s)
     counters = Counters(client)

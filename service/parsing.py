@@ -1,0 +1,61 @@
+"""Request parsing: strict JSON (no NaN/Infinity, bounded nesting) and unknown query fields refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import flask
+from flask_smorest import Blueprint
+from webargs import core
+from webargs.flaskparser import FlaskParser, abort, is_json_request
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class StrictJsonParser(FlaskParser):
+    """webargs' Flask parser, answering 400 for what json.loads would let through or crash on."""
+
+    DEFAULT_UNKNOWN_BY_LOCATION: dict[str, str | None] = dict.fromkeys(
+        FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, None
+    )  # None: each schema's own Meta.unknown (ours: RAISE) decides, in every location
+
+    def _raw_load_json(self, req: flask.Request) -> Any:
+        if not is_json_request(req):
+            return core.missing
+        raw = req.get_data(cache=True)
+        if not raw:
+            return core.missing
+        try:
+            text = raw.decode("utf-8")
+            return json.loads(text, parse_float=_finite_float, parse_constant=_no_constants)
+        except UnicodeDecodeError as exc:
+            raise json.JSONDecodeError(f"not UTF-8: {exc.reason}", "?", exc.start) from None
+        except RecursionError:
+            raise json.JSONDecodeError("nested too deeply", "?", 0) from None
+        except json.JSONDecodeError:
+            raise
+        except ValueError as exc:
+            raise json.JSONDecodeError(str(exc), "?", 0) from None
+
+    def _handle_invalid_json_error(
+        self, error: Any, req: flask.Request, *args: Any, **kwargs: Any
+    ) -> Any:
+        reason = getattr(error, "msg", None) or str(error)
+        abort(400, exc=error, messages={"json": [f"Invalid JSON body: {reason}."]})
+
+
+class StrictBlueprint(Blueprint):
+    """flask-smorest Blueprint using StrictJsonParser."""
+
+    ARGUMENTS_PARSER = StrictJsonParser()

@@ -1,0 +1,542 @@
+"""Static checks of Dockerfile, docker-compose.yml and deploy/: no Docker or cluster needed.
+
+The deployed processes must run exactly the commands the test suite starts; settings they name
+must be ones the gateway reads, with values it accepts; Kubernetes manifests must match the API
+schema; and no secret may be written into any of these files.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_validate import utils as kubernetes_validate
+
+import service
+from core.settings import SettingsError, load_settings
+from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
+from emulator.__main__ import build_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DEPLOY = ROOT / "deploy"
+SETTINGS_SOURCE = ROOT / "core" / "settings.py"
+
+API_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service:create_app()"]
+WORKER_COMMAND = [
+    "celery",
+    "-A",
+    "workers",
+    "worker",
+    "-Q",
+    "jobs,webhooks",
+    "-l",
+    "INFO",
+    "--without-gossip",
+    "--without-mingle",
+]
+BEAT_COMMAND = ["celery", "-A", "workers", "beat", "-l", "INFO", "-s", "/tmp/celerybeat-schedule"]
+EMULATOR_COMMAND_BEFORE_TOKEN = ["python", "-m", "emulator", "--host", "0.0.0.0", "--port", "8100"]
+WORKER_PING = "celery -A workers inspect ping -d celery@$HOSTNAME"
+API_PORT = 8000
+
+GATEWAY_SERVICES = ("api", "worker", "beat")
+NAMESPACE = "inpaint-gateway"
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|PRIVATE", re.IGNORECASE)
+INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def read_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    """Every non-empty document of a YAML file."""
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def compose() -> dict[str, Any]:
+    """docker-compose.yml as compose sees it before interpolation (YAML merge keys resolved)."""
+    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def interpolate(value: str) -> str:
+    """What compose makes of `value` when none of the variables it names is set."""
+    unescaped = value.replace("$$", "\0")
+    resolved = INTERPOLATION.sub(lambda m: m.group("default") or "", unescaped)
+    return resolved.replace("\0", "$")
+
+
+def settings_names() -> set[str]:
+    """Every environment variable core/settings.py reads."""
+    return set(re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]*)"', SETTINGS_SOURCE.read_text()))
+
+
+def isolated_settings_env(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> None:
+    """Make the process environment hold exactly `values` for every gateway setting."""
+    for name in settings_names():
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(f"{name}_FILE", raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def duration_s(text: str | int) -> float:
+    """Seconds in a compose duration such as `60s`, `1m30s` or `1h`."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    if isinstance(text, int):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def manifest_files() -> list[Path]:
+    return sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+
+
+def manifests() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in manifest_files():
+        for doc in read_yaml_documents(path):
+            yield path, doc
+
+
+def resource(kind: str, name: str) -> dict[str, Any]:
+    found = [
+        doc for _, doc in manifests() if doc["kind"] == kind and doc["metadata"]["name"] == name
+    ]
+    assert len(found) == 1, f"expected exactly one {kind}/{name} under deploy/, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def only_container(workload: dict[str, Any]) -> dict[str, Any]:
+    containers = pod_spec(workload)["containers"]
+    assert len(containers) == 1, workload["metadata"]["name"]
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def argv(container: dict[str, Any]) -> list[str]:
+    """The process a container runs (the image has no ENTRYPOINT, see the Dockerfile test)."""
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    assert not pending, "Dockerfile ends inside a continued line"
+    return [(word.upper(), rest.strip()) for word, _, rest in (s.partition(" ") for s in logical)]
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def image_uid() -> int:
+    users = [args for word, args in final_stage() if word == "USER"]
+    assert users, "the runtime stage must switch to a non-root USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit(), "USER must be numeric so Kubernetes' runAsNonRoot can verify it"
+    return int(uid)
+
+
+# --- the commands themselves match the code ------------------------------------------------
+
+
+def test_commands_name_real_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert callable(service.create_app)
+    monkeypatch.delenv("API_BIND", raising=False)
+    conf = importlib.reload(importlib.import_module("service.gunicorn_conf"))
+    assert conf.bind == f"0.0.0.0:{API_PORT}"
+    queues = WORKER_COMMAND[WORKER_COMMAND.index("-Q") + 1]
+    assert set(queues.split(",")) == {JOBS_QUEUE, WEBHOOKS_QUEUE}
+    emulator = build_config([*EMULATOR_COMMAND_BEFORE_TOKEN[3:], "--token", "t"], {})
+    assert (emulator.host, emulator.port, emulator.token) == ("0.0.0.0", 8100, "t")
+
+
+# --- docker-compose.yml --------------------------------------------------------------------
+
+
+def test_compose_services_run_the_suite_commands() -> None:
+    services = compose()["services"]
+    assert set(services) == {"redis", "emulator", *GATEWAY_SERVICES}
+    assert services["api"]["command"] == API_COMMAND
+    assert services["worker"]["command"] == WORKER_COMMAND
+    assert services["beat"]["command"] == BEAT_COMMAND
+    emulator = services["emulator"]["command"]
+    assert emulator[:-2] == EMULATOR_COMMAND_BEFORE_TOKEN and emulator[-2] == "--token"
+    for name in ("emulator", *GATEWAY_SERVICES):
+        assert services[name]["build"] in (".", {"context": "."}), name
+        assert "entrypoint" not in services[name], name
+
+
+def test_compose_redis_is_durable_and_checked() -> None:
+    document = compose()
+    redis = document["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert redis["image"].startswith("redis:7")
+    assert "--appendonly yes" in command
+    assert "--appendfsync everysec" in command
+    volume, _, target = redis["volumes"][0].partition(":")
+    assert target == "/data" and volume in document["volumes"], "AOF needs a named volume on /data"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    for name in GATEWAY_SERVICES:
+        service_ = document["services"][name]
+        assert service_["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert service_["restart"] == "unless-stopped", name
+
+
+def test_compose_worker_can_finish_warm_shutdown_and_beat_is_single() -> None:
+    services = compose()["services"]
+    assert duration_s(services["worker"]["stop_grace_period"]) >= 30
+    assert services["worker"].get("stop_signal", "SIGTERM") == "SIGTERM"
+    assert WORKER_PING.replace("$", "$$") in " ".join(services["worker"]["healthcheck"]["test"])
+    beat = services["beat"]
+    assert beat.get("deploy", {}).get("replicas", 1) == 1
+    assert beat.get("scale", 1) == 1
+
+
+def test_compose_api_publishes_its_port() -> None:
+    ports = compose()["services"]["api"]["ports"]
+    assert any(interpolate(str(p)).endswith(f":{API_PORT}") for p in ports)
+
+
+def test_compose_upstream_defaults_to_the_emulator_and_is_overridable() -> None:
+    services = compose()["services"]
+    emulator_token = services["emulator"]["command"][-1]
+    for name in GATEWAY_SERVICES:
+        env = services[name]["environment"]
+        assert env["RUNCOMFY_BASE_URL"] == "${RUNCOMFY_BASE_URL:-http://emulator:8100}", name
+        token = env["RUNCOMFY_API_TOKEN"]
+        assert INTERPOLATION.fullmatch(token) and token.startswith("${RUNCOMFY_API_TOKEN"), name
+        # Out of the box the gateway presents the token the emulator accepts.
+        assert interpolate(token) == interpolate(emulator_token), name
+        allowed = env.get("WEBHOOK_ALLOWED_NETWORKS")
+        assert allowed is None or interpolate(allowed) == "", (
+            "must be empty unless the operator sets it"
+        )
+
+
+def test_compose_holds_no_literal_secret() -> None:
+    for name, service_ in compose()["services"].items():
+        env = service_.get("environment") or {}
+        items = env.items() if isinstance(env, dict) else (e.partition("=")[::2] for e in env)
+        for key, value in items:
+            if SECRET_NAME.search(key) and value not in (None, ""):
+                assert INTERPOLATION.fullmatch(str(value)), f"{name}: {key} is a literal"
+                # Only a value meant for the local emulator may serve as the default.
+                default = interpolate(str(value))
+                assert default in ("", "emulator-local-token"), f"{name}: {key} default {default!r}"
+    assert "whsec_" not in COMPOSE_FILE.read_text()
+
+
+def test_compose_settings_are_known_and_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    known = settings_names()
+    for name in GATEWAY_SERVICES:
+        env: dict[str, str | None] = compose()["services"][name]["environment"]
+        unknown = set(env) - known
+        assert not unknown, f"{name}: the gateway reads no {sorted(unknown)}"
+        values = {k: interpolate(v) for k, v in env.items() if v is not None}
+        isolated_settings_env(monkeypatch, values)
+        settings = load_settings()
+        assert settings.runcomfy_base_url == "http://emulator:8100"
+        assert settings.redis_url == "redis://redis:6379/0"
+
+
+def compose_binary() -> list[str] | None:
+    """`docker-compose` (v1, Debian's package) or the `docker compose` plugin, if installed."""
+    if found := shutil.which("docker-compose"):
+        return [found]
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return [docker, "compose"]
+    return None
+
+
+def run_compose(binary: list[str], *args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home)}
+    return subprocess.run(
+        [*binary, "-f", str(COMPOSE_FILE), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_compose_file_is_valid_for_docker_compose(tmp_path: Path) -> None:
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip(
+            "no docker-compose binary (apt-get install --no-install-recommends docker-compose); "
+            "the YAML checks above still ran"
+        )
+    quiet = run_compose(binary, "config", "-q", home=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    rendered = run_compose(binary, "config", home=tmp_path)
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    assert services["worker"]["command"] == WORKER_COMMAND
+    assert services["api"]["environment"]["RUNCOMFY_BASE_URL"] == "http://emulator:8100"
+    assert services["api"]["environment"]["RUNCOMFY_API_TOKEN"] == "emulator-local-token"
+
+
+# --- deploy/ (Kubernetes) ------------------------------------------------------------------
+
+SCHEMA_VERSIONS = sorted(
+    {kubernetes_validate.all_versions()[0], kubernetes_validate.latest_version()}
+)
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_manifest_matches_kubernetes_schema(path: Path, version: str) -> None:
+    documents = read_yaml_documents(path)
+    assert documents, f"{path} holds no resource"
+    for doc in documents:
+        kubernetes_validate.validate(doc, version, strict=True)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{path}: {doc['kind']}"
+
+
+def test_schema_validation_rejects_a_broken_manifest() -> None:
+    broken = copy.deepcopy(resource("Deployment", "api"))
+    container = only_container(broken)
+    container["livenessprobe"] = container.pop("livenessProbe")  # a typo, silently ignored by YAML
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_deployments_run_the_suite_commands() -> None:
+    assert argv(only_container(resource("Deployment", "api"))) == API_COMMAND
+    assert argv(only_container(resource("Deployment", "worker"))) == WORKER_COMMAND
+    assert argv(only_container(resource("Deployment", "beat"))) == BEAT_COMMAND
+    images = {only_container(resource("Deployment", n))["image"] for n in GATEWAY_SERVICES}
+    assert len(images) == 1, f"api, worker and beat must run one image, not {images}"
+
+
+def test_api_deployment_probes_and_replicas() -> None:
+    api = resource("Deployment", "api")
+    assert api["spec"]["replicas"] >= 2
+    container = only_container(api)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        http = container[probe]["httpGet"]
+        assert http["path"] == path
+        assert ports.get(http["port"], http["port"]) == API_PORT
+    service_ = resource("Service", "api")
+    assert selects(
+        {"matchLabels": service_["spec"]["selector"]}, api["spec"]["template"]["metadata"]["labels"]
+    )
+    assert all(p["targetPort"] in (API_PORT, *ports) for p in service_["spec"]["ports"])
+
+
+def test_worker_deployment_shuts_down_warm_and_is_probed() -> None:
+    worker = resource("Deployment", "worker")
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] >= 60
+    probe = only_container(worker)["livenessProbe"]
+    command = probe["exec"]["command"]
+    assert command[:2] == ["sh", "-c"], "$HOSTNAME needs a shell to expand"
+    assert command[2].startswith(WORKER_PING)
+    timeout = re.search(r"--timeout (\d+)", command[2])
+    assert timeout and probe["timeoutSeconds"] > int(timeout.group(1))
+    assert probe["periodSeconds"] >= 30 and probe["failureThreshold"] >= 2
+
+
+def test_beat_deployment_is_single() -> None:
+    beat = resource("Deployment", "beat")
+    assert beat["spec"]["replicas"] == 1
+    assert beat["spec"]["strategy"]["type"] == "Recreate"
+    hpas = [doc for _, doc in manifests() if doc["kind"] == "HorizontalPodAutoscaler"]
+    assert all(h["spec"]["scaleTargetRef"]["name"] != "beat" for h in hpas)
+
+
+def test_disruption_budgets_cover_api_and_worker_only() -> None:
+    budgets = [doc for _, doc in manifests() if doc["kind"] == "PodDisruptionBudget"]
+    for name in ("api", "worker", "beat"):
+        labels = resource("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets if selects(b["spec"]["selector"], labels)]
+        assert len(covering) == (0 if name == "beat" else 1), name
+
+
+def test_gateway_pods_are_locked_down() -> None:
+    uid = image_uid()
+    for name in GATEWAY_SERVICES:
+        spec = pod_spec(resource("Deployment", name))
+        container = only_container(resource("Deployment", name))
+        pod_security = spec["securityContext"]
+        assert pod_security["runAsNonRoot"] is True, name
+        assert pod_security["runAsUser"] == uid, f"{name}: runAsUser differs from the image's USER"
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, name
+        assert security["allowPrivilegeEscalation"] is False, name
+        assert security["capabilities"]["drop"] == ["ALL"], name
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts.get("/tmp") in empty_dirs, f"{name}: /tmp must be writable"
+        assert {"requests", "limits"} <= set(container["resources"]), name
+
+
+def test_manifests_hold_no_literal_secret() -> None:
+    secrets = [(path, doc) for path, doc in manifests() if doc["kind"] == "Secret"]
+    assert [path.relative_to(DEPLOY).parts[0] for path, _ in secrets] == ["templates"], (
+        "a Secret lives only in deploy/templates/, so `kubectl apply -f deploy/` never applies it"
+    )
+    _, template = secrets[0]
+    assert set(template["stringData"]) == {"RUNCOMFY_API_TOKEN"}
+    assert all("REPLACE" in v for v in template["stringData"].values())
+    for path, doc in manifests():
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in spec.get("containers", []):
+            for var in container.get("env", []):
+                if SECRET_NAME.search(var["name"]):
+                    assert "value" not in var, f"{path}: {var['name']} is a literal"
+        if doc["kind"] == "ConfigMap":
+            for key, value in doc["data"].items():
+                assert not SECRET_NAME.search(key) or key.endswith("_FILE"), f"{path}: {key}"
+                assert "whsec_" not in value
+
+
+def test_configmap_settings_are_known_and_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data: dict[str, str] = resource("ConfigMap", "inpaint-gateway-config")["data"]
+    known = settings_names()
+    unknown = {k for k in data if k not in known and k.removesuffix("_FILE") not in known}
+    assert not unknown, f"the gateway reads no {sorted(unknown)}"
+    secret_name = resource_secret_name()
+    mount_dirs = set()
+    for name in GATEWAY_SERVICES:
+        deployment = resource("Deployment", name)
+        container = only_container(deployment)
+        assert container["envFrom"] == [{"configMapRef": {"name": "inpaint-gateway-config"}}]
+        by_volume = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+        for mount in container["volumeMounts"]:
+            if by_volume[mount["name"]].get("secret", {}).get("secretName") == secret_name:
+                mount_dirs.add(mount["mountPath"])
+    token_file = Path(data["RUNCOMFY_API_TOKEN_FILE"])
+    assert mount_dirs == {str(token_file.parent)}, "every pod mounts the Secret where the file is"
+    local_token = tmp_path / token_file.name
+    local_token.write_text("a-token\n")
+    isolated_settings_env(monkeypatch, data | {"RUNCOMFY_API_TOKEN_FILE": str(local_token)})
+    settings = load_settings()
+    assert settings.runcomfy_api_token == "a-token"
+    redis_host = re.match(r"redis://([^:/]+)", settings.redis_url)
+    assert redis_host and resource("Service", redis_host.group(1))
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN_FILE")
+    with pytest.raises(SettingsError):
+        load_settings()  # proves the token really comes from the file
+
+
+def resource_secret_name() -> str:
+    secrets = [doc for _, doc in manifests() if doc["kind"] == "Secret"]
+    name: str = secrets[0]["metadata"]["name"]
+    return name
+
+
+def test_redis_statefulset_is_durable() -> None:
+    redis = resource("StatefulSet", "redis")
+    assert redis["spec"]["replicas"] == 1
+    container = only_container(redis)
+    command = " ".join(argv(container))
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command
+    claims = {c["metadata"]["name"] for c in redis["spec"]["volumeClaimTemplates"]}
+    data_mounts = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+    assert data_mounts and data_mounts[0]["name"] in claims, "/data must be on a PersistentVolume"
+    assert redis["spec"]["serviceName"] == resource("Service", "redis")["metadata"]["name"]
+
+
+def test_deploy_readme_names_every_manifest() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    for path in manifest_files():
+        assert str(path.relative_to(DEPLOY)) in readme, path
+
+
+# --- Dockerfile and .dockerignore ----------------------------------------------------------
+
+
+def test_dockerfile_runs_the_api_by_default_as_non_root() -> None:
+    instructions = dockerfile_instructions()
+    args = dict(a.partition("=")[::2] for word, a in instructions if word == "ARG" and "=" in a)
+    bases = [
+        re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], a.split()[0])
+        for word, a in instructions
+        if word == "FROM"
+    ]
+    assert bases and all(re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", b) for b in bases), bases
+    assert not any(word == "ENTRYPOINT" for word, _ in instructions), (
+        "compose's `command` replaces CMD but Kubernetes' `command` replaces ENTRYPOINT: "
+        "with no ENTRYPOINT both mean the same argv"
+    )
+    cmds = [a for word, a in final_stage() if word == "CMD"]
+    assert cmds and yaml.safe_load(cmds[-1]) == API_COMMAND, "CMD must be the exec-form API command"
+    assert image_uid() != 0
+    assert f"EXPOSE {API_PORT}" in [f"{w} {a}" for w, a in final_stage()]
+
+
+def test_dockerfile_bakes_in_no_secret_and_no_dev_dependencies() -> None:
+    for word, args in dockerfile_instructions():
+        if word in ("ARG", "ENV"):
+            names = re.findall(r"(?:^|\s)(\w+)=", args) or [args.split("=")[0]]
+            assert not any(SECRET_NAME.search(n) for n in names), f"{word} {args}"
+        if word == "RUN" and "pip install" in args:
+            assert "[dev]" not in args and ".[" not in args, args
+        if word in ("COPY", "ADD"):
+            assert ".env" not in args.split(), args
+    assert any(
+        word == "RUN" and re.search(r"pip install \.(\s|$)", a)
+        for word, a in dockerfile_instructions()
+    )
+
+
+def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".run", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"} <= ignored
+    assert {".env", "**/__pycache__"} <= ignored
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {
+        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    assert not ignored & (packages | {"pyproject.toml", "*", "**"}), "pip install . needs them"

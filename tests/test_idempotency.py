@@ -1,0 +1,136 @@
+"""Duplicate and concurrent triggers change nothing twice: one submit, statuses only forward."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+
+from core.jobs import Status
+from core.metrics import Counters
+from core.store import JobStore, Step
+from core.wakeups import DISPATCH_JOBS_TASK, JOBS_QUEUE
+from tests.conftest import ApiClient, Stack, wait_until
+from tests.test_end_to_end import job_body, submits_for, unique
+from workers.celery_app import create_celery_app
+from workers.pipeline import JobPipeline
+from workers.runcomfy import RunComfyClient
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
+    """A pipeline in this process, on the stack's Redis and emulator (a second 'worker')."""
+    settings = stack.settings()
+    runcomfy = RunComfyClient(
+        base_url=settings.runcomfy_base_url,
+        token=settings.runcomfy_api_token,
+        model_id=settings.runcomfy_model_id,
+        timeout_s=5,
+    )
+    yield JobPipeline(
+        store=JobStore(redis_client, retention_s=settings.job_retention_s),
+        runcomfy=runcomfy,
+        settings=settings,
+        counters=Counters(redis_client),
+        on_events=lambda: None,
+    )
+    runcomfy.close()
+
+
+def test_concurrent_triggers_submit_once_and_never_go_back(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline
+) -> None:
+    prompt = unique("dup [emulator:queue=1] [emulator:run=1]")
+    stack.worker.signal(signal.SIGSTOP)  # only this test's triggers act on the job
+    seen: list[Status] = []
+    try:
+        job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: pipeline.advance(job_id), range(8)))
+        assert submits_for(stack, prompt) == 1
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.status is Status.SUBMITTED
+        for _ in range(40):  # keep triggering, four at a time, until it ends
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda _: pipeline.advance(job_id), range(4)))
+            job = pipeline.store.get(job_id)
+            assert job is not None
+            seen.append(job.status)
+            if job.status.is_final:
+                break
+            time.sleep(0.1)
+    finally:
+        stack.worker.signal(signal.SIGCONT)
+    assert seen[-1] is Status.SUCCEEDED
+    ranks = [s.rank for s in seen]
+    assert ranks == sorted(ranks), seen
+    pipeline.advance(job_id)  # a trigger after the end changes nothing
+    assert pipeline.store.get(job_id) == job
+    assert submits_for(stack, prompt) == 1
+
+
+def test_flooded_celery_triggers_change_nothing_twice(
+    stack: Stack, api_client: ApiClient, receiver: Any, redis_client: redis.Redis
+) -> None:
+    celery = create_celery_app(stack.settings())
+    prompt = unique("flood [emulator:queue=1] [emulator:run=1]")
+    body = job_body(
+        stack,
+        prompt,
+        webhook_url=receiver.url,
+        webhook_events=["job.submitted", "job.running", "job.succeeded", "job.failed"],
+    )
+    job_id = api_client.post("/v1/jobs", json=body).get_json()["id"]
+    store = JobStore(redis_client, retention_s=3600)
+    for _ in range(30):
+        store.job_schedule.put(redis_client, job_id, 0)  # "due now" again and again
+        celery.send_task(DISPATCH_JOBS_TASK, queue=JOBS_QUEUE)
+        time.sleep(0.1)
+    final = api_client.wait_final(job_id)
+    assert final["status"] == "succeeded"
+    events = wait_until(
+        lambda: len(receiver.received()) >= 3 and receiver.received(), what="3 events"
+    )
+    assert [e.payload["type"] for e in events] == ["job.submitted", "job.running", "job.succeeded"]
+    assert submits_for(stack, prompt) == 1
+
+
+@pytest.mark.parametrize("rule", ["resubmit", "fail"])
+def test_a_submit_interrupted_before_its_answer_follows_submit_unknown(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, rule: str
+) -> None:
+    """A job left 'submitting' past its lease (the worker died mid-call) follows SUBMIT_UNKNOWN."""
+    pipeline.settings = replace(pipeline.settings, submit_unknown=rule)  # type: ignore[assignment]
+    prompt = unique("interrupted")
+    stack.worker.signal(signal.SIGSTOP)
+    try:
+        job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
+        stale = time.time() - pipeline.settings.step_lease_s - 1
+        pipeline.store.change(
+            job_id,
+            lambda j: Step(j.changed(stale, submit_started_at=stale, submit_attempts=1), stale),
+        )
+        before = Counters(pipeline.store.redis).read()["submit_outcome_unknown"]
+        pipeline.advance(job_id)
+        job = pipeline.store.get(job_id)
+        assert job is not None
+        assert Counters(pipeline.store.redis).read()["submit_outcome_unknown"] == before + 1
+        if rule == "fail":
+            assert job.status is Status.FAILED and job.error is not None
+            assert job.error.code == "submit_outcome_unknown"
+        else:
+            assert job.status is Status.QUEUED and job.submit_started_at is None
+            assert job.submit_unknown_outcomes == 1 and "submit outcome unknown" in job.notes[-1]
+    finally:
+        stack.worker.signal(signal.SIGCONT)
+    final = api_client.wait_final(job_id)
+    assert final["status"] == ("succeeded" if rule == "resubmit" else "failed")
+    assert submits_for(stack, prompt) == (1 if rule == "resubmit" else 0)

@@ -1,0 +1,100 @@
+"""The job record and its forward-only status machine."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from core.jobs import (
+    FINAL_STATUSES,
+    IllegalTransition,
+    Job,
+    JobError,
+    Status,
+    Upstream,
+    can_move,
+    new_job,
+)
+
+ORDER = [Status.QUEUED, Status.SUBMITTED, Status.RUNNING]
+
+
+def a_job(**changes: object) -> Job:
+    job = new_job(
+        client_id="cli_1",
+        input={"prompt": "p"},
+        webhook_url="https://example.com/hook",
+        webhook_events=("job.succeeded",),
+        metadata={"k": "v"},
+        deadline_s=900,
+        now=1_700_000_000.0,
+    )
+    return job.changed(job.updated_at, **changes) if changes else job
+
+
+@pytest.mark.parametrize(("current", "target"), list(itertools.product(Status, Status)))
+def test_statuses_only_move_forward(current: Status, target: Status) -> None:
+    expected = (not current.is_final) and (
+        target.is_final or (target in ORDER and ORDER.index(target) > ORDER.index(current))
+    )
+    assert can_move(current, target) is expected
+
+
+def test_moving_backwards_or_out_of_a_final_status_raises() -> None:
+    running = a_job().moved_to(Status.RUNNING, 1.0)
+    with pytest.raises(IllegalTransition):
+        running.moved_to(Status.SUBMITTED, 2.0)
+    done = running.moved_to(Status.SUCCEEDED, 3.0, output_images=("https://x/1.png",))
+    for status in Status:
+        with pytest.raises(IllegalTransition):
+            done.moved_to(status, 4.0)
+
+
+def test_final_statuses_set_finished_at() -> None:
+    for status in FINAL_STATUSES:
+        assert a_job().moved_to(status, 5.0).finished_at == 5.0
+    assert a_job().moved_to(Status.SUBMITTED, 5.0).finished_at is None
+
+
+def test_json_round_trip_keeps_every_field() -> None:
+    job = (
+        a_job()
+        .moved_to(
+            Status.FAILED,
+            9.0,
+            error=JobError("upstream_failed", "boom"),
+            upstream=Upstream("req-1", "failed", None),
+            output_images=None,
+        )
+        .with_note(9.0, "a note")
+    )
+    assert Job.from_json(job.to_json()) == job
+
+
+def test_resource_shows_the_contract_and_no_internals() -> None:
+    job = a_job(submit_started_at=3.0).moved_to(
+        Status.SUCCEEDED,
+        10.0,
+        output_images=("https://x/1.png",),
+        upstream=Upstream("r", "succeeded"),
+    )
+    resource = job.to_resource()
+    assert set(resource) == {
+        "id", "status", "created_at", "updated_at", "finished_at", "input", "output", "error",
+        "upstream", "webhook_url", "webhook_events", "metadata", "cancel_requested",
+    }  # fmt: skip
+    assert resource["output"] == {"images": ["https://x/1.png"]}
+    assert resource["upstream"] == {
+        "request_id": "r",
+        "status": "succeeded",
+        "queue_position": None,
+    }
+    assert resource["created_at"].endswith("Z")
+
+
+def test_notes_are_bounded() -> None:
+    job = a_job()
+    for i in range(50):
+        job = job.with_note(float(i), f"note {i}")
+    assert len(job.notes) == 20 and job.notes[-1].endswith("note 49")

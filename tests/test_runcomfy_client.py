@@ -1,0 +1,185 @@
+"""RunComfyClient against the emulator over real HTTP: every answer shape mapped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cli.processes import free_port
+from tests.conftest import EMULATOR_TOKEN, Stack, wait_until
+from workers.runcomfy import (
+    PermanentUpstreamError,
+    RunComfyClient,
+    TransientUpstreamError,
+    UnknownRequestError,
+    _images_of,
+    _readable_error,
+)
+
+MODEL = "tongyi-mai/z-image/turbo/inpainting/lora"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[RunComfyClient]:
+    c = RunComfyClient(
+        base_url=stack.emulator_url, token=EMULATOR_TOKEN, model_id=MODEL, timeout_s=5
+    )
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def faults(stack: Stack) -> Iterator[Any]:
+    """Set global emulator faults for one test; always put them back."""
+
+    def set_faults(**knobs: Any) -> None:
+        assert stack.emulator("/_emulator/faults", method="POST", json=knobs).status_code == 200
+
+    yield set_faults
+    stack.emulator("/_emulator/reset", method="POST")
+
+
+def inputs(stack: Stack, prompt: str) -> dict[str, Any]:
+    return {
+        "prompt": f"{prompt} {time.time_ns()}",
+        "image_url": f"{stack.emulator_url}/samples/image.png",
+        "mask_image_url": f"{stack.emulator_url}/samples/mask.png",
+    }
+
+
+def test_submit_then_follow_to_success(stack: Stack, client: RunComfyClient) -> None:
+    submitted = client.submit(inputs(stack, "[emulator:queue=0.5] [emulator:run=0.3]"))
+    first = client.status(submitted.request_id)
+    assert first.is_queued and isinstance(first.queue_position, int)
+    running = client.result(submitted.request_id)
+    assert running.status in {"in_queue", "in_progress"} and running.images is None
+    done = wait_until(lambda: (r := client.result(submitted.request_id)).is_finished and r)
+    assert done.status == "succeeded" and done.images and done.images[0].startswith("http")
+
+
+def test_failed_result_carries_a_readable_error(stack: Stack, client: RunComfyClient) -> None:
+    for shape in ("string", "object", "list"):
+        rid = client.submit(
+            inputs(
+                stack,
+                f"[emulator:fail] [emulator:error={shape}] [emulator:queue=0] [emulator:run=0]",
+            )
+        ).request_id
+        state = wait_until(lambda rid=rid: (r := client.result(rid)).is_finished and r)
+        assert state.status == "failed" and state.error and "{" not in state.error[:1]
+
+
+def test_http_200_with_error_code_is_permanent(stack: Stack, client: RunComfyClient) -> None:
+    with pytest.raises(PermanentUpstreamError, match="400002"):
+        client.submit(inputs(stack, "[emulator:submit-200-error]"))
+
+
+def test_429_is_transient_and_certainly_not_processed(
+    stack: Stack, client: RunComfyClient, faults: Any
+) -> None:
+    faults(retry_after_s=7)
+    with pytest.raises(TransientUpstreamError) as caught:
+        client.submit(inputs(stack, "[emulator:submit-429]"))
+    assert caught.value.http_status == 429 and caught.value.retry_after_s == 7.0
+    assert caught.value.maybe_processed is False
+
+
+def test_429_without_retry_after(stack: Stack, client: RunComfyClient, faults: Any) -> None:
+    faults(retry_after_s=None)
+    with pytest.raises(TransientUpstreamError) as caught:
+        client.submit(inputs(stack, "[emulator:submit-429]"))
+    assert caught.value.retry_after_s is None
+
+
+def test_5xx_on_submit_may_have_been_processed(stack: Stack, client: RunComfyClient) -> None:
+    with pytest.raises(TransientUpstreamError) as caught:
+        client.submit(inputs(stack, "[emulator:submit-500]"))
+    assert caught.value.http_status == 500 and caught.value.maybe_processed is True
+
+
+def test_unknown_request_id(client: RunComfyClient) -> None:
+    with pytest.raises(UnknownRequestError):
+        client.status("no-such-request")
+
+
+def test_bad_token_is_permanent(stack: Stack) -> None:
+    bad = RunComfyClient(base_url=stack.emulator_url, token="wrong", model_id=MODEL, timeout_s=5)
+    with pytest.raises(PermanentUpstreamError, match="401"):
+        bad.submit(inputs(stack, "x"))
+    bad.close()
+
+
+def test_wrong_model_is_permanent(stack: Stack) -> None:
+    bad = RunComfyClient(
+        base_url=stack.emulator_url, token=EMULATOR_TOKEN, model_id="no/such/model", timeout_s=5
+    )
+    with pytest.raises(PermanentUpstreamError, match="400001"):
+        bad.submit(inputs(stack, "x"))
+    bad.close()
+
+
+def test_unknown_status_value_is_a_bad_payload(stack: Stack, client: RunComfyClient) -> None:
+    rid = client.submit(inputs(stack, "[emulator:bad-status] [emulator:queue=0]")).request_id
+    with pytest.raises(PermanentUpstreamError, match="unknown status"):
+        wait_until(lambda: client.result(rid).is_finished)
+
+
+def test_slow_answer_times_out_as_transient(stack: Stack, faults: Any) -> None:
+    faults(rate_slow=1.0, slow_s=2.0)
+    impatient = RunComfyClient(
+        base_url=stack.emulator_url, token=EMULATOR_TOKEN, model_id=MODEL, timeout_s=0.5
+    )
+    with pytest.raises(TransientUpstreamError, match="timed out") as caught:
+        impatient.status("anything")
+    assert caught.value.maybe_processed is True
+    impatient.close()
+
+
+def test_connection_refused_is_transient_and_not_processed() -> None:
+    nowhere = RunComfyClient(
+        base_url=f"http://127.0.0.1:{free_port()}", token="t", model_id=MODEL, timeout_s=2
+    )
+    with pytest.raises(TransientUpstreamError) as caught:
+        nowhere.submit({})
+    assert caught.value.maybe_processed is False
+    nowhere.close()
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [({"image": "https://a/1.png"}, ("https://a/1.png",)),
+     ({"images": ["https://a/1.png", "https://a/2.png"]}, ("https://a/1.png", "https://a/2.png")),
+     ({"images": "https://a/1.png"}, ("https://a/1.png",))],
+)  # fmt: skip
+def test_both_output_styles_become_a_list(
+    output: dict[str, Any], expected: tuple[str, ...]
+) -> None:
+    assert _images_of({"output": output}) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"output": None},
+        {"output": {}},
+        {"output": {"images": []}},
+        {"output": {"image": "file:///etc/passwd"}},
+    ],
+)
+def test_missing_or_bad_output_is_permanent(body: dict[str, Any]) -> None:
+    with pytest.raises(PermanentUpstreamError):
+        _images_of(body)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [("boom", "boom"), ({"type": "oom", "message": "out of memory"}, "oom: out of memory"),
+     ([{"type": "a", "message": "b"}, "c"], "a: b; c"), (None, None), ("x" * 900, "x" * 500)],
+)  # fmt: skip
+def test_error_shapes_are_readable(error: Any, expected: str | None) -> None:
+    assert _readable_error(error) == expected
