@@ -283,3 +283,24 @@ def test_secrets_never_reach_logs_or_responses(
     for secret in secrets:
         assert secret not in logs
         assert all(secret not in str(r) for r in responses)
+
+
+def test_workers_hold_no_slot_while_runcomfy_works(stack: Stack, api_client: ApiClient) -> None:
+    """30 jobs run upstream at once on a worker with 2 slots: no task waits for RunComfy."""
+    tag = unique("parallel")
+    ids = [
+        api_client.post(
+            "/v1/jobs", json=job_body(stack, f"{tag} {i} [emulator:queue=0] [emulator:run=4]")
+        ).get_json()["id"]
+        for i in range(30)
+    ]
+    peak = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and peak < 30:
+        peak = max(
+            peak, stack.emulator("/_emulator/stats").json()["requests"].get("in_progress", 0)
+        )
+        time.sleep(0.1)
+    assert peak >= 25, f"only {peak} ran at once on 2 worker slots"
+    for job_id in ids:
+        assert api_client.wait_final(job_id)["status"] == "succeeded"
