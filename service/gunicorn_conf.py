@@ -17,3 +17,4 @@ max_requests = 10000
 max_requests_jitter = 1000
 accesslog = None  # request counts and errors are in /metrics and the app's JSON logs
 errorlog = "-"
+control_socket_disable = True  # gunicorn 27's socket in $HOME would be shared by every instance
