@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 import redis
 
-from core.store import PREFIX
+from core.keys import PREFIX
 
 API_KEY_PREFIX = "igw_"
 SECRET_ROTATION_OVERLAP_S = 24 * 3600

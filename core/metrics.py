@@ -8,7 +8,8 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from core.store import PREFIX, JobStore
+from core.keys import PREFIX
+from core.store import JobStore
 
 COUNTERS_KEY = PREFIX + "counters"
 
@@ -77,9 +78,13 @@ class GatewayCollector(Collector):
                 "Webhook attempts due now and not yet taken.",
                 self.store.webhook_schedule.overdue_count(),
             ),
+            "jobs_waiting_for_slot": (
+                "Queued jobs waiting for an upstream slot.",
+                self.store.admission.waiting(),
+            ),
             "upstream_in_flight": (
                 "Upstream slots held (cap RUNCOMFY_MAX_IN_FLIGHT).",
-                self.store.in_flight(),
+                self.store.admission.in_flight(),
             ),
         }
         for name, (help_text, value) in gauges.items():

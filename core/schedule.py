@@ -30,6 +30,10 @@ class DueSchedule:
         """Make `member` due at `due_at` (replacing any earlier time)."""
         pipe.zadd(self.key, {member: due_at})
 
+    def postpone(self, member: str, due_at: float) -> None:
+        """Move a scheduled member to `due_at`; a member no longer scheduled stays unscheduled."""
+        self._redis.zadd(self.key, {member: due_at}, xx=True)
+
     def remove(self, pipe: redis.client.Pipeline | redis.Redis, member: str) -> None:
         """Nothing more is due for `member`."""
         pipe.zrem(self.key, member)

@@ -28,6 +28,7 @@ class Settings:
     runcomfy_model_id: str = DEFAULT_MODEL_ID
     runcomfy_timeout_s: float = 20.0
     runcomfy_max_in_flight: int = 32
+    runcomfy_max_rps: float = 50.0
     job_deadline_s: int = 900
     submit_unknown: Literal["resubmit", "fail"] = "resubmit"
     webhook_allowed_networks: tuple[str, ...] = ()
@@ -114,6 +115,9 @@ def _read(env: environs.Env) -> Settings:
             "RUNCOMFY_TIMEOUT_S", 20.0, validate=mv.Range(min=0.1, max=300)
         ),
         runcomfy_max_in_flight=env.int("RUNCOMFY_MAX_IN_FLIGHT", 32, validate=mv.Range(min=1)),
+        runcomfy_max_rps=env.float(
+            "RUNCOMFY_MAX_RPS", 50.0, validate=mv.Range(min=0.1, max=100000)
+        ),
         job_deadline_s=env.int("JOB_DEADLINE_S", 900, validate=mv.Range(min=1)),
         submit_unknown=env.str(
             "SUBMIT_UNKNOWN", "resubmit", validate=mv.OneOf(["resubmit", "fail"])

@@ -17,23 +17,15 @@ from typing import Any
 
 import redis
 
+from core.admission import ADMISSION_RECHECK_S, FairAdmission
 from core.jobs import Job
+from core.keys import PREFIX
 from core.schedule import DueSchedule
 from core.webhooks import WebhookEvent, events_for_change
 
-PREFIX = "igw:"
 DEFAULT_CHANGE_RETRIES = 20
 LIST_CHUNK = 100
 LIST_EXAMINE_LIMIT = 5000  # a status filter over a long history pages on from here
-
-# Reserve an in-flight slot for ARGV[1] (score: when to forget it) unless ARGV[2] are taken.
-_ADMIT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ class JobStore:
         self.retention_s = retention_s
         self.job_schedule = DueSchedule(client, PREFIX + "due:jobs")
         self.webhook_schedule = DueSchedule(client, PREFIX + "due:webhooks")
-        self._admit = client.register_script(_ADMIT)
+        self.admission = FairAdmission(client, due_jobs_key=self.job_schedule.key)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -95,18 +87,22 @@ class JobStore:
     def deliveries_key(job_id: str) -> str:
         return f"{PREFIX}job:{job_id}:deliveries"
 
-    IN_FLIGHT_KEY = PREFIX + "in_flight"
-
     # --- jobs -----------------------------------------------------------------------------
 
     def create(self, job: Job) -> None:
-        """Store a new job, index it, and make its first step due now."""
+        """Store a new job, index it, and put it in line for an upstream slot.
+
+        Admission makes it due; the schedule entry written here is only the safety net.
+        """
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.job_key(job.id), job.to_json())
             index = self.client_index_key(job.client_id)
             pipe.zadd(index, {job.id: job.created_at})
             pipe.zremrangebyscore(index, "-inf", job.created_at - self.retention_s)
-            self.job_schedule.put(pipe, job.id, job.created_at)
+            self.admission.enqueue(pipe, job)
+            self.job_schedule.put(
+                pipe, job.id, min(job.deadline_at, job.created_at + ADMISSION_RECHECK_S)
+            )
             pipe.execute()
 
     def get(self, job_id: str) -> Job | None:
@@ -202,28 +198,11 @@ class JobStore:
         if job.status.is_final:
             pipe.set(key, job.to_json(), ex=self.retention_s)
             self.job_schedule.remove(pipe, job.id)
-            pipe.zrem(self.IN_FLIGHT_KEY, job.id)
+            self.admission.release(pipe, job.id)
         else:
             pipe.set(key, job.to_json())
             assert next_step_at is not None, "a live job always has a next step"
             self.job_schedule.put(pipe, job.id, next_step_at)
-
-    # --- in-flight cap (global across workers) ---------------------------------------------
-
-    def admit(self, job: Job, *, max_in_flight: int, now: float) -> bool:
-        """Reserve one of the `max_in_flight` upstream slots for `job` (True if it holds one)."""
-        forget_at = job.deadline_at + 300
-        return bool(
-            self._admit(keys=[self.IN_FLIGHT_KEY], args=[job.id, max_in_flight, forget_at, now])
-        )
-
-    def release(self, job_id: str) -> None:
-        """Give back the job's upstream slot (it never reached RunComfy)."""
-        self.redis.zrem(self.IN_FLIGHT_KEY, job_id)
-
-    def in_flight(self) -> int:
-        """How many upstream slots are held."""
-        return int(self.redis.zcard(self.IN_FLIGHT_KEY))
 
     # --- webhook outbox ---------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import redis
 
-from core.store import PREFIX
+from core.keys import PREFIX
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -21,6 +21,7 @@ from tests.test_end_to_end import job_body, submits_for, unique
 from workers.celery_app import create_celery_app
 from workers.pipeline import JobPipeline
 from workers.runcomfy import RunComfyClient
+from workers.throttle import UpstreamThrottle
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +41,18 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
         runcomfy=runcomfy,
         settings=settings,
         counters=Counters(redis_client),
+        throttle=UpstreamThrottle(redis_client, rate_per_s=settings.runcomfy_max_rps),
         on_events=lambda: None,
+        on_slot_freed=lambda: None,
     )
     runcomfy.close()
+
+
+def admit(pipeline: JobPipeline) -> None:
+    """Do what the (stopped) worker's dispatcher would: hand out free upstream slots."""
+    pipeline.store.admission.admit(
+        max_in_flight=pipeline.settings.runcomfy_max_in_flight, slot_ttl_s=600
+    )
 
 
 def test_concurrent_triggers_submit_once_and_never_go_back(
@@ -53,6 +63,7 @@ def test_concurrent_triggers_submit_once_and_never_go_back(
     seen: list[Status] = []
     try:
         job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
+        admit(pipeline)
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: pipeline.advance(job_id), range(8)))
         assert submits_for(stack, prompt) == 1
@@ -113,6 +124,7 @@ def test_a_submit_interrupted_before_its_answer_follows_submit_unknown(
     stack.worker.signal(signal.SIGSTOP)
     try:
         job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
+        admit(pipeline)
         stale = time.time() - pipeline.settings.step_lease_s - 1
         pipeline.store.change(
             job_id,

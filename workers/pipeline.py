@@ -9,15 +9,17 @@ in the job schedule, not a sleep. Running a step twice, or concurrently, changes
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from core.admission import ADMISSION_RECHECK_S
 from core.jobs import Job, JobError, Status, Upstream
 from core.metrics import Counters
 from core.settings import Settings
 from core.store import Committed, JobStore, Step
-from workers.polling import ADMISSION_RETRY_S, backoff_s, next_poll_delay_s
+from workers.polling import backoff_s, next_poll_delay_s
 from workers.runcomfy import (
     PermanentUpstreamError,
     RequestState,
@@ -26,6 +28,7 @@ from workers.runcomfy import (
     UnknownRequestError,
     UpstreamError,
 )
+from workers.throttle import UpstreamThrottle
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,9 @@ class JobPipeline:
     runcomfy: RunComfyClient
     settings: Settings
     counters: Counters
+    throttle: UpstreamThrottle
     on_events: Callable[[], None]  # new webhook events are waiting: wake the delivery side
+    on_slot_freed: Callable[[], None]  # a job ended: wake admission for the next in line
     clock: Callable[[], float] = time.time
 
     def advance(self, job_id: str) -> None:
@@ -59,20 +64,43 @@ class JobPipeline:
                 )
             elif job.cancel_requested:
                 self._commit(job.id, lambda j: _final_if_live(j, Status.CANCELLED, self.clock()))
-            else:
+            elif not self.store.admission.holds_slot(job.id):
+                self._wait_for_slot(job, now)
+            elif self._may_call_upstream(job, now):
                 self._submit(job)
+        elif not self._may_call_upstream(job, now):
+            return
         elif job.cancel_requested and not job.cancel_sent:
             self._cancel_upstream(job)
         else:
             self._poll(job)
 
+    def _on_transient(self, exc: TransientUpstreamError) -> None:
+        """Count it; a 429 pauses every worker's calls (global cool-down)."""
+        self.counters.add("upstream_transient_errors")
+        if exc.http_status == 429:
+            self.throttle.cool_down(exc.retry_after_s)
+
+    def _wait_for_slot(self, job: Job, now: float) -> None:
+        """Not admitted yet: stay in line (admission makes the job due when a slot is free)."""
+        if self.store.admission.ensure_waiting(job):
+            log.warning("queued job was missing from its line; put back", extra={"job_id": job.id})
+        self.store.job_schedule.postpone(job.id, min(job.deadline_at, now + ADMISSION_RECHECK_S))
+
+    def _may_call_upstream(self, job: Job, now: float) -> bool:
+        """The global request-rate cap allows a call now; otherwise the job looks again later."""
+        wait_s = self.throttle.acquire(now)
+        if wait_s <= 0:
+            return True
+        self.store.job_schedule.postpone(
+            job.id, min(job.deadline_at, now + wait_s + random.uniform(0, 0.05))
+        )
+        return False
+
     # --- submit -----------------------------------------------------------------------------
 
     def _submit(self, job: Job) -> None:
         now = self.clock()
-        if not self.store.admit(job, max_in_flight=self.settings.runcomfy_max_in_flight, now=now):
-            self.store.job_schedule.put(self.store.redis, job.id, now + ADMISSION_RETRY_S)
-            return
         lease_end = now + self.settings.step_lease_s
 
         def mark_submitting(j: Job) -> Step | None:
@@ -93,7 +121,7 @@ class JobPipeline:
         try:
             submitted = self.runcomfy.submit(job.input)
         except TransientUpstreamError as exc:
-            self.counters.add("upstream_transient_errors")
+            self._on_transient(exc)
             if exc.maybe_processed:
                 self._submit_outcome_unknown(job, exc.message)
             else:
@@ -197,7 +225,7 @@ class JobPipeline:
                 self.counters.add("upstream_polls")
                 state = self.runcomfy.result(request_id)
         except TransientUpstreamError as exc:
-            self.counters.add("upstream_transient_errors")
+            self._on_transient(exc)
             self._retry_poll_later(job, exc)
             return
         except UnknownRequestError as exc:
@@ -296,6 +324,7 @@ class JobPipeline:
             self.counters.add("upstream_cancels")
             outcome = self.runcomfy.cancel(request_id)
         except TransientUpstreamError as exc:
+            self._on_transient(exc)
             self._retry_poll_later(job, exc)
             return
         except UpstreamError as exc:
@@ -357,6 +386,7 @@ class JobPipeline:
             return None
         job = committed.job
         if job.status.is_final:
+            self.on_slot_freed()
             self.counters.add(f"jobs_finished_{job.status.value}")
             log.info(
                 "job finished",

@@ -9,7 +9,6 @@ QUEUED_POLL_S = 2.0  # RunComfy's own clients poll at a fixed 2 s
 RUNNING_POLL_S = 2.0
 TRANSIENT_BACKOFF_BASE_S = 1.0
 TRANSIENT_BACKOFF_MAX_S = 60.0
-ADMISSION_RETRY_S = 1.0  # a job waiting for an upstream slot looks again this often
 
 
 def next_poll_delay_s(*, upstream_status: str | None, polls: int) -> float:

@@ -16,6 +16,7 @@ from core.wakeups import Wakeups
 from workers.delivery import WebhookDelivery
 from workers.pipeline import JobPipeline
 from workers.runcomfy import RunComfyClient
+from workers.throttle import UpstreamThrottle
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,15 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         timeout_s=settings.runcomfy_timeout_s,
         pool_size=settings.dispatch_batch_size,
     )
+    throttle = UpstreamThrottle(client, rate_per_s=settings.runcomfy_max_rps)
     pipeline = JobPipeline(
         store=store,
         runcomfy=runcomfy,
         settings=settings,
         counters=counters,
+        throttle=throttle,
         on_events=wakeups.webhooks,
+        on_slot_freed=wakeups.jobs,
     )
     delivery = WebhookDelivery(
         store=store, clients=ClientStore(client), settings=settings, counters=counters

@@ -28,6 +28,10 @@ def dispatch_jobs() -> int:
         lease_s=rt.settings.step_lease_s,
         step=rt.pipeline.advance,
         again=rt.wakeups.jobs,
+        before_claim=lambda: rt.store.admission.admit(
+            max_in_flight=rt.settings.runcomfy_max_in_flight,
+            slot_ttl_s=rt.settings.job_deadline_s + rt.settings.step_lease_s,
+        ),
     )
 
 
@@ -51,9 +55,12 @@ def _dispatch(
     lease_s: float,
     step: Callable[[str], None],
     again: Callable[[], None],
+    before_claim: Callable[[], object] | None = None,
 ) -> int:
     rt = runtime()
     rt.wakeups.claiming(task_name)
+    if before_claim is not None:
+        before_claim()  # e.g. admission: jobs it admits are due now and claimed below
     batch = rt.settings.dispatch_batch_size
     members = schedule.claim(limit=batch, lease_s=lease_s)
     if not members:

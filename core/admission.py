@@ -1,0 +1,120 @@
+"""Upstream slots: at most RUNCOMFY_MAX_IN_FLIGHT jobs at RunComfy, across every worker, handed
+out round-robin across clients so one team's burst never starves another team's job.
+
+Each client waiting for a slot has a FIFO list of its queued jobs; the clients sit in a ring (a
+sorted set scored by when each was last served, newcomers first). Whenever slots are free, the
+admitter takes the head job of the client served longest ago, one job per client per turn, and
+makes that job due now. A job holds its slot from admission until it is final (JobStore releases
+it in the same transaction as the final status).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from core.jobs import Job
+from core.keys import PREFIX
+
+IN_FLIGHT_KEY = PREFIX + "in_flight"
+WAITING_CLIENTS_KEY = PREFIX + "waiting_clients"
+WAITING_PREFIX = PREFIX + "waiting:"
+ADMIT_BUDGET = 500
+ADMISSION_RECHECK_S = 30.0  # a waiting job checks it is still in line this often  # list entries looked at per call (dead entries of cancelled jobs included)
+
+# KEYS: in_flight, waiting_clients, due_jobs
+# ARGV: max_in_flight, now, slot_expires_at, waiting-list prefix, budget
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local admitted = {}
+local served = 0
+local budget = tonumber(ARGV[5])
+while free > 0 and budget > 0 do
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)
+  if #head == 0 then break end
+  local client = head[1]
+  local list = ARGV[4] .. client
+  local job = redis.call('LPOP', list)
+  budget = budget - 1
+  if redis.call('LLEN', list) == 0 then
+    redis.call('ZREM', KEYS[2], client)
+  else
+    served = served + 1
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) * 1000 + served, client)
+  end
+  -- Only a live job (still scheduled) that holds no slot yet is admitted; cancelled or expired
+  -- jobs left in the list are dropped here.
+  if job and redis.call('ZSCORE', KEYS[3], job) and not redis.call('ZSCORE', KEYS[1], job) then
+    redis.call('ZADD', KEYS[1], ARGV[3], job)
+    redis.call('ZADD', KEYS[3], ARGV[2], job)
+    admitted[#admitted + 1] = job
+    free = free - 1
+  end
+end
+return admitted
+"""
+
+
+class FairAdmission:
+    """The global in-flight cap, with round-robin admission across clients."""
+
+    def __init__(self, client: redis.Redis, *, due_jobs_key: str) -> None:
+        self.redis = client
+        self._due_jobs_key = due_jobs_key
+        self._admit = client.register_script(_ADMIT)
+
+    @staticmethod
+    def waiting_key(client_id: str) -> str:
+        return WAITING_PREFIX + client_id
+
+    def enqueue(self, pipe: Any, job: Job) -> None:
+        """Put a new job at the back of its client's line (inside the caller's transaction)."""
+        pipe.rpush(self.waiting_key(job.client_id), job.id)
+        pipe.zadd(WAITING_CLIENTS_KEY, {job.client_id: 0}, nx=True)  # newcomers are served next
+
+    def admit(
+        self, *, max_in_flight: int, slot_ttl_s: float, now: float | None = None
+    ) -> list[str]:
+        """Hand free slots to waiting jobs, fairly; the admitted jobs become due now."""
+        at = time.time() if now is None else now
+        jobs = self._admit(
+            keys=[IN_FLIGHT_KEY, WAITING_CLIENTS_KEY, self._due_jobs_key],
+            args=[max_in_flight, at, at + slot_ttl_s, WAITING_PREFIX, ADMIT_BUDGET],
+        )
+        return [str(j) for j in jobs]
+
+    def holds_slot(self, job_id: str) -> bool:
+        """True once the job was admitted (until it is final)."""
+        return self.redis.zscore(IN_FLIGHT_KEY, job_id) is not None
+
+    def ensure_waiting(self, job: Job) -> bool:
+        """Put a queued, unadmitted job back in line if it is missing there; True if it was."""
+        key = self.waiting_key(job.client_id)
+        if self.redis.lpos(key, job.id) is not None:
+            return False
+        with self.redis.pipeline(transaction=True) as pipe:
+            self.enqueue(pipe, job)
+            pipe.execute()
+        return True
+
+    @staticmethod
+    def release(pipe: Any, job_id: str) -> None:
+        """Free the job's slot (inside the caller's transaction)."""
+        pipe.zrem(IN_FLIGHT_KEY, job_id)
+
+    def in_flight(self) -> int:
+        """Slots held now."""
+        return int(self.redis.zcard(IN_FLIGHT_KEY))
+
+    def waiting(self) -> int:
+        """Jobs waiting for a slot (list entries, including not yet dropped dead ones)."""
+        clients = self.redis.zrange(WAITING_CLIENTS_KEY, 0, -1)
+        if not clients:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for client_id in clients:
+                pipe.llen(self.waiting_key(str(client_id)))
+            return int(sum(pipe.execute()))

@@ -1,0 +1,99 @@
+"""Upstream protection in Redis: fair admission under the in-flight cap, and the rate cap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from core.jobs import Status, new_job
+from core.store import JobStore, Step, connect_redis
+from tests.conftest import Stack
+from workers.throttle import UpstreamThrottle
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def scratch(stack: Stack) -> Iterator[redis.Redis]:
+    """A Redis database no worker looks at."""
+    client = connect_redis(stack.redis_server.url.rsplit("/", 1)[0] + "/4")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def accept(store: JobStore, client_id: str, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        job = new_job(client_id=client_id, input={"prompt": str(i)}, webhook_url=None,
+                      webhook_events=(), metadata=None, deadline_s=900)  # fmt: skip
+        store.create(job)
+        ids.append(job.id)
+    return ids
+
+
+def test_a_burst_does_not_starve_a_single_job(scratch: redis.Redis) -> None:
+    store = JobStore(scratch, retention_s=3600)
+    burst = accept(store, "cli_big", 500)
+    single = accept(store, "cli_small", 1)[0]
+    admitted = store.admission.admit(max_in_flight=4, slot_ttl_s=600)
+    assert len(admitted) == 4 and single in admitted[:2]
+    assert admitted[0] == burst[0] or admitted[1] == burst[0]  # each line is FIFO
+    assert store.admission.admit(max_in_flight=4, slot_ttl_s=600) == []  # cap reached
+    assert store.admission.in_flight() == 4 and store.admission.waiting() == 497
+
+
+def test_round_robin_across_clients_and_slots_come_back(scratch: redis.Redis) -> None:
+    store = JobStore(scratch, retention_s=3600)
+    a, b, c = (accept(store, name, 10) for name in ("cli_a", "cli_b", "cli_c"))
+    first = store.admission.admit(max_in_flight=6, slot_ttl_s=600)
+    assert sorted(first) == sorted(a[:2] + b[:2] + c[:2])
+    for job_id in first[:3]:  # three jobs end: their slots go to the next in line, fairly
+        store.change(job_id, lambda j: Step(j.moved_to(Status.SUCCEEDED, 1.0), None))
+    second = store.admission.admit(max_in_flight=6, slot_ttl_s=600)
+    assert len(second) == 3 and len({store.get(j).client_id for j in second}) == 3  # type: ignore[union-attr]
+
+
+def test_jobs_cancelled_while_waiting_are_dropped_not_admitted(scratch: redis.Redis) -> None:
+    store = JobStore(scratch, retention_s=3600)
+    ids = accept(store, "cli_a", 5)
+    for job_id in ids[:3]:
+        store.change(job_id, lambda j: Step(j.moved_to(Status.CANCELLED, 1.0), None))
+    assert store.admission.admit(max_in_flight=10, slot_ttl_s=600) == ids[3:]
+    assert store.admission.waiting() == 0
+
+
+def test_admitted_jobs_become_due_now(scratch: redis.Redis) -> None:
+    store = JobStore(scratch, retention_s=3600)
+    [job_id] = accept(store, "cli_a", 1)
+    assert store.job_schedule.due_at(job_id) > store.get(job_id).created_at + 1  # type: ignore[operator,union-attr]
+    store.admission.admit(max_in_flight=1, slot_ttl_s=600, now=123.0)
+    assert store.job_schedule.due_at(job_id) == 123.0
+
+
+def test_a_lost_line_entry_is_put_back(scratch: redis.Redis) -> None:
+    store = JobStore(scratch, retention_s=3600)
+    [job_id] = accept(store, "cli_a", 1)
+    scratch.delete(store.admission.waiting_key("cli_a"))
+    job = store.get(job_id)
+    assert job is not None
+    assert store.admission.ensure_waiting(job) is True
+    assert store.admission.ensure_waiting(job) is False
+    assert store.admission.admit(max_in_flight=1, slot_ttl_s=600) == [job_id]
+
+
+def test_rate_cap_is_shared_and_429_pauses_everyone(scratch: redis.Redis) -> None:
+    one = UpstreamThrottle(scratch, rate_per_s=5)
+    two = UpstreamThrottle(scratch, rate_per_s=5)  # another worker, same Redis
+    now = 1000.0
+    grants = [t.acquire(now) for t in (one, two) * 3]
+    assert grants[:5] == [0.0] * 5 and grants[5] == pytest.approx(0.2)
+    assert one.acquire(now + 0.2) == 0.0  # a token came back
+    two.cool_down(30.0, now=now + 0.2)
+    assert one.acquire(now + 1) == pytest.approx(29.2)
+    one.cool_down(1.0, now=now + 1)  # a shorter cool-down never shortens a longer one
+    assert two.acquire(now + 2) == pytest.approx(28.2)
+    assert one.acquire(now + 31) == 0.0
