@@ -10,7 +10,7 @@ from core.egress import EgressPolicy, RefusedDestination
 from core.jobs import Job, Status, new_job
 from core.metrics import Counters
 from core.settings import Settings
-from core.store import JobStore, Step
+from core.store import IdempotencyClaim, JobStore, Step
 from core.wakeups import Wakeups
 from core.webhooks import PENDING, TERMINAL_EVENT_TYPES, build_event
 
@@ -33,8 +33,18 @@ class JobCommands:
     wakeups: Wakeups
     egress: EgressPolicy
 
-    def accept(self, client_id: str, body: dict[str, Any], input_fields: tuple[str, ...]) -> Job:
-        """Store a validated job request as a queued job and wake the workers."""
+    def accept(
+        self,
+        client_id: str,
+        body: dict[str, Any],
+        input_fields: tuple[str, ...],
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Store a validated job request as a queued job and wake the workers.
+
+        Returns the job and whether it is new (False: the Idempotency-Key's first job).
+        Raises IdempotencyMismatch if the key came before with another body.
+        """
         webhook_url = body.get("webhook_url")
         if webhook_url is not None:
             self.check_webhook_url(webhook_url)
@@ -46,10 +56,16 @@ class JobCommands:
             metadata=body.get("metadata"),
             deadline_s=self.settings.job_deadline_s,
         )
-        self.store.create(job)
+        claim = IdempotencyClaim(client_id, idempotency_key, body) if idempotency_key else None
+        job_id = self.store.create(job, idempotency=claim)
+        if job_id != job.id:
+            first = self.store.get_for_client(client_id, job_id)
+            if first is None:
+                raise CommandRefused(f"the Idempotency-Key's job {job_id} no longer exists")
+            return first, False
         self.counters.add("jobs_accepted")
         self.wakeups.jobs()
-        return job
+        return job, True
 
     def check_webhook_url(self, url: str) -> None:
         """Refuse a webhook URL we would not deliver to (checked again at every attempt)."""

@@ -8,6 +8,7 @@ it — the next due step, webhook events, the in-flight slot — so they can nev
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import time
@@ -26,6 +27,36 @@ from core.webhooks import WebhookEvent, events_for_change
 DEFAULT_CHANGE_RETRIES = 20
 LIST_CHUNK = 100
 LIST_EXAMINE_LIMIT = 5000  # a status filter over a long history pages on from here
+
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class IdempotencyMismatch(Exception):
+    """The Idempotency-Key was used before with a different body (HTTP 409)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"this Idempotency-Key was used for job {job_id} with a different body")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """A client's Idempotency-Key and the body it came with."""
+
+    client_id: str
+    key: str
+    body: dict[str, Any]
+
+    @property
+    def redis_key(self) -> str:
+        digest = hashlib.sha256(self.key.encode()).hexdigest()
+        return f"{PREFIX}idempotency:{self.client_id}:{digest}"
+
+    @property
+    def body_hash(self) -> str:
+        canonical = json.dumps(self.body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,21 +120,46 @@ class JobStore:
 
     # --- jobs -----------------------------------------------------------------------------
 
-    def create(self, job: Job) -> None:
-        """Store a new job, index it, and put it in line for an upstream slot.
+    def create(self, job: Job, *, idempotency: IdempotencyClaim | None = None) -> str:
+        """Store a new job, index it, and put it in line for an upstream slot; returns its id.
 
-        Admission makes it due; the schedule entry written here is only the safety net.
+        With an idempotency claim, a key already used by this client (within its TTL) creates
+        nothing and returns the id of the job it created first — or raises IdempotencyMismatch
+        if that job was created from a different body. Race-safe: the key is WATCHed and
+        written in the same transaction as the job.
+        Admission makes the job due; the schedule entry written here is only the safety net.
         """
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.job_key(job.id), job.to_json())
-            index = self.client_index_key(job.client_id)
-            pipe.zadd(index, {job.id: job.created_at})
-            pipe.zremrangebyscore(index, "-inf", job.created_at - self.retention_s)
-            self.admission.enqueue(pipe, job)
-            self.job_schedule.put(
-                pipe, job.id, min(job.deadline_at, job.created_at + ADMISSION_RECHECK_S)
-            )
-            pipe.execute()
+        for _ in range(DEFAULT_CHANGE_RETRIES):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    if idempotency is not None:
+                        pipe.watch(idempotency.redis_key)
+                        raw = pipe.get(idempotency.redis_key)
+                        if raw is not None:
+                            pipe.unwatch()
+                            first = json.loads(raw)
+                            if first["body"] != idempotency.body_hash:
+                                raise IdempotencyMismatch(first["job_id"])
+                            return str(first["job_id"])
+                        pipe.multi()
+                        record = json.dumps({"body": idempotency.body_hash, "job_id": job.id})
+                        pipe.set(idempotency.redis_key, record, ex=IDEMPOTENCY_TTL_S)
+                    self._write_new_job(pipe, job)
+                    pipe.execute()
+                    return job.id
+                except redis.WatchError:
+                    continue
+        raise RuntimeError(f"idempotency key of job {job.id}: too much contention")
+
+    def _write_new_job(self, pipe: Any, job: Job) -> None:
+        pipe.set(self.job_key(job.id), job.to_json())
+        index = self.client_index_key(job.client_id)
+        pipe.zadd(index, {job.id: job.created_at})
+        pipe.zremrangebyscore(index, "-inf", job.created_at - self.retention_s)
+        self.admission.enqueue(pipe, job)
+        self.job_schedule.put(
+            pipe, job.id, min(job.deadline_at, job.created_at + ADMISSION_RECHECK_S)
+        )
 
     def get(self, job_id: str) -> Job | None:
         """The job record, or None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import request, url_for
@@ -10,6 +11,7 @@ from flask_smorest import abort
 
 from core.commands import CommandRefused, WebhookUrlRefused
 from core.jobs import Job
+from core.store import IdempotencyMismatch
 from service.auth import authenticate, current_client
 from service.context import ctx
 from service.parsing import StrictBlueprint
@@ -21,6 +23,8 @@ from service.schemas import (
     JobPageSchema,
     JobSchema,
 )
+
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 
 blp = StrictBlueprint(
     "jobs", __name__, url_prefix="/v1", description="Inpainting jobs of the calling client."
@@ -47,14 +51,24 @@ class Jobs(MethodView):
     @blp.doc(security=[{"bearer": []}])
     @blp.arguments(JobCreateSchema)
     @blp.response(202, JobSchema)
+    @blp.alt_response(200, schema=JobSchema, description="Idempotency-Key replay: the first job")
     def post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
-        """Accept an inpainting job; the answer is the queued job."""
+        """Accept an inpainting job; the answer is the queued job.
+
+        With `Idempotency-Key`, the same key and body within 24 h answer the first job (200);
+        the same key with another body is a 409.
+        """
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+            abort(400, message="Idempotency-Key must be 1-255 printable ASCII characters.")
         try:
-            job = ctx().commands.accept(current_client().id, body, INPUT_FIELDS)
+            job, created = ctx().commands.accept(current_client().id, body, INPUT_FIELDS, key)
         except WebhookUrlRefused as exc:
             abort(422, errors={"json": {"webhook_url": [str(exc)]}})
+        except (IdempotencyMismatch, CommandRefused) as exc:
+            abort(409, message=str(exc))
         location = url_for("jobs.Job", job_id=job.id)
-        return job.to_resource(), 202, {"Location": location}
+        return job.to_resource(), 202 if created else 200, {"Location": location}
 
     @blp.doc(security=[{"bearer": []}])
     @blp.arguments(JobListQuerySchema, location="query")
