@@ -55,11 +55,13 @@ class ManagedProcess:
     log_path: Path | None = None
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _log_file: BinaryIO | None = field(default=None, init=False, repr=False)
 
     def start(self) -> ManagedProcess:
         """Start it (stdout and stderr to log_path, or inherited)."""
+        self._close_log()  # a restart after a crash appends to the same log
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (closed in stop)
-        self._log_file: BinaryIO | None = out
+        self._log_file = out
         self.process = subprocess.Popen(
             list(self.argv),
             env=dict(self.env) if self.env is not None else None,
@@ -92,10 +94,13 @@ class ManagedProcess:
                 self.signal(signal.SIGKILL)
                 self.process.wait(5)
         self.signal(signal.SIGKILL)  # stragglers in the group (prefork children)
+        self._close_log()
+        return self.process.returncode
+
+    def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        return self.process.returncode
 
     def kill(self) -> None:
         """SIGKILL the whole group at once (a crash, on purpose)."""

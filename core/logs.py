@@ -22,5 +22,7 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Lines that would repeat, several times a second, what our own logs and metrics say.
-    for chatty in ("urllib3", "celery.beat", "celery.worker.strategy", "celery.app.trace"):
+    chatty_loggers = ("urllib3", "celery.beat", "celery.worker.strategy", "celery.app.trace",
+                      "celery.worker.request")  # fmt: skip
+    for chatty in chatty_loggers:
         logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))

@@ -8,14 +8,18 @@ whatever became due after that claim sends a fresh one.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, ClassVar
 
+import kombu.exceptions
 import redis
 
 from core.keys import PREFIX
 
 if TYPE_CHECKING:
     from celery import Celery
+
+log = logging.getLogger(__name__)
 
 JOBS_QUEUE = "jobs"
 WEBHOOKS_QUEUE = "webhooks"
@@ -55,7 +59,11 @@ class Wakeups:
         self.redis.delete(self._FLAGS[task_name])
 
     def _wake(self, task_name: str) -> None:
-        if self.redis.set(self._FLAGS[task_name], 1, nx=True, px=PENDING_FLAG_MS):
-            self.celery.send_task(
-                task_name, queue=self._QUEUES[task_name], expires=WAKEUP_EXPIRES_S
-            )
+        # Best effort: if Redis or the broker is down, the beat's next dispatch does the same.
+        try:
+            if self.redis.set(self._FLAGS[task_name], 1, nx=True, px=PENDING_FLAG_MS):
+                self.celery.send_task(
+                    task_name, queue=self._QUEUES[task_name], expires=WAKEUP_EXPIRES_S, retry=False
+                )
+        except (redis.RedisError, kombu.exceptions.KombuError, OSError) as exc:
+            log.warning("wake-up not sent", extra={"task": task_name, "error": type(exc).__name__})

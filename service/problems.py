@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import kombu.exceptions
+import redis
 from flask import Response, json
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
@@ -52,8 +54,28 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+STORE_RETRY_AFTER_S = "1"
+
+
+def store_unavailable(error: Exception) -> Response:
+    """Redis (the job store or the broker) is unreachable: 503, nothing half-done, retry later."""
+    log.warning("store unavailable", extra={"error": type(error).__name__})
+    return problem(
+        503,
+        "Service Unavailable",
+        "The job store is briefly unavailable. Retry; send an Idempotency-Key so that a retry "
+        "can never make a second job.",
+        headers={"Retry-After": STORE_RETRY_AFTER_S},
+    )
+
+
 class ProblemApi(Api):
     """flask-smorest's Api, answering errors as problem+json."""
+
+    def _register_error_handlers(self) -> None:
+        super()._register_error_handlers()
+        for error in (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError):
+            self._app.register_error_handler(error, store_unavailable)
 
     def handle_http_exception(self, error: HTTPException) -> Response:  # type: ignore[override]
         """Render any HTTPException (including webargs' validation aborts) as a problem."""

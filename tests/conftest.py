@@ -39,12 +39,18 @@ EMULATOR_TOKEN = "emulator-test-token"
 class Stack:
     """Handles on the running processes, for tests that break them on purpose."""
 
+    base: Path
     redis_server: RedisServer
     emulator_url: str
     env: dict[str, str]
-    worker: ManagedProcess
+    workers: list[ManagedProcess]
     beat: ManagedProcess
+    emulator_process: ManagedProcess
     logs: Path
+
+    @property
+    def worker(self) -> ManagedProcess:
+        return self.workers[0]
 
     def emulator(self, path: str, **kwargs: Any) -> requests.Response:
         """Call the emulator's control API."""
@@ -62,82 +68,100 @@ class Stack:
             os.environ.clear()
             os.environ.update(saved)
 
+    def stop(self) -> None:
+        """Stop every process (beat and workers first, Redis last)."""
+        for process in (self.beat, *self.workers, self.emulator_process):
+            process.stop()
+        self.redis_server.stop()
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("stack")
+
+STACK_ENV = {
+    "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+    "WEBHOOK_RETRY_SCHEDULE": "0,0.5,1,1,1",
+    "WEBHOOK_TIMEOUT_S": "3",
+    "DISPATCH_INTERVAL_S": "0.2",
+    "RUNCOMFY_TIMEOUT_S": "5",
+    "STEP_LEASE_S": "15",
+    "LOG_LEVEL": "INFO",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def worker_process(
+    env: dict[str, str], logs: Path, name: str, concurrency: int = 2
+) -> ManagedProcess:
+    """`celery -A workers worker`, as deployed."""
+    argv = [venv_script("celery"), "-A", "workers", "worker", "-Q", "jobs,webhooks",
+            "-c", str(concurrency), "-l", "INFO", "--without-gossip", "--without-mingle",
+            "-n", f"{name}@%h"]  # fmt: skip
+    return ManagedProcess(name, argv, env=env, log_path=logs / f"{name}.log")
+
+
+def start_stack(
+    base: Path,
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    emulator_args: tuple[str, ...] = ("--queue-s", "0.3", "--run-s", "0.5"),
+) -> Stack:
+    """redis-server (AOF), the emulator, Celery worker(s) and beat, each its own process."""
     logs = base / "logs"
-    logs.mkdir()
+    logs.mkdir(parents=True, exist_ok=True)
     redis_server = RedisServer(base / "redis", log_path=logs / "redis.log").start()
     emulator_port = free_port()
     emulator_url = f"http://127.0.0.1:{emulator_port}"
-    env = {
+    full_env = {
         **os.environ,
+        **STACK_ENV,
         "REDIS_URL": redis_server.url,
         "RUNCOMFY_BASE_URL": emulator_url,
         "RUNCOMFY_API_TOKEN": EMULATOR_TOKEN,
-        "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
-        "WEBHOOK_RETRY_SCHEDULE": "0,0.5,1,1,1",
-        "WEBHOOK_TIMEOUT_S": "3",
-        "DISPATCH_INTERVAL_S": "0.2",
-        "RUNCOMFY_TIMEOUT_S": "5",
-        "STEP_LEASE_S": "15",
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
     emulator = ManagedProcess(
         "emulator",
         python_module_argv(
-            "emulator",
-            "--port",
-            str(emulator_port),
-            "--token",
-            EMULATOR_TOKEN,
-            "--queue-s",
-            "0.3",
-            "--run-s",
-            "0.5",
+            "emulator", "--port", str(emulator_port), "--token", EMULATOR_TOKEN, *emulator_args
         ),
-        env=env,
+        env=full_env,
         log_path=logs / "emulator.log",
     ).start()
-    celery = venv_script("celery")
-    worker = ManagedProcess(
-        "worker",
-        [
-            celery,
-            "-A",
-            "workers",
-            "worker",
-            "-Q",
-            "jobs,webhooks",
-            "-c",
-            "2",
-            "-l",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "-n",
-            "test-worker@%h",
-        ],
-        env=env,
-        log_path=logs / "worker.log",
-    )
+    worker_processes = [worker_process(full_env, logs, f"worker{i + 1}") for i in range(workers)]
     beat = ManagedProcess(
         "beat",
-        [celery, "-A", "workers", "beat", "-l", "INFO", "-s", str(base / "beat-schedule")],
-        env=env,
+        [
+            venv_script("celery"),
+            "-A",
+            "workers",
+            "beat",
+            "-l",
+            "INFO",
+            "-s",
+            str(base / "beat-schedule"),
+        ],
+        env=full_env,
         log_path=logs / "beat.log",
+    )
+    stack = Stack(
+        base, redis_server, emulator_url, full_env, worker_processes, beat, emulator, logs
     )
     try:
         wait_for_port(emulator_port, process=emulator.process)
-        worker.start()
-        beat.start()
-        yield Stack(redis_server, emulator_url, env, worker, beat, logs)
+        for process in (*worker_processes, beat):
+            process.start()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield running
     finally:
-        for process in (beat, worker, emulator):
-            process.stop()
-        redis_server.stop()
+        running.stop()
 
 
 @pytest.fixture(scope="session")

@@ -29,14 +29,19 @@ def test_same_key_same_body_returns_the_first_job(stack: Stack, api_client: ApiC
 
 def test_same_key_other_body_is_a_conflict(stack: Stack, api_client: ApiClient) -> None:
     headers = {"Idempotency-Key": "order-9"}
-    assert api_client.post("/v1/jobs", json=job_body(stack, unique("a")), headers=headers).status_code == 202
+    assert (
+        api_client.post("/v1/jobs", json=job_body(stack, unique("a")), headers=headers).status_code
+        == 202
+    )
     resp = api_client.post("/v1/jobs", json=job_body(stack, unique("b")), headers=headers)
     assert resp.status_code == 409 and resp.mimetype == "application/problem+json"
     assert "different body" in resp.get_json()["detail"]
     assert len(api_client.get("/v1/jobs").get_json()["jobs"]) == 1
 
 
-def test_keys_belong_to_one_client(stack: Stack, app: Any, redis_client: Any, api_client: ApiClient) -> None:
+def test_keys_belong_to_one_client(
+    stack: Stack, app: Any, redis_client: Any, api_client: ApiClient
+) -> None:
     other = ApiClient(ClientStore(redis_client).create("other"), app.test_client())
     body = job_body(stack, unique("shared-key"))
     mine = api_client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k"})
