@@ -107,6 +107,7 @@ class ManagedProcess:
         self.signal(signal.SIGKILL)
         if self.process is not None:
             self.process.wait(10)
+        self._close_log()
 
 
 @dataclass
@@ -132,6 +133,8 @@ class RedisServer:
             )
         self.port = self.port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._process is not None:
+            self._process.stop()  # the previous run's handle (closes its log)
         argv = [
             binary,
             "--port",

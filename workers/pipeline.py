@@ -137,7 +137,12 @@ class JobPipeline:
                 return None
             upstream = Upstream(request_id=submitted.request_id, status="in_queue")
             moved = j.moved_to(
-                Status.SUBMITTED, accepted_at, upstream=upstream, submit_started_at=None, polls=0
+                Status.SUBMITTED,
+                accepted_at,
+                upstream=upstream,
+                submit_started_at=None,
+                polls=0,
+                transient_errors=0,
             )
             return Step(moved, accepted_at + next_poll_delay_s(upstream_status="in_queue", polls=0))
 

@@ -1,0 +1,152 @@
+"""Workers against a broken broker and a stop request: resume or exit, never idle; hand back work."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli.processes import venv_script
+from core.clients import ClientStore
+from core.store import connect_redis
+from service import create_app
+from tests.conftest import ApiClient, Stack, start_stack
+from tests.test_end_to_end import job_body, submits_for, unique
+
+pytestmark = pytest.mark.integration
+RESUME_WITHIN_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_stack(tmp_path_factory.mktemp("resilience"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def api(own_stack: Stack) -> ApiClient:
+    app = create_app({"TESTING": True, "SETTINGS": own_stack.settings()})
+    return ApiClient(
+        ClientStore(connect_redis(own_stack.redis_server.url)).create("r"), app.test_client()
+    )
+
+
+def post_until_accepted(api: ApiClient, body: dict[str, Any], timeout_s: float = 20) -> str:
+    """POST, retrying while the store is still coming back (503) — as a client would."""
+    key = hashlib.sha256(body["prompt"].encode()).hexdigest()
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            resp = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+            if resp.status_code in (200, 202):
+                return str(resp.get_json()["id"])
+            last = resp.get_json()
+        except Exception as exc:
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"POST not accepted within {timeout_s} s: {last}")
+
+
+def ensure_worker(stack: Stack) -> None:
+    """Act as the supervisor: a worker that exited is started again."""
+    if not stack.worker.running:
+        stack.worker.start()
+
+
+@pytest.mark.parametrize("how", ["clean restart", "SIGKILL"])
+def test_a_redis_restart_never_leaves_the_worker_idle(
+    own_stack: Stack, api: ApiClient, how: str
+) -> None:
+    ensure_worker(own_stack)
+    assert (
+        api.wait_final(post_until_accepted(api, job_body(own_stack, unique("before"))))["status"]
+        == "succeeded"
+    )
+    if how == "SIGKILL":
+        own_stack.redis_server.kill()
+    else:
+        own_stack.redis_server.stop()
+    time.sleep(2)
+    own_stack.redis_server.start()
+    restarted_at = time.monotonic()
+    job_id = post_until_accepted(api, job_body(own_stack, unique("after")))
+    deadline = restarted_at + RESUME_WITHIN_S
+    while time.monotonic() < deadline:
+        status = api.get(f"/v1/jobs/{job_id}").get_json()["status"]
+        if status == "succeeded" or not own_stack.worker.running:
+            break
+        time.sleep(0.2)
+    if own_stack.worker.running:
+        assert status == "succeeded", f"worker alive but idle {RESUME_WITHIN_S} s after the restart"
+    else:
+        # The other allowed outcome: it exited non-zero so that its supervisor restarts it.
+        assert own_stack.worker.process is not None and own_stack.worker.process.returncode != 0
+        own_stack.worker.start()
+        assert api.wait_final(job_id)["status"] == "succeeded"
+
+
+def ping(stack: Stack) -> int:
+    """The worker health check used by compose and Kubernetes."""
+    argv = [
+        venv_script("celery"),
+        "-A",
+        "workers",
+        "inspect",
+        "ping",
+        "-d",
+        f"{stack.worker.name}@*",
+        "--timeout",
+        "3",
+    ]
+    hostname = subprocess.run(
+        ["hostname"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    argv[5] = f"{stack.worker.name}@{hostname}"
+    return subprocess.run(argv, env=stack.env, capture_output=True, timeout=60).returncode
+
+
+def test_the_health_check_notices_a_stuck_worker(own_stack: Stack) -> None:
+    ensure_worker(own_stack)
+    assert ping(own_stack) == 0
+    own_stack.worker.signal(signal.SIGSTOP)  # alive, consuming nothing
+    try:
+        assert ping(own_stack) != 0
+    finally:
+        own_stack.worker.signal(signal.SIGCONT)
+    assert ping(own_stack) == 0
+
+
+def test_sigterm_finishes_what_the_worker_holds(own_stack: Stack, api: ApiClient) -> None:
+    ensure_worker(own_stack)
+    tag = unique("sigterm")
+    ids = [
+        post_until_accepted(api, job_body(own_stack, f"{tag} {i} [emulator:run=3]"))
+        for i in range(10)
+    ]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(
+        api.get(f"/v1/jobs/{i}").get_json()["status"] == "running" for i in ids
+    ):
+        time.sleep(0.1)
+    own_stack.worker.signal(signal.SIGTERM)
+    assert own_stack.worker.process is not None
+    assert own_stack.worker.process.wait(30) == 0  # warm shutdown: the batch finished, clean exit
+    own_stack.worker.start()
+    for i, job_id in enumerate(ids):
+        assert api.wait_final(job_id)["status"] == "succeeded"
+        assert submits_for(own_stack, f"{tag} {i} [emulator:run=3]") == 1
+
+
+def test_logs_say_why(own_stack: Stack) -> None:
+    logs = Path(own_stack.logs / "worker1.log").read_text(errors="replace")
+    assert '"level": "INFO"' in logs  # JSON lines
