@@ -2,7 +2,7 @@
 out round-robin across clients so one team's burst never starves another team's job.
 
 Each client waiting for a slot has a FIFO list of its queued jobs; the clients sit in a ring (a
-sorted set scored by when each was last served, newcomers first). Whenever slots are free, the
+sorted set scored by the turn each was last served in, newcomers first). Whenever slots are free, the
 admitter takes the head job of the client served longest ago, one job per client per turn, and
 makes that job due now. A job holds its slot from admission until it is final (JobStore releases
 it in the same transaction as the final status).
@@ -21,16 +21,18 @@ from core.keys import PREFIX
 IN_FLIGHT_KEY = PREFIX + "in_flight"
 WAITING_CLIENTS_KEY = PREFIX + "waiting_clients"
 WAITING_PREFIX = PREFIX + "waiting:"
+ADMISSION_TURN_KEY = PREFIX + "admission_turn"
 ADMIT_BUDGET = 500
 ADMISSION_RECHECK_S = 30.0  # a waiting job checks it is still in line this often  # list entries looked at per call (dead entries of cancelled jobs included)
 
-# KEYS: in_flight, waiting_clients, due_jobs
+# KEYS: in_flight, waiting_clients, due_jobs, turn counter
 # ARGV: max_in_flight, now, slot_expires_at, waiting-list prefix, budget
+# A served client goes to the back of the ring: its score becomes the next turn number, which
+# only ever grows (a clock could tie or step back between two calls).
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
 local admitted = {}
-local served = 0
 local budget = tonumber(ARGV[5])
 while free > 0 and budget > 0 do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)
@@ -42,8 +44,7 @@ while free > 0 and budget > 0 do
   if redis.call('LLEN', list) == 0 then
     redis.call('ZREM', KEYS[2], client)
   else
-    served = served + 1
-    redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) * 1000 + served, client)
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), client)
   end
   -- Only a live job (still scheduled) that holds no slot yet is admitted; cancelled or expired
   -- jobs left in the list are dropped here.
@@ -81,7 +82,7 @@ class FairAdmission:
         """Hand free slots to waiting jobs, fairly; the admitted jobs become due now."""
         at = time.time() if now is None else now
         jobs = self._admit(
-            keys=[IN_FLIGHT_KEY, WAITING_CLIENTS_KEY, self._due_jobs_key],
+            keys=[IN_FLIGHT_KEY, WAITING_CLIENTS_KEY, self._due_jobs_key, ADMISSION_TURN_KEY],
             args=[max_in_flight, at, at + slot_ttl_s, WAITING_PREFIX, ADMIT_BUDGET],
         )
         return [str(j) for j in jobs]

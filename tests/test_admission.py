@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -49,11 +50,12 @@ def test_a_burst_does_not_starve_a_single_job(scratch: redis.Redis) -> None:
 def test_round_robin_across_clients_and_slots_come_back(scratch: redis.Redis) -> None:
     store = JobStore(scratch, retention_s=3600)
     a, b, c = (accept(store, name, 10) for name in ("cli_a", "cli_b", "cli_c"))
-    first = store.admission.admit(max_in_flight=6, slot_ttl_s=600)
+    first_at = time.time()
+    first = store.admission.admit(max_in_flight=6, slot_ttl_s=600, now=first_at)
     assert sorted(first) == sorted(a[:2] + b[:2] + c[:2])
     for job_id in first[:3]:  # three jobs end: their slots go to the next in line, fairly
         store.change(job_id, lambda j: Step(j.moved_to(Status.SUCCEEDED, 1.0), None))
-    second = store.admission.admit(max_in_flight=6, slot_ttl_s=600)
+    second = store.admission.admit(max_in_flight=6, slot_ttl_s=600, now=first_at)  # same instant
     assert len(second) == 3 and len({store.get(j).client_id for j in second}) == 3  # type: ignore[union-attr]
 
 
