@@ -102,7 +102,8 @@ class Job:
     submit_unknown_outcomes: int = 0
     cancel_sent: bool = False
     polls: int = 0
-    running_since: float | None = None
+    running_since: float | None = None  # estimated start of the run (see workers/polling.py)
+    last_seen_queued_at: float | None = None
     transient_errors: int = 0
     last_transient_error: str | None = None
     notes: tuple[str, ...] = field(default=())

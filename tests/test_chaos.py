@@ -216,7 +216,9 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             s.value for s in Status if s.is_final
         }
         assert statuses["succeeded"] > JOBS * 0.8, statuses
-        assert set(error_codes) <= {"upstream_failed"}, error_codes  # only the emulator's failed runs
+        assert set(error_codes) <= {"upstream_failed"}, (
+            error_codes
+        )  # only the emulator's failed runs
         assert len(final_events) == JOBS  # one final event per job
         assert not undelivered, f"{len(undelivered)} final webhooks never received"
         assert not receiver.rejected

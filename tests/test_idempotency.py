@@ -20,6 +20,7 @@ from tests.conftest import ApiClient, Stack, wait_until
 from tests.test_end_to_end import job_body, submits_for, unique
 from workers.celery_app import create_celery_app
 from workers.pipeline import JobPipeline
+from workers.run_times import RunTimes
 from workers.runcomfy import RunComfyClient
 from workers.throttle import UpstreamThrottle
 
@@ -42,6 +43,7 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
         settings=settings,
         counters=Counters(redis_client),
         throttle=UpstreamThrottle(redis_client, rate_per_s=settings.runcomfy_max_rps),
+        run_times=RunTimes(redis_client),
         on_events=lambda: None,
         on_slot_freed=lambda: None,
     )

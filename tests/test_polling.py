@@ -1,21 +1,72 @@
-"""Poll timing and retry backoff."""
+"""Poll timing (learned run times) and retry backoff."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
+
+from core.store import connect_redis
+from tests.conftest import Stack
 from workers.polling import (
     FIRST_POLL_S,
+    LATE_POLL_MIN_S,
+    QUEUED_POLL_S,
+    RUNNING_POLL_S,
     TRANSIENT_BACKOFF_MAX_S,
     backoff_s,
-    next_poll_delay_s,
+    estimated_start,
+    first_poll_at,
+    next_poll_at,
 )
+from workers.run_times import RunTimes, shape_of
 
 
-def test_first_poll_comes_soon_then_no_faster_than_official_clients() -> None:
-    assert next_poll_delay_s(upstream_status="in_queue", polls=0) == FIRST_POLL_S
-    for status in ("in_queue", "in_progress"):
-        assert 1.0 <= next_poll_delay_s(upstream_status=status, polls=3) <= 2.0
+def test_first_poll_comes_soon() -> None:
+    assert first_poll_at(100.0) == 100.0 + FIRST_POLL_S
+
+
+def test_queued_requests_are_polled_like_the_official_clients_and_sooner_when_next() -> None:
+    assert next_poll_at(now=10.0, running=False, queue_position=5) == 10.0 + QUEUED_POLL_S
+    assert next_poll_at(now=10.0, running=False, queue_position=1) < 10.0 + QUEUED_POLL_S
+
+
+def test_without_a_learned_run_time_a_run_is_polled_every_2_s() -> None:
+    assert next_poll_at(now=10.0, running=True, running_since=9.0) == 10.0 + RUNNING_POLL_S
+
+
+def test_with_a_learned_run_time_one_look_when_it_should_be_done() -> None:
+    assert next_poll_at(now=11.0, running=True, running_since=10.0, expected_run_s=20.0) == 30.0
+
+
+@pytest.mark.parametrize(
+    ("now", "delay"), [(30.0, LATE_POLL_MIN_S), (30.5, 0.5), (31.0, 1.0), (40.0, RUNNING_POLL_S)]
+)
+def test_a_late_run_is_polled_soon_then_backing_off(now: float, delay: float) -> None:
+    assert (
+        next_poll_at(now=now, running=True, running_since=10.0, expected_run_s=20.0) == now + delay
+    )
+
+
+def test_a_20_s_run_costs_far_fewer_calls_than_fixed_2_s_polling() -> None:
+    """Calls for a 20 s run (no queue): submit + polls, against 1 + 10 for the official clients."""
+    submitted, run_s = 0.0, 20.0
+    now, calls, running_since = first_poll_at(submitted), 1, None
+    while True:
+        calls += 1
+        if now >= submitted + run_s:
+            break
+        running_since = running_since or estimated_start(
+            last_seen_queued_at=submitted, first_seen_running_at=now
+        )
+        now = next_poll_at(
+            now=now, running=True, running_since=running_since, expected_run_s=run_s - 0.5
+        )
+    assert calls <= 4
+
+
+def test_estimated_start_is_the_midpoint() -> None:
+    assert estimated_start(last_seen_queued_at=10.0, first_seen_running_at=12.0) == 11.0
 
 
 def test_backoff_grows_with_failures_and_is_capped() -> None:
@@ -30,3 +81,20 @@ def test_backoff_grows_with_failures_and_is_capped() -> None:
 def test_retry_after_is_a_floor() -> None:
     assert backoff_s(1, retry_after_s=30.0) >= 30.0
     assert backoff_s(6, retry_after_s=0.0) >= 16.0
+
+
+def test_run_times_are_learned_per_shape(stack: Stack) -> None:
+    client = connect_redis(stack.redis_server.url.rsplit("/", 1)[0] + "/5")  # no worker looks here
+    client.flushdb()
+    times = RunTimes(client)
+    fast, slow = {"num_inference_steps": 8, "image_size": "square"}, {"num_inference_steps": 30}
+    assert times.expected_s(fast) is None
+    for run_s in (2.0, 4.0):
+        times.learn(fast, run_s)
+    times.learn(slow, 20.0)
+    times.learn(slow, -1.0)  # implausible: ignored
+    assert RunTimes(client).expected_s(fast) == pytest.approx(3.0)
+    assert RunTimes(client).expected_s(slow) == pytest.approx(20.0)
+    assert shape_of(slow) == "30:auto"
+    client.flushdb()
+    client.close()

@@ -19,7 +19,8 @@ from core.jobs import Job, JobError, Status, Upstream
 from core.metrics import Counters
 from core.settings import Settings
 from core.store import Committed, JobStore, Step
-from workers.polling import backoff_s, next_poll_delay_s
+from workers.polling import backoff_s, estimated_start, first_poll_at, next_poll_at
+from workers.run_times import RunTimes
 from workers.runcomfy import (
     PermanentUpstreamError,
     RequestState,
@@ -42,6 +43,7 @@ class JobPipeline:
     settings: Settings
     counters: Counters
     throttle: UpstreamThrottle
+    run_times: RunTimes
     on_events: Callable[[], None]  # new webhook events are waiting: wake the delivery side
     on_slot_freed: Callable[[], None]  # a job ended: wake admission for the next in line
     clock: Callable[[], float] = time.time
@@ -143,8 +145,9 @@ class JobPipeline:
                 submit_started_at=None,
                 polls=0,
                 transient_errors=0,
+                last_seen_queued_at=accepted_at,
             )
-            return Step(moved, accepted_at + next_poll_delay_s(upstream_status="in_queue", polls=0))
+            return Step(moved, first_poll_at(accepted_at))
 
         committed = self._commit(job.id, record_request)
         if committed is None:
@@ -247,10 +250,11 @@ class JobPipeline:
                 f"RunComfy gave an answer we cannot use: {exc.message}",
             )
             return
-        self._apply_state(job.id, request_id, state)
+        self._apply_state(job, request_id, state)
 
-    def _apply_state(self, job_id: str, request_id: str, state: RequestState) -> None:
+    def _apply_state(self, job: Job, request_id: str, state: RequestState) -> None:
         now = self.clock()
+        expected_run_s = self.run_times.expected_s(job.input)
 
         def apply(j: Job) -> Step | None:
             if j.status.is_final or j.request_id != request_id:
@@ -286,22 +290,43 @@ class JobPipeline:
                     ),
                     None,
                 )
-            next_at = min(
-                j.deadline_at, now + next_poll_delay_s(upstream_status=state.status, polls=polls)
+            if not state.is_running:  # still queued
+                next_at = next_poll_at(now=now, running=False, queue_position=state.queue_position)
+                changed = j.changed(
+                    now, upstream=upstream, polls=polls, transient_errors=0, last_seen_queued_at=now
+                )
+                return Step(changed, min(j.deadline_at, next_at))
+            started = j.running_since or estimated_start(
+                last_seen_queued_at=j.last_seen_queued_at or now, first_seen_running_at=now
             )
-            if state.is_running and j.status is Status.SUBMITTED:
+            next_at = next_poll_at(
+                now=now, running=True, running_since=started, expected_run_s=expected_run_s
+            )
+            if j.status is Status.SUBMITTED:
                 moved = j.moved_to(
                     Status.RUNNING,
                     now,
                     upstream=upstream,
                     polls=polls,
-                    running_since=now,
+                    running_since=started,
                     transient_errors=0,
                 )
-                return Step(moved, next_at)
-            return Step(j.changed(now, upstream=upstream, polls=polls, transient_errors=0), next_at)
+                return Step(moved, min(j.deadline_at, next_at))
+            changed = j.changed(now, upstream=upstream, polls=polls, transient_errors=0)
+            return Step(changed, min(j.deadline_at, next_at))
 
-        self._commit(job_id, apply)
+        committed = self._commit(job.id, apply)
+        if committed is not None and committed.job.status is Status.SUCCEEDED:
+            self._learn_run_time(committed.job, state, now)
+
+    def _learn_run_time(self, job: Job, state: RequestState, now: float) -> None:
+        """Teach RunTimes how long this run took (only if we saw it start)."""
+        if job.running_since is None:
+            return
+        finished = state.finished_at
+        if finished is None or not job.running_since < finished <= now + 1:
+            finished = now  # no (plausible) upstream time: our own, a little late at worst
+        self.run_times.learn(job.input, finished - job.running_since)
 
     def _retry_poll_later(self, job: Job, exc: TransientUpstreamError) -> None:
         now = self.clock()

@@ -1,4 +1,10 @@
-"""When to look at RunComfy again: poll timing and retry backoff, as plain functions."""
+"""When to look at RunComfy again: poll timing and retry backoff, as plain functions.
+
+RunComfy has no webhooks on the Model API, so we poll — but not blindly. A turbo model's run time
+for a given step count and size is steady, so once a request is running we look once, when it
+should be done (learned from finished jobs, see RunTimes), then briefly more often if it is late.
+Until something is learned, and while a request is queued, we poll at the official clients' 2 s.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,44 @@ import random
 
 FIRST_POLL_S = 1.0  # a turbo model can finish within about a second of leaving the queue
 QUEUED_POLL_S = 2.0  # RunComfy's own clients poll at a fixed 2 s
+NEXT_IN_LINE_POLL_S = 0.5  # queue_position 1: it starts any moment; its start time matters
 RUNNING_POLL_S = 2.0
+LATE_POLL_MIN_S = 0.25  # a run past its expected end: look again soon, then back off to 2 s
 TRANSIENT_BACKOFF_BASE_S = 1.0
 TRANSIENT_BACKOFF_MAX_S = 60.0
 
 
-def next_poll_delay_s(*, upstream_status: str | None, polls: int) -> float:
-    """Seconds until the next look at a request RunComfy holds."""
-    if polls == 0:
-        return FIRST_POLL_S
-    return QUEUED_POLL_S if upstream_status in (None, "in_queue", "queued") else RUNNING_POLL_S
+def first_poll_at(submitted_at: float) -> float:
+    """When to first look at a request just submitted."""
+    return submitted_at + FIRST_POLL_S
+
+
+def next_poll_at(
+    *,
+    now: float,
+    running: bool,
+    queue_position: int | None = None,
+    running_since: float | None = None,
+    expected_run_s: float | None = None,
+) -> float:
+    """When to look next at a request RunComfy holds."""
+    if not running:
+        return now + (NEXT_IN_LINE_POLL_S if queue_position == 1 else QUEUED_POLL_S)
+    if running_since is None or expected_run_s is None:
+        return now + RUNNING_POLL_S
+    expected_end = running_since + expected_run_s
+    if expected_end > now + LATE_POLL_MIN_S:
+        return expected_end
+    late_by = now - expected_end
+    return now + min(RUNNING_POLL_S, max(LATE_POLL_MIN_S, late_by))
+
+
+def estimated_start(*, last_seen_queued_at: float, first_seen_running_at: float) -> float:
+    """When a run began: between the last look that saw it queued and the first that saw it run.
+
+    The midpoint is used both to learn run times and to predict ends, so its bias cancels.
+    """
+    return (last_seen_queued_at + first_seen_running_at) / 2
 
 
 def backoff_s(

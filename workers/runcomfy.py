@@ -7,6 +7,7 @@ Every documented answer shape maps to a small dataclass or to one of two errors:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -79,6 +80,7 @@ class RequestState:
     queue_position: int | None = None
     images: tuple[str, ...] | None = None
     error: str | None = None
+    finished_at: float | None = None  # RunComfy's clock, when it says
 
     @property
     def is_queued(self) -> bool:
@@ -164,7 +166,13 @@ class RunComfyClient:
             images = _images_of(body)
         elif status in FAILED_STATUSES:
             error = _readable_error(body.get("error")) or "RunComfy reported the run failed"
-        return RequestState(request_id=request_id, status=status, images=images, error=error)
+        return RequestState(
+            request_id=request_id,
+            status=status,
+            images=images,
+            error=error,
+            finished_at=_timestamp(body.get("finished_at")),
+        )
 
     def cancel(self, request_id: str) -> CancelOutcome:
         """Ask RunComfy to cancel; only a queued request can be (branch on outcome)."""
@@ -242,6 +250,19 @@ def _interpret(method: str, path: str, response: requests.Response) -> dict[str,
             code=code,
         )
     return body
+
+
+def _timestamp(value: Any) -> float | None:
+    """An ISO-8601 time (or epoch seconds) as epoch seconds; None if absent or unreadable."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def _is_retryable_code(code: Any) -> bool:

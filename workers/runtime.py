@@ -15,6 +15,7 @@ from core.store import JobStore, connect_redis
 from core.wakeups import Wakeups
 from workers.delivery import WebhookDelivery
 from workers.pipeline import JobPipeline
+from workers.run_times import RunTimes
 from workers.runcomfy import RunComfyClient
 from workers.throttle import UpstreamThrottle
 
@@ -56,6 +57,7 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         settings=settings,
         counters=counters,
         throttle=throttle,
+        run_times=RunTimes(client),
         on_events=wakeups.webhooks,
         on_slot_freed=wakeups.jobs,
     )

@@ -1,0 +1,53 @@
+"""How long RunComfy takes to run a job of a given shape, learned from finished jobs.
+
+Kept in one Redis hash shared by every worker (field: "<steps>:<image_size>", value: "mean count"),
+read through a short in-process cache. Races between workers only blur an average.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from core.keys import PREFIX
+
+RUN_TIMES_KEY = PREFIX + "run_times"
+CACHE_S = 5.0
+MIN_ALPHA = 0.1  # the plain mean of the first ten runs, then an exponential average
+MAX_PLAUSIBLE_RUN_S = 3600.0
+
+
+def shape_of(job_input: dict[str, Any]) -> str:
+    """The inputs that set a turbo model's run time."""
+    return f"{job_input.get('num_inference_steps', 20)}:{job_input.get('image_size', 'auto')}"
+
+
+class RunTimes:
+    """Learned run seconds per job shape."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._cache: dict[str, float] = {}
+        self._cached_at = 0.0
+
+    def expected_s(self, job_input: dict[str, Any]) -> float | None:
+        """The learned run time for this shape, or None before any was seen."""
+        if time.monotonic() - self._cached_at > CACHE_S:
+            raw = self.redis.hgetall(RUN_TIMES_KEY)
+            self._cache = {str(k): float(str(v).split()[0]) for k, v in raw.items()}
+            self._cached_at = time.monotonic()
+        return self._cache.get(shape_of(job_input))
+
+    def learn(self, job_input: dict[str, Any], run_s: float) -> None:
+        """Fold one observed run into the average for its shape."""
+        if not 0 < run_s < MAX_PLAUSIBLE_RUN_S:
+            return
+        field = shape_of(job_input)
+        raw = self.redis.hget(RUN_TIMES_KEY, field)
+        mean, count = (float(x) for x in str(raw).split()) if raw else (run_s, 0.0)
+        alpha = max(MIN_ALPHA, 1 / (count + 1))
+        mean += alpha * (run_s - mean)
+        self.redis.hset(RUN_TIMES_KEY, field, f"{mean:.4f} {int(count) + 1}")
+        self._cache[field] = mean
