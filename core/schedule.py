@@ -49,6 +49,11 @@ class DueSchedule:
         score = self._redis.zscore(self.key, member)
         return None if score is None else float(score)
 
+    def next_due_at(self) -> float | None:
+        """When the earliest member is due (a claimed one: when its lease ends)."""
+        first = self._redis.zrange(self.key, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None  # type: ignore[index]
+
     def overdue_count(self, now: float | None = None) -> int:
         """How many members are due now (a backlog figure for metrics)."""
         return int(self._redis.zcount(self.key, "-inf", time.time() if now is None else now))

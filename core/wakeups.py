@@ -30,6 +30,16 @@ PENDING_FLAG_MS = 2000
 WAKEUP_EXPIRES_S = 30  # a wake-up older than this is pointless: the beat has dispatched since
 
 
+# Arm a timed wake-up for ARGV[1] unless one is already pending at or before it.
+_ARM = """
+local armed = tonumber(redis.call('GET', KEYS[1]) or '0')
+local target, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+if armed > now and armed <= target then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+
 class Wakeups:
     """Sends dispatch tasks for the job and webhook schedules."""
 
@@ -45,6 +55,32 @@ class Wakeups:
     def __init__(self, client: redis.Redis, celery: Celery) -> None:
         self.redis = client
         self.celery = celery
+        self._arm = client.register_script(_ARM)
+
+    def at(self, task_name: str, when: float, now: float) -> None:
+        """Something becomes due at `when`, sooner than the beat's next tick: be there on time.
+
+        At most one timed wake-up is pending per schedule (the earliest); when it runs, its
+        dispatch arms the next one.
+        """
+        if when <= now:
+            self._wake(task_name)
+            return
+        delay_s = when - now
+        try:
+            key = self._FLAGS[task_name] + ":at"
+            if self._arm(keys=[key], args=[when, now, int(delay_s * 1000) + PENDING_FLAG_MS]):
+                self.celery.send_task(
+                    task_name,
+                    queue=self._QUEUES[task_name],
+                    countdown=delay_s,
+                    expires=delay_s + WAKEUP_EXPIRES_S,
+                    retry=False,
+                )
+        except (redis.RedisError, kombu.exceptions.KombuError, OSError) as exc:
+            log.warning(
+                "timed wake-up not sent", extra={"task": task_name, "error": type(exc).__name__}
+            )
 
     def jobs(self) -> None:
         """Job steps are due now."""
