@@ -63,7 +63,6 @@ class JobCommands:
             if first is None:
                 raise CommandRefused(f"the Idempotency-Key's job {job_id} no longer exists")
             return first, False
-        self.counters.add("jobs_accepted")
         self.wakeups.jobs()
         return job, True
 

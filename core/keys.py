@@ -3,3 +3,4 @@
 from __future__ import annotations
 
 PREFIX = "igw:"
+COUNTERS_KEY = PREFIX + "counters"  # one hash of every counter (core/metrics.py)

@@ -8,10 +8,8 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from core.keys import PREFIX
+from core.keys import COUNTERS_KEY
 from core.store import JobStore
-
-COUNTERS_KEY = PREFIX + "counters"
 
 # Every counter the gateway keeps, with its help text: one place, so names cannot drift.
 COUNTER_HELP = {

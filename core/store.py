@@ -18,9 +18,9 @@ from typing import Any
 
 import redis
 
-from core.admission import ADMISSION_RECHECK_S, FairAdmission
+from core.admission import ADMISSION_RECHECK_S, WAITING_CLIENTS_KEY, FairAdmission
 from core.jobs import Job
-from core.keys import PREFIX
+from core.keys import COUNTERS_KEY, PREFIX
 from core.schedule import DueSchedule
 from core.webhooks import WebhookEvent, events_for_change
 
@@ -59,6 +59,28 @@ class IdempotencyClaim:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# KEYS: job, client index, client's waiting line, waiting clients, job schedule, counters,
+#       [idempotency key]
+# ARGV: job json, job id, created_at, client id, first due, index trim bound, idempotency record,
+#       idempotency TTL
+# Returns the idempotency key's existing record (nothing created), or nil (job created).
+_CREATE = """
+if #KEYS == 7 then
+  local first = redis.call('GET', KEYS[7])
+  if first then return first end
+  redis.call('SET', KEYS[7], ARGV[7], 'EX', ARGV[8])
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], 'NX', 0, ARGV[4])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[2])
+redis.call('HINCRBY', KEYS[6], 'jobs_accepted', 1)
+return false
+"""
+
+
 @dataclass(frozen=True)
 class Step:
     """A job as changed by one step, and when its next step is due (None once final)."""
@@ -95,6 +117,7 @@ class JobStore:
         self.job_schedule = DueSchedule(client, PREFIX + "due:jobs")
         self.webhook_schedule = DueSchedule(client, PREFIX + "due:webhooks")
         self.admission = FairAdmission(client, due_jobs_key=self.job_schedule.key)
+        self._create = client.register_script(_CREATE)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -125,41 +148,41 @@ class JobStore:
 
         With an idempotency claim, a key already used by this client (within its TTL) creates
         nothing and returns the id of the job it created first — or raises IdempotencyMismatch
-        if that job was created from a different body. Race-safe: the key is WATCHed and
-        written in the same transaction as the job.
-        Admission makes the job due; the schedule entry written here is only the safety net.
+        if that job was created from a different body. One Lua call: atomic, so concurrent
+        identical requests make one job. Admission makes the job due; the schedule entry
+        written here is only the safety net.
         """
-        for _ in range(DEFAULT_CHANGE_RETRIES):
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    if idempotency is not None:
-                        pipe.watch(idempotency.redis_key)
-                        raw = pipe.get(idempotency.redis_key)
-                        if raw is not None:
-                            pipe.unwatch()
-                            first = json.loads(raw)
-                            if first["body"] != idempotency.body_hash:
-                                raise IdempotencyMismatch(first["job_id"])
-                            return str(first["job_id"])
-                        pipe.multi()
-                        record = json.dumps({"body": idempotency.body_hash, "job_id": job.id})
-                        pipe.set(idempotency.redis_key, record, ex=IDEMPOTENCY_TTL_S)
-                    self._write_new_job(pipe, job)
-                    pipe.execute()
-                    return job.id
-                except redis.WatchError:
-                    continue
-        raise RuntimeError(f"idempotency key of job {job.id}: too much contention")
-
-    def _write_new_job(self, pipe: Any, job: Job) -> None:
-        pipe.set(self.job_key(job.id), job.to_json())
-        index = self.client_index_key(job.client_id)
-        pipe.zadd(index, {job.id: job.created_at})
-        pipe.zremrangebyscore(index, "-inf", job.created_at - self.retention_s)
-        self.admission.enqueue(pipe, job)
-        self.job_schedule.put(
-            pipe, job.id, min(job.deadline_at, job.created_at + ADMISSION_RECHECK_S)
+        keys = [
+            self.job_key(job.id),
+            self.client_index_key(job.client_id),
+            self.admission.waiting_key(job.client_id),
+            WAITING_CLIENTS_KEY,
+            self.job_schedule.key,
+            COUNTERS_KEY,
+        ]
+        idempotency_record = ""
+        if idempotency is not None:
+            keys.append(idempotency.redis_key)
+            idempotency_record = json.dumps({"body": idempotency.body_hash, "job_id": job.id})
+        first = self._create(
+            keys=keys,
+            args=[
+                job.to_json(),
+                job.id,
+                job.created_at,
+                job.client_id,
+                min(job.deadline_at, job.created_at + ADMISSION_RECHECK_S),
+                job.created_at - self.retention_s,
+                idempotency_record,
+                IDEMPOTENCY_TTL_S,
+            ],
         )
+        if first is None:
+            return job.id
+        record = json.loads(first)
+        if idempotency is None or record["body"] != idempotency.body_hash:
+            raise IdempotencyMismatch(record["job_id"])
+        return str(record["job_id"])
 
     def get(self, job_id: str) -> Job | None:
         """The job record, or None."""

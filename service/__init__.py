@@ -15,6 +15,7 @@ from core.metrics import Counters, GatewayCollector
 from core.settings import Settings, load_settings_or_exit
 from core.store import JobStore, connect_redis
 from core.wakeups import Wakeups
+from service.auth import RecentKeys
 from service.context import ServiceContext
 from service.problems import ProblemApi
 
@@ -65,6 +66,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         ),
         celery=celery,
         metrics_registry=registry,
+        recent_keys=RecentKeys(),
     )
 
     from service import health, jobs

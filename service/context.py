@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from celery import Celery
@@ -13,6 +14,9 @@ from core.clients import ClientStore
 from core.commands import JobCommands
 from core.settings import Settings
 from core.store import JobStore
+
+if TYPE_CHECKING:
+    from service.auth import RecentKeys
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class ServiceContext:
     commands: JobCommands
     celery: Celery
     metrics_registry: CollectorRegistry
+    recent_keys: RecentKeys
 
 
 def ctx() -> ServiceContext:

@@ -49,7 +49,7 @@ def _own_job(job_id: str) -> Job:
 @blp.route("/jobs")
 class Jobs(MethodView):
     @blp.doc(security=[{"bearer": []}])
-    @blp.arguments(JobCreateSchema)
+    @blp.arguments(JobCreateSchema())  # an instance: a class would be built again per request
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotency-Key replay: the first job")
     def post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
@@ -71,7 +71,7 @@ class Jobs(MethodView):
         return job.to_resource(), 202 if created else 200, {"Location": location}
 
     @blp.doc(security=[{"bearer": []}])
-    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.arguments(JobListQuerySchema(), location="query")
     @blp.response(200, JobPageSchema)
     def get(self, query: dict[str, Any]) -> dict[str, Any]:
         """The client's jobs, newest first; pass next_cursor back as cursor for more."""
