@@ -26,6 +26,7 @@ class WorkerRuntime:
 
     settings: Settings
     store: JobStore
+    counters: Counters
     wakeups: Wakeups
     pipeline: JobPipeline
     delivery: WebhookDelivery
@@ -41,7 +42,7 @@ def _runtime_for(pid: int) -> WorkerRuntime:
     settings: Settings = current_app.conf.inpaint_settings
     client = connect_redis(settings.redis_url)
     store = JobStore(client, retention_s=settings.job_retention_s)
-    counters = Counters(client)
+    counters = Counters(client, buffered=True)
     wakeups = Wakeups(client, current_app)
     runcomfy = RunComfyClient(
         base_url=settings.runcomfy_base_url,
@@ -64,4 +65,4 @@ def _runtime_for(pid: int) -> WorkerRuntime:
     delivery = WebhookDelivery(
         store=store, clients=ClientStore(client), settings=settings, counters=counters
     )
-    return WorkerRuntime(settings, store, wakeups, pipeline, delivery)
+    return WorkerRuntime(settings, store, counters, wakeups, pipeline, delivery)

@@ -15,7 +15,7 @@ from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 
-TIMED_WAKE_GAP_S = 0.05
+TIMED_WAKE_GAP_S = 0.1
 # Threads per worker process for one batch: the work is waiting on HTTP, not CPU.
 _POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="step")
 
@@ -72,6 +72,7 @@ def _dispatch(
             # The member stays claimed until its lease ends, then is due again: a retry with
             # backoff for free, and the error is in the log.
             log.error("step failed", extra={"member": member, "error": error})
+    rt.counters.flush()
     if len(members) == batch:
         again()  # more may be waiting: don't leave them for the next beat
     else:
