@@ -18,6 +18,13 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 MAX_BODY_BYTES = 1024 * 1024
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog of 5 overflows when a gateway delivers a burst at once;
+    # a real receiver (nginx: 511) would not refuse those connections, so neither does ours.
+    request_queue_size = 1024
+
+
 @dataclass(frozen=True)
 class ReceivedEvent:
     """One verified delivery."""
@@ -44,8 +51,7 @@ class WebhookReceiver:
     def __post_init__(self) -> None:
         self._verifier = Webhook(self.secret)
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((self.host, self.port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server((self.host, self.port), self._handler_class())
         self.port = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 

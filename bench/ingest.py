@@ -1,0 +1,116 @@
+"""Phase 1, ingest: how fast gunicorn (production settings) accepts jobs, against a trivial route.
+
+gunicorn runs `service/gunicorn_conf.py` as deployed (gthread, a process per core, 4 threads) on
+its own Redis; no Celery worker (accepted jobs just wait, queued). The load comes from separate
+processes: wrk for the maximum (closed loop), then a paced Python generator at half the POST
+maximum, its latency measured from each request's scheduled send time.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+from bench.common import Row, Sizes, Stack, fmt, job_body, judged, say
+from bench.loadgen import LoadResult, max_throughput, run_python
+from core.clients import ClientStore
+
+TARGET_RATIO = 0.50
+TARGET_HALF_RATE_P99_MS = 25.0
+
+
+def run(sizes: Sizes, base: Path) -> list[Row]:
+    with Stack("ingest", base) as stack:
+        stack.start_redis()
+        stack.start_emulator(0, 0)
+        stack.make_env()
+        stack.start_api()
+        client = stack.redis()
+        creds = ClientStore(client).create("bench-ingest")
+        client.close()
+        body = json.dumps(job_body(stack.emulator_url))
+        auth = {"Authorization": f"Bearer {creds.api_key}", "Content-Type": "application/json"}
+        load = functools.partial(
+            max_throughput,
+            duration_s=sizes.ingest_s,
+            threads=sizes.ingest_threads,
+            connections=sizes.ingest_connections,
+            script_dir=base,
+        )
+
+        cpu = stack.cpu_meter()
+        cpu.start()
+        log = stack.logs / "api.log"
+        boots = [_boots(log)]
+        say(f"ingest: GET /healthz, closed loop for {sizes.ingest_s:.0f} s")
+        trivial = load(stack.api_url + "/healthz")
+        boots.append(_boots(log))
+        say(f"ingest: /healthz {trivial.rps:.0f} req/s")
+        say(f"ingest: POST /v1/jobs, closed loop for {sizes.ingest_s:.0f} s")
+        post = load(stack.api_url + "/v1/jobs", body=body, headers=auth)
+        boots.append(_boots(log))
+        say(f"ingest: POST /v1/jobs {post.rps:.0f} req/s")
+        half = post.rps / 2
+        say(f"ingest: POST /v1/jobs paced at {half:.0f} req/s for {sizes.ingest_paced_s:.0f} s")
+        paced = run_python(
+            stack.api_url + "/v1/jobs",
+            duration_s=sizes.ingest_paced_s,
+            connections=sizes.ingest_connections,
+            processes=2,
+            method="POST",
+            body=body,
+            headers=auth,
+            rate=half,
+        )
+        time.sleep(0.5)  # the log line of a restart at the very end
+        boots.append(_boots(log))
+        cpu.stop()
+    cores = len(os.sched_getaffinity(0))
+    api_share = (cpu.used["api"] + cpu.used["redis"]) / (cpu.wall_s * cores)
+    restarts = [later - earlier for earlier, later in itertools.pairwise(boots)]
+    return [
+        *rows(sizes, trivial, post, paced, half),
+        Row("ingest", "gunicorn worker restarts (max_requests) in healthz / POST / paced runs",
+            " / ".join(str(r) for r in restarts)),
+        Row("ingest", f"CPU busy over {cpu.wall_s:.0f} s x {cores} cores: gunicorn + Redis / "
+            "whole machine (with the load generator)",
+            f"{fmt(api_share * 100, '', 0)} / {fmt(cpu.machine_s / (cpu.wall_s * cores) * 100, '%', 0)}"),
+    ]  # fmt: skip
+
+
+def _boots(log: Path) -> int:
+    """gunicorn worker processes booted so far (a restart after max_requests boots one)."""
+    return log.read_text(errors="replace").count("Booting worker")
+
+
+def rows(
+    sizes: Sizes, trivial: LoadResult, post: LoadResult, paced: LoadResult, half: float
+) -> list[Row]:
+    if trivial.tool == "wrk":
+        how = f"wrk -t{sizes.ingest_threads} -c{sizes.ingest_connections}, {sizes.ingest_s:.0f} s"
+    else:
+        how = f"Python generator, {sizes.ingest_connections} connections, {sizes.ingest_s:.0f} s"
+    ratio = post.rps / trivial.rps
+    errors = trivial.errors + post.errors + paced.errors
+    return [
+        Row("ingest", f"GET /healthz max throughput ({how})", fmt(trivial.rps, "req/s", 0)),
+        Row("ingest", "GET /healthz latency p50 / p99 at max",
+            f"{fmt(trivial.p50_ms, 'ms', 2)} / {fmt(trivial.p99_ms, 'ms', 2)}"),
+        Row("ingest", f"POST /v1/jobs max throughput ({how})", fmt(post.rps, "req/s", 0)),
+        Row("ingest", "POST /v1/jobs latency p50 / p99 at max",
+            f"{fmt(post.p50_ms, 'ms', 2)} / {fmt(post.p99_ms, 'ms', 2)}"),
+        Row("ingest", "POST / trivial throughput ratio", fmt(ratio * 100, "%", 0),
+            f"≥ {TARGET_RATIO:.0%}", judged(ratio >= TARGET_RATIO)),
+        Row("ingest", f"POST paced at half max ({half:.0f} req/s asked, "
+            f"{sizes.ingest_paced_s:.0f} s): achieved", fmt(paced.rps, "req/s", 0)),
+        Row("ingest", "POST at half max: p50 (from scheduled send)", fmt(paced.p50_ms, "ms", 2)),
+        Row("ingest", "POST at half max: p99 (from scheduled send)", fmt(paced.p99_ms, "ms", 2),
+            f"≤ {TARGET_HALF_RATE_P99_MS:.0f} ms",
+            judged(paced.p99_ms <= TARGET_HALF_RATE_P99_MS)),
+        Row("ingest", "errors (non-2xx, socket) over the three runs", fmt(errors, "", 0),
+            "0", judged(errors == 0)),
+    ]  # fmt: skip

@@ -1,0 +1,298 @@
+"""HTTP load from separate processes: `wrk` for maximum throughput, and a Python generator.
+
+The Python generator runs as `python -m bench.loadgen ...` in several processes, each with a few
+threads holding one kept-alive http.client connection apiece. Two modes:
+
+- closed loop (no --rate): every thread sends its next request as soon as the last one answered —
+  the fallback for maximum throughput when wrk is not installed;
+- paced (--rate R): requests are due on a fixed schedule (R per second over all processes) and
+  each latency is measured from the request's *scheduled* send time, not from when a free thread
+  got round to sending it. A server that stalls therefore shows up in the figures with the full
+  wait every scheduled request suffered (no coordinated omission, as in wrk2).
+
+Each process prints one JSON object: latencies (ms) of 2xx answers, error count, time span.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import itertools
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bench.common import percentile, say
+
+WRK_INSTALL_HINT = "wrk is not installed (Debian/Ubuntu: apt-get install -y wrk)"
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured."""
+
+    tool: str
+    requests: int  # answered 2xx
+    errors: int  # non-2xx answers and socket errors
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+# --- wrk -------------------------------------------------------------------------------------
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def post_script(path: str, body: str, headers: dict[str, str]) -> str:
+    """A wrk Lua script that POSTs `body` with `headers`."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {_lua_string(body)}"]
+    lines += [f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_wrk(
+    url: str, *, duration_s: float, threads: int, connections: int, script: Path | None = None
+) -> LoadResult:
+    """`wrk --latency` for `duration_s`; parses requests/s, p50 and p99."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+            "--timeout", "10s", "--latency"]  # fmt: skip
+    if script is not None:
+        argv += ["-s", str(script)]
+    argv.append(url)
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration_s + 60, check=True
+    ).stdout
+    return parse_wrk(out)
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not match:
+        raise ValueError(f"wrk latency {text!r} not understood")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(out: str) -> LoadResult:
+    """Figures from wrk's `--latency` report."""
+    rps_line = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert rps_line is not None, out
+    rps = float(rps_line.group(1))
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    assert total is not None, out
+    percentiles = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)\s*$", out, re.MULTILINE))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    if socket:
+        errors += sum(int(g) for g in socket.groups())
+    requests = int(total.group(1))
+    return LoadResult(
+        tool="wrk",
+        requests=requests - (int(non_2xx.group(1)) if non_2xx else 0),
+        errors=errors,
+        duration_s=_ms(total.group(2) + total.group(3)) / 1e3,
+        rps=rps,
+        p50_ms=_ms(percentiles["50"]),
+        p99_ms=_ms(percentiles["99"]),
+    )
+
+
+# --- the Python generator: orchestration -----------------------------------------------------
+
+
+def run_python(
+    url: str,
+    *,
+    duration_s: float,
+    connections: int,
+    processes: int = 2,
+    method: str = "GET",
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+    rate: float | None = None,
+) -> LoadResult:
+    """Run the generator in `processes` processes; closed loop, or paced at `rate` per second."""
+    start_at = time.time() + 2.0  # room for the processes to import and connect
+    per_process = max(1, connections // processes)
+    children: list[subprocess.Popen[str]] = []
+    try:
+        for index in range(processes):
+            argv = [sys.executable, "-m", "bench.loadgen", "--url", url, "--method", method,
+                    "--duration", str(duration_s), "--connections", str(per_process),
+                    "--start-at", repr(start_at)]  # fmt: skip
+            if body is not None:
+                argv += ["--body", body]
+            for name, value in (headers or {}).items():
+                argv += ["--header", f"{name}: {value}"]
+            if rate is not None:
+                argv += ["--rate", repr(rate / processes), "--offset", repr(index / rate)]
+            children.append(
+                subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=Path.cwd())
+            )
+        reports = []
+        for child in children:
+            out, _ = child.communicate(timeout=duration_s + 60)
+            if child.returncode != 0:
+                raise RuntimeError(f"load generator exited with {child.returncode}")
+            reports.append(json.loads(out))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    latencies = [ms for report in reports for ms in report["latencies_ms"]]
+    errors = sum(report["errors"] for report in reports)
+    span = max(r["last"] for r in reports) - min(r["first"] for r in reports) if latencies else 0
+    return LoadResult(
+        tool="python-paced" if rate else "python",
+        requests=len(latencies),
+        errors=errors,
+        duration_s=span,
+        rps=len(latencies) / span if span > 0 else math.nan,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+    )
+
+
+def max_throughput(
+    url: str,
+    *,
+    duration_s: float,
+    threads: int,
+    connections: int,
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+    script_dir: Path,
+) -> LoadResult:
+    """Closed-loop maximum: wrk if installed, else the Python generator."""
+    if wrk_available():
+        script = None
+        if body is not None:
+            script = script_dir / "post.lua"
+            script.write_text(post_script(urlsplit(url).path, body, headers or {}))
+        return run_wrk(
+            url, duration_s=duration_s, threads=threads, connections=connections, script=script
+        )
+    say(f"{WRK_INSTALL_HINT}; falling back to the Python load generator (slower client)")
+    return run_python(
+        url,
+        duration_s=duration_s,
+        connections=connections,
+        method="POST" if body is not None else "GET",
+        body=body,
+        headers=headers,
+    )
+
+
+# --- the Python generator: one process -------------------------------------------------------
+
+
+def _generate(args: argparse.Namespace) -> dict[str, object]:
+    parts = urlsplit(args.url)
+    path = parts.path or "/"
+    headers = dict(h.split(": ", 1) for h in args.header)
+    if args.body is not None:
+        headers.setdefault("Content-Type", "application/json")
+    body = args.body.encode() if args.body is not None else None
+    end = args.start_at + args.duration
+    slots = itertools.count()
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = 0
+    first, last = math.inf, 0.0
+
+    def worker() -> None:
+        nonlocal errors, first, last
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.connect()
+        mine: list[float] = []
+        my_errors = 0
+        my_first, my_last = math.inf, 0.0
+        while True:
+            if args.rate:
+                due = args.start_at + args.offset + next(slots) / args.rate
+                if due >= end:
+                    break
+            else:
+                due = time.time()
+                if due >= end:
+                    break
+            while (wait := due - time.time()) > 0:
+                time.sleep(wait)
+            try:
+                conn.request(args.method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                done = time.time()
+                if 200 <= response.status < 300:
+                    mine.append((done - due) * 1e3)
+                    my_first, my_last = min(my_first, due), max(my_last, done)
+                else:
+                    my_errors += 1
+            except (OSError, http.client.HTTPException):
+                my_errors += 1
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            errors += my_errors
+            first, last = min(first, my_first), max(last, my_last)
+
+    if args.rate is None:  # closed loop: everyone starts at start_at
+        while (wait := args.start_at - time.time()) > 0:
+            time.sleep(wait)
+    threads = [threading.Thread(target=worker) for _ in range(args.connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {
+        "latencies_ms": latencies,
+        "errors": errors,
+        "first": first if latencies else 0.0,
+        "last": last,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--method", default="GET")
+    parser.add_argument("--body")
+    parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--start-at", type=float, default=0.0)
+    parser.add_argument("--rate", type=float, help="requests/s of this process (paced mode)")
+    parser.add_argument("--offset", type=float, default=0.0, help="seconds added to the schedule")
+    args = parser.parse_args(argv)
+    args.start_at = args.start_at or time.time()
+    with contextlib.redirect_stdout(sys.stderr):
+        report = _generate(args)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Phase 2, pipeline: jobs/s from POST to verified webhook with zero upstream latency.
+
+The whole stack on one worker host: Redis (AOF), the emulator answering at once (--queue-s 0
+--run-s 0), gunicorn, ONE Celery worker process (-c 4), beat, and a webhook receiver that
+verifies every Standard Webhooks signature with the client's secret. Jobs are POSTed over real
+HTTP from a thread pool; the clock runs from the first POST to the last verified webhook.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.common import (
+    Collector,
+    Poster,
+    Row,
+    Sizes,
+    Stack,
+    cpu_rows,
+    explain_missing,
+    fmt,
+    job_body,
+    judged,
+    post_jobs,
+    say,
+    start_receiver,
+)
+from core.clients import ClientStore
+
+
+def run(sizes: Sizes, base: Path) -> list[Row]:
+    n = sizes.pipeline_jobs
+    with Stack("pipeline", base) as stack:
+        stack.start_redis()
+        stack.start_emulator(0, 0)
+        stack.make_env()
+        stack.start_api()
+        stack.start_beat()  # boots while the worker does: its start-up is not counted
+        stack.start_worker("workers", sizes.pipeline_concurrency, "jobs,webhooks")
+        client = stack.redis()
+        creds = ClientStore(client).create("bench-pipeline")
+        client.close()
+        collector = Collector()
+        receiver = start_receiver(creds.webhook_secret, collector)
+        try:
+            poster = Poster(stack.api_url, {"Authorization": f"Bearer {creds.api_key}"})
+            bodies = [job_body(stack.emulator_url, receiver.url) for _ in range(n)]
+            cpu = stack.cpu_meter()
+            cpu.start()
+            say(f"pipeline: POST {n} jobs (worker -c {sizes.pipeline_concurrency}, run 0 s)")
+            started = time.time()
+            posted = post_jobs(poster, bodies)
+            posted_in = time.time() - started
+            job_ids = [job_id for job_id, _ in posted]
+            all_came = collector.wait_for(job_ids, sizes.pipeline_cap_s)
+            events = collector.events(job_ids)
+            cpu.stop()
+            last = max((e.received_at for e in events), default=time.time())
+            rejected = len(receiver.rejected)
+            if not all_came:
+                say(f"{stack.name}: " + explain_missing(poster, job_ids, collector))
+        finally:
+            receiver.stop()
+    if not all_came:
+        say(f"pipeline: only {len(events)} of {n} webhooks within {sizes.pipeline_cap_s:.0f} s")
+    succeeded = sum(1 for e in events if e.payload.get("type") == "job.succeeded")
+    elapsed = last - started
+    return [
+        Row("pipeline", f"jobs/s, first POST → last verified webhook ({n} jobs, upstream 0 s, "
+            f"1 worker -c {sizes.pipeline_concurrency})", fmt(n / elapsed, "jobs/s", 1)),
+        Row("pipeline", "verified job.succeeded webhooks / jobs", f"{succeeded} / {n}",
+            "all", judged(succeeded == n)),
+        Row("pipeline", "rejected signatures / duplicate deliveries",
+            f"{rejected} / {collector.duplicates}", "0 / 0",
+            judged(rejected == 0 and collector.duplicates == 0)),
+        Row("pipeline", f"time to POST all {n} (while the worker runs)", fmt(posted_in, "s", 1)),
+        *cpu_rows("pipeline", cpu, n),
+    ]  # fmt: skip
