@@ -1,7 +1,7 @@
 """Phase 4, baseline: the scale run against the naive design (bench/naive.py), same concurrency.
 
-Its own Redis and emulator (runs of 20 s), `celery -A bench.naive worker -c 8`, and the same
-number of jobs enqueued at once. It would take most of an hour to finish, so it runs for a fixed
+Its own Redis and emulator (runs of 20 s), `celery -A bench.naive worker -c N` (N = the scale phase's worker concurrency), and the same
+number of jobs enqueued at once. It would take hours to finish, so it runs for a fixed
 window; the figures are what finished in it, the peak in flight at the emulator, and the time
 all the jobs would take at that pace.
 """

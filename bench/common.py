@@ -511,7 +511,7 @@ FULL = Sizes(
     pipeline_cap_s=120,
     scale_jobs=2000,
     scale_run_s=20,
-    scale_concurrency=8,
+    scale_concurrency=2,
     scale_cap_s=240,
     baseline_window_s=90,
 )

@@ -2,7 +2,7 @@
 
 Same stack as the pipeline phase, but the emulator's runs take 20 s (--queue-s 0 --run-s 20),
 RUNCOMFY_MAX_IN_FLIGHT / RUNCOMFY_MAX_RPS are raised out of the way (3000), and the one worker
-process runs -c 8. All jobs are POSTed as fast as possible; the phase waits for every verified
+process runs -c 2 (one per core; the issue allows up to 8). All jobs are POSTed as fast as possible; the phase waits for every verified
 webhook. The added latency of a job is when its webhook arrived minus when the emulator finished
 its run (`finished_at` of the request's /result, on the same clock).
 """

@@ -65,8 +65,12 @@ def test_a_20_s_run_costs_far_fewer_calls_than_fixed_2_s_polling() -> None:
     assert calls <= 4
 
 
-def test_estimated_start_is_the_midpoint() -> None:
+def test_estimated_start_is_the_midpoint_or_the_submit() -> None:
     assert estimated_start(last_seen_queued_at=10.0, first_seen_running_at=12.0) == 11.0
+    assert (
+        estimated_start(last_seen_queued_at=10.0, first_seen_running_at=12.0, seen_queued=False)
+        == 10.0
+    )
 
 
 def test_backoff_grows_with_failures_and_is_capped() -> None:

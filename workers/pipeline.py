@@ -297,7 +297,9 @@ class JobPipeline:
                 )
                 return Step(changed, min(j.deadline_at, next_at))
             started = j.running_since or estimated_start(
-                last_seen_queued_at=j.last_seen_queued_at or now, first_seen_running_at=now
+                last_seen_queued_at=j.last_seen_queued_at or now,
+                first_seen_running_at=now,
+                seen_queued=j.polls > 0,
             )
             next_at = next_poll_at(
                 now=now, running=True, running_since=started, expected_run_s=expected_run_s

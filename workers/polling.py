@@ -44,11 +44,17 @@ def next_poll_at(
     return now + min(RUNNING_POLL_S, max(LATE_POLL_MIN_S, late_by))
 
 
-def estimated_start(*, last_seen_queued_at: float, first_seen_running_at: float) -> float:
+def estimated_start(
+    *, last_seen_queued_at: float, first_seen_running_at: float, seen_queued: bool = True
+) -> float:
     """When a run began: between the last look that saw it queued and the first that saw it run.
 
-    The midpoint is used both to learn run times and to predict ends, so its bias cancels.
+    Running at the very first look means there was no queue: it began at the submit (passed as
+    `last_seen_queued_at`). Otherwise the midpoint — used both to learn run times and to predict
+    ends, so its bias cancels.
     """
+    if not seen_queued:
+        return last_seen_queued_at
     return (last_seen_queued_at + first_seen_running_at) / 2
 
 
