@@ -10,7 +10,19 @@ import marshmallow.validate as mv
 
 RUNCOMFY_PUBLIC_BASE_URL = "https://model-api.runcomfy.net"
 DEFAULT_MODEL_ID = "tongyi-mai/z-image/turbo/inpainting/lora"
-DEFAULT_WEBHOOK_RETRY_SCHEDULE = "0,5,300,1800,7200,18000,36000,50400,72000,86400"
+DEFAULT_WEBHOOK_RETRY_SCHEDULE_S: tuple[float, ...] = (
+    0,
+    5,
+    300,
+    1800,
+    7200,
+    18000,
+    36000,
+    50400,
+    72000,
+    86400,
+)
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = ",".join(f"{s:g}" for s in DEFAULT_WEBHOOK_RETRY_SCHEDULE_S)
 
 
 class SettingsError(ValueError):
@@ -32,18 +44,7 @@ class Settings:
     job_deadline_s: int = 900
     submit_unknown: Literal["resubmit", "fail"] = "resubmit"
     webhook_allowed_networks: tuple[str, ...] = ()
-    webhook_retry_schedule_s: tuple[float, ...] = (
-        0,
-        5,
-        300,
-        1800,
-        7200,
-        18000,
-        36000,
-        50400,
-        72000,
-        86400,
-    )
+    webhook_retry_schedule_s: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE_S
     webhook_timeout_s: float = 15.0
     job_retention_s: int = 604800
     dispatch_interval_s: float = 0.5

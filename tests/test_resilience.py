@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import subprocess
 import time
@@ -147,6 +148,13 @@ def test_sigterm_finishes_what_the_worker_holds(own_stack: Stack, api: ApiClient
         assert submits_for(own_stack, f"{tag} {i} [emulator:run=3]") == 1
 
 
-def test_logs_say_why(own_stack: Stack) -> None:
-    logs = Path(own_stack.logs / "worker1.log").read_text(errors="replace")
-    assert '"level": "INFO"' in logs  # JSON lines
+def test_worker_logs_are_json_lines_with_the_job(own_stack: Stack, api: ApiClient) -> None:
+    ensure_worker(own_stack)
+    job_id = post_until_accepted(api, job_body(own_stack, unique("logged")))
+    api.wait_final(job_id)
+    lines = Path(own_stack.logs / "worker1.log").read_text(errors="replace").splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    finished = [
+        r for r in records if r.get("message") == "job finished" and r.get("job_id") == job_id
+    ]
+    assert finished and finished[0]["upstream_request_id"] and finished[0]["level"] == "INFO"
