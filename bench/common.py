@@ -487,6 +487,7 @@ class Sizes:
 
     smoke: bool
     ingest_s: float  # each max-throughput run
+    ingest_rounds: int  # alternating healthz / POST maximum runs; the best of each counts
     ingest_paced_s: float
     ingest_threads: int
     ingest_connections: int
@@ -494,6 +495,7 @@ class Sizes:
     pipeline_concurrency: int
     pipeline_cap_s: float
     scale_jobs: int
+    scale_warmup_jobs: int  # run to the end first, so the run time is learned
     scale_run_s: float
     scale_concurrency: int
     scale_cap_s: float
@@ -502,7 +504,8 @@ class Sizes:
 
 FULL = Sizes(
     smoke=False,
-    ingest_s=15,
+    ingest_s=10,
+    ingest_rounds=2,
     ingest_paced_s=10,
     ingest_threads=2,
     ingest_connections=32,
@@ -510,6 +513,7 @@ FULL = Sizes(
     pipeline_concurrency=4,
     pipeline_cap_s=120,
     scale_jobs=2000,
+    scale_warmup_jobs=20,
     scale_run_s=20,
     scale_concurrency=2,
     scale_cap_s=240,
@@ -518,6 +522,7 @@ FULL = Sizes(
 SMOKE = Sizes(
     smoke=True,
     ingest_s=1,
+    ingest_rounds=1,
     ingest_paced_s=1.5,
     ingest_threads=2,
     ingest_connections=8,
@@ -525,6 +530,7 @@ SMOKE = Sizes(
     pipeline_concurrency=4,
     pipeline_cap_s=30,
     scale_jobs=30,
+    scale_warmup_jobs=3,
     scale_run_s=1,
     scale_concurrency=8,
     scale_cap_s=30,

@@ -4,6 +4,10 @@ gunicorn runs `service/gunicorn_conf.py` as deployed (gthread, a process per cor
 its own Redis; no Celery worker (accepted jobs just wait, queued). The load comes from separate
 processes: wrk for the maximum (closed loop), then a paced Python generator at half the POST
 maximum, its latency measured from each request's scheduled send time.
+
+The two maxima are measured in alternating rounds (healthz, POST, healthz, POST, …) and the best
+of each is kept: on a shared VM a neighbour can take a core for seconds, and alternating short
+rounds keeps one such window from deciding the ratio. Every round's figure is printed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from bench.common import Row, Sizes, Stack, fmt, job_body, judged, say
 from bench.loadgen import LoadResult, max_throughput, run_python
 from core.clients import ClientStore
+from service import gunicorn_conf
 
 TARGET_RATIO = 0.50
 TARGET_HALF_RATE_P99_MS = 25.0
@@ -42,18 +47,23 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
             script_dir=base,
         )
 
+        log = stack.logs / "api.log"
+        _wait_for_boots(log, gunicorn_conf.workers)
         cpu = stack.cpu_meter()
         cpu.start()
-        log = stack.logs / "api.log"
         boots = [_boots(log)]
-        say(f"ingest: GET /healthz, closed loop for {sizes.ingest_s:.0f} s")
-        trivial = load(stack.api_url + "/healthz")
+        trivial_rounds: list[LoadResult] = []
+        post_rounds: list[LoadResult] = []
+        for round_no in range(1, sizes.ingest_rounds + 1):
+            say(f"ingest: round {round_no}: GET /healthz, closed loop for {sizes.ingest_s:.0f} s")
+            trivial_rounds.append(load(stack.api_url + "/healthz"))
+            say(f"ingest: round {round_no}: POST /v1/jobs, closed loop for {sizes.ingest_s:.0f} s")
+            post_rounds.append(load(stack.api_url + "/v1/jobs", body=body, headers=auth))
+            say(f"ingest: round {round_no}: /healthz {trivial_rounds[-1].rps:.0f} req/s, "
+                f"POST {post_rounds[-1].rps:.0f} req/s")  # fmt: skip
         boots.append(_boots(log))
-        say(f"ingest: /healthz {trivial.rps:.0f} req/s")
-        say(f"ingest: POST /v1/jobs, closed loop for {sizes.ingest_s:.0f} s")
-        post = load(stack.api_url + "/v1/jobs", body=body, headers=auth)
-        boots.append(_boots(log))
-        say(f"ingest: POST /v1/jobs {post.rps:.0f} req/s")
+        trivial = max(trivial_rounds, key=lambda r: r.rps)
+        post = max(post_rounds, key=lambda r: r.rps)
         half = post.rps / 2
         say(f"ingest: POST /v1/jobs paced at {half:.0f} req/s for {sizes.ingest_paced_s:.0f} s")
         paced = run_python(
@@ -73,13 +83,24 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
     api_share = (cpu.used["api"] + cpu.used["redis"]) / (cpu.wall_s * cores)
     restarts = [later - earlier for earlier, later in itertools.pairwise(boots)]
     return [
-        *rows(sizes, trivial, post, paced, half),
-        Row("ingest", "gunicorn worker restarts (max_requests) in healthz / POST / paced runs",
+        Row("ingest", "each round, req/s: GET /healthz, then POST /v1/jobs",
+            " / ".join(fmt(r.rps, "", 0) for r in trivial_rounds) + "; then "
+            + " / ".join(fmt(r.rps, "", 0) for r in post_rounds)),
+        *rows(sizes, trivial, post, paced, half,
+              errors=sum(r.errors for r in (*trivial_rounds, *post_rounds, paced))),
+        Row("ingest", "gunicorn worker restarts (max_requests) in the max / paced runs",
             " / ".join(str(r) for r in restarts)),
         Row("ingest", f"CPU busy over {cpu.wall_s:.0f} s x {cores} cores: gunicorn + Redis / "
             "whole machine (with the load generator)",
             f"{fmt(api_share * 100, '', 0)} / {fmt(cpu.machine_s / (cpu.wall_s * cores) * 100, '%', 0)}"),
     ]  # fmt: skip
+
+
+def _wait_for_boots(log: Path, workers: int, timeout_s: float = 30) -> None:
+    """gunicorn answers once one worker is up: wait for all of them before measuring."""
+    deadline = time.monotonic() + timeout_s
+    while _boots(log) < workers and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _boots(log: Path) -> int:
@@ -88,14 +109,20 @@ def _boots(log: Path) -> int:
 
 
 def rows(
-    sizes: Sizes, trivial: LoadResult, post: LoadResult, paced: LoadResult, half: float
+    sizes: Sizes,
+    trivial: LoadResult,
+    post: LoadResult,
+    paced: LoadResult,
+    half: float,
+    *,
+    errors: int,
 ) -> list[Row]:
     if trivial.tool == "wrk":
-        how = f"wrk -t{sizes.ingest_threads} -c{sizes.ingest_connections}, {sizes.ingest_s:.0f} s"
+        how = f"wrk -t{sizes.ingest_threads} -c{sizes.ingest_connections}"
     else:
-        how = f"Python generator, {sizes.ingest_connections} connections, {sizes.ingest_s:.0f} s"
+        how = f"Python generator, {sizes.ingest_connections} connections"
+    how += f", best of {sizes.ingest_rounds} x {sizes.ingest_s:.0f} s"
     ratio = post.rps / trivial.rps
-    errors = trivial.errors + post.errors + paced.errors
     return [
         Row("ingest", f"GET /healthz max throughput ({how})", fmt(trivial.rps, "req/s", 0)),
         Row("ingest", "GET /healthz latency p50 / p99 at max",
@@ -111,6 +138,8 @@ def rows(
         Row("ingest", "POST at half max: p99 (from scheduled send)", fmt(paced.p99_ms, "ms", 2),
             f"≤ {TARGET_HALF_RATE_P99_MS:.0f} ms",
             judged(paced.p99_ms <= TARGET_HALF_RATE_P99_MS)),
-        Row("ingest", "errors (non-2xx, socket) over the three runs", fmt(errors, "", 0),
+        Row("ingest", "of it, the generator's own send lag p99 (its CPU contention)",
+            fmt(paced.send_lag_p99_ms, "ms", 2)),
+        Row("ingest", "errors (non-2xx, socket) over all runs", fmt(errors, "", 0),
             "0", judged(errors == 0)),
     ]  # fmt: skip

@@ -47,6 +47,7 @@ class LoadResult:
     rps: float
     p50_ms: float
     p99_ms: float
+    send_lag_p99_ms: float = math.nan  # paced: how late the generator sent (included above)
 
 
 # --- wrk -------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ def run_python(
                 child.kill()
                 child.wait()
     latencies = [ms for report in reports for ms in report["latencies_ms"]]
+    lags = [ms for report in reports for ms in report["lags_ms"]]
     errors = sum(report["errors"] for report in reports)
     span = max(r["last"] for r in reports) - min(r["first"] for r in reports) if latencies else 0
     return LoadResult(
@@ -171,6 +173,7 @@ def run_python(
         rps=len(latencies) / span if span > 0 else math.nan,
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
+        send_lag_p99_ms=percentile(lags, 99) if lags else math.nan,
     )
 
 
@@ -218,6 +221,7 @@ def _generate(args: argparse.Namespace) -> dict[str, object]:
     slots = itertools.count()
     lock = threading.Lock()
     latencies: list[float] = []
+    lags: list[float] = []  # paced: how late the generator itself sent (its own CPU contention)
     errors = 0
     first, last = math.inf, 0.0
 
@@ -226,6 +230,7 @@ def _generate(args: argparse.Namespace) -> dict[str, object]:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
         conn.connect()
         mine: list[float] = []
+        my_lags: list[float] = []
         my_errors = 0
         my_first, my_last = math.inf, 0.0
         while True:
@@ -239,6 +244,8 @@ def _generate(args: argparse.Namespace) -> dict[str, object]:
                     break
             while (wait := due - time.time()) > 0:
                 time.sleep(wait)
+            if args.rate:
+                my_lags.append((time.time() - due) * 1e3)
             try:
                 conn.request(args.method, path, body=body, headers=headers)
                 response = conn.getresponse()
@@ -256,6 +263,7 @@ def _generate(args: argparse.Namespace) -> dict[str, object]:
         conn.close()
         with lock:
             latencies.extend(mine)
+            lags.extend(my_lags)
             errors += my_errors
             first, last = min(first, my_first), max(last, my_last)
 
@@ -269,6 +277,7 @@ def _generate(args: argparse.Namespace) -> dict[str, object]:
         thread.join()
     return {
         "latencies_ms": latencies,
+        "lags_ms": lags,
         "errors": errors,
         "first": first if latencies else 0.0,
         "last": last,

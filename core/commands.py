@@ -11,7 +11,7 @@ from core.jobs import Job, Status, new_job
 from core.metrics import Counters
 from core.settings import Settings
 from core.store import IdempotencyClaim, JobStore, Step
-from core.wakeups import Wakeups
+from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
 from core.webhooks import PENDING, TERMINAL_EVENT_TYPES, build_event
 
 
@@ -57,13 +57,16 @@ class JobCommands:
             deadline_s=self.settings.job_deadline_s,
         )
         claim = IdempotencyClaim(client_id, idempotency_key, body) if idempotency_key else None
-        job_id = self.store.create(job, idempotency=claim)
-        if job_id != job.id:
-            first = self.store.get_for_client(client_id, job_id)
+        created = self.store.create(
+            job, idempotency=claim, wakeup=self.wakeups.pending(DISPATCH_JOBS_TASK)
+        )
+        if not created.is_new:
+            first = self.store.get_for_client(client_id, created.job_id)
             if first is None:
-                raise CommandRefused(f"the Idempotency-Key's job {job_id} no longer exists")
+                raise CommandRefused(f"the Idempotency-Key's job {created.job_id} no longer exists")
             return first, False
-        self.wakeups.jobs()
+        if created.wakeup_claimed:
+            self.wakeups.send(DISPATCH_JOBS_TASK)
         return job, True
 
     def check_webhook_url(self, url: str) -> None:

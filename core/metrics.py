@@ -72,6 +72,16 @@ class Counters:
         return {name: values.get(name, 0) for name in COUNTER_HELP}
 
 
+GAUGE_HELP = {
+    "jobs_live": "Jobs not yet final.",
+    "jobs_steps_overdue": "Job steps due now and not yet taken.",
+    "webhooks_pending": "Webhook events waiting for delivery.",
+    "webhooks_overdue": "Webhook attempts due now and not yet taken.",
+    "jobs_waiting_for_slot": "Queued jobs waiting for an upstream slot.",
+    "upstream_in_flight": "Upstream slots held (cap RUNCOMFY_MAX_IN_FLIGHT).",
+}
+
+
 class GatewayCollector(Collector):
     """Reads counters and queue figures from Redis at scrape time."""
 
@@ -79,36 +89,30 @@ class GatewayCollector(Collector):
         self.store = store
         self.counters = counters
 
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The metrics without their values: registering needs no Redis (it may be down)."""
+        for name, help_text in COUNTER_HELP.items():
+            yield CounterMetricFamily(f"inpaint_gateway_{name}", help_text)
+        for name, help_text in GAUGE_HELP.items():
+            yield GaugeMetricFamily(f"inpaint_gateway_{name}", help_text)
+
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """One sample per counter, plus live backlog gauges."""
         for name, value in self.counters.read().items():
             family = CounterMetricFamily(f"inpaint_gateway_{name}", COUNTER_HELP[name])
             family.add_metric([], value)
             yield family
-        gauges = {
-            "jobs_live": ("Jobs not yet final.", self.store.job_schedule.size()),
-            "jobs_steps_overdue": (
-                "Job steps due now and not yet taken.",
-                self.store.job_schedule.overdue_count(),
-            ),
-            "webhooks_pending": (
-                "Webhook events waiting for delivery.",
-                self.store.webhook_schedule.size(),
-            ),
-            "webhooks_overdue": (
-                "Webhook attempts due now and not yet taken.",
-                self.store.webhook_schedule.overdue_count(),
-            ),
-            "jobs_waiting_for_slot": (
-                "Queued jobs waiting for an upstream slot.",
-                self.store.admission.waiting(),
-            ),
-            "upstream_in_flight": (
-                "Upstream slots held (cap RUNCOMFY_MAX_IN_FLIGHT).",
-                self.store.admission.in_flight(),
-            ),
-        }
-        for name, (help_text, value) in gauges.items():
-            gauge = GaugeMetricFamily(f"inpaint_gateway_{name}", help_text)
+        for name, value in self._gauges().items():
+            gauge = GaugeMetricFamily(f"inpaint_gateway_{name}", GAUGE_HELP[name])
             gauge.add_metric([], value)
             yield gauge
+
+    def _gauges(self) -> dict[str, int]:
+        return {
+            "jobs_live": self.store.job_schedule.size(),
+            "jobs_steps_overdue": self.store.job_schedule.overdue_count(),
+            "webhooks_pending": self.store.webhook_schedule.size(),
+            "webhooks_overdue": self.store.webhook_schedule.overdue_count(),
+            "jobs_waiting_for_slot": self.store.admission.waiting(),
+            "upstream_in_flight": self.store.admission.in_flight(),
+        }

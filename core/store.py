@@ -22,6 +22,7 @@ from core.admission import ADMISSION_RECHECK_S, WAITING_CLIENTS_KEY, FairAdmissi
 from core.jobs import Job
 from core.keys import COUNTERS_KEY, PREFIX
 from core.schedule import DueSchedule
+from core.wakeups import PendingWakeup
 from core.webhooks import WebhookEvent, events_for_change
 
 DEFAULT_CHANGE_RETRIES = 20
@@ -60,12 +61,13 @@ class IdempotencyClaim:
 
 
 # KEYS: job, client index, client's waiting line, waiting clients, job schedule, counters,
-#       [idempotency key]
+#       idempotency key or "", wake-up flag or ""
 # ARGV: job json, job id, created_at, client id, first due, index trim bound, idempotency record,
-#       idempotency TTL
-# Returns the idempotency key's existing record (nothing created), or nil (job created).
+#       idempotency TTL, wake-up flag TTL ms
+# Returns the idempotency key's existing record (nothing created); else 1 if this call set the
+# wake-up flag (the caller sends the wake-up), or nil.
 _CREATE = """
-if #KEYS == 7 then
+if KEYS[7] ~= '' then
   local first = redis.call('GET', KEYS[7])
   if first then return first end
   redis.call('SET', KEYS[7], ARGV[7], 'EX', ARGV[8])
@@ -77,8 +79,18 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[4], 'NX', 0, ARGV[4])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[2])
 redis.call('HINCRBY', KEYS[6], 'jobs_accepted', 1)
+if KEYS[8] ~= '' and redis.call('SET', KEYS[8], 1, 'NX', 'PX', ARGV[9]) then return 1 end
 return false
 """
+
+
+@dataclass(frozen=True)
+class Created:
+    """What JobStore.create did: the job id (the first job's, on an Idempotency-Key replay)."""
+
+    job_id: str
+    is_new: bool
+    wakeup_claimed: bool  # the caller must send the wake-up whose flag this call set
 
 
 @dataclass(frozen=True)
@@ -143,14 +155,21 @@ class JobStore:
 
     # --- jobs -----------------------------------------------------------------------------
 
-    def create(self, job: Job, *, idempotency: IdempotencyClaim | None = None) -> str:
-        """Store a new job, index it, and put it in line for an upstream slot; returns its id.
+    def create(
+        self,
+        job: Job,
+        *,
+        idempotency: IdempotencyClaim | None = None,
+        wakeup: PendingWakeup | None = None,
+    ) -> Created:
+        """Store a new job, index it, and put it in line for an upstream slot.
 
         With an idempotency claim, a key already used by this client (within its TTL) creates
         nothing and returns the id of the job it created first — or raises IdempotencyMismatch
         if that job was created from a different body. One Lua call: atomic, so concurrent
         identical requests make one job. Admission makes the job due; the schedule entry
-        written here is only the safety net.
+        written here is only the safety net. With `wakeup`, the same call claims its pending
+        flag (one round trip per accepted job instead of two); the caller sends the wake-up.
         """
         keys = [
             self.job_key(job.id),
@@ -159,12 +178,13 @@ class JobStore:
             WAITING_CLIENTS_KEY,
             self.job_schedule.key,
             COUNTERS_KEY,
+            idempotency.redis_key if idempotency is not None else "",
+            wakeup.flag_key if wakeup is not None else "",
         ]
         idempotency_record = ""
         if idempotency is not None:
-            keys.append(idempotency.redis_key)
             idempotency_record = json.dumps({"body": idempotency.body_hash, "job_id": job.id})
-        first = self._create(
+        answer = self._create(
             keys=keys,
             args=[
                 job.to_json(),
@@ -175,14 +195,15 @@ class JobStore:
                 job.created_at - self.retention_s,
                 idempotency_record,
                 IDEMPOTENCY_TTL_S,
+                wakeup.ttl_ms if wakeup is not None else 0,
             ],
         )
-        if first is None:
-            return job.id
-        record = json.loads(first)
+        if not isinstance(answer, str):
+            return Created(job.id, is_new=True, wakeup_claimed=answer == 1)
+        record = json.loads(answer)
         if idempotency is None or record["body"] != idempotency.body_hash:
             raise IdempotencyMismatch(record["job_id"])
-        return str(record["job_id"])
+        return Created(str(record["job_id"]), is_new=False, wakeup_claimed=False)
 
     def get(self, job_id: str) -> Job | None:
         """The job record, or None."""

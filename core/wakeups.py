@@ -9,6 +9,7 @@ whatever became due after that claim sends a fresh one.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import kombu.exceptions
@@ -38,6 +39,15 @@ if armed > now and armed <= target then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
 """
+
+
+@dataclass(frozen=True)
+class PendingWakeup:
+    """The flag that says a wake-up is on its way, for a caller setting it in its own script."""
+
+    task_name: str
+    flag_key: str
+    ttl_ms: int = PENDING_FLAG_MS
 
 
 class Wakeups:
@@ -90,16 +100,29 @@ class Wakeups:
         """Webhook attempts are due now."""
         self._wake(DISPATCH_WEBHOOKS_TASK)
 
+    def pending(self, task_name: str) -> PendingWakeup:
+        """The flag to set (SET NX) with another write; if it was set, call `send`."""
+        return PendingWakeup(task_name, self._FLAGS[task_name])
+
     def claiming(self, task_name: str) -> None:
         """A dispatcher is about to claim: later arrivals need a wake-up of their own."""
         self.redis.delete(self._FLAGS[task_name])
 
-    def _wake(self, task_name: str) -> None:
-        # Best effort: if Redis or the broker is down, the beat's next dispatch does the same.
+    def send(self, task_name: str) -> None:
+        """Send the wake-up whose pending flag the caller has just set."""
+        # Best effort: if the broker is down, the beat's next dispatch does the same.
         try:
-            if self.redis.set(self._FLAGS[task_name], 1, nx=True, px=PENDING_FLAG_MS):
-                self.celery.send_task(
-                    task_name, queue=self._QUEUES[task_name], expires=WAKEUP_EXPIRES_S, retry=False
-                )
-        except (redis.RedisError, kombu.exceptions.KombuError, OSError) as exc:
+            self.celery.send_task(
+                task_name, queue=self._QUEUES[task_name], expires=WAKEUP_EXPIRES_S, retry=False
+            )
+        except (kombu.exceptions.KombuError, OSError) as exc:
             log.warning("wake-up not sent", extra={"task": task_name, "error": type(exc).__name__})
+
+    def _wake(self, task_name: str) -> None:
+        try:
+            claimed = self.redis.set(self._FLAGS[task_name], 1, nx=True, px=PENDING_FLAG_MS)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("wake-up not sent", extra={"task": task_name, "error": type(exc).__name__})
+            return
+        if claimed:
+            self.send(task_name)

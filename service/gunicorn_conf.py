@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 
@@ -19,3 +20,13 @@ max_requests_jitter = 20000
 accesslog = None  # request counts and errors are in /metrics and the app's JSON logs
 errorlog = "-"
 control_socket_disable = True  # gunicorn 27's socket in $HOME would be shared by every instance
+
+
+def post_worker_init(worker: object) -> None:
+    """Move the loaded app's objects out of the garbage collector's sight.
+
+    A full collection walks every object (about 65,000 after start-up: ~18 ms with the worker's
+    threads stopped) — a latency spike for every request in flight. They live as long as the
+    process, so freezing them changes nothing but the pause.
+    """
+    gc.freeze()

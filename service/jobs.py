@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import request, url_for
+from flask import Response, current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import abort
 
@@ -38,6 +38,20 @@ def _json_bodies_only() -> None:
         abort(415, message="Send the body as JSON with Content-Type: application/json.")
 
 
+def _job_response(job: Job, status: int, headers: dict[str, str] | None = None) -> Response:
+    """The job resource as it is: Job.to_resource() is its one source, JobSchema documents it.
+
+    A Response passes flask-smorest's response decorator untouched — no schema dump, which
+    would only copy the same dict again on the hottest route (a test holds the two equal).
+    """
+    return current_app.response_class(
+        current_app.json.dumps(job.to_resource()),
+        status=status,
+        headers=headers,
+        mimetype="application/json",
+    )
+
+
 def _own_job(job_id: str) -> Job:
     job = ctx().store.get_for_client(current_client().id, job_id)
     if job is None:
@@ -52,7 +66,7 @@ class Jobs(MethodView):
     @blp.arguments(JobCreateSchema())  # an instance: a class would be built again per request
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotency-Key replay: the first job")
-    def post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    def post(self, body: dict[str, Any]) -> Response:
         """Accept an inpainting job; the answer is the queued job.
 
         With `Idempotency-Key`, the same key and body within 24 h answer the first job (200);
@@ -68,7 +82,7 @@ class Jobs(MethodView):
         except (IdempotencyMismatch, CommandRefused) as exc:
             abort(409, message=str(exc))
         location = url_for("jobs.Job", job_id=job.id)
-        return job.to_resource(), 202 if created else 200, {"Location": location}
+        return _job_response(job, 202 if created else 200, {"Location": location})
 
     @blp.doc(security=[{"bearer": []}])
     @blp.arguments(JobListQuerySchema(), location="query")
@@ -91,22 +105,22 @@ class Jobs(MethodView):
 class JobView(MethodView):
     @blp.doc(security=[{"bearer": []}])
     @blp.response(200, JobSchema)
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> Response:
         """One job."""
-        return _own_job(job_id).to_resource()
+        return _job_response(_own_job(job_id), 200)
 
 
 @blp.route("/jobs/<job_id>/cancel")
 class JobCancel(MethodView):
     @blp.doc(security=[{"bearer": []}])
     @blp.response(202, JobSchema)
-    def post(self, job_id: str) -> dict[str, Any]:
+    def post(self, job_id: str) -> Response:
         """Cancel: at once if RunComfy does not have it yet, else asked of RunComfy."""
         try:
             job = ctx().commands.cancel(_own_job(job_id))
         except CommandRefused as exc:
             abort(409, message=str(exc))
-        return job.to_resource()
+        return _job_response(job, 202)
 
 
 @blp.route("/jobs/<job_id>/deliveries")
@@ -123,11 +137,11 @@ class JobDeliveries(MethodView):
 class JobRedeliver(MethodView):
     @blp.doc(security=[{"bearer": []}])
     @blp.response(202, JobSchema)
-    def post(self, job_id: str) -> dict[str, Any]:
+    def post(self, job_id: str) -> Response:
         """Send the job's final event again (same webhook-id)."""
         job = _own_job(job_id)
         try:
             ctx().commands.redeliver(job)
         except CommandRefused as exc:
             abort(409, message=str(exc))
-        return job.to_resource()
+        return _job_response(job, 202)

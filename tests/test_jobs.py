@@ -16,6 +16,7 @@ from core.jobs import (
     can_move,
     new_job,
 )
+from service.schemas import JobSchema
 
 ORDER = [Status.QUEUED, Status.SUBMITTED, Status.RUNNING]
 
@@ -91,6 +92,23 @@ def test_resource_shows_the_contract_and_no_internals() -> None:
         "queue_position": None,
     }
     assert resource["created_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("status", [Status.QUEUED, Status.SUCCEEDED, Status.FAILED])
+def test_the_documented_schema_is_the_resource(status: Status) -> None:
+    # Job views answer to_resource() as is; JobSchema (OpenAPI, webhook docs) must say the same.
+    job = a_job()
+    if status is not Status.QUEUED:
+        job = job.moved_to(
+            status,
+            10.0,
+            output_images=("https://x/1.png",) if status is Status.SUCCEEDED else None,
+            error=JobError("upstream_failed", "boom") if status is Status.FAILED else None,
+            upstream=Upstream("r", status.value, None),
+        )
+    resource = job.to_resource()
+    assert JobSchema().dump(resource) == resource
+    assert set(JobSchema().fields) == set(resource)
 
 
 def test_notes_are_bounded() -> None:

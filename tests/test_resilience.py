@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cli.processes import venv_script
+from cli.processes import free_port, venv_script
 from core.clients import ClientStore
 from core.store import connect_redis
 from service import create_app
@@ -158,3 +158,25 @@ def test_worker_logs_are_json_lines_with_the_job(own_stack: Stack, api: ApiClien
         r for r in records if r.get("message") == "job finished" and r.get("job_id") == job_id
     ]
     assert finished and finished[0]["upstream_request_id"] and finished[0]["level"] == "INFO"
+
+
+def test_the_api_starts_and_answers_503_while_redis_is_down(own_stack: Stack) -> None:
+    # An API replica may boot before Redis (or during its restart): it must come up, say it is
+    # not ready, and refuse work with a retryable 503 — not crash-loop at import.
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app(
+        {
+            "TESTING": True,
+            "SETTINGS": own_stack.settings(REDIS_URL=nowhere, CELERY_BROKER_URL=nowhere),
+        }
+    )
+    http = app.test_client()
+    assert http.get("/healthz").status_code == 200
+    assert http.get("/readyz").status_code == 503
+    answer = http.post(
+        "/v1/jobs", json={"prompt": "x"}, headers={"Authorization": "Bearer igw_whatever"}
+    )
+    assert answer.status_code == 503
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert "Retry-After" in answer.headers
+    assert http.get("/metrics").status_code == 503

@@ -15,6 +15,7 @@ from core.keys import PREFIX
 
 RUN_TIMES_KEY = PREFIX + "run_times"
 CACHE_S = 5.0
+UNKNOWN_RECHECK_S = 0.5  # a shape not learned yet: another worker may learn it any moment
 MIN_ALPHA = 0.1  # the plain mean of the first ten runs, then an exponential average
 MAX_PLAUSIBLE_RUN_S = 3600.0
 
@@ -34,11 +35,13 @@ class RunTimes:
 
     def expected_s(self, job_input: dict[str, Any]) -> float | None:
         """The learned run time for this shape, or None before any was seen."""
-        if time.monotonic() - self._cached_at > CACHE_S:
+        field = shape_of(job_input)
+        age_s = time.monotonic() - self._cached_at
+        if age_s > CACHE_S or (field not in self._cache and age_s > UNKNOWN_RECHECK_S):
             raw = self.redis.hgetall(RUN_TIMES_KEY)
             self._cache = {str(k): float(str(v).split()[0]) for k, v in raw.items()}
             self._cached_at = time.monotonic()
-        return self._cache.get(shape_of(job_input))
+        return self._cache.get(field)
 
     def learn(self, job_input: dict[str, Any], run_s: float) -> None:
         """Fold one observed run into the average for its shape."""
