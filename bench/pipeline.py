@@ -2,8 +2,9 @@
 
 The whole stack on one worker host: Redis (AOF), the emulator answering at once (--queue-s 0
 --run-s 0), gunicorn, ONE Celery worker process (-c 4), beat, and a webhook receiver that
-verifies every Standard Webhooks signature with the client's secret. Jobs are POSTed over real
-HTTP from a thread pool; the clock runs from the first POST to the last verified webhook.
+verifies every Standard Webhooks signature with the client's secret. RUNCOMFY_MAX_IN_FLIGHT and
+RUNCOMFY_MAX_RPS are raised out of the way (3000). Jobs are POSTed over real HTTP from a thread
+pool; the clock runs from the first POST to the last verified webhook.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
     with Stack("pipeline", base) as stack:
         stack.start_redis()
         stack.start_emulator(0, 0)
-        stack.make_env()
+        # The caps toward RunComfy (defaults: 32 in flight, 50 calls/s) are operator settings
+        # that would be the figure here (~25 jobs/s at two calls a job); out of the way, as in
+        # the scale phase, this measures the gateway itself.
+        stack.make_env(RUNCOMFY_MAX_IN_FLIGHT="3000", RUNCOMFY_MAX_RPS="3000")
         stack.start_api()
         stack.start_beat()  # boots while the worker does: its start-up is not counted
         stack.start_worker("workers", sizes.pipeline_concurrency, "jobs,webhooks")
@@ -56,6 +60,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
             all_came = collector.wait_for(job_ids, sizes.pipeline_cap_s)
             events = collector.events(job_ids)
             cpu.stop()
+            calls: dict[str, int] = stack.emulator("GET", "/_emulator/stats")["calls"]
             last = max((e.received_at for e in events), default=time.time())
             rejected = len(receiver.rejected)
             if not all_came:
@@ -68,7 +73,11 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
     elapsed = last - started
     return [
         Row("pipeline", f"jobs/s, first POST → last verified webhook ({n} jobs, upstream 0 s, "
-            f"1 worker -c {sizes.pipeline_concurrency})", fmt(n / elapsed, "jobs/s", 1)),
+            f"1 worker -c {sizes.pipeline_concurrency}, caps toward RunComfy raised)",
+            fmt(n / elapsed, "jobs/s", 1)),
+        Row("pipeline", "upstream calls per job (submit + status + result)",
+            f"{fmt(sum(calls.values()) / n, '', 2)} ({calls.get('submit', 0)} + "
+            f"{calls.get('status', 0)} + {calls.get('result', 0)})"),
         Row("pipeline", "verified job.succeeded webhooks / jobs", f"{succeeded} / {n}",
             "all", judged(succeeded == n)),
         Row("pipeline", "rejected signatures / duplicate deliveries",

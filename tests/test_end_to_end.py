@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import signal
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ import requests
 from PIL import Image
 
 from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, wait_until
+from workers.polling import FIRST_POLL_S
+from workers.run_times import UNKNOWN_RECHECK_S
 
 pytestmark = pytest.mark.integration
 
@@ -304,3 +307,27 @@ def test_workers_hold_no_slot_while_runcomfy_works(stack: Stack, api_client: Api
     assert peak >= 25, f"only {peak} ran at once on 2 worker slots"
     for job_id in ids:
         assert api_client.wait_final(job_id)["status"] == "succeeded"
+
+
+def test_a_fast_shape_is_learned_and_then_looked_at_sooner(
+    stack: Stack, api_client: ApiClient
+) -> None:
+    # A run already done at the first look teaches its shape's run time from RunComfy's own
+    # created/finished times; the next job of that shape is looked at when it should be done
+    # rather than after a full FIRST_POLL_S.
+    shape = {"num_inference_steps": 29, "image_size": "square"}  # no other test uses it
+
+    def accepted_to_final_s() -> float:
+        body = job_body(stack, unique("[emulator:queue=0] [emulator:run=0]"), **shape)
+        job = api_client.post("/v1/jobs", json=body).get_json()
+        final = api_client.wait_final(job["id"])
+        assert final["status"] == "succeeded", final
+        return _epoch(final["finished_at"]) - _epoch(final["created_at"])
+
+    assert accepted_to_final_s() >= FIRST_POLL_S  # nothing learned yet
+    time.sleep(UNKNOWN_RECHECK_S + 0.2)  # every worker process has re-read the learned times
+    assert accepted_to_final_s() < 0.8 * FIRST_POLL_S
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()

@@ -11,6 +11,7 @@ from tests.conftest import Stack
 from workers.polling import (
     FIRST_POLL_S,
     LATE_POLL_MIN_S,
+    MIN_FIRST_POLL_S,
     QUEUED_POLL_S,
     RUNNING_POLL_S,
     TRANSIENT_BACKOFF_MAX_S,
@@ -24,6 +25,16 @@ from workers.run_times import RunTimes, shape_of
 
 def test_first_poll_comes_soon() -> None:
     assert first_poll_at(100.0) == 100.0 + FIRST_POLL_S
+
+
+@pytest.mark.parametrize(
+    ("expected_run_s", "delay"),
+    [(0.0, MIN_FIRST_POLL_S), (0.6, 0.6), (FIRST_POLL_S, FIRST_POLL_S), (20.0, FIRST_POLL_S)],
+)
+def test_first_poll_comes_when_a_short_run_should_be_done(
+    expected_run_s: float, delay: float
+) -> None:
+    assert first_poll_at(100.0, expected_run_s) == pytest.approx(100.0 + delay)
 
 
 def test_queued_requests_are_polled_like_the_official_clients_and_sooner_when_next() -> None:

@@ -147,7 +147,7 @@ class JobPipeline:
                 transient_errors=0,
                 last_seen_queued_at=accepted_at,
             )
-            return Step(moved, first_poll_at(accepted_at))
+            return Step(moved, first_poll_at(accepted_at, self.run_times.expected_s(j.input)))
 
         committed = self._commit(job.id, record_request)
         if committed is None:
@@ -225,11 +225,18 @@ class JobPipeline:
         assert request_id is not None
         queued = job.upstream is None or job.upstream.status in (None, "in_queue", "queued")
         try:
-            # While queued, /status tells the queue position; once running, /result answers in
-            # one call both "still running" and the final output.
+            # /result answers in one call both "not done yet" and the final output; /status adds
+            # the queue position, which decides how soon to look again while queued. The first
+            # look asks /result (a fast run may well be done by then); a queued one, /status.
             self.counters.add("upstream_polls")
-            state = self.runcomfy.status(request_id) if queued else self.runcomfy.result(request_id)
-            if queued and state.is_finished:
+            ask_status = queued and job.polls > 0
+            state = (
+                self.runcomfy.status(request_id) if ask_status else self.runcomfy.result(request_id)
+            )
+            if state.is_queued and not ask_status:
+                self.counters.add("upstream_polls")
+                ask_status, state = True, self.runcomfy.status(request_id)
+            if state.is_finished and ask_status:  # /status never carries the output
                 self.counters.add("upstream_polls")
                 state = self.runcomfy.result(request_id)
         except TransientUpstreamError as exc:
@@ -322,8 +329,17 @@ class JobPipeline:
             self._learn_run_time(committed.job, state, now)
 
     def _learn_run_time(self, job: Job, state: RequestState, now: float) -> None:
-        """Teach RunTimes how long this run took (only if we saw it start)."""
+        """Teach RunTimes how long this run took: from when we saw it start, or — if it was
+        done at the first look — RunComfy's own created/finished times (queue + run: an upper
+        bound, on one clock)."""
         if job.running_since is None:
+            done_at_first_look = job.polls == 1
+            if (
+                done_at_first_look
+                and state.created_at is not None
+                and state.finished_at is not None
+            ):
+                self.run_times.learn(job.input, state.finished_at - state.created_at)
             return
         finished = state.finished_at
         if finished is None or not job.running_since < finished <= now + 1:

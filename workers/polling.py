@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 FIRST_POLL_S = 1.0  # a turbo model can finish within about a second of leaving the queue
+MIN_FIRST_POLL_S = 0.25  # even a run learned to take no time: give the queue a moment
 QUEUED_POLL_S = 2.0  # RunComfy's own clients poll at a fixed 2 s
 NEXT_IN_LINE_POLL_S = 0.5  # queue_position 1: it starts any moment; its start time matters
 RUNNING_POLL_S = 2.0
@@ -19,9 +20,12 @@ TRANSIENT_BACKOFF_BASE_S = 1.0
 TRANSIENT_BACKOFF_MAX_S = 60.0
 
 
-def first_poll_at(submitted_at: float) -> float:
-    """When to first look at a request just submitted."""
-    return submitted_at + FIRST_POLL_S
+def first_poll_at(submitted_at: float, expected_run_s: float | None = None) -> float:
+    """When to first look at a request just submitted: after FIRST_POLL_S, or sooner if runs
+    of this shape are learned to take less (the look also tells whether it is queued)."""
+    if expected_run_s is None:
+        return submitted_at + FIRST_POLL_S
+    return submitted_at + min(FIRST_POLL_S, max(MIN_FIRST_POLL_S, expected_run_s))
 
 
 def next_poll_at(

@@ -45,7 +45,7 @@ class RunTimes:
 
     def learn(self, job_input: dict[str, Any], run_s: float) -> None:
         """Fold one observed run into the average for its shape."""
-        if not 0 < run_s < MAX_PLAUSIBLE_RUN_S:
+        if not 0 <= run_s < MAX_PLAUSIBLE_RUN_S:
             return
         field = shape_of(job_input)
         raw = self.redis.hget(RUN_TIMES_KEY, field)

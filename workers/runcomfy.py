@@ -80,7 +80,8 @@ class RequestState:
     queue_position: int | None = None
     images: tuple[str, ...] | None = None
     error: str | None = None
-    finished_at: float | None = None  # RunComfy's clock, when it says
+    created_at: float | None = None  # RunComfy's clock, when it says (on /result)
+    finished_at: float | None = None
 
     @property
     def is_queued(self) -> bool:
@@ -171,6 +172,7 @@ class RunComfyClient:
             status=status,
             images=images,
             error=error,
+            created_at=_timestamp(body.get("created_at")),
             finished_at=_timestamp(body.get("finished_at")),
         )
 
