@@ -135,11 +135,12 @@ def rows(
         Row("ingest", f"POST paced at half max ({half:.0f} req/s asked, "
             f"{sizes.ingest_paced_s:.0f} s): achieved", fmt(paced.rps, "req/s", 0)),
         Row("ingest", "POST at half max: p50 (from scheduled send)", fmt(paced.p50_ms, "ms", 2)),
-        Row("ingest", "POST at half max: p99 (from scheduled send)", fmt(paced.p99_ms, "ms", 2),
+        Row("ingest", "POST at half max: p99 (from scheduled send; generator's oversleep out)",
+            fmt(paced.p99_ms, "ms", 2),
             f"≤ {TARGET_HALF_RATE_P99_MS:.0f} ms",
             judged(paced.p99_ms <= TARGET_HALF_RATE_P99_MS)),
-        Row("ingest", "of it, the generator's own send lag p99 (its CPU contention)",
-            fmt(paced.send_lag_p99_ms, "ms", 2)),
+        Row("ingest", "POST at half max: p99 with the generator's oversleep in / oversleep p99",
+            f"{fmt(paced.raw_p99_ms, 'ms', 2)} / {fmt(paced.oversleep_p99_ms, 'ms', 2)}"),
         Row("ingest", "errors (non-2xx, socket) over all runs", fmt(errors, "", 0),
             "0", judged(errors == 0)),
     ]  # fmt: skip
