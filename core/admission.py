@@ -101,11 +101,6 @@ class FairAdmission:
             pipe.execute()
         return True
 
-    @staticmethod
-    def release(pipe: Any, job_id: str) -> None:
-        """Free the job's slot (inside the caller's transaction)."""
-        pipe.zrem(IN_FLIGHT_KEY, job_id)
-
     def in_flight(self) -> int:
         """Slots held now."""
         return int(self.redis.zcard(IN_FLIGHT_KEY))

@@ -1,7 +1,7 @@
 """The Redis store: job records (the truth), their indexes, schedules and webhook outbox.
 
-Every change to a job is compare-and-set (WATCH/MULTI): it is computed from the record as read and
-committed only if nobody changed the record meanwhile, together with everything that follows from
+Every change to a job is compare-and-set: it is computed from the record as read and committed by
+one Lua call only if the record is still what was read, together with everything that follows from
 it — the next due step, webhook events, the in-flight slot — so they can never disagree.
 """
 
@@ -18,7 +18,12 @@ from typing import Any
 
 import redis
 
-from core.admission import ADMISSION_RECHECK_S, WAITING_CLIENTS_KEY, FairAdmission
+from core.admission import (
+    ADMISSION_RECHECK_S,
+    IN_FLIGHT_KEY,
+    WAITING_CLIENTS_KEY,
+    FairAdmission,
+)
 from core.jobs import Job
 from core.keys import COUNTERS_KEY, PREFIX
 from core.schedule import DueSchedule
@@ -84,6 +89,33 @@ return false
 """
 
 
+# Commit one job change if the record is still the one it was computed from.
+# KEYS: job, job schedule, in-flight slots, webhook schedule, then per new event: its key, the
+#       job's event list
+# ARGV: record as read, new record, next step at ("" once final), retention s, job id, then per
+#       new event: its JSON, webhook id, first attempt at
+# Returns 1 if committed, 0 if the record changed meanwhile (the caller reads it again).
+_COMMIT_CHANGE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  redis.call('ZREM', KEYS[3], ARGV[5])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
+end
+for i = 5, #KEYS, 2 do
+  local a = 6 + (i - 5) / 2 * 3
+  redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[4])
+  redis.call('RPUSH', KEYS[i + 1], ARGV[a + 1])
+  redis.call('EXPIRE', KEYS[i + 1], ARGV[4])
+  redis.call('ZADD', KEYS[4], ARGV[a + 2], ARGV[a + 1])
+end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Created:
     """What JobStore.create did: the job id (the first job's, on an Idempotency-Key replay)."""
@@ -130,6 +162,7 @@ class JobStore:
         self.webhook_schedule = DueSchedule(client, PREFIX + "due:webhooks")
         self.admission = FairAdmission(client, due_jobs_key=self.job_schedule.key)
         self._create = client.register_script(_CREATE)
+        self._commit_change = client.register_script(_COMMIT_CHANGE)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -267,42 +300,48 @@ class JobStore:
         `step` may be called more than once (after a concurrent change) and must be pure.
         """
         key = self.job_key(job_id)
+        raw = self.redis.get(key)
         for _ in range(retries):
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        pipe.unwatch()
-                        return None
-                    before = Job.from_json(raw)
-                    result = step(before)
-                    if result is None:
-                        pipe.unwatch()
-                        return None
-                    after = result.job
-                    now = after.updated_at or time.time()
-                    events = events_for_change(before, after, now)
-                    pipe.multi()
-                    self._write_job(pipe, after, result.next_step_at)
-                    for event in events:
-                        self._write_event(pipe, event)
-                    pipe.execute()
-                    return Committed(after, events)
-                except redis.WatchError:
-                    continue
+            if raw is None:
+                return None
+            before = Job.from_json(raw)
+            result = step(before)
+            if result is None:
+                return None
+            after = result.job
+            events = events_for_change(before, after, after.updated_at or time.time())
+            if self._commit(raw, after, result.next_step_at, events):
+                return Committed(after, events)
+            raw = self.redis.get(key)  # changed meanwhile: compute again from the new record
         raise RuntimeError(f"job {job_id}: too much contention to apply a change")
 
-    def _write_job(self, pipe: Any, job: Job, next_step_at: float | None) -> None:
-        key = self.job_key(job.id)
-        if job.status.is_final:
-            pipe.set(key, job.to_json(), ex=self.retention_s)
-            self.job_schedule.remove(pipe, job.id)
-            self.admission.release(pipe, job.id)
-        else:
-            pipe.set(key, job.to_json())
+    def _commit(
+        self,
+        raw_before: bytes | str,
+        job: Job,
+        next_step_at: float | None,
+        events: list[WebhookEvent],
+    ) -> bool:
+        """Write the changed job, its schedule entry or slot release, and its new events."""
+        if not job.status.is_final:
             assert next_step_at is not None, "a live job always has a next step"
-            self.job_schedule.put(pipe, job.id, next_step_at)
+        keys = [
+            self.job_key(job.id),
+            self.job_schedule.key,
+            IN_FLIGHT_KEY,
+            self.webhook_schedule.key,
+        ]
+        args: list[bytes | str | float] = [
+            raw_before,
+            job.to_json(),
+            "" if job.status.is_final else repr(next_step_at),
+            self.retention_s,
+            job.id,
+        ]
+        for event in events:  # new events: the same writes as _write_event(is_new=True)
+            keys += [self.event_key(event.webhook_id), self.job_events_key(event.job_id)]
+            args += [event.to_json(), event.webhook_id, event.next_attempt_at or event.created_at]
+        return bool(self._commit_change(keys=keys, args=args))
 
     # --- webhook outbox ---------------------------------------------------------------------
 

@@ -171,6 +171,16 @@ def redis_client(stack: Stack) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture
+def scratch(stack: Stack) -> Iterator[redis.Redis]:
+    """A Redis database no worker looks at, empty for each test."""
+    client = connect_redis(stack.redis_server.url.rsplit("/", 1)[0] + "/4")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def make_app(stack: Stack) -> Callable[..., Any]:
     """An API app on the stack's Redis and broker (overrides: env-style settings)."""

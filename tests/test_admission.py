@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from core.jobs import Status, new_job
-from core.store import JobStore, Step, connect_redis
-from tests.conftest import Stack
+from core.store import JobStore, Step
 from workers.throttle import UpstreamThrottle
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def scratch(stack: Stack) -> Iterator[redis.Redis]:
-    """A Redis database no worker looks at."""
-    client = connect_redis(stack.redis_server.url.rsplit("/", 1)[0] + "/4")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def accept(store: JobStore, client_id: str, n: int) -> list[str]:
