@@ -90,7 +90,8 @@ def run(sizes: Sizes, base: Path, gateway: ScaleOutcome | None) -> list[Row]:
         else "n/a (the scale phase did not finish every job)"
     )
     rows.append(
-        Row("baseline", f"gateway speed-up for {n} jobs (naive projected / gateway measured)",
+        Row("baseline", f"gateway speed-up for {n} jobs (naive projected / gateway burst batch, "
+            "first POST → last webhook)",
             speed_up)
     )  # fmt: skip
     return rows

@@ -404,15 +404,23 @@ class Poster:
 
 
 def post_jobs(
-    poster: Poster, bodies: Iterable[dict[str, Any]], threads: int = 16
+    poster: Poster,
+    bodies: Sequence[dict[str, Any]],
+    threads: int = 16,
+    over_s: float | None = None,
 ) -> list[tuple[str, float]]:
-    """POST /v1/jobs for every body concurrently; (job id, time.time() sent) of each, in order.
-
-    Raises if any answer is not 202.
+    """POST /v1/jobs for every body concurrently — as fast as taken, or evenly over `over_s`;
+    (job id, time.time() sent) of each, in order. Raises if any answer is not 202.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(body: dict[str, Any]) -> tuple[str, float]:
+    start = time.time()
+    gap_s = (over_s or 0.0) / max(1, len(bodies))
+
+    def one(index_body: tuple[int, dict[str, Any]]) -> tuple[str, float]:
+        index, body = index_body
+        while (wait := start + index * gap_s - time.time()) > 0:
+            time.sleep(wait)
         sent = time.time()
         status, job = poster.post("/v1/jobs", body)
         if status != 202:
@@ -420,7 +428,7 @@ def post_jobs(
         return str(job["id"]), sent
 
     with ThreadPoolExecutor(threads, thread_name_prefix="post") as pool:
-        return list(pool.map(one, bodies))
+        return list(pool.map(one, enumerate(bodies)))
 
 
 def job_body(emulator_url: str, webhook_url: str | None = None, prompt: str = PROMPT) -> dict:
@@ -496,6 +504,7 @@ class Sizes:
     pipeline_cap_s: float
     scale_jobs: int
     scale_warmup_jobs: int  # run to the end first, so the run time is learned
+    scale_post_s: float  # the steady batch is POSTed evenly over this long (< the run time)
     scale_run_s: float
     scale_concurrency: int
     scale_cap_s: float
@@ -514,6 +523,7 @@ FULL = Sizes(
     pipeline_cap_s=120,
     scale_jobs=2000,
     scale_warmup_jobs=20,
+    scale_post_s=15,
     scale_run_s=20,
     scale_concurrency=2,
     scale_cap_s=240,
@@ -531,6 +541,7 @@ SMOKE = Sizes(
     pipeline_cap_s=30,
     scale_jobs=30,
     scale_warmup_jobs=3,
+    scale_post_s=0.5,
     scale_run_s=1,
     scale_concurrency=8,
     scale_cap_s=30,
@@ -613,7 +624,7 @@ def start_receiver(secret: str, collector: Collector) -> Any:
     return WebhookReceiver(secret, on_event=collector).start()
 
 
-def cpu_rows(phase: str, cpu: CpuMeter, jobs: int) -> list[Row]:
+def cpu_rows(phase: str, cpu: CpuMeter, jobs: int, prefix: str = "") -> list[Row]:
     """CPU per job of the gateway's processes, of the harness's, and how busy the machine was."""
     ms = cpu.per_job_ms(jobs)
     cores = len(os.sched_getaffinity(0))
@@ -621,10 +632,11 @@ def cpu_rows(phase: str, cpu: CpuMeter, jobs: int) -> list[Row]:
     ours = sum(cpu.used.values()) / capacity if capacity > 0 else math.nan
     machine = cpu.machine_s / capacity if capacity > 0 else math.nan
     return [
-        Row(phase, "CPU per job, gateway: worker / beat / API / Redis",
+        Row(phase, f"{prefix}CPU per job, gateway: worker / beat / API / Redis",
             " / ".join(fmt(ms[n], "", 2) for n in ("worker", "beat", "api", "redis")) + " ms"),
-        Row(phase, "CPU per job, harness on the same cores: emulator / bench (clients, receiver)",
+        Row(phase, f"{prefix}CPU per job, harness on the same cores: emulator / bench (clients, "
+            "receiver)",
             f"{fmt(ms['emulator'], '', 2)} / {fmt(ms['bench'], 'ms', 2)}"),
-        Row(phase, f"CPU busy over {fmt(cpu.wall_s, 's', 0)} x {cores} cores: this run's "
+        Row(phase, f"{prefix}CPU busy over {fmt(cpu.wall_s, 's', 0)} x {cores} cores: this run's "
             "processes / whole machine", f"{fmt(ours * 100, '', 0)} / {fmt(machine * 100, '%', 0)}"),
     ]  # fmt: skip

@@ -6,10 +6,17 @@ process runs -c 2 (one per core; the issue allows up to 8).
 
 First a few warm-up jobs of the same shape run to the end, as on a gateway that has been serving
 this model: it has learned the run time and polls when a run should be done. Their own latency is
-reported as the cold start (nothing learned yet: 2 s polling). Then all jobs are POSTed as fast as
-possible and the phase waits for every verified webhook. The added latency of a job is when its
-webhook arrived minus when the emulator finished its run (`finished_at` of the request's /result,
-on the same clock).
+reported as the cold start (nothing learned yet: 2 s polling).
+
+Then two batches of N jobs, each waited for to its last verified webhook:
+- steady: POSTed evenly over SCALE_POST_S (15 s, shorter than a run), so all N are in flight at
+  once at the end of it, arriving — and finishing — at N / 15 s, a little above the N / 20 s that
+  keeping N jobs of 20 s in flight takes (Little's law). The targets are held against this batch.
+- burst: all N POSTed as fast as the API takes them, so they all finish within a second or two of
+  each other: the worst case, reported beside it, and what the naive baseline is compared with.
+
+The added latency of a job is when its webhook arrived minus when the emulator finished its run
+(`finished_at` of the request's /result, on the same clock).
 """
 
 from __future__ import annotations
@@ -58,6 +65,23 @@ class ScaleOutcome:
     all_done_s: float
 
 
+@dataclass
+class Batch:
+    """One batch of jobs run to their webhooks, and what it measured."""
+
+    posted: list[tuple[str, float]]  # (job id, sent at)
+    posted_in_s: float
+    last_webhook_s: float  # first POST -> last webhook
+    all_came: bool
+    succeeded: int
+    peak_in_progress: int
+    calls: dict[str, int]
+    after_finish: list[float]  # webhook received - upstream finished_at
+    seen_after: list[float]  # the gateway saw it final - upstream finished_at
+    delivered_after: list[float]  # webhook received - the gateway saw it final
+    end_to_end: list[float]  # received - posted - upstream queue+run
+
+
 def _ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
@@ -96,97 +120,135 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
         receiver = start_receiver(creds.webhook_secret, collector)
         try:
             poster = Poster(stack.api_url, {"Authorization": f"Bearer {creds.api_key}"})
-            bodies = [
-                job_body(stack.emulator_url, receiver.url)
-                for _ in range(n + sizes.scale_warmup_jobs)
-            ]
-            warmup = post_jobs(poster, bodies[: sizes.scale_warmup_jobs], threads=4)
+
+            def bodies(count: int) -> list[dict[str, Any]]:
+                return [job_body(stack.emulator_url, receiver.url) for _ in range(count)]
+
+            warmup = post_jobs(poster, bodies(sizes.scale_warmup_jobs), threads=4)
             say(f"scale: warm-up, {len(warmup)} jobs to the end (learns the run time)")
             warmup_ids = [job_id for job_id, _ in warmup]
             if not collector.wait_for(warmup_ids, sizes.scale_run_s + 60):
                 raise RuntimeError("scale: warm-up jobs did not finish")
             cold = _after_finish(stack, collector.events(warmup_ids))
-            stack.emulator("POST", "/_emulator/reset")
+
             memory_before = used_memory(client)
             cpu = stack.cpu_meter()
             cpu.start()
-            say(f"scale: POST {n} jobs, each {sizes.scale_run_s:.0f} s upstream, worker -c {conc}")
-            with InFlightSampler(stack) as sampler:
-                started = time.time()
-                posted = post_jobs(poster, bodies[sizes.scale_warmup_jobs :], threads=32)
-                posted_in = time.time() - started
-                say(f"scale: {n} accepted in {posted_in:.1f} s; waiting for the webhooks")
-                job_ids = [job_id for job_id, _ in posted]
-                all_came = collector.wait_for(job_ids, sizes.scale_cap_s)
+            say(f"scale: steady, {n} jobs POSTed over {sizes.scale_post_s:.0f} s, each "
+                f"{sizes.scale_run_s:.0f} s upstream, worker -c {conc}")  # fmt: skip
+            steady = _run_batch(stack, poster, collector, bodies(n), sizes, sizes.scale_post_s)
             cpu.stop()
             rss, processes = group_rss_bytes(worker), group_size(worker)
             time.sleep(2)  # client and AOF buffers of the last burst drain (MBs at 2,000 jobs)
             memory_after = used_memory(client)
-            calls: dict[str, int] = stack.emulator("GET", "/_emulator/stats")["calls"]
-            events = collector.events(job_ids)
+
+            say(f"scale: burst, {n} jobs POSTed as fast as the API takes them")
+            burst = _run_batch(stack, poster, collector, bodies(n), sizes, None)
             rejected = len(receiver.rejected)
-            if not all_came:
-                say(f"{stack.name}: " + explain_missing(poster, job_ids, collector))
-            say(f"scale: {len(events)} / {n} webhooks; reading finish times from the emulator")
-            results = _upstream_results(stack, events)
         finally:
             receiver.stop()
             client.close()
 
-    posted_at = dict(posted)
-    after_finish, end_to_end, seen_after, delivered_after = [], [], [], []
-    for event, result in zip(events, results, strict=True):
-        finished, created = _ts(result["finished_at"]), _ts(result["created_at"])
-        after_finish.append(event.received_at - finished)
-        seen = _ts(event.payload["data"]["finished_at"])  # the gateway's own clock
-        seen_after.append(seen - finished)
-        delivered_after.append(event.received_at - seen)
-        job_id = event.payload["data"]["id"]
-        end_to_end.append(event.received_at - posted_at[job_id] - (finished - created))
-    succeeded = sum(1 for e in events if e.payload.get("type") == "job.succeeded")
-    last = max((e.received_at for e in events), default=time.time())
-    total_calls = sum(calls.values())
-    per_job_calls = total_calls / n
     fixed_poll_calls = 1 + math.ceil(sizes.scale_run_s / FIXED_POLL_S) + 1
-    p50, p99 = percentile(after_finish, 50), percentile(after_finish, 99)
-    all_finished = succeeded == n and all_came
-    outcome = ScaleOutcome(n, last - started if all_finished else float("nan"))
+    per_job_calls = sum(steady.calls.values()) / n
+    p50, p99 = percentile(steady.after_finish, 50), percentile(steady.after_finish, 99)
+    burst_done = burst.all_came and burst.succeeded == n
+    outcome = ScaleOutcome(n, burst.last_webhook_s if burst_done else float("nan"))
+    both_finished = burst_done and steady.all_came and steady.succeeded == n
     return [
-        Row("scale", f"jobs finished (verified job.succeeded), {n} posted at once, "
-            f"{sizes.scale_run_s:.0f} s upstream each", f"{succeeded} / {n}",
-            f"all, worker -c ≤ {MAX_CONCURRENCY}",
-            judged(all_finished and conc <= MAX_CONCURRENCY)),
-        Row("scale", "worker concurrency vs peak in flight at RunComfy (in_progress)",
-            f"{conc} vs {sampler.peak_in_progress}"),
-        Row("scale", f"time to POST all {n} / first POST → last webhook",
-            f"{fmt(posted_in, 's', 1)} / {fmt(last - started, 's', 1)}"),
-        Row("scale", "added latency p50 (webhook received - upstream finished_at)",
+        Row("scale", f"jobs finished (verified job.succeeded), steady / burst, "
+            f"{sizes.scale_run_s:.0f} s upstream each", f"{steady.succeeded} / {burst.succeeded}"
+            f" of {n} each", f"all, worker -c ≤ {MAX_CONCURRENCY}",
+            judged(both_finished and conc <= MAX_CONCURRENCY)),
+        Row("scale", "worker concurrency vs peak in flight at RunComfy (in_progress), steady / "
+            "burst", f"{conc} vs {steady.peak_in_progress} / {burst.peak_in_progress}",
+            f"{n} in flight at once", judged(min(steady.peak_in_progress,
+                                                  burst.peak_in_progress) >= n)),
+        Row("scale", f"steady: time to POST all {n} / first POST → last webhook",
+            f"{fmt(steady.posted_in_s, 's', 1)} / {fmt(steady.last_webhook_s, 's', 1)}"),
+        Row("scale", "steady: added latency p50 (webhook received - upstream finished_at)",
             fmt(p50, "s", 2), f"≤ {TARGET_P50_S} s", judged(p50 <= TARGET_P50_S)),
-        Row("scale", "added latency p99", fmt(p99, "s", 2), f"≤ {TARGET_P99_S} s",
+        Row("scale", "steady: added latency p99", fmt(p99, "s", 2), f"≤ {TARGET_P99_S} s",
             judged(p99 <= TARGET_P99_S)),
-        Row("scale", "added latency max", fmt(max(after_finish, default=float("nan")), "s", 2)),
-        Row("scale", "of it, p50 / p99: upstream finished → gateway saw it (poll)",
-            f"{fmt(percentile(seen_after, 50), 's', 2)} / {fmt(percentile(seen_after, 99), 's', 2)}"),
-        Row("scale", "of it, p50 / p99: gateway saw it → webhook received (delivery)",
-            f"{fmt(percentile(delivered_after, 50), 's', 2)} / "
-            f"{fmt(percentile(delivered_after, 99), 's', 2)}"),
-        Row("scale", f"cold start: added latency p50 / p99 of the {len(cold)} warm-up jobs "
-            "(nothing learned yet: 2 s polling)",
-            f"{fmt(percentile(cold, 50), 's', 2)} / {fmt(percentile(cold, 99), 's', 2)}"),
-        Row("scale", "end to end added p50 / p99 (received - posted - upstream queue+run)",
-            f"{fmt(percentile(end_to_end, 50), 's', 2)} / {fmt(percentile(end_to_end, 99), 's', 2)}"),
-        Row("scale", "upstream calls per job (submit + status + result)",
-            f"{fmt(per_job_calls, '', 2)} ({calls.get('submit', 0)} + {calls.get('status', 0)}"
-            f" + {calls.get('result', 0)})",
+        Row("scale", "steady: added latency max",
+            fmt(max(steady.after_finish, default=math.nan), "s", 2)),
+        Row("scale", "steady: of it, p50 / p99 until the gateway saw it final (poll)",
+            _p50_p99(steady.seen_after)),
+        Row("scale", "steady: of it, p50 / p99 from then to the webhook received (delivery)",
+            _p50_p99(steady.delivered_after)),
+        Row("scale", "steady: end to end added p50 / p99 (received - posted - upstream "
+            "queue+run)", _p50_p99(steady.end_to_end)),
+        Row("scale", "steady: upstream calls per job (submit + status + result)",
+            f"{fmt(per_job_calls, '', 2)} ({steady.calls.get('submit', 0)} + "
+            f"{steady.calls.get('status', 0)} + {steady.calls.get('result', 0)})",
             f"≤ {fixed_poll_calls:.0f} (fixed 2 s polling)",
             judged(per_job_calls <= fixed_poll_calls)),
-        Row("scale", "Redis bytes per job, finished jobs kept: used_memory delta "
+        Row("scale", "steady: Redis bytes per job, finished jobs kept: used_memory delta "
             "(of it dataset)", f"{fmt((memory_after[0] - memory_before[0]) / n, 'B', 0)} "
             f"({fmt((memory_after[1] - memory_before[1]) / n, 'B', 0)})"),
-        Row("scale", f"worker RSS at the end ({processes} processes)",
+        Row("scale", f"steady: worker RSS at the end ({processes} processes)",
             fmt(rss / 2**20, "MiB", 1)),
-        Row("scale", "rejected signatures / duplicate deliveries",
+        *cpu_rows("scale", cpu, n, prefix="steady: "),
+        Row("scale", f"burst: time to POST all {n} / first POST → last webhook",
+            f"{fmt(burst.posted_in_s, 's', 1)} / {fmt(burst.last_webhook_s, 's', 1)}"),
+        Row("scale", "burst: added latency p50 / p99 (all finish within "
+            f"~{fmt(burst.posted_in_s, 's', 0)} of each other)", _p50_p99(burst.after_finish)),
+        Row("scale", "burst: of it, p50 / p99 until the gateway saw it final / to the webhook",
+            f"{_p50_p99(burst.seen_after)}; {_p50_p99(burst.delivered_after)}"),
+        Row("scale", f"cold start: added latency p50 / p99 of the {len(cold)} warm-up jobs "
+            "(nothing learned yet: 2 s polling)", _p50_p99(cold)),
+        Row("scale", "rejected signatures / duplicate deliveries (all batches)",
             f"{rejected} / {collector.duplicates}", "0 / 0",
             judged(rejected == 0 and collector.duplicates == 0)),
-        *cpu_rows("scale", cpu, n),
     ], outcome  # fmt: skip
+
+
+def _run_batch(
+    stack: Stack,
+    poster: Poster,
+    collector: Collector,
+    bodies: list[dict[str, Any]],
+    sizes: Sizes,
+    over_s: float | None,
+) -> Batch:
+    """POST `bodies` (evenly over `over_s`, or as fast as taken), wait for every webhook."""
+    stack.emulator("POST", "/_emulator/reset")  # per-batch call counts
+    with InFlightSampler(stack) as sampler:
+        started = time.time()
+        posted = post_jobs(poster, bodies, threads=32, over_s=over_s)
+        posted_in = time.time() - started
+        say(f"scale: {len(posted)} accepted in {posted_in:.1f} s; waiting for the webhooks")
+        job_ids = [job_id for job_id, _ in posted]
+        all_came = collector.wait_for(job_ids, sizes.scale_cap_s)
+    calls: dict[str, int] = stack.emulator("GET", "/_emulator/stats")["calls"]
+    if not all_came:
+        say(f"{stack.name}: " + explain_missing(poster, job_ids, collector))
+    events = collector.events(job_ids)
+    results = _upstream_results(stack, events)
+    posted_at = dict(posted)
+    batch = Batch(
+        posted=posted,
+        posted_in_s=posted_in,
+        last_webhook_s=max((e.received_at for e in events), default=math.nan) - started,
+        all_came=all_came,
+        succeeded=sum(1 for e in events if e.payload.get("type") == "job.succeeded"),
+        peak_in_progress=sampler.peak_in_progress,
+        calls=calls,
+        after_finish=[],
+        seen_after=[],
+        delivered_after=[],
+        end_to_end=[],
+    )
+    for event, result in zip(events, results, strict=True):
+        finished, created = _ts(result["finished_at"]), _ts(result["created_at"])
+        seen = _ts(event.payload["data"]["finished_at"])  # the gateway's own clock
+        batch.after_finish.append(event.received_at - finished)
+        batch.seen_after.append(seen - finished)
+        batch.delivered_after.append(event.received_at - seen)
+        job_id = event.payload["data"]["id"]
+        batch.end_to_end.append(event.received_at - posted_at[job_id] - (finished - created))
+    return batch
+
+
+def _p50_p99(values: list[float]) -> str:
+    return f"{fmt(percentile(values, 50), 's', 2)} / {fmt(percentile(values, 99), 's', 2)}"
