@@ -14,7 +14,7 @@ from core.logs import configure_logging
 from core.metrics import Counters, GatewayCollector
 from core.settings import Settings, load_settings_or_exit
 from core.store import JobStore, connect_redis
-from core.wakeups import Wakeups
+from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
 from service.auth import RecentKeys
 from service.context import ServiceContext
 from service.problems import ProblemApi
@@ -79,3 +79,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     api.register_blueprint(jobs.blp)
     app.register_blueprint(health.bp)
     return app
+
+
+def warm_up(app: Flask) -> None:
+    """Before a process takes requests: pay what the first wake-up would pay inside one.
+
+    Celery builds its app, transport and broker connection lazily on the first send (~30 ms
+    here, holding the GIL: every request in flight in the process waits). Sending one wake-up
+    now does it all, and only nudges the dispatcher; best effort, as every wake-up is.
+    """
+    app.extensions["celery"].finalize()
+    ctx: ServiceContext = app.extensions["inpaint_gateway"]
+    ctx.commands.wakeups.send(DISPATCH_JOBS_TASK)
