@@ -30,10 +30,12 @@ from celery import Celery
 from cli.processes import (
     ManagedProcess,
     RedisServer,
+    api_argv,
+    beat_argv,
+    emulator_argv,
     free_port,
-    python_module_argv,
-    venv_script,
     wait_for_port,
+    worker_argv,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -263,10 +265,9 @@ class Stack:
 
     def start_emulator(self, queue_s: float, run_s: float) -> str:
         port = free_port()
-        argv = python_module_argv(
-            "emulator", "--port", str(port), "--token", EMULATOR_TOKEN,
-            "--queue-s", str(queue_s), "--run-s", str(run_s), "--quiet",
-        )  # fmt: skip
+        argv = emulator_argv(
+            port, EMULATOR_TOKEN, "--queue-s", str(queue_s), "--run-s", str(run_s), "--quiet"
+        )
         process = self._start("emulator", argv, dict(os.environ))
         wait_for_port(port, process=process.process)
         self.emulator_url = f"http://127.0.0.1:{port}"
@@ -293,9 +294,7 @@ class Stack:
     def start_api(self) -> ManagedProcess:
         """gunicorn with the production settings (service/gunicorn_conf.py), on a free port."""
         port = free_port()
-        argv = [venv_script("gunicorn"), "-c", "python:service.gunicorn_conf",
-                "-b", f"127.0.0.1:{port}", "service:create_app()"]  # fmt: skip
-        process = self._start("api", argv, self.env)
+        process = self._start("api", api_argv(f"127.0.0.1:{port}"), self.env)
         wait_for_port(port, process=process.process, timeout_s=30)
         self.api_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -310,18 +309,16 @@ class Stack:
 
     def start_worker(self, app: str, concurrency: int, queues: str | None = None) -> ManagedProcess:
         """`celery -A app worker -c N`; returns once it answers a remote-control ping."""
-        argv = [venv_script("celery"), "-A", app, "worker", "-c", str(concurrency),
-                "--without-gossip", "--without-mingle", "-n", f"bench-{self.name}@%h"]  # fmt: skip
-        if queues:
-            argv[4:4] = ["-Q", queues]
+        argv = worker_argv(
+            concurrency=concurrency, name=f"bench-{self.name}", queues=queues, app=app,
+            log_level=None,
+        )  # fmt: skip
         process = self._start("worker", argv, self.env)
         wait_for_celery_worker(self.env["REDIS_URL"], process)
         return process
 
     def start_beat(self) -> ManagedProcess:
-        argv = [venv_script("celery"), "-A", "workers", "beat",
-                "-s", str(self.base / "beat-schedule")]  # fmt: skip
-        return self._start("beat", argv, self.env)
+        return self._start("beat", beat_argv(self.base / "beat-schedule", None), self.env)
 
     def emulator(self, method: str, path: str, **kwargs: Any) -> Any:
         """Call the emulator (control API without a token; /v1 with it); the JSON answer."""

@@ -22,9 +22,11 @@ from cli.listener import WebhookReceiver, print_event
 from cli.processes import (
     ManagedProcess,
     RedisServer,
-    python_module_argv,
-    venv_script,
+    api_argv,
+    beat_argv,
+    emulator_argv,
     wait_for_port,
+    worker_argv,
 )
 from core.clients import ClientStore
 from core.settings import SettingsError, load_settings
@@ -111,9 +113,7 @@ def run_dev_stack(
         processes.append(
             ManagedProcess(
                 "emulator",
-                python_module_argv(
-                    "emulator", "--port", str(emulator_port), "--token", EMULATOR_TOKEN
-                ),
+                emulator_argv(emulator_port, EMULATOR_TOKEN),
                 env=env,
                 log_path=RUN_DIR / "emulator.log",
             )
@@ -124,43 +124,18 @@ def run_dev_stack(
         load_settings()
     except SettingsError as exc:
         raise SystemExit(f"[make run] {exc}") from None
-    celery = venv_script("celery")
     processes += [
         ManagedProcess(
-            "api",
-            [
-                venv_script("gunicorn"),
-                "-c",
-                "python:service.gunicorn_conf",
-                "-b",
-                f"127.0.0.1:{api_port}",
-                "service:create_app()",
-            ],
-            env=env,
-            log_path=RUN_DIR / "api.log",
+            "api", api_argv(f"127.0.0.1:{api_port}"), env=env, log_path=RUN_DIR / "api.log"
         ),
         ManagedProcess(
             "worker",
-            [
-                celery,
-                "-A",
-                "workers",
-                "worker",
-                "-c",
-                str(worker_concurrency),
-                "-l",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-            ],
+            worker_argv(concurrency=worker_concurrency, queues=None),
             env=env,
             log_path=RUN_DIR / "worker.log",
         ),
         ManagedProcess(
-            "beat",
-            [celery, "-A", "workers", "beat", "-l", "INFO", "-s", str(RUN_DIR / "beat-schedule")],
-            env=env,
-            log_path=RUN_DIR / "beat.log",
+            "beat", beat_argv(RUN_DIR / "beat-schedule"), env=env, log_path=RUN_DIR / "beat.log"
         ),
     ]
     client_id, api_key, secret = _local_client(ClientStore(connect_redis(redis_url)))

@@ -189,3 +189,43 @@ def venv_script(name: str) -> str:
     """Path of a console script installed beside this interpreter (celery, gunicorn, ...)."""
     candidate = Path(sys.executable).with_name(name)
     return str(candidate) if candidate.exists() else name
+
+
+# --- the stack's commands, as deployed (docker-compose.yml, deploy/), for every launcher --------
+
+
+def api_argv(bind: str) -> list[str]:
+    """`gunicorn` with the production settings, bound to `bind` (host:port)."""
+    return [venv_script("gunicorn"), "-c", "python:service.gunicorn_conf", "-b", bind,
+            "service:create_app()"]  # fmt: skip
+
+
+def worker_argv(
+    *,
+    concurrency: int,
+    name: str | None = None,
+    queues: str | None = "jobs,webhooks",
+    app: str = "workers",
+    log_level: str | None = "INFO",
+) -> list[str]:
+    """`celery -A workers worker` (gossip and mingle off: workers share nothing but Redis)."""
+    argv = [venv_script("celery"), "-A", app, "worker", "-c", str(concurrency),
+            "--without-gossip", "--without-mingle"]  # fmt: skip
+    if queues:
+        argv += ["-Q", queues]
+    if log_level:
+        argv += ["-l", log_level]
+    if name:
+        argv += ["-n", f"{name}@%h"]
+    return argv
+
+
+def beat_argv(schedule_path: Path, log_level: str | None = "INFO") -> list[str]:
+    """`celery -A workers beat`, its schedule file at `schedule_path`."""
+    argv = [venv_script("celery"), "-A", "workers", "beat", "-s", str(schedule_path)]
+    return argv + (["-l", log_level] if log_level else [])
+
+
+def emulator_argv(port: int, token: str, *options: str) -> list[str]:
+    """`python -m emulator` on 127.0.0.1:`port`, answering `token`."""
+    return python_module_argv("emulator", "--port", str(port), "--token", token, *options)

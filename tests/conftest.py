@@ -22,10 +22,11 @@ from cli.listener import WebhookReceiver
 from cli.processes import (
     ManagedProcess,
     RedisServer,
+    beat_argv,
+    emulator_argv,
     free_port,
-    python_module_argv,
-    venv_script,
     wait_for_port,
+    worker_argv,
 )
 from core.clients import ClientStore, NewClientCredentials
 from core.settings import Settings, load_settings
@@ -91,9 +92,7 @@ def worker_process(
     env: dict[str, str], logs: Path, name: str, concurrency: int = 2
 ) -> ManagedProcess:
     """`celery -A workers worker`, as deployed."""
-    argv = [venv_script("celery"), "-A", "workers", "worker", "-Q", "jobs,webhooks",
-            "-c", str(concurrency), "-l", "INFO", "--without-gossip", "--without-mingle",
-            "-n", f"{name}@%h"]  # fmt: skip
+    argv = worker_argv(concurrency=concurrency, name=name)
     return ManagedProcess(name, argv, env=env, log_path=logs / f"{name}.log")
 
 
@@ -120,27 +119,13 @@ def start_stack(
     }
     emulator = ManagedProcess(
         "emulator",
-        python_module_argv(
-            "emulator", "--port", str(emulator_port), "--token", EMULATOR_TOKEN, *emulator_args
-        ),
+        emulator_argv(emulator_port, EMULATOR_TOKEN, *emulator_args),
         env=full_env,
         log_path=logs / "emulator.log",
     ).start()
     worker_processes = [worker_process(full_env, logs, f"worker{i + 1}") for i in range(workers)]
     beat = ManagedProcess(
-        "beat",
-        [
-            venv_script("celery"),
-            "-A",
-            "workers",
-            "beat",
-            "-l",
-            "INFO",
-            "-s",
-            str(base / "beat-schedule"),
-        ],
-        env=full_env,
-        log_path=logs / "beat.log",
+        "beat", beat_argv(base / "beat-schedule"), env=full_env, log_path=logs / "beat.log"
     )
     stack = Stack(
         base, redis_server, emulator_url, full_env, worker_processes, beat, emulator, logs

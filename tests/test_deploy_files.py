@@ -22,6 +22,7 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 import service
+from cli.processes import api_argv, beat_argv, worker_argv
 from core.settings import SettingsError, load_settings
 from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from emulator.__main__ import build_config
@@ -540,3 +541,19 @@ def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
         p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
     assert not ignored & (packages | {"pyproject.toml", "*", "**"}), "pip install . needs them"
+
+
+def test_make_run_the_tests_and_the_bench_start_the_deployed_commands() -> None:
+    # cli/processes.py builds every launcher's commands; they are the deployed ones plus only
+    # what a local run sets itself (a bind address, a concurrency, a node name).
+    def deployed_form(argv: list[str], *local_options: str) -> list[str]:
+        words = [Path(argv[0]).name, *argv[1:]]
+        for option in local_options:
+            at = words.index(option)
+            del words[at : at + 2]
+        return words
+
+    assert deployed_form(api_argv("127.0.0.1:1"), "-b") == API_COMMAND
+    assert sorted(deployed_form(worker_argv(concurrency=2), "-c")) == sorted(WORKER_COMMAND)
+    beat = deployed_form(beat_argv(Path("/tmp/celerybeat-schedule")))
+    assert sorted(beat) == sorted(BEAT_COMMAND)
