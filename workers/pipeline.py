@@ -133,6 +133,7 @@ class JobPipeline:
             self._fail(job.id, "upstream_rejected", f"RunComfy refused the job: {exc.message}")
             return
         accepted_at = self.clock()
+        expected_run_s = self.run_times.expected_s(job.input)
 
         def record_request(j: Job) -> Step | None:
             if j.status is not Status.QUEUED or j.submit_started_at != now:
@@ -147,7 +148,7 @@ class JobPipeline:
                 transient_errors=0,
                 last_seen_queued_at=accepted_at,
             )
-            return Step(moved, first_poll_at(accepted_at, self.run_times.expected_s(j.input)))
+            return Step(moved, first_poll_at(accepted_at, expected_run_s))
 
         committed = self._commit(job.id, record_request)
         if committed is None:
