@@ -276,11 +276,15 @@ class NoRedirectSession(requests.Session):
         return None
 
 
-def egress_session(policy: EgressPolicy) -> requests.Session:
-    """Return a Session that delivers only to addresses policy allows, ignoring env proxies."""
+def egress_session(policy: EgressPolicy, *, connections_per_host: int = 10) -> requests.Session:
+    """Return a Session that delivers only to addresses policy allows, ignoring env proxies.
+
+    It keeps up to `connections_per_host` connections to each address for reuse: as many as
+    deliveries made at once, or every one beyond is a new connection thrown away after use.
+    """
     session = NoRedirectSession()
     session.trust_env = False
-    adapter = PinnedAddressAdapter(policy)
+    adapter = PinnedAddressAdapter(policy, pool_maxsize=connections_per_host)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

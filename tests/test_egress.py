@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -510,3 +512,42 @@ def test_https_refuses_a_certificate_for_another_host(
             verify=str(cert),
         )
     assert tls_receiver.seen == []
+
+
+class KeepAliveHandler(RecordingHandler):
+    """HTTP/1.1 with keep-alive; counts the connections accepted."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.connections += 1  # type: ignore[attr-defined]
+
+
+def test_as_many_connections_as_deliveries_at_once_are_kept_for_reuse() -> None:
+    # A dispatch makes a batch of attempts at once, often to one receiver: beyond the pool size
+    # every connection would be opened for one request and thrown away.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
+    server.lock, server.connections = threading.Lock(), 0  # type: ignore[attr-defined]
+    port = server.server_address[1]
+    at_once = 20
+    with contextlib.ExitStack() as stack:
+        receiver = stack.enter_context(
+            contextlib.contextmanager(_serve)(server, Receiver(f"http://127.0.0.1:{port}", port))
+        )
+        session = stack.enter_context(
+            egress_session(LOOPBACK_ALLOWED, connections_per_host=at_once)
+        )
+        barrier = threading.Barrier(at_once)
+
+        def get(_: int) -> int:
+            barrier.wait(TIMEOUT_S)  # all at once, as a dispatch batch
+            with session.get(f"{receiver.url}/hook", timeout=TIMEOUT_S) as response:
+                return response.status_code
+
+        with ThreadPoolExecutor(at_once) as pool:
+            for _ in range(3):
+                assert list(pool.map(get, range(at_once))) == [200] * at_once
+    assert len(receiver.seen) == 3 * at_once
+    assert server.connections <= at_once  # type: ignore[attr-defined]

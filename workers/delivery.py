@@ -76,7 +76,10 @@ class WebhookDelivery:
 
     def __post_init__(self) -> None:
         self.policy = EgressPolicy.from_cidrs(list(self.settings.webhook_allowed_networks))
-        self.session = egress_session(self.policy)
+        # A dispatch makes up to a batch of attempts at once, often to one receiver.
+        self.session = egress_session(
+            self.policy, connections_per_host=self.settings.dispatch_batch_size
+        )
 
     def deliver(self, webhook_id: str) -> None:
         """Make one attempt at a pending event, if it is still pending."""
