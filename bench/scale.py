@@ -69,7 +69,6 @@ class ScaleOutcome:
 class Batch:
     """One batch of jobs run to their webhooks, and what it measured."""
 
-    posted: list[tuple[str, float]]  # (job id, sent at)
     posted_in_s: float
     last_webhook_s: float  # first POST -> last webhook
     all_came: bool
@@ -227,7 +226,6 @@ def _run_batch(
     results = _upstream_results(stack, events)
     posted_at = dict(posted)
     batch = Batch(
-        posted=posted,
         posted_in_s=posted_in,
         last_webhook_s=max((e.received_at for e in events), default=math.nan) - started,
         all_came=all_came,
