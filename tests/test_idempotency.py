@@ -37,13 +37,14 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
         model_id=settings.runcomfy_model_id,
         timeout_s=5,
     )
+    store = JobStore(redis_client, retention_s=settings.job_retention_s)
     yield JobPipeline(
-        store=JobStore(redis_client, retention_s=settings.job_retention_s),
+        store=store,
         runcomfy=runcomfy,
         settings=settings,
         counters=Counters(redis_client),
         throttle=UpstreamThrottle(redis_client, rate_per_s=settings.runcomfy_max_rps),
-        run_times=RunTimes(redis_client),
+        run_times=RunTimes(redis_client, job_schedule_key=store.job_schedule.key),
         on_events=lambda: None,
         on_slot_freed=lambda: None,
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import redis
 
-from core.store import connect_redis
+from core.store import JobStore, connect_redis
 from tests.conftest import Stack
 from workers.polling import (
     FIRST_POLL_S,
@@ -101,15 +102,40 @@ def test_retry_after_is_a_floor() -> None:
 def test_run_times_are_learned_per_shape(stack: Stack) -> None:
     client = connect_redis(stack.redis_server.url.rsplit("/", 1)[0] + "/5")  # no worker looks here
     client.flushdb()
-    times = RunTimes(client)
+    times = RunTimes(client, job_schedule_key="igw:test:due")
     fast, slow = {"num_inference_steps": 8, "image_size": "square"}, {"num_inference_steps": 30}
     assert times.expected_s(fast) is None
     for run_s in (2.0, 4.0):
         times.learn(fast, run_s)
     times.learn(slow, 20.0)
     times.learn(slow, -1.0)  # implausible: ignored
-    assert RunTimes(client).expected_s(fast) == pytest.approx(3.0)
-    assert RunTimes(client).expected_s(slow) == pytest.approx(20.0)
+    assert RunTimes(client, job_schedule_key="igw:test:due").expected_s(fast) == pytest.approx(3.0)
+    assert RunTimes(client, job_schedule_key="igw:test:due").expected_s(slow) == pytest.approx(20.0)
     assert shape_of(slow) == "30:auto"
     client.flushdb()
     client.close()
+
+
+def test_the_first_learned_run_brings_its_shapes_waiting_jobs_forward(
+    scratch: redis.Redis,
+) -> None:
+    # Nothing learned yet: running jobs of the shape poll every 2 s. The first run learned
+    # re-plans each of them to when it should be done — never later than already due, and
+    # only jobs still scheduled.
+    store = JobStore(scratch, retention_s=3600)
+    times = RunTimes(scratch, job_schedule_key=store.job_schedule.key)
+    shape = {"num_inference_steps": 12, "image_size": "square"}
+    scratch.zadd(store.job_schedule.key, {"job_a": 1000.0, "job_b": 1000.0, "job_c": 1003.0})
+    times.wait_for_first(shape, "job_a", running_since=990.0)  # should end at 994
+    times.wait_for_first(shape, "job_b", running_since=999.0)  # at 1003: later than due
+    times.wait_for_first(shape, "job_gone", running_since=990.0)  # finished meanwhile
+    times.wait_for_first({"num_inference_steps": 3}, "job_c", running_since=990.0)  # other shape
+
+    times.learn(shape, 4.0)
+
+    assert scratch.zscore(store.job_schedule.key, "job_a") == 994.0
+    assert scratch.zscore(store.job_schedule.key, "job_b") == 1000.0
+    assert scratch.zscore(store.job_schedule.key, "job_gone") is None
+    assert scratch.zscore(store.job_schedule.key, "job_c") == 1003.0
+    times.learn(shape, 8.0)  # later runs only refine the average: nothing to re-plan
+    assert scratch.zscore(store.job_schedule.key, "job_a") == 994.0

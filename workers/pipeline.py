@@ -326,8 +326,18 @@ class JobPipeline:
             return Step(changed, min(j.deadline_at, next_at))
 
         committed = self._commit(job.id, apply)
-        if committed is not None and committed.job.status is Status.SUCCEEDED:
-            self._learn_run_time(committed.job, state, now)
+        if committed is None:
+            return
+        after = committed.job
+        if after.status is Status.SUCCEEDED:
+            self._learn_run_time(after, state, now)
+        elif (
+            expected_run_s is None
+            and job.status is Status.SUBMITTED
+            and after.status is Status.RUNNING
+            and after.running_since is not None
+        ):  # seen running, nothing learned: the shape's first learned run re-plans it
+            self.run_times.wait_for_first(after.input, after.id, after.running_since)
 
     def _learn_run_time(self, job: Job, state: RequestState, now: float) -> None:
         """Teach RunTimes how long this run took: from when we saw it start, or — if it was

@@ -58,7 +58,7 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         settings=settings,
         counters=counters,
         throttle=throttle,
-        run_times=RunTimes(client),
+        run_times=RunTimes(client, job_schedule_key=store.job_schedule.key),
         on_events=wakeups.webhooks,
         on_slot_freed=wakeups.jobs,
     )
