@@ -57,16 +57,15 @@ class JobCommands:
             deadline_s=self.settings.job_deadline_s,
         )
         claim = IdempotencyClaim(client_id, idempotency_key, body) if idempotency_key else None
-        created = self.store.create(
-            job, idempotency=claim, wakeup=self.wakeups.pending(DISPATCH_JOBS_TASK)
-        )
+        wakeup = self.wakeups.pending(DISPATCH_JOBS_TASK)
+        created = self.store.create(job, idempotency=claim, wakeup=wakeup)
         if not created.is_new:
             first = self.store.get_for_client(client_id, created.job_id)
             if first is None:
                 raise CommandRefused(f"the Idempotency-Key's job {created.job_id} no longer exists")
             return first, False
         if created.wakeup_claimed:
-            self.wakeups.send(DISPATCH_JOBS_TASK)
+            self.wakeups.send(wakeup.task_name)
         return job, True
 
     def check_webhook_url(self, url: str) -> None:

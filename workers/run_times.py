@@ -31,16 +31,29 @@ def shape_of(job_input: dict[str, Any]) -> str:
     return f"{job_input.get('num_inference_steps', 20)}:{job_input.get('image_size', 'auto')}"
 
 
-# Bring the waiting jobs of a shape just learned forward to their expected end (never later than
-# already due, and only jobs still scheduled), then forget them.
-# KEYS: the shape's waiting set, the job schedule; ARGV: the learned run seconds
-_REPLAN = """
-local waiting = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-for i = 1, #waiting, 2 do
-  redis.call('ZADD', KEYS[2], 'XX', 'LT', tonumber(waiting[i + 1]) + tonumber(ARGV[1]), waiting[i])
+# Fold one observed run into its shape's average, in one call (no read-modify-write race between
+# workers). The first run learned also brings the shape's waiting jobs forward to their expected
+# end — never later than already due, and only jobs still scheduled — and forgets them.
+# KEYS: the run times hash, the shape's waiting set, the job schedule
+# ARGV: shape, observed run seconds, MIN_ALPHA. Returns the new mean (as text: Lua truncates).
+_LEARN = """
+local run = tonumber(ARGV[2])
+local mean, count = run, 0
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw then
+  local m, c = string.match(raw, '^(%S+) (%S+)$')
+  mean, count = tonumber(m), tonumber(c)
 end
-redis.call('DEL', KEYS[1])
-return #waiting / 2
+mean = mean + math.max(tonumber(ARGV[3]), 1 / (count + 1)) * (run - mean)
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.4f %d', mean, count + 1))
+if count == 0 then
+  local waiting = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #waiting, 2 do
+    redis.call('ZADD', KEYS[3], 'XX', 'LT', tonumber(waiting[i + 1]) + mean, waiting[i])
+  end
+  redis.call('DEL', KEYS[2])
+end
+return string.format('%.4f', mean)
 """
 
 
@@ -52,7 +65,7 @@ class RunTimes:
         self.job_schedule_key = job_schedule_key
         self._cache: dict[str, float] = {}
         self._cached_at = 0.0
-        self._replan = client.register_script(_REPLAN)
+        self._learn = client.register_script(_LEARN)
 
     def expected_s(self, job_input: dict[str, Any]) -> float | None:
         """The learned run time for this shape, or None before any was seen."""
@@ -77,11 +90,5 @@ class RunTimes:
         if not 0 <= run_s < MAX_PLAUSIBLE_RUN_S:
             return
         field = shape_of(job_input)
-        raw = self.redis.hget(RUN_TIMES_KEY, field)
-        mean, count = (float(x) for x in str(raw).split()) if raw else (run_s, 0.0)
-        alpha = max(MIN_ALPHA, 1 / (count + 1))
-        mean += alpha * (run_s - mean)
-        self.redis.hset(RUN_TIMES_KEY, field, f"{mean:.4f} {int(count) + 1}")
-        self._cache[field] = mean
-        if count == 0:
-            self._replan(keys=[UNLEARNED_PREFIX + field, self.job_schedule_key], args=[mean])
+        keys = [RUN_TIMES_KEY, UNLEARNED_PREFIX + field, self.job_schedule_key]
+        self._cache[field] = float(self._learn(keys=keys, args=[field, run_s, MIN_ALPHA]))
