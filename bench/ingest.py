@@ -6,9 +6,13 @@ processes: wrk for the maximum (closed loop), then a paced Python generator at h
 maximum, its latency measured from each request's scheduled send time.
 
 The two maxima are measured in alternating rounds (healthz, POST, healthz, POST, …) and the best
-of each is kept, and so is the best of as many paced rounds: on a shared VM a neighbour can take a
+of each is kept, and so is the best of the paced rounds: on a shared VM a neighbour can take a
 core for seconds, and short rounds keep one such window from deciding a figure. Every round's
 figure is printed.
+
+Then a bench-only app (bench/ingest_probe.py) takes parts of a POST out, in the same rounds
+against its own /healthz: what is left of the ratio without the Redis write, and without the
+schema too, says where a POST's cost goes.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from bench import ingest_probe
 from bench.common import Row, Sizes, Stack, fmt, job_body, judged, say
 from bench.loadgen import LoadResult, max_throughput, run_python
 from core.clients import ClientStore
@@ -67,7 +73,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         post = max(post_rounds, key=lambda r: r.rps)
         half = post.rps / 2
         paced_rounds: list[LoadResult] = []
-        for round_no in range(1, sizes.ingest_rounds + 1):
+        for round_no in range(1, sizes.ingest_paced_rounds + 1):
             say(f"ingest: round {round_no}: POST /v1/jobs paced at {half:.0f} req/s for "
                 f"{sizes.ingest_paced_s:.0f} s")  # fmt: skip
             paced_rounds.append(
@@ -86,6 +92,8 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         time.sleep(0.5)  # the log line of a restart at the very end
         boots.append(_boots(log))
         cpu.stop()
+        stack.stop_process("api")
+        steps = _post_steps(stack, sizes, load, body, auth)
     cores = len(os.sched_getaffinity(0))
     api_share = (cpu.used["api"] + cpu.used["redis"]) / (cpu.wall_s * cores)
     restarts = [later - earlier for earlier, later in itertools.pairwise(boots)]
@@ -97,11 +105,54 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
             " / ".join(fmt(r.p99_ms, "", 2) for r in paced_rounds)),
         *rows(sizes, trivial, post, paced, half,
               errors=sum(r.errors for r in (*trivial_rounds, *post_rounds, *paced_rounds))),
+        *_step_rows(sizes, steps, post),
         Row("ingest", "gunicorn worker restarts (max_requests) in the max / paced runs",
             " / ".join(str(r) for r in restarts)),
         Row("ingest", f"CPU busy over {cpu.wall_s:.0f} s x {cores} cores: gunicorn + Redis / "
             "whole machine (with the load generator)",
             f"{fmt(api_share * 100, '', 0)} / {fmt(cpu.machine_s / (cpu.wall_s * cores) * 100, '%', 0)}"),
+    ]  # fmt: skip
+
+
+POST_STEPS = (
+    ("GET /healthz", "/healthz"),
+    ("POST, JSON parsed without the schema, not stored", ingest_probe.UNVALIDATED_PATH),
+    ("POST /v1/jobs (schema), not stored", "/v1/jobs"),
+)
+
+
+def _post_steps(
+    stack: Stack,
+    sizes: Sizes,
+    load: Callable[..., LoadResult],
+    body: str,
+    auth: dict[str, str],
+) -> list[LoadResult]:
+    """Where a POST's throughput goes: bench/ingest_probe.py's steps, best of alternating rounds."""
+    stack.start_api("api-probe", "bench.ingest_probe:create_app()")
+    _wait_for_boots(stack.logs / "api-probe.log", gunicorn_conf.workers)
+    rounds: list[list[LoadResult]] = [[] for _ in POST_STEPS]
+    for round_no in range(1, sizes.ingest_rounds + 1):
+        for (label, path), results in zip(POST_STEPS, rounds, strict=True):
+            say(f"ingest: probe round {round_no}: {label}, closed loop for {sizes.ingest_s:.0f} s")
+            if path == "/healthz":
+                results.append(load(stack.api_url + path))
+            else:
+                results.append(load(stack.api_url + path, body=body, headers=auth))
+    return [max(results, key=lambda r: r.rps) for results in rounds]
+
+
+def _step_rows(sizes: Sizes, steps: list[LoadResult], post: LoadResult) -> list[Row]:
+    """Each step's best rate and its share of /healthz's, the real POST last (its own rounds)."""
+    trivial = steps[0]
+    cells = [f"{fmt(r.rps, '', 0)} ({fmt(r.rps / trivial.rps * 100, '%', 0)})" for r in steps[1:]]
+    labels = [label for label, _ in POST_STEPS[1:]]
+    return [
+        Row("ingest", "where a POST's throughput goes (bench/ingest_probe.py, same gunicorn "
+            f"settings, best of {sizes.ingest_rounds} x {sizes.ingest_s:.0f} s): req/s "
+            f"(share of its /healthz {fmt(trivial.rps, 'req/s', 0)}): " + "; ".join(labels)
+            + "; then the real POST with its Redis write (above)",
+            "; ".join(cells) + f"; {fmt(post.rps, '', 0)}"),
     ]  # fmt: skip
 
 

@@ -194,10 +194,9 @@ def venv_script(name: str) -> str:
 # --- the stack's commands, as deployed (docker-compose.yml, deploy/), for every launcher --------
 
 
-def api_argv(bind: str) -> list[str]:
+def api_argv(bind: str, app: str = "service:create_app()") -> list[str]:
     """`gunicorn` with the production settings, bound to `bind` (host:port)."""
-    return [venv_script("gunicorn"), "-c", "python:service.gunicorn_conf", "-b", bind,
-            "service:create_app()"]  # fmt: skip
+    return [venv_script("gunicorn"), "-c", "python:service.gunicorn_conf", "-b", bind, app]
 
 
 def worker_argv(

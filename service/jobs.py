@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import Response, current_app, request, url_for
+from flask import Response, current_app, request
 from flask.views import MethodView
 from flask_smorest import abort
 
@@ -32,13 +32,7 @@ blp = StrictBlueprint(
 blp.before_request(authenticate)
 
 
-@blp.before_request
-def _json_bodies_only() -> None:
-    if request.method == "POST" and request.content_length and not request.is_json:
-        abort(415, message="Send the body as JSON with Content-Type: application/json.")
-
-
-def _job_response(job: Job, status: int, headers: dict[str, str] | None = None) -> Response:
+def job_response(job: Job, status: int, headers: dict[str, str] | None = None) -> Response:
     """The job resource as it is: Job.to_resource() is its one source, JobSchema documents it.
 
     A Response passes flask-smorest's response decorator untouched — no schema dump, which
@@ -50,6 +44,14 @@ def _job_response(job: Job, status: int, headers: dict[str, str] | None = None) 
         headers=headers,
         mimetype="application/json",
     )
+
+
+def job_location(job_id: str) -> str:
+    """The job's path, as url_for("jobs.Job", job_id=…) builds it (a test holds the two equal).
+
+    Not url_for itself: it builds a URL adapter on every call: ~3% of a POST's instructions.
+    """
+    return f"{request.script_root}{blp.url_prefix}/jobs/{job_id}"
 
 
 def _own_job(job_id: str) -> Job:
@@ -81,8 +83,7 @@ class Jobs(MethodView):
             abort(422, errors={"json": {"webhook_url": [str(exc)]}})
         except (IdempotencyMismatch, CommandRefused) as exc:
             abort(409, message=str(exc))
-        location = url_for("jobs.Job", job_id=job.id)
-        return _job_response(job, 202 if created else 200, {"Location": location})
+        return job_response(job, 202 if created else 200, {"Location": job_location(job.id)})
 
     @blp.doc(security=[{"bearer": []}])
     @blp.arguments(JobListQuerySchema(), location="query")
@@ -107,7 +108,7 @@ class JobView(MethodView):
     @blp.response(200, JobSchema)
     def get(self, job_id: str) -> Response:
         """One job."""
-        return _job_response(_own_job(job_id), 200)
+        return job_response(_own_job(job_id), 200)
 
 
 @blp.route("/jobs/<job_id>/cancel")
@@ -120,7 +121,7 @@ class JobCancel(MethodView):
             job = ctx().commands.cancel(_own_job(job_id))
         except CommandRefused as exc:
             abort(409, message=str(exc))
-        return _job_response(job, 202)
+        return job_response(job, 202)
 
 
 @blp.route("/jobs/<job_id>/deliveries")
@@ -144,4 +145,4 @@ class JobRedeliver(MethodView):
             ctx().commands.redeliver(job)
         except CommandRefused as exc:
             abort(409, message=str(exc))
-        return _job_response(job, 202)
+        return job_response(job, 202)

@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 import redis
+from flask import url_for
 
 from core.clients import ClientStore, NewClientCredentials
 from core.store import PREFIX, connect_redis
 from core.wakeups import JOBS_QUEUE
+from service.jobs import job_location
 from service.schemas import (
     INPUT_FIELDS,
     MAX_METADATA_BYTES,
@@ -651,3 +653,10 @@ def test_a_valid_request_is_stored_and_enqueued(
     assert len(queued) == len(before[JOBS_QUEUE][1]) + 1
     message = json.loads(queued[0])  # kombu LPUSHes; the newest is first
     assert message["headers"]["task"] == "inpaint_gateway.dispatch_jobs"
+
+
+@pytest.mark.parametrize("script_root", ["", "/gateway"])
+def test_location_is_the_path_url_for_builds(app: Any, script_root: str) -> None:
+    with app.test_request_context(base_url=f"http://api.internal{script_root}/"):
+        assert job_location("job_abc") == url_for("jobs.Job", job_id="job_abc")
+        assert job_location("job_abc") == f"{script_root}/v1/jobs/job_abc"
