@@ -134,11 +134,21 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Record:
+    """A job with the exact stored text it was read from (or written as): what a
+    compare-and-set checks against."""
+
+    job: Job
+    raw: str
+
+
+@dataclass(frozen=True)
 class Committed:
     """What a successful change wrote."""
 
     job: Job
     events: list[WebhookEvent]
+    record: Record  # the job as now stored: `seen` for the caller's next change
 
 
 def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
@@ -240,8 +250,13 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """The job record, or None."""
-        raw = self.redis.get(self.job_key(job_id))
-        return Job.from_json(raw) if raw is not None else None
+        record = self.read(job_id)
+        return record.job if record is not None else None
+
+    def read(self, job_id: str) -> Record | None:
+        """The job record with its stored text (to pass to `change` as `seen`), or None."""
+        raw: str | None = self.redis.get(self.job_key(job_id))  # type: ignore[assignment]  # text
+        return Record(Job.from_json(raw), raw) if raw is not None else None
 
     def get_for_client(self, client_id: str, job_id: str) -> Job | None:
         """The job if it exists and belongs to `client_id` (else None: no existence leak)."""
@@ -293,36 +308,41 @@ class JobStore:
         job_id: str,
         step: Callable[[Job], Step | None],
         *,
+        seen: Record | None = None,
         retries: int = DEFAULT_CHANGE_RETRIES,
     ) -> Committed | None:
         """Apply `step` to the current record, compare-and-set; None if `step` declined.
 
         `step` may be called more than once (after a concurrent change) and must be pure.
+        `seen`: the record as the caller last read or wrote it. The first attempt computes from
+        it instead of reading again (a worker step reads the job, calls RunComfy, then changes
+        it: one Redis call less); if the job changed since, the compare-and-set refuses and
+        `step` runs again on a fresh read, as after any concurrent change.
         """
-        key = self.job_key(job_id)
-        raw = self.redis.get(key)
+        current = seen if seen is not None else self.read(job_id)
         for _ in range(retries):
-            if raw is None:
+            if current is None:
                 return None
-            before = Job.from_json(raw)
-            result = step(before)
+            result = step(current.job)
             if result is None:
                 return None
             after = result.job
-            events = events_for_change(before, after, after.updated_at or time.time())
-            if self._commit(raw, after, result.next_step_at, events):
-                return Committed(after, events)
-            raw = self.redis.get(key)  # changed meanwhile: compute again from the new record
+            events = events_for_change(current.job, after, after.updated_at or time.time())
+            written = Record(after, after.to_json())
+            if self._commit(current.raw, written, result.next_step_at, events):
+                return Committed(after, events, written)
+            current = self.read(job_id)  # changed meanwhile: compute again from the new record
         raise RuntimeError(f"job {job_id}: too much contention to apply a change")
 
     def _commit(
         self,
-        raw_before: bytes | str,
-        job: Job,
+        raw_before: str,
+        written: Record,
         next_step_at: float | None,
         events: list[WebhookEvent],
     ) -> bool:
         """Write the changed job, its schedule entry or slot release, and its new events."""
+        job = written.job
         if not job.status.is_final:
             assert next_step_at is not None, "a live job always has a next step"
         keys = [
@@ -333,7 +353,7 @@ class JobStore:
         ]
         args: list[bytes | str | float] = [
             raw_before,
-            job.to_json(),
+            written.raw,
             "" if job.status.is_final else repr(next_step_at),
             self.retention_s,
             job.id,

@@ -18,7 +18,7 @@ from core.admission import ADMISSION_RECHECK_S
 from core.jobs import Job, JobError, Status, Upstream
 from core.metrics import Counters
 from core.settings import Settings
-from core.store import Committed, JobStore, Step
+from core.store import Committed, JobStore, Record, Step
 from workers.polling import backoff_s, estimated_start, first_poll_at, next_poll_at
 from workers.run_times import RunTimes
 from workers.runcomfy import (
@@ -50,10 +50,11 @@ class JobPipeline:
 
     def advance(self, job_id: str) -> None:
         """Take the next step the job record calls for."""
-        job = self.store.get(job_id)
-        if job is None or job.status.is_final:
+        record = self.store.read(job_id)
+        if record is None or record.job.status.is_final:
             self.store.job_schedule.remove(self.store.redis, job_id)
             return
+        job = record.job
         now = self.clock()
         if now >= job.deadline_at:
             self._expire(job)
@@ -69,13 +70,13 @@ class JobPipeline:
             elif not self.store.admission.holds_slot(job.id):
                 self._wait_for_slot(job, now)
             elif self._may_call_upstream(job, now):
-                self._submit(job)
+                self._submit(record)
         elif not self._may_call_upstream(job, now):
             return
         elif job.cancel_requested and not job.cancel_sent:
             self._cancel_upstream(job)
         else:
-            self._poll(job)
+            self._poll(record)
 
     def _on_transient(self, exc: TransientUpstreamError) -> None:
         """Count it; a 429 pauses every worker's calls (global cool-down)."""
@@ -101,7 +102,8 @@ class JobPipeline:
 
     # --- submit -----------------------------------------------------------------------------
 
-    def _submit(self, job: Job) -> None:
+    def _submit(self, record: Record) -> None:
+        job = record.job
         now = self.clock()
         lease_end = now + self.settings.step_lease_s
 
@@ -117,7 +119,8 @@ class JobPipeline:
                 lease_end,
             )
 
-        if self._commit(job.id, mark_submitting) is None:
+        marked = self._commit(job.id, mark_submitting, seen=record)
+        if marked is None:
             return
         self.counters.add("upstream_submits")
         try:
@@ -150,7 +153,7 @@ class JobPipeline:
             )
             return Step(moved, first_poll_at(accepted_at, expected_run_s))
 
-        committed = self._commit(job.id, record_request)
+        committed = self._commit(job.id, record_request, seen=marked.record)
         if committed is None:
             # The job ended meanwhile (expired or deleted): don't leave a paid run behind.
             log.warning(
@@ -221,7 +224,8 @@ class JobPipeline:
 
     # --- poll -------------------------------------------------------------------------------
 
-    def _poll(self, job: Job) -> None:
+    def _poll(self, record: Record) -> None:
+        job = record.job
         request_id = job.request_id
         assert request_id is not None
         queued = job.upstream is None or job.upstream.status in (None, "in_queue", "queued")
@@ -258,9 +262,10 @@ class JobPipeline:
                 f"RunComfy gave an answer we cannot use: {exc.message}",
             )
             return
-        self._apply_state(job, request_id, state)
+        self._apply_state(record, request_id, state)
 
-    def _apply_state(self, job: Job, request_id: str, state: RequestState) -> None:
+    def _apply_state(self, record: Record, request_id: str, state: RequestState) -> None:
+        job = record.job
         now = self.clock()
         expected_run_s = self.run_times.expected_s(job.input)
 
@@ -325,7 +330,7 @@ class JobPipeline:
             changed = j.changed(now, upstream=upstream, polls=polls, transient_errors=0)
             return Step(changed, min(j.deadline_at, next_at))
 
-        committed = self._commit(job.id, apply)
+        committed = self._commit(job.id, apply, seen=record)
         if committed is None:
             return
         after = committed.job
@@ -439,8 +444,10 @@ class JobPipeline:
             job_id, lambda j: _final_if_live(j, Status.FAILED, now, JobError(code, message))
         )
 
-    def _commit(self, job_id: str, step: Callable[[Job], Step | None]) -> Committed | None:
-        committed = self.store.change(job_id, step)
+    def _commit(
+        self, job_id: str, step: Callable[[Job], Step | None], *, seen: Record | None = None
+    ) -> Committed | None:
+        committed = self.store.change(job_id, step, seen=seen)
         if committed is None:
             return None
         job = committed.job
