@@ -93,7 +93,9 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         boots.append(_boots(log))
         cpu.stop()
         stack.stop_process("api")
-        steps = _post_steps(stack, sizes, load, body, auth)
+        step_rounds = _post_steps(stack, sizes, load, body, auth)
+    steps = [max(results, key=lambda r: r.rps) for results in step_rounds]
+    every_round = [*trivial_rounds, *post_rounds, *paced_rounds, *itertools.chain(*step_rounds)]
     cores = len(os.sched_getaffinity(0))
     api_share = (cpu.used["api"] + cpu.used["redis"]) / (cpu.wall_s * cores)
     restarts = [later - earlier for earlier, later in itertools.pairwise(boots)]
@@ -104,7 +106,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         Row("ingest", "each paced round at half max: p99 ms",
             " / ".join(fmt(r.p99_ms, "", 2) for r in paced_rounds)),
         *rows(sizes, trivial, post, paced, half,
-              errors=sum(r.errors for r in (*trivial_rounds, *post_rounds, *paced_rounds))),
+              errors=sum(r.errors for r in every_round)),
         *_step_rows(sizes, steps, post),
         Row("ingest", "gunicorn worker restarts (max_requests) in the max / paced runs",
             " / ".join(str(r) for r in restarts)),
@@ -127,8 +129,9 @@ def _post_steps(
     load: Callable[..., LoadResult],
     body: str,
     auth: dict[str, str],
-) -> list[LoadResult]:
-    """Where a POST's throughput goes: bench/ingest_probe.py's steps, best of alternating rounds."""
+) -> list[list[LoadResult]]:
+    """Where a POST's throughput goes: each of bench/ingest_probe.py's steps, in alternating
+    rounds (every round's result, per step)."""
     stack.start_api("api-probe", "bench.ingest_probe:create_app()")
     _wait_for_boots(stack.logs / "api-probe.log", gunicorn_conf.workers)
     rounds: list[list[LoadResult]] = [[] for _ in POST_STEPS]
@@ -139,7 +142,7 @@ def _post_steps(
                 results.append(load(stack.api_url + path))
             else:
                 results.append(load(stack.api_url + path, body=body, headers=auth))
-    return [max(results, key=lambda r: r.rps) for results in rounds]
+    return rounds
 
 
 def _step_rows(sizes: Sizes, steps: list[LoadResult], post: LoadResult) -> list[Row]:
