@@ -23,6 +23,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import ingest_probe
@@ -59,15 +60,19 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         cpu = stack.cpu_meter()
         cpu.start()
         boots = [_boots(log)]
-        trivial_rounds: list[LoadResult] = []
-        post_rounds: list[LoadResult] = []
+        metered_trivial: list[MeteredRound] = []
+        metered_post: list[MeteredRound] = []
         for round_no in range(1, sizes.ingest_rounds + 1):
             say(f"ingest: round {round_no}: GET /healthz, closed loop for {sizes.ingest_s:.0f} s")
-            trivial_rounds.append(load(stack.api_url + "/healthz"))
+            metered_trivial.append(_metered(stack, "api", lambda: load(stack.api_url + "/healthz")))
             say(f"ingest: round {round_no}: POST /v1/jobs, closed loop for {sizes.ingest_s:.0f} s")
-            post_rounds.append(load(stack.api_url + "/v1/jobs", body=body, headers=auth))
-            say(f"ingest: round {round_no}: /healthz {trivial_rounds[-1].rps:.0f} req/s, "
-                f"POST {post_rounds[-1].rps:.0f} req/s")  # fmt: skip
+            metered_post.append(_metered(
+                stack, "api", lambda: load(stack.api_url + "/v1/jobs", body=body, headers=auth)
+            ))  # fmt: skip
+            say(f"ingest: round {round_no}: /healthz {metered_trivial[-1].result.rps:.0f} req/s, "
+                f"POST {metered_post[-1].result.rps:.0f} req/s")  # fmt: skip
+        trivial_rounds = [m.result for m in metered_trivial]
+        post_rounds = [m.result for m in metered_post]
         boots.append(_boots(log))
         trivial = max(trivial_rounds, key=lambda r: r.rps)
         post = max(post_rounds, key=lambda r: r.rps)
@@ -94,8 +99,11 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         cpu.stop()
         stack.stop_process("api")
         step_rounds = _post_steps(stack, sizes, load, body, auth)
-    steps = [max(results, key=lambda r: r.rps) for results in step_rounds]
-    every_round = [*trivial_rounds, *post_rounds, *paced_rounds, *itertools.chain(*step_rounds)]
+    steps = [_best(rounds) for rounds in step_rounds]
+    every_round = [
+        *trivial_rounds, *post_rounds, *paced_rounds,
+        *(m.result for m in itertools.chain(*step_rounds)),
+    ]  # fmt: skip
     cores = len(os.sched_getaffinity(0))
     api_share = (cpu.used["api"] + cpu.used["redis"]) / (cpu.wall_s * cores)
     restarts = [later - earlier for earlier, later in itertools.pairwise(boots)]
@@ -107,7 +115,8 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
             " / ".join(fmt(r.p99_ms, "", 2) for r in paced_rounds)),
         *rows(sizes, trivial, post, paced, half,
               errors=sum(r.errors for r in every_round)),
-        *_step_rows(sizes, steps, post),
+        *_step_rows(sizes, [s.result for s in steps], post),
+        *_cpu_rows(_best(metered_trivial), _best(metered_post), steps),
         Row("ingest", "gunicorn worker restarts (max_requests) in the max / paced runs",
             " / ".join(str(r) for r in restarts)),
         Row("ingest", f"CPU busy over {cpu.wall_s:.0f} s x {cores} cores: gunicorn + Redis / "
@@ -129,20 +138,63 @@ def _post_steps(
     load: Callable[..., LoadResult],
     body: str,
     auth: dict[str, str],
-) -> list[list[LoadResult]]:
+) -> list[list[MeteredRound]]:
     """Where a POST's throughput goes: each of bench/ingest_probe.py's steps, in alternating
-    rounds (every round's result, per step)."""
+    rounds (every round, per step)."""
     stack.start_api("api-probe", "bench.ingest_probe:create_app()")
     _wait_for_boots(stack.logs / "api-probe.log", gunicorn_conf.workers)
-    rounds: list[list[LoadResult]] = [[] for _ in POST_STEPS]
+    rounds: list[list[MeteredRound]] = [[] for _ in POST_STEPS]
     for round_no in range(1, sizes.ingest_rounds + 1):
         for (label, path), results in zip(POST_STEPS, rounds, strict=True):
             say(f"ingest: probe round {round_no}: {label}, closed loop for {sizes.ingest_s:.0f} s")
+            url = stack.api_url + path
             if path == "/healthz":
-                results.append(load(stack.api_url + path))
+                run = functools.partial(load, url)
             else:
-                results.append(load(stack.api_url + path, body=body, headers=auth))
+                run = functools.partial(load, url, body=body, headers=auth)
+            results.append(_metered(stack, "api-probe", run))
     return rounds
+
+
+@dataclass(frozen=True)
+class MeteredRound:
+    """One closed-loop round and the CPU seconds it took: gunicorn's, Redis's, the machine's."""
+
+    result: LoadResult
+    api_s: float
+    redis_s: float
+    machine_s: float
+
+    def ms_per_request(self) -> str:
+        """gunicorn / Redis / whole machine, CPU ms per answered request."""
+        n = max(self.result.requests, 1)
+        return " / ".join(
+            fmt(s / n * 1e3, "", 2) for s in (self.api_s, self.redis_s, self.machine_s)
+        )
+
+
+def _metered(stack: Stack, api: str, run: Callable[[], LoadResult]) -> MeteredRound:
+    meter = stack.cpu_meter()
+    meter.start()
+    result = run()
+    meter.stop()
+    return MeteredRound(result, meter.used[api], meter.used["redis"], meter.machine_s)
+
+
+def _best(rounds: list[MeteredRound]) -> MeteredRound:
+    return max(rounds, key=lambda m: m.result.rps)
+
+
+def _cpu_rows(trivial: MeteredRound, post: MeteredRound, steps: list[MeteredRound]) -> list[Row]:
+    """What one request costs in CPU, in the best round of each: the POST's extra over
+    /healthz, split by the probe's steps, shows where it goes."""
+    what = (
+        "CPU ms per request in the best round: gunicorn / Redis / whole machine (load generator in)"
+    )
+    labelled = [("GET /healthz", trivial), ("POST /v1/jobs", post)] + [
+        (f"probe: {label}", step) for (label, _), step in zip(POST_STEPS, steps, strict=True)
+    ]
+    return [Row("ingest", f"{what}: {label}", m.ms_per_request()) for label, m in labelled]
 
 
 def _step_rows(sizes: Sizes, steps: list[LoadResult], post: LoadResult) -> list[Row]:
