@@ -79,6 +79,7 @@ class Batch:
     seen_after: list[float]  # the gateway saw it final - upstream finished_at
     delivered_after: list[float]  # webhook received - the gateway saw it final
     end_to_end: list[float]  # received - posted - upstream queue+run
+    to_upstream: list[float]  # upstream created_at - posted: accepted, dispatched, submitted
 
 
 def _ts(text: str) -> float:
@@ -177,6 +178,8 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             _p50_p99(steady.delivered_after)),
         Row("scale", "steady: end to end added p50 / p99 (received - posted - upstream "
             "queue+run)", _p50_p99(steady.end_to_end)),
+        Row("scale", "steady: of it, p50 / p99 from the POST sent to RunComfy's created_at "
+            "(the API's answer, dispatch, the submit call)", _p50_p99(steady.to_upstream)),
         Row("scale", "steady: upstream calls per job (submit + status + result)",
             f"{fmt(per_job_calls, '', 2)} ({steady.calls.get('submit', 0)} + "
             f"{steady.calls.get('status', 0)} + {steady.calls.get('result', 0)})",
@@ -236,6 +239,7 @@ def _run_batch(
         seen_after=[],
         delivered_after=[],
         end_to_end=[],
+        to_upstream=[],
     )
     for event, result in zip(events, results, strict=True):
         finished, created = _ts(result["finished_at"]), _ts(result["created_at"])
@@ -245,6 +249,7 @@ def _run_batch(
         batch.delivered_after.append(event.received_at - seen)
         job_id = event.payload["data"]["id"]
         batch.end_to_end.append(event.received_at - posted_at[job_id] - (finished - created))
+        batch.to_upstream.append(created - posted_at[job_id])
     return batch
 
 
