@@ -74,8 +74,8 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         trivial_rounds = [m.result for m in metered_trivial]
         post_rounds = [m.result for m in metered_post]
         boots.append(_boots(log))
-        trivial = max(trivial_rounds, key=lambda r: r.rps)
-        post = max(post_rounds, key=lambda r: r.rps)
+        best_trivial, best_post = _best(metered_trivial), _best(metered_post)
+        trivial, post = best_trivial.result, best_post.result
         half = post.rps / 2
         paced_rounds: list[LoadResult] = []
         for round_no in range(1, sizes.ingest_paced_rounds + 1):
@@ -116,7 +116,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         *rows(sizes, trivial, post, paced, half,
               errors=sum(r.errors for r in every_round)),
         *_step_rows(sizes, [s.result for s in steps], post),
-        *_cpu_rows(_best(metered_trivial), _best(metered_post), steps),
+        *_cpu_rows(best_trivial, best_post, steps),
         Row("ingest", "gunicorn worker restarts (max_requests) in the max / paced runs",
             " / ".join(str(r) for r in restarts)),
         Row("ingest", f"CPU busy over {cpu.wall_s:.0f} s x {cores} cores: gunicorn + Redis / "
