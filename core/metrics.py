@@ -29,6 +29,10 @@ COUNTER_HELP = {
     "webhook_delivered": "Webhook events delivered (2xx).",
     "webhook_failed_attempts": "Webhook attempts that did not get a 2xx.",
     "webhook_exhausted": "Webhook events that ran out of retries.",
+    "webhook_attempts_waited": (
+        "Webhook attempts put back in their receiver's line: it had WEBHOOK_RECEIVER_CONCURRENCY "
+        "attempts in flight."
+    ),
 }
 
 

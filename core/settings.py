@@ -46,6 +46,7 @@ class Settings:
     webhook_allowed_networks: tuple[str, ...] = ()
     webhook_retry_schedule_s: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE_S
     webhook_timeout_s: float = 15.0
+    webhook_receiver_concurrency: int = 64
     job_retention_s: int = 604800
     dispatch_interval_s: float = 0.5
     dispatch_batch_size: int = 64
@@ -126,6 +127,9 @@ def _read(env: environs.Env) -> Settings:
         webhook_allowed_networks=networks,
         webhook_retry_schedule_s=schedule,
         webhook_timeout_s=env.float("WEBHOOK_TIMEOUT_S", 15.0, validate=mv.Range(min=0.1, max=300)),
+        webhook_receiver_concurrency=env.int(
+            "WEBHOOK_RECEIVER_CONCURRENCY", 64, validate=mv.Range(min=1, max=1000)
+        ),
         job_retention_s=env.int("JOB_RETENTION_S", 604800, validate=mv.Range(min=60)),
         dispatch_interval_s=env.float(
             "DISPATCH_INTERVAL_S", 0.5, validate=mv.Range(min=0.05, max=60)

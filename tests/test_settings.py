@@ -62,6 +62,7 @@ def test_secret_from_a_file(env: pytest.MonkeyPatch, tmp_path: pytest.TempPathFa
         ("WEBHOOK_RETRY_SCHEDULE", "0,5,-1"),
         ("WEBHOOK_RETRY_SCHEDULE", "now,later"),
         ("WEBHOOK_TIMEOUT_S", "0"),
+        ("WEBHOOK_RECEIVER_CONCURRENCY", "0"),
         ("JOB_RETENTION_S", "10"),
     ],
 )

@@ -24,6 +24,7 @@ from core.webhooks import (
     delivery_record,
     signature_headers,
 )
+from workers.receiver_lines import ReceiverLines, receiver_of
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class WebhookDelivery:
     clients: ClientStore
     settings: Settings
     counters: Counters
+    on_place_freed: Callable[[], None]  # an attempt in a receiver's line became due: dispatch
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
@@ -80,6 +82,18 @@ class WebhookDelivery:
         self.session = egress_session(
             self.policy, connections_per_host=self.settings.dispatch_batch_size
         )
+        self.lines = ReceiverLines(
+            self.store.redis,
+            schedule_key=self.store.webhook_schedule.key,
+            concurrency=self.settings.webhook_receiver_concurrency,
+            lease_s=self.lease_s,
+        )
+
+    @property
+    def lease_s(self) -> float:
+        """How long one attempt may hold its event (and its receiver place): the connect and
+        read timeouts, and a margin; past it, the event is due again."""
+        return 2 * self.settings.webhook_timeout_s + 10
 
     def deliver(self, webhook_id: str) -> None:
         """Make one attempt at a pending event, if it is still pending."""
@@ -93,11 +107,19 @@ class WebhookDelivery:
             self._record(event, result, self.clock(), 0, force_state=EXHAUSTED)
             return
         started = self.clock()
-        headers = signature_headers(event, client.signing_secrets(started), started)
-        began = time.monotonic()
-        result = self._post(event, headers)
-        duration_ms = int((time.monotonic() - began) * 1000)
-        self._record(event, result, started, duration_ms)
+        receiver = receiver_of(event.client_id, event.url)
+        if self.lines.enter(receiver, webhook_id, started) is not None:
+            self.counters.add("webhook_attempts_waited")  # in the receiver's line: due later
+            return
+        try:
+            headers = signature_headers(event, client.signing_secrets(started), started)
+            began = time.monotonic()
+            result = self._post(event, headers)
+            duration_ms = int((time.monotonic() - began) * 1000)
+            self._record(event, result, started, duration_ms)
+        finally:
+            if self.lines.leave(receiver, webhook_id, self.clock()) is not None:
+                self.on_place_freed()
 
     def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
         timeout_s = self.settings.webhook_timeout_s

@@ -63,6 +63,10 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         on_slot_freed=wakeups.jobs,
     )
     delivery = WebhookDelivery(
-        store=store, clients=ClientStore(client), settings=settings, counters=counters
+        store=store,
+        clients=ClientStore(client),
+        settings=settings,
+        counters=counters,
+        on_place_freed=wakeups.webhooks,
     )
     return WorkerRuntime(settings, store, counters, wakeups, pipeline, delivery)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from celery import shared_task
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 from core.schedule import DueSchedule
 from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK
@@ -18,6 +21,53 @@ log = logging.getLogger(__name__)
 TIMED_WAKE_GAP_S = 0.1
 # Threads per worker process for one batch: the work is waiting on HTTP, not CPU.
 _POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="step")
+# A dispatch waits this long for its webhook attempts; one still running goes on without it.
+ATTEMPT_WAIT_S = 0.25
+
+
+class AttemptThreads:
+    """This process's webhook attempts, on threads of their own.
+
+    A receiver may take up to WEBHOOK_TIMEOUT_S to answer. If the dispatch task waited for it, a
+    receiver that hangs would hold a worker slot that long — and the job steps queued behind
+    it, and every other team's webhooks. Here it holds one of these threads instead; a dispatch
+    claims no more attempts than there are threads free, so none waits in a queue while its
+    lease runs.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="webhook")
+        self._lock = threading.Lock()
+        self._running = 0
+
+    def room(self) -> int:
+        """How many more attempts can start now."""
+        with self._lock:
+            return self.size - self._running
+
+    def start(self, attempt: Callable[[], str | None]) -> Future[str | None]:
+        with self._lock:
+            self._running += 1
+        future = self._executor.submit(attempt)
+        future.add_done_callback(self._ended)
+        return future
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait for the attempts running now to end; False if some still run after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while self.room() < self.size:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _ended(self, _: Future[str | None]) -> None:
+        with self._lock:
+            self._running -= 1
+
+
+_ATTEMPTS = AttemptThreads(size=64)
 
 
 @shared_task(name=DISPATCH_JOBS_TASK, ignore_result=True)
@@ -39,15 +89,52 @@ def dispatch_jobs() -> int:
 
 @shared_task(name=DISPATCH_WEBHOOKS_TASK, ignore_result=True)
 def dispatch_webhooks() -> int:
-    """Make every due webhook attempt (up to a batch); returns how many were made."""
+    """Start every due webhook attempt (up to a batch, and the threads free); returns how many.
+
+    Waits ATTEMPT_WAIT_S for them: a fast receiver's attempts end within it (and are counted
+    with this dispatch); a slow one's go on, and wake the dispatcher when they end.
+    """
     rt = runtime()
-    return _dispatch(
-        task_name=DISPATCH_WEBHOOKS_TASK,
-        schedule=rt.store.webhook_schedule,
-        lease_s=2 * rt.settings.webhook_timeout_s + 10,
-        step=rt.delivery.deliver,
-        again=rt.wakeups.webhooks,
-    )
+    rt.wakeups.claiming(DISPATCH_WEBHOOKS_TASK)
+    batch = rt.settings.dispatch_batch_size
+    limit = min(batch, _ATTEMPTS.room())
+    if limit == 0:
+        return 0  # every thread is on a slow receiver; the first to end wakes the dispatcher
+    schedule = rt.store.webhook_schedule
+    members = schedule.claim(limit=limit, lease_s=rt.delivery.lease_s)
+    attempts = [_ATTEMPTS.start(functools.partial(_attempt, m)) for m in members]
+    done, running = wait(attempts, timeout=ATTEMPT_WAIT_S)
+    for member, attempt in zip(members, attempts, strict=True):
+        if attempt in done and attempt.result() is not None:
+            log.error("step failed", extra={"member": member, "error": attempt.result()})
+    rt.counters.flush()
+    if running:
+        log.info("webhook attempts go on after their dispatch", extra={"count": len(running)})
+    if len(members) == batch:
+        rt.wakeups.webhooks()  # more may be waiting: don't leave them for the next beat
+    elif len(members) < limit:
+        _wake_for_next(DISPATCH_WEBHOOKS_TASK, schedule, rt.settings.dispatch_interval_s)
+    return len(members)
+
+
+def _attempt(webhook_id: str) -> str | None:
+    began = time.monotonic()
+    error = _run_step(runtime().delivery.deliver, webhook_id)
+    if time.monotonic() - began >= ATTEMPT_WAIT_S:  # its dispatch has gone: count and go on
+        if error is not None:
+            log.error("step failed", extra={"member": webhook_id, "error": error})
+        runtime().counters.flush()
+        runtime().wakeups.webhooks()
+    return error
+
+
+@worker_process_shutdown.connect(weak=False)
+@worker_shutdown.connect(weak=False)
+def _finish_attempts(**_: object) -> None:
+    """A stopping worker lets the attempts it started end (at most WEBHOOK_TIMEOUT_S each); one
+    cut short by a kill is due again when its lease ends, with the same webhook-id."""
+    if _ATTEMPTS.room() < _ATTEMPTS.size:
+        _ATTEMPTS.drain(timeout_s=runtime().settings.webhook_timeout_s + 5)
 
 
 def _dispatch(
