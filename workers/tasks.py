@@ -92,14 +92,14 @@ def dispatch_webhooks() -> int:
     """Start every due webhook attempt (up to a batch, and the threads free); returns how many.
 
     Waits ATTEMPT_WAIT_S for them: a fast receiver's attempts end within it (and are counted
-    with this dispatch); a slow one's go on, and wake the dispatcher when they end.
+    with this dispatch); a slow one's go on without it.
     """
     rt = runtime()
     rt.wakeups.claiming(DISPATCH_WEBHOOKS_TASK)
     batch = rt.settings.dispatch_batch_size
     limit = min(batch, _ATTEMPTS.room())
     if limit == 0:
-        return 0  # every thread is on a slow receiver; the first to end wakes the dispatcher
+        return 0  # every thread is on a slow receiver: the beat's next tick tries again
     schedule = rt.store.webhook_schedule
     members = schedule.claim(limit=limit, lease_s=rt.delivery.lease_s)
     attempts = [_ATTEMPTS.start(functools.partial(_attempt, m)) for m in members]
@@ -114,17 +114,17 @@ def dispatch_webhooks() -> int:
         rt.wakeups.webhooks()  # more may be waiting: don't leave them for the next beat
     elif len(members) < limit:
         _wake_for_next(DISPATCH_WEBHOOKS_TASK, schedule, rt.settings.dispatch_interval_s)
+    # else the threads ran out before the due attempts did: the beat's next tick takes the rest
     return len(members)
 
 
 def _attempt(webhook_id: str) -> str | None:
     began = time.monotonic()
     error = _run_step(runtime().delivery.deliver, webhook_id)
-    if time.monotonic() - began >= ATTEMPT_WAIT_S:  # its dispatch has gone: count and go on
+    if time.monotonic() - began >= ATTEMPT_WAIT_S:  # its dispatch has gone: count it here
         if error is not None:
             log.error("step failed", extra={"member": webhook_id, "error": error})
         runtime().counters.flush()
-        runtime().wakeups.webhooks()
     return error
 
 
@@ -133,8 +133,13 @@ def _attempt(webhook_id: str) -> str | None:
 def _finish_attempts(**_: object) -> None:
     """A stopping worker lets the attempts it started end (at most WEBHOOK_TIMEOUT_S each); one
     cut short by a kill is due again when its lease ends, with the same webhook-id."""
-    if _ATTEMPTS.room() < _ATTEMPTS.size:
-        _ATTEMPTS.drain(timeout_s=runtime().settings.webhook_timeout_s + 5)
+    if _ATTEMPTS.room() < _ATTEMPTS.size and not _ATTEMPTS.drain(
+        timeout_s=runtime().settings.webhook_timeout_s + 5
+    ):
+        log.warning(
+            "webhook attempts cut short by shutdown; each is due again when its lease ends",
+            extra={"count": _ATTEMPTS.size - _ATTEMPTS.room()},
+        )
 
 
 def _dispatch(
