@@ -50,6 +50,7 @@ from bench.common import (
     used_memory,
 )
 from core.clients import ClientStore
+from core.metrics import Counters
 
 TARGET_P50_S = 0.5
 TARGET_P99_S = 1.5
@@ -145,6 +146,7 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             say(f"scale: burst, {n} jobs POSTed as fast as the API takes them")
             burst = _run_batch(stack, poster, collector, bodies(n), sizes, None)
             rejected = len(receiver.rejected)
+            counts = Counters(client).read()
         finally:
             receiver.stop()
             client.close()
@@ -199,6 +201,9 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             f"{_p50_p99(burst.seen_after)}; {_p50_p99(burst.delivered_after)}"),
         Row("scale", f"cold start: added latency p50 / p99 of the {len(cold)} warm-up jobs "
             "(nothing learned yet: 2 s polling)", _p50_p99(cold)),
+        Row("scale", "webhook attempts made / times one waited in the receiver's line first "
+            "(all batches; one receiver, WEBHOOK_RECEIVER_CONCURRENCY at its default)",
+            f"{counts['webhook_attempts']} / {counts['webhook_attempts_waited']}"),
         Row("scale", "rejected signatures / duplicate deliveries (all batches)",
             f"{rejected} / {collector.duplicates}", "0 / 0",
             judged(rejected == 0 and collector.duplicates == 0)),
