@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import redis
 
-from workers.receiver_lines import ReceiverLines, receiver_of
+from workers.receiver_lines import SETTLE_S, ReceiverLines, receiver_of
 
 SCHEDULE = "test:due:webhooks"
 LEASE_S = 40.0
 
 
-def lines(client: redis.Redis, concurrency: int = 2) -> ReceiverLines:
+def lines(client: redis.Redis, concurrency: int) -> ReceiverLines:
     return ReceiverLines(client, schedule_key=SCHEDULE, concurrency=concurrency, lease_s=LEASE_S)
 
 
-def claimed(client: redis.Redis, *webhook_ids: str, until: float = 1_000.0) -> None:
-    """As a dispatch leaves them: in the schedule, held under a lease."""
-    client.zadd(SCHEDULE, {w: until for w in webhook_ids})
+def claimed(client: redis.Redis, *webhook_ids: str, at: float = 100.0) -> None:
+    """As a dispatch leaves them when it takes them: scheduled, held under a lease."""
+    client.zadd(SCHEDULE, {w: at + LEASE_S for w in webhook_ids})
+
+
+def due(client: redis.Redis, webhook_id: str) -> float | None:
+    return client.zscore(SCHEDULE, webhook_id)
 
 
 def test_one_receiver_is_one_clients_origin() -> None:
@@ -28,7 +32,7 @@ def test_one_receiver_is_one_clients_origin() -> None:
 
 
 def test_places_up_to_the_cap_then_a_line_in_order(scratch: redis.Redis) -> None:
-    line = lines(scratch)
+    line = lines(scratch, concurrency=2)
     claimed(scratch, "w1", "w2", "w3", "w4")
     assert line.enter("r", "w1", now=100.0) is None
     assert line.enter("r", "w2", now=101.0) is None
@@ -36,47 +40,95 @@ def test_places_up_to_the_cap_then_a_line_in_order(scratch: redis.Redis) -> None
     # Full: w3 and w4 wait; each is due at the latest when the oldest place's lease ends.
     assert line.enter("r", "w3", now=102.0) == 100.0 + LEASE_S
     assert line.enter("r", "w4", now=103.0) == 100.0 + LEASE_S
-    assert scratch.zscore(SCHEDULE, "w3") == 100.0 + LEASE_S
+    assert due(scratch, "w3") == 100.0 + LEASE_S
     # A place frees: the first in line is due now, and only it.
-    assert line.leave("r", "w1", now=110.0) == "w3"
-    assert scratch.zscore(SCHEDULE, "w3") == 110.0
-    assert scratch.zscore(SCHEDULE, "w4") == 100.0 + LEASE_S
-    assert line.enter("r", "w3", now=110.5) is None
-    assert line.leave("r", "w2", now=111.0) == "w4"
-    assert line.leave("r", "w3", now=112.0) is None  # nobody left in line
+    assert line.leave("r", "w1", now=110.0) == 1
+    assert due(scratch, "w3") == 110.0
+    assert due(scratch, "w4") == 100.0 + LEASE_S
+    claimed(scratch, "w3", at=110.1)
+    assert line.enter("r", "w3", now=110.2) is None
+    assert line.leave("r", "w2", now=111.0) == 1
+    assert due(scratch, "w4") == 111.0
+    claimed(scratch, "w4", at=111.1)
+    assert line.enter("r", "w4", now=111.2) is None
+    assert line.leave("r", "w3", now=112.0) == 0  # nobody left in line
+    assert line.leave("r", "w4", now=112.0) == 0
     assert line.in_flight("r") == 0
 
 
-def test_other_receivers_are_not_held_up(scratch: redis.Redis) -> None:
+def test_a_newcomer_does_not_take_the_place_of_those_in_line(scratch: redis.Redis) -> None:
     line = lines(scratch, concurrency=1)
-    claimed(scratch, "w1", "w2", "x1")
-    assert line.enter("slow", "w1", now=100.0) is None
-    assert line.enter("slow", "w2", now=100.0) is not None
-    assert line.enter("fast", "x1", now=100.0) is None
+    claimed(scratch, "w1", "w2", "new")
+    assert line.enter("r", "w1", now=100.0) is None
+    assert line.enter("r", "w2", now=101.0) is not None
+    assert line.leave("r", "w1", now=110.0) == 1  # w2's turn; its dispatch is on the way
+    assert line.enter("r", "new", now=110.1) is not None  # claimed first, but behind w2
+    assert line.enter("r", "w2", now=110.2) is None
+    assert line.leave("r", "w2", now=111.0) == 1
+    assert due(scratch, "new") == 111.0
+
+
+def test_an_attempt_a_dispatch_has_claimed_is_not_made_due_again(scratch: redis.Redis) -> None:
+    """The race that would send one event twice at once: w2's safety-net time comes, a dispatch
+    claims it, and before it enters, a place frees. The line must leave w2's claim alone."""
+    line = lines(scratch, concurrency=1)
+    claimed(scratch, "w1", "w2")
+    assert line.enter("r", "w1", now=100.0) is None
+    parked_until = line.enter("r", "w2", now=101.0)
+    assert parked_until == 100.0 + LEASE_S
+    claimed(scratch, "w2", at=parked_until)  # a dispatch takes it when it comes due
+    assert line.leave("r", "w1", now=parked_until + 0.1) == 0
+    assert due(scratch, "w2") == parked_until + LEASE_S  # still the dispatch's lease
+    assert line.enter("r", "w2", now=parked_until + 0.2) is None
+
+
+def test_as_many_are_made_due_as_there_are_places_free(scratch: redis.Redis) -> None:
+    claimed(scratch, "a", "w1", "w2", "w3", "w4")
+    line = lines(scratch, concurrency=1)
+    assert line.enter("r", "a", now=100.0) is None
+    for i, w in enumerate(("w1", "w2", "w3", "w4")):
+        assert line.enter("r", w, now=101.0 + i) is not None
+    raised = lines(scratch, concurrency=3)  # WEBHOOK_RECEIVER_CONCURRENCY raised meanwhile
+    assert raised.leave("r", "a", now=110.0) == 3
+    assert [due(scratch, w) for w in ("w1", "w2", "w3")] == [110.0, 110.0, 110.0]
+    assert due(scratch, "w4") == 100.0 + LEASE_S
 
 
 def test_a_killed_workers_place_frees_when_its_lease_ends(scratch: redis.Redis) -> None:
     line = lines(scratch, concurrency=1)
     claimed(scratch, "w1", "w2")
     assert line.enter("r", "w1", now=100.0) is None  # its worker dies: leave never comes
-    assert line.enter("r", "w2", now=100.0 + LEASE_S - 1) is not None
+    assert line.enter("r", "w2", now=100.0 + LEASE_S - 1) == 100.0 + LEASE_S
     assert line.enter("r", "w2", now=100.0 + LEASE_S + 1) is None
 
 
-def test_a_place_is_not_taken_twice_by_one_attempt(scratch: redis.Redis) -> None:
-    line = lines(scratch, concurrency=1)
-    claimed(scratch, "w1")
-    assert line.enter("r", "w1", now=100.0) is None
-    assert line.enter("r", "w1", now=101.0) is None  # the same event again (lease run out)
-    assert line.in_flight("r") == 1
-
-
-def test_the_line_skips_events_no_longer_scheduled(scratch: redis.Redis) -> None:
+def test_the_line_drops_events_no_longer_scheduled(scratch: redis.Redis) -> None:
     line = lines(scratch, concurrency=1)
     claimed(scratch, "w1", "gone", "w3")
     assert line.enter("r", "w1", now=100.0) is None
     assert line.enter("r", "gone", now=101.0) is not None
     assert line.enter("r", "w3", now=102.0) is not None
-    scratch.zrem(SCHEDULE, "gone")  # e.g. delivered by an earlier attempt, or its job deleted
-    assert line.leave("r", "w1", now=110.0) == "w3"
-    assert scratch.zscore(SCHEDULE, "gone") is None  # not brought back
+    scratch.zrem(SCHEDULE, "gone")  # e.g. its job deleted while it waited
+    assert line.leave("r", "w1", now=110.0) == 1
+    assert due(scratch, "w3") == 110.0
+    assert due(scratch, "gone") is None  # not brought back
+
+
+def test_an_event_that_ends_while_in_line_passes_its_turn_on(scratch: redis.Redis) -> None:
+    line = lines(scratch, concurrency=1)
+    claimed(scratch, "w1", "w2", "w3")
+    assert line.enter("r", "w1", now=100.0) is None
+    assert line.enter("r", "w2", now=101.0) is not None
+    assert line.enter("r", "w3", now=102.0) is not None
+    assert line.leave("r", "w1", now=110.0) == 1  # w2's turn: but its event is no longer pending
+    assert line.leave("r", "w2", now=110.5) == 1  # so it leaves the line, and w3 goes
+    assert due(scratch, "w3") == 110.5
+
+
+def test_with_nothing_in_flight_a_waiter_looks_again_soon(scratch: redis.Redis) -> None:
+    line = lines(scratch, concurrency=1)
+    claimed(scratch, "w1", "w2", "w3")
+    assert line.enter("r", "w1", now=100.0) is None
+    assert line.enter("r", "w2", now=101.0) is not None
+    assert line.leave("r", "w1", now=110.0) == 1  # w2 made due, not yet claimed
+    assert line.enter("r", "w3", now=110.1) == 110.1 + SETTLE_S

@@ -8,6 +8,7 @@ never has more than WEBHOOK_RECEIVER_CONCURRENCY attempts at once: the rest wait
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -161,14 +162,21 @@ def test_a_receiver_never_has_more_than_its_cap_at_once(tmp_path: Path) -> None:
             assert codes == [204]
 
 
-def test_a_stopping_worker_lets_its_attempts_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to", ["main process", "process group"])
+def test_a_stopping_worker_lets_its_attempts_end(tmp_path: Path, to: str) -> None:
+    """SIGTERM as Kubernetes and compose send it (to the main process) and as a terminal's
+    Ctrl-C or `kill -- -PGID` does (to every process of the group)."""
     with teams(tmp_path, slow_s=2.0) as t:
         body = job_body(t.stack, unique("slow"), webhook_url=t.slow.url)
         job_id = t.slow_team.post("/v1/jobs", json=body).get_json()["id"]
         wait_until(lambda: t.slow.holding > 0, timeout_s=20, what="the attempt under way")
-        t.stack.worker.signal(signal.SIGTERM)  # its dispatch task has long returned
-        assert t.stack.worker.process is not None
-        assert t.stack.worker.process.wait(30) == 0
+        worker = t.stack.worker.process
+        assert worker is not None
+        if to == "main process":  # its dispatch task has long returned
+            os.kill(worker.pid, signal.SIGTERM)
+        else:
+            t.stack.worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
         # The attempt ended before the worker did: answered, and recorded.
         assert [e.payload["data"]["id"] for e in t.slow.received()] == [job_id]
         deliveries = t.slow_team.get(f"/v1/jobs/{job_id}/deliveries").get_json()["deliveries"]

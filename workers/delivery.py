@@ -96,30 +96,36 @@ class WebhookDelivery:
         return 2 * self.settings.webhook_timeout_s + 10
 
     def deliver(self, webhook_id: str) -> None:
-        """Make one attempt at a pending event, if it is still pending."""
+        """Make one attempt at a pending event, if it is still pending and its receiver has a
+        place free; otherwise it waits in the receiver's line (no attempt made)."""
         event = self.store.get_event(webhook_id)
         if event is None or event.state != PENDING:
             self.store.webhook_schedule.remove(self.store.redis, webhook_id)
-            return
-        client = self.clients.get(event.client_id)
-        if client is None:  # the client record is gone: nobody can verify a signature
-            result = AttemptResult(None, "client no longer exists; cannot sign")
-            self._record(event, result, self.clock(), 0, force_state=EXHAUSTED)
+            if event is not None:  # it may stand in its receiver's line: its turn passes on
+                self._leave(receiver_of(event.client_id, event.url), webhook_id)
             return
         started = self.clock()
         receiver = receiver_of(event.client_id, event.url)
         if self.lines.enter(receiver, webhook_id, started) is not None:
-            self.counters.add("webhook_attempts_waited")  # in the receiver's line: due later
+            self.counters.add("webhook_attempts_waited")
             return
         try:
+            client = self.clients.get(event.client_id)
+            if client is None:  # the client record is gone: nobody can verify a signature
+                result = AttemptResult(None, "client no longer exists; cannot sign")
+                self._record(event, result, started, 0, force_state=EXHAUSTED)
+                return
             headers = signature_headers(event, client.signing_secrets(started), started)
             began = time.monotonic()
             result = self._post(event, headers)
             duration_ms = int((time.monotonic() - began) * 1000)
             self._record(event, result, started, duration_ms)
         finally:
-            if self.lines.leave(receiver, webhook_id, self.clock()) is not None:
-                self.on_place_freed()
+            self._leave(receiver, webhook_id)
+
+    def _leave(self, receiver: str, webhook_id: str) -> None:
+        if self.lines.leave(receiver, webhook_id, self.clock()):
+            self.on_place_freed()  # attempts in line were made due: dispatch them now
 
     def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
         timeout_s = self.settings.webhook_timeout_s

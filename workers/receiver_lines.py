@@ -1,10 +1,15 @@
 """At most WEBHOOK_RECEIVER_CONCURRENCY attempts in flight per receiver, across every worker.
 
 A receiver is a client's webhook origin (scheme, host, port): one team's slow receiver can hold
-that many attempt threads, never all of them, and it is not hammered with more than it can
-answer. An attempt beyond the cap waits in the receiver's line; when an attempt there ends, the
-first in line is made due at once. Each waiting attempt is also made due when the oldest attempt
-in flight must have ended (its lease), so a line moves on even if a worker dies holding a place.
+that many attempt threads, never all of them, and it is not sent more at once than that. An
+attempt beyond the cap waits in the receiver's line, in order; when an attempt there ends, as many
+of the first in line as there are places free are made due at once. A waiting attempt is also due
+when the oldest attempt in flight must have ended (its lease), so a line moves on even if a worker
+dies holding a place.
+
+Only an attempt still parked — its schedule entry exactly as the line left it — is made due: one
+that a dispatch has claimed since is already on its way, and moving its entry would let a second
+dispatch claim it too.
 """
 
 from __future__ import annotations
@@ -18,40 +23,88 @@ from core.keys import PREFIX
 
 LINE_PREFIX = PREFIX + "receiver:"
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# When nothing is in flight but attempts ahead in line are on their way: look again this soon.
+SETTLE_S = 1.0
 
-# KEYS: in flight (webhook id -> lease end), waiting (webhook id -> since), webhook schedule.
-# ARGV: webhook id, now, lease end, cap, key ttl in ms.
-# Returns "" when the attempt may go now, else when it is due at the latest (as a string: Redis
-# would truncate a Lua number).
-_ENTER = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return ''
+# The places free, and whether `id` (waiting, or new: behind everyone) is among the first that
+# many live attempts in line. Attempts whose event is no longer scheduled leave the line here
+# (the head of a line is looked at up to 32 entries past the places free).
+_HEAD = """
+local function may_go(id, now, cap)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local free = cap - redis.call('ZCARD', KEYS[1])
+  if free <= 0 then return false end
+  local live = 0
+  for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, free + 31)) do
+    if w == id then return true end
+    if redis.call('ZSCORE', KEYS[3], w) then
+      live = live + 1
+      if live >= free then return false end
+    else
+      redis.call('ZREM', KEYS[2], w)
+      redis.call('HDEL', KEYS[4], w)
+    end
+  end
+  return true
 end
-redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-redis.call('ZADD', KEYS[3], 'XX', oldest[2], ARGV[1])
-return oldest[2]
 """
 
-# KEYS as above. ARGV: webhook id, now. Frees the place and makes the first still-scheduled
-# attempt in line due now; returns its webhook id, or false if the line is empty.
+# KEYS: in flight (webhook id -> lease end), waiting (webhook id -> since), webhook schedule,
+# parked (webhook id -> the schedule score the line gave it).
+# ARGV: webhook id, now, lease end, cap, key ttl in ms, settle seconds.
+# Returns "" when the attempt may go now, else when it is due at the latest (as a string: Redis
+# would truncate a Lua number).
+_ENTER = (
+    _HEAD
+    + """
+local id, now = ARGV[1], tonumber(ARGV[2])
+if may_go(id, now, tonumber(ARGV[4])) then
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[4], id)
+  return ''
+end
+redis.call('ZADD', KEYS[2], 'NX', now, id)
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local due = oldest[2] or tostring(now + tonumber(ARGV[6]))
+redis.call('ZADD', KEYS[3], 'XX', due, id)
+redis.call('HSET', KEYS[4], id, due)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+return due
+"""
+)
+
+# KEYS as above. ARGV: webhook id, now, cap. The attempt leaves (its place, or its place in
+# line); the first parked attempts in line, up to the places free, are made due now. Returns how
+# many were.
 _LEAVE = """
+local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREM', KEYS[1], ARGV[1])
-for _ = 1, 20 do
-  local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  if not first then return false end
-  redis.call('ZREM', KEYS[2], first)
-  if redis.call('ZSCORE', KEYS[3], first) then
-    redis.call('ZADD', KEYS[3], ARGV[2], first)
-    return first
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = cap - redis.call('ZCARD', KEYS[1])
+local made_due, taken = 0, 0
+if free <= 0 then return 0 end
+for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, free + 31)) do
+  local score = redis.call('ZSCORE', KEYS[3], w)
+  if not score then
+    redis.call('ZREM', KEYS[2], w)
+    redis.call('HDEL', KEYS[4], w)
+  else
+    local parked = redis.call('HGET', KEYS[4], w)
+    if parked and tonumber(parked) == tonumber(score) and tonumber(score) > now then
+      redis.call('ZADD', KEYS[3], ARGV[2], w)
+      redis.call('HSET', KEYS[4], w, ARGV[2])
+      made_due = made_due + 1
+    end
+    taken = taken + 1  -- made due now, or claimed already: either way on its way to a place
+    if taken >= free then break end
   end
 end
-return false
+return made_due
 """
 
 
@@ -79,18 +132,20 @@ class ReceiverLines:
         self._leave = client.register_script(_LEAVE)
 
     def enter(self, receiver: str, webhook_id: str, now: float) -> float | None:
-        """None: the attempt may go now (a place is held until leave). Else it stays in line,
-        due again when a place frees or, at the latest, at the returned time."""
+        """None: the attempt may go now (a place is held until leave). Else it waits in line,
+        due again when its turn comes or, at the latest, at the returned time."""
         answer = self._enter(
             keys=self._keys(receiver),
-            args=[webhook_id, now, now + self.lease_s, self.concurrency, self._ttl_ms()],
-        )
+            args=[
+                webhook_id, now, now + self.lease_s, self.concurrency, self._ttl_ms(), SETTLE_S
+            ],
+        )  # fmt: skip
         return float(answer) if answer else None
 
-    def leave(self, receiver: str, webhook_id: str, now: float) -> str | None:
-        """Free the attempt's place; the webhook id made due next in its stead, if any."""
-        first = self._leave(keys=self._keys(receiver), args=[webhook_id, now])
-        return str(first) if first else None
+    def leave(self, receiver: str, webhook_id: str, now: float) -> int:
+        """The attempt is over (or its event is): free its place, or its place in line. Returns
+        how many attempts in line were made due in its stead."""
+        return int(self._leave(keys=self._keys(receiver), args=[webhook_id, now, self.concurrency]))
 
     def in_flight(self, receiver: str) -> int:
         """Attempts holding a place now (leases of killed workers included until they end)."""
@@ -98,7 +153,7 @@ class ReceiverLines:
 
     def _keys(self, receiver: str) -> list[str]:
         base = LINE_PREFIX + receiver
-        return [base + ":in_flight", base + ":waiting", self._schedule_key]
+        return [base + ":in_flight", base + ":waiting", self._schedule_key, base + ":parked"]
 
     def _ttl_ms(self) -> int:
         return int((2 * self.lease_s + 60) * 1000)

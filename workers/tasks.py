@@ -102,14 +102,19 @@ def dispatch_webhooks() -> int:
         return 0  # every thread is on a slow receiver: the beat's next tick tries again
     schedule = rt.store.webhook_schedule
     members = schedule.claim(limit=limit, lease_s=rt.delivery.lease_s)
-    attempts = [_ATTEMPTS.start(functools.partial(_attempt, m)) for m in members]
-    done, running = wait(attempts, timeout=ATTEMPT_WAIT_S)
+    dispatch_gone = threading.Event()
+    attempts = [_ATTEMPTS.start(functools.partial(_attempt, m, dispatch_gone)) for m in members]
+    wait(attempts, timeout=ATTEMPT_WAIT_S)
+    dispatch_gone.set()  # from here on, an attempt that ends logs and counts for itself
+    going_on = 0
     for member, attempt in zip(members, attempts, strict=True):
-        if attempt in done and attempt.result() is not None:
+        if not attempt.done():
+            going_on += 1
+        elif attempt.result() is not None:
             log.error("step failed", extra={"member": member, "error": attempt.result()})
     rt.counters.flush()
-    if running:
-        log.info("webhook attempts go on after their dispatch", extra={"count": len(running)})
+    if going_on:
+        log.info("webhook attempts go on after their dispatch", extra={"count": going_on})
     if len(members) == batch:
         rt.wakeups.webhooks()  # more may be waiting: don't leave them for the next beat
     elif len(members) < limit:
@@ -118,10 +123,9 @@ def dispatch_webhooks() -> int:
     return len(members)
 
 
-def _attempt(webhook_id: str) -> str | None:
-    began = time.monotonic()
+def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> str | None:
     error = _run_step(runtime().delivery.deliver, webhook_id)
-    if time.monotonic() - began >= ATTEMPT_WAIT_S:  # its dispatch has gone: count it here
+    if dispatch_gone.is_set():  # (a dispatch that stops waiting just now may count it too)
         if error is not None:
             log.error("step failed", extra={"member": webhook_id, "error": error})
         runtime().counters.flush()
@@ -133,13 +137,14 @@ def _attempt(webhook_id: str) -> str | None:
 def _finish_attempts(**_: object) -> None:
     """A stopping worker lets the attempts it started end (at most WEBHOOK_TIMEOUT_S each); one
     cut short by a kill is due again when its lease ends, with the same webhook-id."""
-    if _ATTEMPTS.room() < _ATTEMPTS.size and not _ATTEMPTS.drain(
-        timeout_s=runtime().settings.webhook_timeout_s + 5
-    ):
+    if _ATTEMPTS.room() == _ATTEMPTS.size:
+        return
+    if not _ATTEMPTS.drain(timeout_s=runtime().settings.webhook_timeout_s + 5):
         log.warning(
             "webhook attempts cut short by shutdown; each is due again when its lease ends",
             extra={"count": _ATTEMPTS.size - _ATTEMPTS.room()},
         )
+    runtime().counters.flush()
 
 
 def _dispatch(
