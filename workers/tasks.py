@@ -46,7 +46,7 @@ class AttemptThreads:
         with self._lock:
             return self.size - self._running
 
-    def start(self, attempt: Callable[[], str | None]) -> Future[str | None]:
+    def start(self, attempt: Callable[[], None]) -> Future[None]:
         with self._lock:
             self._running += 1
         future = self._executor.submit(attempt)
@@ -62,7 +62,7 @@ class AttemptThreads:
             time.sleep(0.05)
         return True
 
-    def _ended(self, _: Future[str | None]) -> None:
+    def _ended(self, _: Future[None]) -> None:
         with self._lock:
             self._running -= 1
 
@@ -105,13 +105,8 @@ def dispatch_webhooks() -> int:
     dispatch_gone = threading.Event()
     attempts = [_ATTEMPTS.start(functools.partial(_attempt, m, dispatch_gone)) for m in members]
     wait(attempts, timeout=ATTEMPT_WAIT_S)
-    dispatch_gone.set()  # from here on, an attempt that ends logs and counts for itself
-    going_on = 0
-    for member, attempt in zip(members, attempts, strict=True):
-        if not attempt.done():
-            going_on += 1
-        elif attempt.result() is not None:
-            log.error("step failed", extra={"member": member, "error": attempt.result()})
+    dispatch_gone.set()  # from here on, an attempt that ends counts for itself
+    going_on = sum(1 for attempt in attempts if not attempt.done())
     rt.counters.flush()
     if going_on:
         log.info("webhook attempts go on after their dispatch", extra={"count": going_on})
@@ -123,13 +118,10 @@ def dispatch_webhooks() -> int:
     return len(members)
 
 
-def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> str | None:
-    error = _run_step(runtime().delivery.deliver, webhook_id)
-    if dispatch_gone.is_set():  # (a dispatch that stops waiting just now may count it too)
-        if error is not None:
-            log.error("step failed", extra={"member": webhook_id, "error": error})
+def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> None:
+    _run_step(runtime().delivery.deliver, webhook_id)
+    if dispatch_gone.is_set():  # its dispatch has flushed (or is about to): count it here
         runtime().counters.flush()
-    return error
 
 
 @worker_process_shutdown.connect(weak=False)
@@ -162,13 +154,7 @@ def _dispatch(
         before_claim()  # e.g. admission: jobs it admits are due now and claimed below
     batch = rt.settings.dispatch_batch_size
     members = schedule.claim(limit=batch, lease_s=lease_s)
-    for member, error in zip(
-        members, _POOL.map(lambda m: _run_step(step, m), members), strict=True
-    ):
-        if error is not None:
-            # The member stays claimed until its lease ends, then is due again: a retry with
-            # backoff for free, and the error is in the log.
-            log.error("step failed", extra={"member": member, "error": error})
+    list(_POOL.map(functools.partial(_run_step, step), members))
     rt.counters.flush()
     if len(members) == batch:
         again()  # more may be waiting: don't leave them for the next beat
@@ -187,10 +173,13 @@ def _wake_for_next(task_name: str, schedule: DueSchedule, tick_s: float) -> None
         runtime().wakeups.at(task_name, max(next_due, now + TIMED_WAKE_GAP_S), now)
 
 
-def _run_step(step: Callable[[str], None], member: str) -> str | None:
+def _run_step(step: Callable[[str], None], member: str) -> None:
+    """One step; an error is logged (once, with its traceback) and stops nothing else.
+
+    The member stays claimed until its lease ends, then is due again: a retry with backoff for
+    free.
+    """
     try:
         step(member)
-    except Exception as exc:  # one bad job must not stop the batch
-        log.exception("step raised", extra={"member": member})
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    except Exception:
+        log.exception("step failed; due again when its lease ends", extra={"member": member})
