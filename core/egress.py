@@ -276,22 +276,6 @@ class NoRedirectSession(requests.Session):
         return None
 
 
-def keep_connection_if_bodiless(response: requests.Response) -> None:
-    """Give a streamed response's connection back to the pool when the answer has no body.
-
-    A delivery never reads a receiver's body (`stream=True`), so requests closes the connection
-    when the response closes — every attempt would pay a new TCP (and TLS) handshake. An answer
-    with no body (204, 304, `Content-Length: 0`) has nothing to read: its connection is clean and
-    goes back for the next attempt. One with a body is still closed unread: reading it would let
-    a receiver hold the thread by sending it slowly.
-    """
-    if response.status_code not in (204, 304) and response.headers.get("Content-Length") != "0":
-        return
-    response.raw.drain_conn()  # reads nothing; marks the response complete
-    if response.raw.closed:
-        response.raw.release_conn()
-
-
 def egress_session(policy: EgressPolicy, *, connections_per_host: int = 10) -> requests.Session:
     """Return a Session that delivers only to addresses policy allows, ignoring env proxies.
 

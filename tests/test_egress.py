@@ -19,12 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from core.egress import (
-    EgressPolicy,
-    RefusedDestination,
-    egress_session,
-    keep_connection_if_bodiless,
-)
+from core.egress import EgressPolicy, RefusedDestination, egress_session
 
 TIMEOUT_S = 5
 PUBLIC_V4 = "93.184.216.34"
@@ -556,45 +551,3 @@ def test_as_many_connections_as_deliveries_at_once_are_kept_for_reuse() -> None:
                 assert list(pool.map(get, range(at_once))) == [200] * at_once
     assert len(receiver.seen) == 3 * at_once
     assert server.connections <= at_once  # type: ignore[attr-defined]
-
-
-class AnswerHandler(BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive; /empty answers 204, /body 200 with a short body; records the
-    client port of every request (one port per connection)."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.client_ports.append(self.client_address[1])  # type: ignore[attr-defined]
-        body = b"" if self.path == "/empty" else b"thanks"
-        self.send_response(204 if not body else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.mark.parametrize(("path", "connections"), [("/empty", 1), ("/body", 4)])
-def test_an_answer_without_a_body_leaves_the_connection_for_the_next(
-    path: str, connections: int
-) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), AnswerHandler)
-    server.client_ports = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    session = egress_session(EgressPolicy.from_cidrs(["127.0.0.0/8"]))
-    try:
-        for _ in range(4):  # as delivery posts: streamed, the body never read
-            url = f"http://127.0.0.1:{server.server_address[1]}{path}"
-            with session.post(url, data=b"{}", stream=True, timeout=5) as response:
-                assert response.status_code in (200, 204)
-                keep_connection_if_bodiless(response)
-        assert len(set(server.client_ports)) == connections  # type: ignore[attr-defined]
-    finally:
-        session.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
