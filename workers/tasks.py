@@ -41,10 +41,15 @@ class AttemptThreads:
         self._lock = threading.Lock()
         self._running = 0
 
+    @property
+    def running(self) -> int:
+        """Attempts started and not yet ended."""
+        with self._lock:
+            return self._running
+
     def room(self) -> int:
         """How many more attempts can start now."""
-        with self._lock:
-            return self.size - self._running
+        return self.size - self.running
 
     def start(self, attempt: Callable[[], None]) -> Future[None]:
         with self._lock:
@@ -56,7 +61,7 @@ class AttemptThreads:
     def drain(self, timeout_s: float) -> bool:
         """Wait for the attempts running now to end; False if some still run after timeout_s."""
         deadline = time.monotonic() + timeout_s
-        while self.room() < self.size:
+        while self.running:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -74,17 +79,22 @@ _ATTEMPTS = AttemptThreads(size=64)
 def dispatch_jobs() -> int:
     """Take every due job step (up to a batch); returns how many were taken."""
     rt = runtime()
-    return _dispatch(
-        task_name=DISPATCH_JOBS_TASK,
-        schedule=rt.store.job_schedule,
-        lease_s=rt.settings.step_lease_s,
-        step=rt.pipeline.advance,
-        again=rt.wakeups.jobs,
-        before_claim=lambda: rt.store.admission.admit(
-            max_in_flight=rt.settings.runcomfy_max_in_flight,
-            slot_ttl_s=rt.settings.job_deadline_s + rt.settings.step_lease_s,
-        ),
+    rt.wakeups.claiming(DISPATCH_JOBS_TASK)
+    # Admission first: the jobs it admits are due now and claimed below.
+    rt.store.admission.admit(
+        max_in_flight=rt.settings.runcomfy_max_in_flight,
+        slot_ttl_s=rt.settings.job_deadline_s + rt.settings.step_lease_s,
     )
+    batch = rt.settings.dispatch_batch_size
+    schedule = rt.store.job_schedule
+    members = schedule.claim(limit=batch, lease_s=rt.settings.step_lease_s)
+    list(_POOL.map(functools.partial(_run_step, rt.pipeline.advance), members))
+    rt.counters.flush()
+    if len(members) == batch:
+        rt.wakeups.jobs()  # more may be waiting: don't leave them for the next beat
+    else:
+        _wake_for_next(DISPATCH_JOBS_TASK, schedule, rt.settings.dispatch_interval_s)
+    return len(members)
 
 
 @shared_task(name=DISPATCH_WEBHOOKS_TASK, ignore_result=True)
@@ -129,38 +139,14 @@ def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> None:
 def _finish_attempts(**_: object) -> None:
     """A stopping worker lets the attempts it started end (at most WEBHOOK_TIMEOUT_S each); one
     cut short by a kill is due again when its lease ends, with the same webhook-id."""
-    if _ATTEMPTS.room() == _ATTEMPTS.size:
+    if not _ATTEMPTS.running:
         return
     if not _ATTEMPTS.drain(timeout_s=runtime().settings.webhook_timeout_s + 5):
         log.warning(
             "webhook attempts cut short by shutdown; each is due again when its lease ends",
-            extra={"count": _ATTEMPTS.size - _ATTEMPTS.room()},
+            extra={"count": _ATTEMPTS.running},
         )
     runtime().counters.flush()
-
-
-def _dispatch(
-    *,
-    task_name: str,
-    schedule: DueSchedule,
-    lease_s: float,
-    step: Callable[[str], None],
-    again: Callable[[], None],
-    before_claim: Callable[[], object] | None = None,
-) -> int:
-    rt = runtime()
-    rt.wakeups.claiming(task_name)
-    if before_claim is not None:
-        before_claim()  # e.g. admission: jobs it admits are due now and claimed below
-    batch = rt.settings.dispatch_batch_size
-    members = schedule.claim(limit=batch, lease_s=lease_s)
-    list(_POOL.map(functools.partial(_run_step, step), members))
-    rt.counters.flush()
-    if len(members) == batch:
-        again()  # more may be waiting: don't leave them for the next beat
-    else:
-        _wake_for_next(task_name, schedule, rt.settings.dispatch_interval_s)
-    return len(members)
 
 
 def _wake_for_next(task_name: str, schedule: DueSchedule, tick_s: float) -> None:
