@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from core.schedule import DueSchedule
 from workers.receiver_lines import SETTLE_S, ReceiverLines, receiver_of
 
 SCHEDULE = "test:due:webhooks"
@@ -42,17 +43,17 @@ def test_places_up_to_the_cap_then_a_line_in_order(scratch: redis.Redis) -> None
     assert line.enter("r", "w4", now=103.0) == 100.0 + LEASE_S
     assert due(scratch, "w3") == 100.0 + LEASE_S
     # A place frees: the first in line is due now, and only it.
-    assert line.leave("r", "w1", now=110.0) == 1
+    assert line.leave("r", "w1", now=110.0).made_due == 1
     assert due(scratch, "w3") == 110.0
     assert due(scratch, "w4") == 100.0 + LEASE_S
     claimed(scratch, "w3", at=110.1)
     assert line.enter("r", "w3", now=110.2) is None
-    assert line.leave("r", "w2", now=111.0) == 1
+    assert line.leave("r", "w2", now=111.0).made_due == 1
     assert due(scratch, "w4") == 111.0
     claimed(scratch, "w4", at=111.1)
     assert line.enter("r", "w4", now=111.2) is None
-    assert line.leave("r", "w3", now=112.0) == 0  # nobody left in line
-    assert line.leave("r", "w4", now=112.0) == 0
+    assert line.leave("r", "w3", now=112.0).made_due == 0  # nobody left in line
+    assert line.leave("r", "w4", now=112.0).made_due == 0
     assert line.in_flight("r") == 0
 
 
@@ -61,10 +62,10 @@ def test_a_newcomer_does_not_take_the_place_of_those_in_line(scratch: redis.Redi
     claimed(scratch, "w1", "w2", "new")
     assert line.enter("r", "w1", now=100.0) is None
     assert line.enter("r", "w2", now=101.0) is not None
-    assert line.leave("r", "w1", now=110.0) == 1  # w2's turn; its dispatch is on the way
+    assert line.leave("r", "w1", now=110.0).made_due == 1  # w2's turn; its dispatch is on the way
     assert line.enter("r", "new", now=110.1) is not None  # claimed first, but behind w2
     assert line.enter("r", "w2", now=110.2) is None
-    assert line.leave("r", "w2", now=111.0) == 1
+    assert line.leave("r", "w2", now=111.0).made_due == 1
     assert due(scratch, "new") == 111.0
 
 
@@ -77,7 +78,7 @@ def test_an_attempt_a_dispatch_has_claimed_is_not_made_due_again(scratch: redis.
     parked_until = line.enter("r", "w2", now=101.0)
     assert parked_until == 100.0 + LEASE_S
     claimed(scratch, "w2", at=parked_until)  # a dispatch takes it when it comes due
-    assert line.leave("r", "w1", now=parked_until + 0.1) == 0
+    assert line.leave("r", "w1", now=parked_until + 0.1).made_due == 0
     assert due(scratch, "w2") == parked_until + LEASE_S  # still the dispatch's lease
     assert line.enter("r", "w2", now=parked_until + 0.2) is None
 
@@ -89,7 +90,7 @@ def test_as_many_are_made_due_as_there_are_places_free(scratch: redis.Redis) -> 
     for i, w in enumerate(("w1", "w2", "w3", "w4")):
         assert line.enter("r", w, now=101.0 + i) is not None
     raised = lines(scratch, concurrency=3)  # WEBHOOK_RECEIVER_CONCURRENCY raised meanwhile
-    assert raised.leave("r", "a", now=110.0) == 3
+    assert raised.leave("r", "a", now=110.0).made_due == 3
     assert [due(scratch, w) for w in ("w1", "w2", "w3")] == [110.0, 110.0, 110.0]
     assert due(scratch, "w4") == 100.0 + LEASE_S
 
@@ -109,7 +110,7 @@ def test_the_line_drops_events_no_longer_scheduled(scratch: redis.Redis) -> None
     assert line.enter("r", "gone", now=101.0) is not None
     assert line.enter("r", "w3", now=102.0) is not None
     scratch.zrem(SCHEDULE, "gone")  # e.g. its job deleted while it waited
-    assert line.leave("r", "w1", now=110.0) == 1
+    assert line.leave("r", "w1", now=110.0).made_due == 1
     assert due(scratch, "w3") == 110.0
     assert due(scratch, "gone") is None  # not brought back
 
@@ -120,8 +121,9 @@ def test_an_event_that_ends_while_in_line_passes_its_turn_on(scratch: redis.Redi
     assert line.enter("r", "w1", now=100.0) is None
     assert line.enter("r", "w2", now=101.0) is not None
     assert line.enter("r", "w3", now=102.0) is not None
-    assert line.leave("r", "w1", now=110.0) == 1  # w2's turn: but its event is no longer pending
-    assert line.leave("r", "w2", now=110.5) == 1  # so it leaves the line, and w3 goes
+    # w2's turn: but its event is no longer pending
+    assert line.leave("r", "w1", now=110.0).made_due == 1
+    assert line.leave("r", "w2", now=110.5).made_due == 1  # so it leaves the line, and w3 goes
     assert due(scratch, "w3") == 110.5
 
 
@@ -130,5 +132,63 @@ def test_with_nothing_in_flight_a_waiter_looks_again_soon(scratch: redis.Redis) 
     claimed(scratch, "w1", "w2", "w3")
     assert line.enter("r", "w1", now=100.0) is None
     assert line.enter("r", "w2", now=101.0) is not None
-    assert line.leave("r", "w1", now=110.0) == 1  # w2 made due, not yet claimed
+    assert line.leave("r", "w1", now=110.0).made_due == 1  # w2 made due, not yet claimed
     assert line.enter("r", "w3", now=110.1) == 110.1 + SETTLE_S
+
+
+def test_a_place_can_be_handed_straight_to_the_first_in_line(scratch: redis.Redis) -> None:
+    line = lines(scratch, concurrency=1)
+    claimed(scratch, "w1", "w2", "w3")
+    assert line.enter("r", "w1", now=100.0) is None
+    assert line.enter("r", "w2", now=101.0) is not None
+    assert line.enter("r", "w3", now=102.0) is not None
+    left = line.leave("r", "w1", now=110.0, hand_over=True)
+    assert (left.handed_over, left.made_due) == ("w2", 0)
+    # w2 holds the place and is claimed for the caller, as a dispatch and an enter would leave it.
+    assert due(scratch, "w2") == 110.0 + LEASE_S
+    assert line.in_flight("r") == 1
+    assert line.enter("r", "w3", now=110.1) is not None  # still behind
+    assert line.leave("r", "w2", now=111.0, hand_over=True).handed_over == "w3"
+    assert line.leave("r", "w3", now=112.0, hand_over=True).handed_over is None
+    assert line.in_flight("r") == 0
+
+
+def test_a_hand_over_takes_one_and_makes_the_next_due(scratch: redis.Redis) -> None:
+    claimed(scratch, "a", "w1", "w2", "w3")
+    line = lines(scratch, concurrency=1)
+    assert line.enter("r", "a", now=100.0) is None
+    for i, w in enumerate(("w1", "w2", "w3")):
+        assert line.enter("r", w, now=101.0 + i) is not None
+    raised = lines(scratch, concurrency=2)
+    left = raised.leave("r", "a", now=110.0, hand_over=True)
+    assert (left.handed_over, left.made_due) == ("w1", 1)
+    assert due(scratch, "w2") == 110.0
+    assert due(scratch, "w3") == 100.0 + LEASE_S
+
+
+def test_a_claimed_attempt_is_never_handed_over(scratch: redis.Redis) -> None:
+    """Like the race above, with a hand-over: w2 is on its way with a dispatch already."""
+    line = lines(scratch, concurrency=1)
+    claimed(scratch, "w1", "w2")
+    assert line.enter("r", "w1", now=100.0) is None
+    parked_until = line.enter("r", "w2", now=101.0)
+    assert parked_until is not None
+    claimed(scratch, "w2", at=parked_until)
+    left = line.leave("r", "w1", now=parked_until + 0.1, hand_over=True)
+    assert (left.handed_over, left.made_due) == (None, 0)
+    assert due(scratch, "w2") == parked_until + LEASE_S
+
+
+def test_a_due_attempt_handed_over_is_not_claimed_by_a_dispatch(scratch: redis.Redis) -> None:
+    """w1 was made due but no dispatch took it yet; a place frees and it is handed over: from
+    then on it is not due, so no dispatch can send it a second time."""
+    schedule = DueSchedule(scratch, SCHEDULE)
+    line = lines(scratch, concurrency=2)
+    claimed(scratch, "a", "b", "w1")
+    assert line.enter("r", "a", now=100.0) is None
+    assert line.enter("r", "b", now=100.0) is None
+    assert line.enter("r", "w1", now=101.0) is not None
+    assert line.leave("r", "a", now=110.0).made_due == 1
+    assert line.leave("r", "b", now=110.5, hand_over=True).handed_over == "w1"
+    assert schedule.claim(limit=10, lease_s=LEASE_S, now=111.0) == []
+    assert due(scratch, "w1") == 110.5 + LEASE_S

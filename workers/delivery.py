@@ -95,37 +95,48 @@ class WebhookDelivery:
         read timeouts, and a margin; past it, the event is due again."""
         return 2 * self.settings.webhook_timeout_s + 10
 
-    def deliver(self, webhook_id: str) -> None:
+    def deliver(
+        self, webhook_id: str, *, holding_place: bool = False, take_next: bool = False
+    ) -> str | None:
         """Make one attempt at a pending event, if it is still pending and its receiver has a
-        place free; otherwise it waits in the receiver's line (no attempt made)."""
+        place free (or the caller holds one for it); otherwise it waits in the receiver's line.
+
+        With take_next, the place then goes to the next attempt in that line, if any: its id is
+        returned, claimed for the caller, to be made with holding_place=True.
+        """
         event = self.store.get_event(webhook_id)
         if event is None or event.state != PENDING:
             self.store.webhook_schedule.remove(self.store.redis, webhook_id)
-            if event is not None:  # it may stand in its receiver's line: its turn passes on
-                self._leave(receiver_of(event.client_id, event.url), webhook_id)
-            return
+            if event is None:
+                return None
+            # It may hold a place or stand in its receiver's line: its turn passes on.
+            return self._leave(receiver_of(event.client_id, event.url), webhook_id, take_next)
         started = self.clock()
         receiver = receiver_of(event.client_id, event.url)
-        if self.lines.enter(receiver, webhook_id, started) is not None:
+        if not holding_place and self.lines.enter(receiver, webhook_id, started) is not None:
             self.counters.add("webhook_attempts_waited")
-            return
+            return None
         try:
             client = self.clients.get(event.client_id)
             if client is None:  # the client record is gone: nobody can verify a signature
                 result = AttemptResult(None, "client no longer exists; cannot sign")
                 self._record(event, result, started, 0, force_state=EXHAUSTED)
-                return
-            headers = signature_headers(event, client.signing_secrets(started), started)
-            began = time.monotonic()
-            result = self._post(event, headers)
-            duration_ms = int((time.monotonic() - began) * 1000)
-            self._record(event, result, started, duration_ms)
-        finally:
-            self._leave(receiver, webhook_id)
+            else:
+                headers = signature_headers(event, client.signing_secrets(started), started)
+                began = time.monotonic()
+                result = self._post(event, headers)
+                duration_ms = int((time.monotonic() - began) * 1000)
+                self._record(event, result, started, duration_ms)
+        except BaseException:
+            self._leave(receiver, webhook_id, take_next=False)
+            raise
+        return self._leave(receiver, webhook_id, take_next)
 
-    def _leave(self, receiver: str, webhook_id: str) -> None:
-        if self.lines.leave(receiver, webhook_id, self.clock()):
+    def _leave(self, receiver: str, webhook_id: str, take_next: bool) -> str | None:
+        left = self.lines.leave(receiver, webhook_id, self.clock(), hand_over=take_next)
+        if left.made_due:
             self.on_place_freed()  # attempts in line were made due: dispatch them now
+        return left.handed_over
 
     def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
         timeout_s = self.settings.webhook_timeout_s

@@ -5,7 +5,8 @@ that many attempt threads, never all of them, and it is not sent more at once th
 attempt beyond the cap waits in the receiver's line, in order; when an attempt there ends, as many
 of the first in line as there are places free are made due at once. A waiting attempt is also due
 when the oldest attempt in flight must have ended (its lease), so a line moves on even if a worker
-dies holding a place.
+dies holding a place. An attempt that ends can hand its place straight to the first in line, so a
+busy receiver's line moves at the speed of its answers, not of dispatches.
 
 Only an attempt still parked — its schedule entry exactly as the line left it — is made due: one
 that a dispatch has claimed since is already on its way, and moving its entry would let a second
@@ -15,6 +16,7 @@ dispatch claim it too.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis
@@ -76,18 +78,20 @@ return due
 """
 )
 
-# KEYS as above. ARGV: webhook id, now, cap. The attempt leaves (its place, or its place in
-# line); the first parked attempts in line, up to the places free, are made due now. Returns how
-# many were.
+# KEYS as above. ARGV: webhook id, now, cap, lease end or "" (hand the place over), key ttl in ms.
+# The attempt leaves (its place, or its place in line). With a lease end, the first attempt still
+# parked in line is handed the place: claimed for the caller under that lease, as a dispatch's
+# claim and an enter would leave it. The next parked ones, up to the places free, are made due
+# now. Returns {the id handed over or "", how many were made due}.
 _LEAVE = """
-local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, cap, lease_end = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = cap - redis.call('ZCARD', KEYS[1])
-local made_due, taken = 0, 0
-if free <= 0 then return 0 end
+local handed, made_due, taken = '', 0, 0
+if free <= 0 then return {handed, made_due} end
 for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, free + 31)) do
   local score = redis.call('ZSCORE', KEYS[3], w)
   if not score then
@@ -95,17 +99,33 @@ for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, free + 31)) do
     redis.call('HDEL', KEYS[4], w)
   else
     local parked = redis.call('HGET', KEYS[4], w)
-    if parked and tonumber(parked) == tonumber(score) and tonumber(score) > now then
+    local still_parked = parked and tonumber(parked) == tonumber(score)
+    if still_parked and lease_end ~= '' and handed == '' then
+      redis.call('ZADD', KEYS[3], lease_end, w)
+      redis.call('ZADD', KEYS[1], lease_end, w)
+      redis.call('PEXPIRE', KEYS[1], ARGV[5])
+      redis.call('ZREM', KEYS[2], w)
+      redis.call('HDEL', KEYS[4], w)
+      handed = w
+    elseif still_parked and tonumber(score) > now then
       redis.call('ZADD', KEYS[3], ARGV[2], w)
       redis.call('HSET', KEYS[4], w, ARGV[2])
       made_due = made_due + 1
     end
-    taken = taken + 1  -- made due now, or claimed already: either way on its way to a place
+    taken = taken + 1  -- handed over, made due now, or claimed already: on its way to a place
     if taken >= free then break end
   end
 end
-return made_due
+return {handed, made_due}
 """
+
+
+@dataclass(frozen=True)
+class Left:
+    """What an attempt leaving its receiver's line set going."""
+
+    handed_over: str | None  # the next attempt in line, claimed for the caller with its place
+    made_due: int  # attempts in line now due, for a dispatch to take
 
 
 def receiver_of(client_id: str, url: str) -> str:
@@ -142,10 +162,18 @@ class ReceiverLines:
         )  # fmt: skip
         return float(answer) if answer else None
 
-    def leave(self, receiver: str, webhook_id: str, now: float) -> int:
-        """The attempt is over (or its event is): free its place, or its place in line. Returns
-        how many attempts in line were made due in its stead."""
-        return int(self._leave(keys=self._keys(receiver), args=[webhook_id, now, self.concurrency]))
+    def leave(self, receiver: str, webhook_id: str, now: float, *, hand_over: bool = False) -> Left:
+        """The attempt is over (or its event is): free its place, or its place in line.
+
+        With hand_over, the place goes straight to the first attempt in line, claimed for the
+        caller, who must make it (or let its lease end); the next ones are made due.
+        """
+        lease_end = now + self.lease_s if hand_over else ""
+        handed, made_due = self._leave(
+            keys=self._keys(receiver),
+            args=[webhook_id, now, self.concurrency, lease_end, self._ttl_ms()],
+        )
+        return Left(handed_over=handed or None, made_due=int(made_due))
 
     def in_flight(self, receiver: str) -> int:
         """Attempts holding a place now (leases of killed workers included until they end)."""

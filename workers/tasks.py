@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TypeVar
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown, worker_shutdown
@@ -17,6 +18,7 @@ from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TIMED_WAKE_GAP_S = 0.1
 # Threads per worker process for one batch: the work is waiting on HTTP, not CPU.
@@ -40,6 +42,7 @@ class AttemptThreads:
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="webhook")
         self._lock = threading.Lock()
         self._running = 0
+        self.draining = False  # set once the worker stops: no attempt takes on another
 
     @property
     def running(self) -> int:
@@ -129,9 +132,19 @@ def dispatch_webhooks() -> int:
 
 
 def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> None:
-    _run_step(runtime().delivery.deliver, webhook_id)
-    if dispatch_gone.is_set():  # its dispatch has flushed (or is about to): count it here
-        runtime().counters.flush()
+    """One attempt; then, while its receiver has attempts in line, the next one, whose place
+    this thread is handed (no dispatch needed) — until the worker drains."""
+    rt = runtime()
+    member: str | None = webhook_id
+    holding_place = False
+    while member is not None:
+        deliver = functools.partial(
+            rt.delivery.deliver, holding_place=holding_place, take_next=not _ATTEMPTS.draining
+        )
+        member = _run_step(deliver, member)
+        holding_place = True
+        if dispatch_gone.is_set():  # its dispatch has flushed (or is about to): count it here
+            rt.counters.flush()
 
 
 @worker_process_shutdown.connect(weak=False)
@@ -139,6 +152,7 @@ def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> None:
 def _finish_attempts(**_: object) -> None:
     """A stopping worker lets the attempts it started end (at most WEBHOOK_TIMEOUT_S each); one
     cut short by a kill is due again when its lease ends, with the same webhook-id."""
+    _ATTEMPTS.draining = True
     if not _ATTEMPTS.running:
         return
     if not _ATTEMPTS.drain(timeout_s=runtime().settings.webhook_timeout_s + 5):
@@ -159,13 +173,15 @@ def _wake_for_next(task_name: str, schedule: DueSchedule, tick_s: float) -> None
         runtime().wakeups.at(task_name, max(next_due, now + TIMED_WAKE_GAP_S), now)
 
 
-def _run_step(step: Callable[[str], None], member: str) -> None:
-    """One step; an error is logged (once, with its traceback) and stops nothing else.
+def _run_step(step: Callable[[str], T], member: str) -> T | None:
+    """One step, and what it returns; an error is logged (once, with its traceback) and stops
+    nothing else.
 
     The member stays claimed until its lease ends, then is due again: a retry with backoff for
     free.
     """
     try:
-        step(member)
+        return step(member)
     except Exception:
         log.exception("step failed; due again when its lease ends", extra={"member": member})
+        return None
