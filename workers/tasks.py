@@ -54,6 +54,13 @@ class AttemptThreads:
         """How many more attempts can start now."""
         return self.size - self.running
 
+    def may_go_on(self) -> bool:
+        """Whether an attempt's thread may take the next in its receiver's line: not once the
+        worker drains, nor when no other thread is free (then a dispatch takes what is due
+        next, whichever receiver it is for: a busy receiver's line does not keep every
+        thread)."""
+        return not self.draining and self.room() > 0
+
     def start(self, attempt: Callable[[], None]) -> Future[None]:
         with self._lock:
             self._running += 1
@@ -132,14 +139,14 @@ def dispatch_webhooks() -> int:
 
 
 def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> None:
-    """One attempt; then, while its receiver has attempts in line, the next one, whose place
-    this thread is handed (no dispatch needed) — until the worker drains."""
+    """One attempt; then, while its receiver has attempts in line and may_go_on, the next one,
+    whose place this thread is handed (no dispatch needed)."""
     rt = runtime()
     member: str | None = webhook_id
     holding_place = False
     while member is not None:
         deliver = functools.partial(
-            rt.delivery.deliver, holding_place=holding_place, take_next=not _ATTEMPTS.draining
+            rt.delivery.deliver, holding_place=holding_place, take_next=_ATTEMPTS.may_go_on()
         )
         member = _run_step(deliver, member)
         holding_place = True
