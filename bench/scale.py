@@ -22,6 +22,7 @@ The added latency of a job is when its webhook arrived minus when the emulator f
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from bench.common import (
 )
 from core.clients import ClientStore
 from core.metrics import Counters
+from core.settings import Settings
 
 TARGET_P50_S = 0.5
 TARGET_P99_S = 1.5
@@ -151,6 +153,10 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             receiver.stop()
             client.close()
 
+    # The worker's environment is this process's (bench.common passes it through).
+    receiver_cap = os.environ.get("WEBHOOK_RECEIVER_CONCURRENCY") or (
+        f"{Settings.webhook_receiver_concurrency} (default)"
+    )
     fixed_poll_calls = 1 + math.ceil(sizes.scale_run_s / FIXED_POLL_S) + 1
     per_job_calls = sum(steady.calls.values()) / n
     p50, p99 = percentile(steady.after_finish, 50), percentile(steady.after_finish, 99)
@@ -202,7 +208,7 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
         Row("scale", f"cold start: added latency p50 / p99 of the {len(cold)} warm-up jobs "
             "(nothing learned yet: 2 s polling)", _p50_p99(cold)),
         Row("scale", "webhook attempts made / times one waited in the receiver's line first "
-            "(all batches; one receiver, WEBHOOK_RECEIVER_CONCURRENCY at its default)",
+            f"(all batches; one receiver, WEBHOOK_RECEIVER_CONCURRENCY={receiver_cap})",
             f"{counts['webhook_attempts']} / {counts['webhook_attempts_waited']}"),
         Row("scale", "rejected signatures / duplicate deliveries (all batches)",
             f"{rejected} / {collector.duplicates}", "0 / 0",
