@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
+from core.clients import ClientStore
+from core.metrics import Counters
 from core.schedule import DueSchedule
+from core.settings import Settings
+from core.store import JobStore
+from workers.delivery import HeldPlace, WebhookDelivery
 from workers.receiver_lines import SETTLE_S, ReceiverLines, receiver_of
 
 SCHEDULE = "test:due:webhooks"
@@ -192,3 +199,24 @@ def test_a_due_attempt_handed_over_is_not_claimed_by_a_dispatch(scratch: redis.R
     assert line.leave("r", "b", now=110.5, hand_over=True).handed_over == "w1"
     assert schedule.claim(limit=10, lease_s=LEASE_S, now=111.0) == []
     assert due(scratch, "w1") == 110.5 + LEASE_S
+
+
+def test_a_place_handed_to_an_event_gone_meanwhile_is_freed_at_once(scratch: redis.Redis) -> None:
+    """Its job's records expired while it waited: the place must not stay held for a lease."""
+    store = JobStore(scratch, retention_s=3600)
+    delivery = WebhookDelivery(
+        store,
+        ClientStore(scratch),
+        Settings(webhook_receiver_concurrency=1),
+        Counters(scratch),
+        on_place_freed=lambda: None,
+    )
+    receiver = receiver_of("cli_1", "https://hooks.example.com/a")
+    now = time.time()
+    scratch.zadd(store.webhook_schedule.key, {"w1": now + LEASE_S, "w2": now + LEASE_S})
+    assert delivery.lines.enter(receiver, "w1", now) is None
+    assert delivery.lines.enter(receiver, "w2", now) is not None  # no event stored for w2
+    handed = delivery.lines.leave(receiver, "w1", now, hand_over=True).handed_over
+    assert handed == "w2"
+    assert delivery.deliver_held(HeldPlace(receiver, handed), take_next=lambda: True) is None
+    assert delivery.lines.in_flight(receiver) == 0

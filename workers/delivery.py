@@ -65,6 +65,18 @@ def next_state(
     return PENDING, now + wait
 
 
+# Asked when an attempt ends: should its thread take the next attempt in its receiver's line?
+TakeNext = Callable[[], bool] | None
+
+
+@dataclass(frozen=True)
+class HeldPlace:
+    """An attempt its receiver's place was handed to: claimed for the caller to make."""
+
+    receiver: str
+    webhook_id: str
+
+
 @dataclass
 class WebhookDelivery:
     """Sends webhook attempts and records each one."""
@@ -95,25 +107,33 @@ class WebhookDelivery:
         read timeouts, and a margin; past it, the event is due again."""
         return 2 * self.settings.webhook_timeout_s + 10
 
-    def deliver(
-        self, webhook_id: str, *, holding_place: bool = False, take_next: bool = False
-    ) -> str | None:
+    def deliver(self, webhook_id: str, *, take_next: TakeNext = None) -> HeldPlace | None:
         """Make one attempt at a pending event, if it is still pending and its receiver has a
-        place free (or the caller holds one for it); otherwise it waits in the receiver's line.
+        place free; otherwise it waits in the receiver's line (no attempt made).
 
-        With take_next, the place then goes to the next attempt in that line, if any: its id is
-        returned, claimed for the caller, to be made with holding_place=True.
+        If take_next (asked when the attempt ends) says so, the place then goes to the next
+        attempt in that line, if any: it is returned, claimed for the caller, to be made with
+        deliver_held.
         """
+        return self._deliver(webhook_id, None, take_next)
+
+    def deliver_held(self, place: HeldPlace, *, take_next: TakeNext = None) -> HeldPlace | None:
+        """Make the attempt a place was handed to (as deliver, without waiting in line)."""
+        return self._deliver(place.webhook_id, place.receiver, take_next)
+
+    def _deliver(
+        self, webhook_id: str, held_in: str | None, take_next: TakeNext
+    ) -> HeldPlace | None:
         event = self.store.get_event(webhook_id)
         if event is None or event.state != PENDING:
             self.store.webhook_schedule.remove(self.store.redis, webhook_id)
-            if event is None:
-                return None
+            if event is not None:
+                held_in = receiver_of(event.client_id, event.url)
             # It may hold a place or stand in its receiver's line: its turn passes on.
-            return self._leave(receiver_of(event.client_id, event.url), webhook_id, take_next)
+            return self._leave(held_in, webhook_id, take_next) if held_in else None
         started = self.clock()
         receiver = receiver_of(event.client_id, event.url)
-        if not holding_place and self.lines.enter(receiver, webhook_id, started) is not None:
+        if held_in is None and self.lines.enter(receiver, webhook_id, started) is not None:
             self.counters.add("webhook_attempts_waited")
             return None
         try:
@@ -128,15 +148,16 @@ class WebhookDelivery:
                 duration_ms = int((time.monotonic() - began) * 1000)
                 self._record(event, result, started, duration_ms)
         except BaseException:
-            self._leave(receiver, webhook_id, take_next=False)
+            self._leave(receiver, webhook_id, take_next=None)
             raise
         return self._leave(receiver, webhook_id, take_next)
 
-    def _leave(self, receiver: str, webhook_id: str, take_next: bool) -> str | None:
-        left = self.lines.leave(receiver, webhook_id, self.clock(), hand_over=take_next)
+    def _leave(self, receiver: str, webhook_id: str, take_next: TakeNext) -> HeldPlace | None:
+        hand_over = take_next is not None and take_next()
+        left = self.lines.leave(receiver, webhook_id, self.clock(), hand_over=hand_over)
         if left.made_due:
             self.on_place_freed()  # attempts in line were made due: dispatch them now
-        return left.handed_over
+        return HeldPlace(receiver, left.handed_over) if left.handed_over else None
 
     def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
         timeout_s = self.settings.webhook_timeout_s

@@ -18,6 +18,7 @@ from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
+M = TypeVar("M")  # what a step is taken for: a job id, a webhook id, a held place
 T = TypeVar("T")
 
 TIMED_WAKE_GAP_S = 0.1
@@ -142,16 +143,17 @@ def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> None:
     """One attempt; then, while its receiver has attempts in line and may_go_on, the next one,
     whose place this thread is handed (no dispatch needed)."""
     rt = runtime()
-    member: str | None = webhook_id
-    holding_place = False
-    while member is not None:
-        deliver = functools.partial(
-            rt.delivery.deliver, holding_place=holding_place, take_next=_ATTEMPTS.may_go_on()
-        )
-        member = _run_step(deliver, member)
-        holding_place = True
+    held = _run_step(
+        functools.partial(rt.delivery.deliver, take_next=_ATTEMPTS.may_go_on), webhook_id
+    )
+    while True:
         if dispatch_gone.is_set():  # its dispatch has flushed (or is about to): count it here
             rt.counters.flush()
+        if held is None:
+            return
+        held = _run_step(
+            functools.partial(rt.delivery.deliver_held, take_next=_ATTEMPTS.may_go_on), held
+        )
 
 
 @worker_process_shutdown.connect(weak=False)
@@ -180,7 +182,7 @@ def _wake_for_next(task_name: str, schedule: DueSchedule, tick_s: float) -> None
         runtime().wakeups.at(task_name, max(next_due, now + TIMED_WAKE_GAP_S), now)
 
 
-def _run_step(step: Callable[[str], T], member: str) -> T | None:
+def _run_step(step: Callable[[M], T], member: M) -> T | None:
     """One step, and what it returns; an error is logged (once, with its traceback) and stops
     nothing else.
 
