@@ -5,7 +5,9 @@ Teams use it to try their integration; the test suite uses it as the real receiv
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,9 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 MAX_BODY_BYTES = 1024 * 1024
+# Connections are kept alive between requests, as real receivers do, and closed after this long
+# idle (Node's and Apache's default).
+IDLE_CLOSE_S = 5.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -23,6 +28,29 @@ class _Server(ThreadingHTTPServer):
     # socketserver's default backlog of 5 overflows when a gateway delivers a burst at once;
     # a real receiver (nginx: 511) would not refuse those connections, so neither does ours.
     request_queue_size = 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: set[socket.socket] = set()  # connections being served, kept alive or not
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End the kept-alive connections too: a stopped receiver answers nothing more."""
+        with self._open_lock:
+            open_now = list(self._open)
+        for connection in open_now:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass(frozen=True)
@@ -73,6 +101,7 @@ class WebhookReceiver:
     def stop(self) -> None:
         """Stop serving and close the socket."""
         self._server.shutdown()
+        self._server.close_connections()
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -105,10 +134,16 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = IDLE_CLOSE_S
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
+                if length > MAX_BODY_BYTES:  # unread: this connection cannot go on
+                    self.close_connection = True
                     self.send_response(413)
+                    self.send_header("Connection", "close")
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 body = self.rfile.read(length)

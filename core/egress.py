@@ -9,6 +9,7 @@ the address that was judged, so there is no second DNS lookup to rebind.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -19,7 +20,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import select_proxy
-from urllib3.connectionpool import ConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.response import HTTPResponse
 
 if TYPE_CHECKING:
     # Typing-only names from types-requests, for the hook that requests lets adapters override.
@@ -30,6 +33,12 @@ IPNetwork: TypeAlias = IPv4Network | IPv6Network
 
 ALLOWED_NETWORKS_SETTING = "WEBHOOK_ALLOWED_NETWORKS"
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# A kept-alive connection is used again only this soon after its last answer. A receiver closes
+# idle connections after its own keep-alive timeout (gunicorn 2 s, Node and Apache 5 s, nginx
+# 75 s); sent on a connection it is closing at that moment, an attempt would fail. Within 1 s
+# that race cannot happen with any of those; a burst to one receiver reuses connections within
+# milliseconds.
+REUSE_WITHIN_S = 1.0
 
 # Most specific first: the first network that holds an address names the reason it is refused.
 # Written out rather than taken from ipaddress's is_private/is_global, whose answers differ
@@ -211,6 +220,42 @@ class EgressPolicy:
         self.pick_address(parts.hostname, port or DEFAULT_PORTS[scheme], scheme=scheme)
 
 
+class _ReusedWhileFresh:
+    """A connection that counts as dropped once REUSE_WITHIN_S has passed since its last answer:
+    the pool then opens a new one instead of sending on it."""
+
+    answered_at: float | None = None
+
+    def getresponse(self) -> HTTPResponse:
+        response: HTTPResponse = super().getresponse()  # type: ignore[misc]
+        self.answered_at = time.monotonic()
+        return response
+
+    @property
+    def is_connected(self) -> bool:
+        if self.answered_at is not None and time.monotonic() - self.answered_at > REUSE_WITHIN_S:
+            return False
+        connected: bool = super().is_connected  # type: ignore[misc]
+        return connected
+
+
+# mypy cannot match a mixin's getresponse against urllib3's (typed with an ignore of its own).
+class _FreshHTTPConnection(_ReusedWhileFresh, HTTPConnection):  # type: ignore[misc]
+    pass
+
+
+class _FreshHTTPSConnection(_ReusedWhileFresh, HTTPSConnection):  # type: ignore[misc]
+    pass
+
+
+class _FreshHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _FreshHTTPConnection
+
+
+class _FreshHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _FreshHTTPSConnection
+
+
 class PinnedAddressAdapter(HTTPAdapter):
     """A requests adapter that checks every request's destination and connects to that address."""
 
@@ -249,6 +294,14 @@ class PinnedAddressAdapter(HTTPAdapter):
         host_params["host"] = str(address)
         return host_params, pool_kwargs
 
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """Pools whose kept-alive connections are reused only while fresh (REUSE_WITHIN_S)."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _FreshHTTPConnectionPool,
+            "https": _FreshHTTPSConnectionPool,
+        }
+
     def get_connection_with_tls_context(
         self,
         request: requests.PreparedRequest,
@@ -274,6 +327,22 @@ class NoRedirectSession(requests.Session):
         # Not max_redirects = 0: with it, requests raises TooManyRedirects on any 3xx even
         # under allow_redirects=False, as it still prepares response.next.
         return None
+
+
+def keep_connection_if_bodiless(response: requests.Response) -> None:
+    """Give a streamed response's connection back to the pool when the answer has no body.
+
+    A delivery never reads a receiver's body (`stream=True`), so requests closes the connection
+    when the response closes — every attempt would pay a new TCP (and TLS) handshake. An answer
+    with no body (204, 304, `Content-Length: 0`) has nothing to read: its connection is clean and
+    goes back for the next attempt. One with a body is still closed unread: reading it would let
+    a receiver hold the thread by sending it slowly.
+    """
+    if response.status_code not in (204, 304) and response.headers.get("Content-Length") != "0":
+        return
+    response.raw.drain_conn()  # reads nothing; marks the response complete
+    if response.raw.closed:
+        response.raw.release_conn()
 
 
 def egress_session(policy: EgressPolicy, *, connections_per_host: int = 10) -> requests.Session:

@@ -132,3 +132,39 @@ def test_listen_verifies_and_prints(tmp_path: Any) -> None:
         assert json.loads(line[0])["job_id"] == "job_1" and len(line) == 1
     finally:
         listener.stop()
+
+
+def test_the_listener_keeps_connections_alive_until_it_stops() -> None:
+    """As a real receiver does: several webhooks on one connection; stopped, it answers none."""
+    import http.client
+
+    from cli.listener import WebhookReceiver
+
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    receiver = WebhookReceiver(secret=secret).start()
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=5)
+    try:
+        for n in range(3):
+            body = json.dumps({"type": "job.succeeded", "timestamp": "t", "data": {"n": n}})
+            now = datetime.now(UTC)
+            headers = {
+                "webhook-id": f"msg_{n}",
+                "webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": Webhook(secret).sign(f"msg_{n}", now, body),
+            }
+            connection.request("POST", "/webhook", body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 204 and not response.will_close
+            if n == 0:
+                port_of_first = connection.sock.getsockname()[1]
+        assert connection.sock.getsockname()[1] == port_of_first  # one connection for all three
+        assert [e.webhook_id for e in receiver.received()] == ["msg_0", "msg_1", "msg_2"]
+        receiver.stop()
+        with pytest.raises((http.client.HTTPException, OSError)):
+            connection.request("POST", "/webhook", body="{}", headers={"webhook-id": "msg_3"})
+            connection.getresponse()
+        assert len(receiver.received()) == 3
+    finally:
+        connection.close()
+        receiver.stop()

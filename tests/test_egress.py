@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from typing import Any
 import pytest
 import requests
 
-from core.egress import EgressPolicy, RefusedDestination, egress_session
+from core import egress
+from core.egress import (
+    EgressPolicy,
+    RefusedDestination,
+    egress_session,
+    keep_connection_if_bodiless,
+)
 
 TIMEOUT_S = 5
 PUBLIC_V4 = "93.184.216.34"
@@ -525,9 +532,13 @@ class KeepAliveHandler(RecordingHandler):
             self.server.connections += 1  # type: ignore[attr-defined]
 
 
-def test_as_many_connections_as_deliveries_at_once_are_kept_for_reuse() -> None:
+def test_as_many_connections_as_deliveries_at_once_are_kept_for_reuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A dispatch makes a batch of attempts at once, often to one receiver: beyond the pool size
-    # every connection would be opened for one request and thrown away.
+    # every connection would be opened for one request and thrown away. (Reuse is not bounded in
+    # time here: the rounds are further apart than REUSE_WITHIN_S on a slow machine.)
+    monkeypatch.setattr(egress, "REUSE_WITHIN_S", 60.0)
     server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
     server.lock, server.connections = threading.Lock(), 0  # type: ignore[attr-defined]
     port = server.server_address[1]
@@ -551,3 +562,68 @@ def test_as_many_connections_as_deliveries_at_once_are_kept_for_reuse() -> None:
                 assert list(pool.map(get, range(at_once))) == [200] * at_once
     assert len(receiver.seen) == 3 * at_once
     assert server.connections <= at_once  # type: ignore[attr-defined]
+
+
+class AnswerHandler(KeepAliveHandler):
+    """POST /empty: 204 with no body; POST /body: 200 with a short one (HTTP/1.1, kept alive)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b"" if self.path == "/empty" else b"thanks"
+        self.send_response(204 if not body else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def answering(idle_close_s: float | None = None) -> Iterator[tuple[ThreadingHTTPServer, str]]:
+    """An AnswerHandler server (closing a connection idle for idle_close_s), and its base URL."""
+    handler = type("Handler", (AnswerHandler,), {"timeout": idle_close_s})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.lock, server.connections = threading.Lock(), 0  # type: ignore[attr-defined]
+    port = server.server_address[1]
+    with contextlib.contextmanager(_serve)(server, Receiver(f"http://127.0.0.1:{port}", port)):
+        yield server, f"http://127.0.0.1:{port}"
+
+
+def post_as_delivery_does(session: requests.Session, url: str) -> int:
+    """Streamed, the body never read; the connection kept only if the answer has no body."""
+    with session.post(url, data=b"{}", stream=True, timeout=TIMEOUT_S) as response:
+        keep_connection_if_bodiless(response)
+        return response.status_code
+
+
+@pytest.mark.parametrize(("path", "connections"), [("/empty", 1), ("/body", 4)])
+def test_an_answer_without_a_body_leaves_the_connection_for_the_next(
+    path: str, connections: int
+) -> None:
+    with answering() as (server, base), egress_session(LOOPBACK_ALLOWED) as session:
+        for _ in range(4):
+            assert post_as_delivery_does(session, base + path) in (200, 204)
+    assert server.connections == connections  # type: ignore[attr-defined]
+
+
+def test_a_connection_idle_for_longer_than_reuse_within_s_is_not_used_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A receiver may be closing it just then; a new one is opened instead."""
+    monkeypatch.setattr(egress, "REUSE_WITHIN_S", 0.2)
+    with answering() as (server, base), egress_session(LOOPBACK_ALLOWED) as session:
+        assert post_as_delivery_does(session, base + "/empty") == 204
+        assert post_as_delivery_does(session, base + "/empty") == 204
+        assert server.connections == 1  # type: ignore[attr-defined]
+        time.sleep(0.4)
+        assert post_as_delivery_does(session, base + "/empty") == 204
+        assert server.connections == 2  # type: ignore[attr-defined]
+
+
+def test_a_connection_the_receiver_has_closed_is_not_used_again() -> None:
+    with (
+        answering(idle_close_s=0.2) as (server, base),
+        egress_session(LOOPBACK_ALLOWED) as session,
+    ):
+        assert post_as_delivery_does(session, base + "/empty") == 204
+        time.sleep(0.5)  # the receiver closes its idle connection, within REUSE_WITHIN_S
+        assert post_as_delivery_does(session, base + "/empty") == 204
+        assert server.connections == 2  # type: ignore[attr-defined]

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 import requests
 
 from core.clients import ClientStore
-from core.egress import EgressPolicy, RefusedDestination, egress_session
+from core.egress import (
+    EgressPolicy,
+    RefusedDestination,
+    egress_session,
+    keep_connection_if_bodiless,
+)
 from core.metrics import Counters
 from core.retry_after import parse_retry_after_s
 from core.settings import Settings
@@ -172,6 +177,7 @@ class WebhookDelivery:
             ) as response:
                 code = response.status_code
                 retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
+                keep_connection_if_bodiless(response)
         except RefusedDestination as exc:
             return AttemptResult(None, f"refused destination: {exc}")
         except requests.Timeout:
