@@ -513,6 +513,7 @@ class Sizes:
     scale_concurrency: int
     scale_cap_s: float
     baseline_window_s: float
+    delivery_attempts: int  # https webhook attempts, each way
 
 
 FULL = Sizes(
@@ -533,6 +534,7 @@ FULL = Sizes(
     scale_concurrency=2,
     scale_cap_s=240,
     baseline_window_s=90,
+    delivery_attempts=300,
 )
 SMOKE = Sizes(
     smoke=True,
@@ -552,6 +554,7 @@ SMOKE = Sizes(
     scale_concurrency=8,
     scale_cap_s=30,
     baseline_window_s=4,
+    delivery_attempts=10,
 )
 
 

@@ -2,7 +2,8 @@
 
 Phases (each starts its own private processes and stops them all at the end, also on an error or
 Ctrl-C): ingest (bench/ingest.py), pipeline (bench/pipeline.py), scale (bench/scale.py) and
-baseline (bench/baseline.py, against the naive design in bench/naive.py). Progress goes to stderr;
+baseline (bench/baseline.py, against the naive design in bench/naive.py) and delivery
+(bench/delivery.py: an https webhook attempt's cost, connection kept or not). Progress goes to stderr;
 the table goes to stdout and to bench/results/latest.md (--smoke: latest-smoke.md).
 """
 
@@ -18,11 +19,11 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from bench import baseline, ingest, pipeline, scale
+from bench import baseline, delivery, ingest, pipeline, scale
 from bench.common import FULL, REPO_ROOT, SMOKE, Row, machine_line, say
 from bench.loadgen import WRK_INSTALL_HINT, wrk_available
 
-PHASES = ("ingest", "pipeline", "scale", "baseline")
+PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery")
 RESULTS = REPO_ROOT / "bench" / "results"
 
 
@@ -75,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                 elif phase == "scale":
                     scale_rows, gateway = scale.run(sizes, work / phase)
                     rows += scale_rows
-                else:
+                elif phase == "baseline":
                     rows += baseline.run(sizes, work / phase, gateway)
+                else:
+                    rows += delivery.run(sizes, work / phase)
             except Exception as exc:
                 traceback.print_exc()
                 failed.append(phase)

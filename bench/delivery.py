@@ -1,0 +1,100 @@
+"""Phase 5, delivery: what a webhook attempt to an https receiver costs the worker, with a new
+connection each time (as before connections were kept) and with the connection kept.
+
+The attempts go through the production egress session (address check, pinning, TLS with
+certificate and SNI checked) exactly as `WebhookDelivery` sends them — streamed, the answer's
+body never read, the connection kept only for a bodiless answer — to a local HTTPS receiver that
+keeps connections alive and answers 204, as `inpaint-gateway listen` does. The receiver uses a
+P-256 certificate made with openssl (a cheap handshake: an RSA-2048 one costs more). CPU is the
+sending thread's own (`time.thread_time`), so the receiver's share is not in it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from bench.common import Row, Sizes, fmt, say
+from core.egress import EgressPolicy, egress_session, keep_connection_if_bodiless
+
+HOST = "127.0.0.1"  # a literal address: no resolver in the way (the certificate names it)
+
+
+class _Answer204(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 5.0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def run(sizes: Sizes, base: Path) -> list[Row]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return [Row("delivery", "https webhook attempts", "skipped: openssl is not installed")]
+    base.mkdir(parents=True, exist_ok=True)
+    cert, key = base / "cert.pem", base / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-nodes", "-days", "1", "-newkey", "ec",
+         "-pkeyopt", "ec_paramgen_curve:prime256v1", "-subj", "/CN=bench receiver",
+         "-addext", f"subjectAltName=IP:{HOST}", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = ThreadingHTTPServer((HOST, 0), _Answer204)
+    server.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    url = f"https://{HOST}:{server.server_address[1]}/webhook"
+    body = b"x" * 3000  # about a job.succeeded event's size
+    try:
+        with egress_session(EgressPolicy.from_cidrs([f"{HOST}/32"])) as session:
+
+            def attempt(keep: bool) -> None:
+                with session.post(
+                    url, data=body, stream=True, timeout=(5, 15), verify=str(cert),
+                    allow_redirects=False,
+                ) as response:  # fmt: skip
+                    assert response.status_code == 204, response.status_code
+                    if keep:
+                        keep_connection_if_bodiless(response)
+
+            n = sizes.delivery_attempts
+            say(f"delivery: {n} https attempts with a new connection each, then {n} kept")
+            new_cpu, new_wall = _per_attempt(n, lambda: attempt(False))
+            kept_cpu, kept_wall = _per_attempt(n, lambda: attempt(True))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    return [
+        Row("delivery", f"https webhook attempt, sender's CPU: new connection each / kept "
+            f"({n} each, P-256 certificate, 204 answers)",
+            f"{fmt(new_cpu * 1000, 'ms', 2)} / {fmt(kept_cpu * 1000, 'ms', 2)}"),
+        Row("delivery", "https webhook attempt, wall time: new connection each / kept",
+            f"{fmt(new_wall * 1000, 'ms', 2)} / {fmt(kept_wall * 1000, 'ms', 2)}"),
+    ]  # fmt: skip
+
+
+def _per_attempt(n: int, attempt: Callable[[], None]) -> tuple[float, float]:
+    """CPU seconds of this thread and wall seconds per attempt, after one warm-up attempt."""
+    attempt()
+    cpu, wall = time.thread_time(), time.perf_counter()
+    for _ in range(n):
+        attempt()
+    return (time.thread_time() - cpu) / n, (time.perf_counter() - wall) / n
