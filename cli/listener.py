@@ -138,18 +138,25 @@ class WebhookReceiver:
             timeout = IDLE_CLOSE_S
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:  # unread: this connection cannot go on
-                    self.close_connection = True
-                    self.send_response(413)
-                    self.send_header("Connection", "close")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                length = self.headers.get("Content-Length", "")
+                if "Transfer-Encoding" in self.headers or not length.isdigit():
+                    self._refuse(411)  # a webhook comes with its length
                     return
-                body = self.rfile.read(length)
+                if int(length) > MAX_BODY_BYTES:
+                    self._refuse(413)
+                    return
+                body = self.rfile.read(int(length))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 status = receiver._accept(body, headers)
                 self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _refuse(self, status: int) -> None:
+                """Answer and close: the body is left unread, so this connection cannot go on."""
+                self.close_connection = True
+                self.send_response(status)
+                self.send_header("Connection", "close")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

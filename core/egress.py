@@ -340,7 +340,11 @@ def keep_connection_if_bodiless(response: requests.Response) -> None:
     """
     if response.status_code not in (204, 304) and response.headers.get("Content-Length") != "0":
         return
-    response.raw.drain_conn()  # reads nothing; marks the response complete
+    # A chunked answer is read as chunks whatever its status or Content-Length says: a receiver
+    # could drip them. Only an answer whose length is known to be 0 is taken as bodiless.
+    if "Transfer-Encoding" in response.headers or response.raw.length_remaining != 0:
+        return
+    response.raw.drain_conn()  # reads nothing (0 bytes left); marks the response complete
     if response.raw.closed:
         response.raw.release_conn()
 

@@ -160,6 +160,8 @@ def test_the_listener_keeps_connections_alive_until_it_stops() -> None:
                 port_of_first = connection.sock.getsockname()[1]
         assert connection.sock.getsockname()[1] == port_of_first  # one connection for all three
         assert [e.webhook_id for e in receiver.received()] == ["msg_0", "msg_1", "msg_2"]
+        chunked = requests.post(receiver.url, data=iter([b"{}"]), timeout=5)  # no length given
+        assert chunked.status_code == 411
         receiver.stop()
         with pytest.raises((http.client.HTTPException, OSError)):
             connection.request("POST", "/webhook", body="{}", headers={"webhook-id": "msg_3"})

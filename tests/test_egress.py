@@ -596,8 +596,9 @@ def post_as_delivery_does(session: requests.Session, url: str) -> int:
 
 @pytest.mark.parametrize(("path", "connections"), [("/empty", 1), ("/body", 4)])
 def test_an_answer_without_a_body_leaves_the_connection_for_the_next(
-    path: str, connections: int
+    path: str, connections: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(egress, "REUSE_WITHIN_S", 60.0)  # however slow this machine is
     with answering() as (server, base), egress_session(LOOPBACK_ALLOWED) as session:
         for _ in range(4):
             assert post_as_delivery_does(session, base + path) in (200, 204)
@@ -627,3 +628,33 @@ def test_a_connection_the_receiver_has_closed_is_not_used_again() -> None:
         time.sleep(0.5)  # the receiver closes its idle connection, within REUSE_WITHIN_S
         assert post_as_delivery_does(session, base + "/empty") == 204
         assert server.connections == 2  # type: ignore[attr-defined]
+
+
+def test_a_chunked_answer_is_never_read_even_if_it_says_204() -> None:
+    """A receiver answering 204 with a chunked body it drips out must not hold the thread."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    dripping = threading.Event()
+
+    def drip() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n")
+            dripping.set()
+            with contextlib.suppress(OSError):
+                for _ in range(20):  # 6 s of one byte at a time, if anyone reads it
+                    connection.sendall(b"1\r\nx\r\n")
+                    time.sleep(0.3)
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    started = time.monotonic()
+    try:
+        with egress_session(LOOPBACK_ALLOWED) as session:
+            assert post_as_delivery_does(session, url) == 204
+        assert dripping.is_set()
+        assert time.monotonic() - started < 2.0  # not the 6 s of the drip
+    finally:
+        listener.close()
+        thread.join(timeout=10)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
 import redis
 
 from core.clients import ClientStore
@@ -11,8 +13,10 @@ from core.metrics import Counters
 from core.schedule import DueSchedule
 from core.settings import Settings
 from core.store import JobStore
+from tests.conftest import wait_until
 from workers.delivery import HeldPlace, WebhookDelivery
 from workers.receiver_lines import SETTLE_S, ReceiverLines, receiver_of
+from workers.tasks import AttemptThreads
 
 SCHEDULE = "test:due:webhooks"
 LEASE_S = 40.0
@@ -201,8 +205,8 @@ def test_a_due_attempt_handed_over_is_not_claimed_by_a_dispatch(scratch: redis.R
     assert due(scratch, "w1") == 110.5 + LEASE_S
 
 
-def test_a_place_handed_to_an_event_gone_meanwhile_is_freed_at_once(scratch: redis.Redis) -> None:
-    """Its job's records expired while it waited: the place must not stay held for a lease."""
+def handed_place(scratch: redis.Redis) -> tuple[WebhookDelivery, HeldPlace]:
+    """A delivery with a cap of 1 whose place was just handed over to w2 (w2 has no event)."""
     store = JobStore(scratch, retention_s=3600)
     delivery = WebhookDelivery(
         store,
@@ -215,8 +219,49 @@ def test_a_place_handed_to_an_event_gone_meanwhile_is_freed_at_once(scratch: red
     now = time.time()
     scratch.zadd(store.webhook_schedule.key, {"w1": now + LEASE_S, "w2": now + LEASE_S})
     assert delivery.lines.enter(receiver, "w1", now) is None
-    assert delivery.lines.enter(receiver, "w2", now) is not None  # no event stored for w2
+    assert delivery.lines.enter(receiver, "w2", now) is not None
     handed = delivery.lines.leave(receiver, "w1", now, hand_over=True).handed_over
-    assert handed == "w2"
-    assert delivery.deliver_held(HeldPlace(receiver, handed), take_next=lambda: True) is None
-    assert delivery.lines.in_flight(receiver) == 0
+    assert handed == "w2" and delivery.lines.in_flight(receiver) == 1
+    return delivery, HeldPlace(receiver, handed)
+
+
+def test_a_place_handed_to_an_event_gone_meanwhile_is_freed_at_once(scratch: redis.Redis) -> None:
+    """Its job's records expired while it waited: the place must not stay held for a lease."""
+    delivery, place = handed_place(scratch)
+    assert delivery.deliver_held(place, take_next=lambda: True) is None
+    assert delivery.lines.in_flight(place.receiver) == 0
+
+
+def test_a_handed_place_is_freed_when_its_attempt_fails_early(
+    scratch: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivery, place = handed_place(scratch)
+
+    def broken(webhook_id: str) -> None:
+        raise redis.ConnectionError("a blip")
+
+    monkeypatch.setattr(delivery.store, "get_event", broken)
+    with pytest.raises(redis.ConnectionError):
+        delivery.deliver_held(place, take_next=lambda: True)
+    assert delivery.lines.in_flight(place.receiver) == 0
+
+
+def test_a_thread_takes_the_next_in_line_only_while_another_is_free_and_not_draining() -> None:
+    threads = AttemptThreads(size=2)
+    hold = threading.Event()
+    asked: list[bool] = []
+
+    def first_attempt() -> None:
+        asked.append(threads.may_go_on())
+        hold.wait(5)
+
+    first = threads.start(first_attempt)
+    wait_until(lambda: len(asked) == 1, timeout_s=5, what="the first attempt running")
+    second = threads.start(lambda: asked.append(threads.may_go_on()))
+    second.result(timeout=5)
+    assert asked == [True, False]  # alone: another thread free; beside the first: none free
+    hold.set()
+    first.result(timeout=5)
+    threads.draining = True
+    threads.start(lambda: asked.append(threads.may_go_on())).result(timeout=5)
+    assert asked[-1] is False

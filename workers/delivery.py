@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -124,7 +125,13 @@ class WebhookDelivery:
 
     def deliver_held(self, place: HeldPlace, *, take_next: TakeNext = None) -> HeldPlace | None:
         """Make the attempt a place was handed to (as deliver, without waiting in line)."""
-        return self._deliver(place.webhook_id, place.receiver, take_next)
+        try:
+            return self._deliver(place.webhook_id, place.receiver, take_next)
+        except BaseException:
+            # Whatever failed, the place goes back now (if Redis is what failed, at lease end).
+            with contextlib.suppress(Exception):
+                self.lines.leave(place.receiver, place.webhook_id, self.clock())
+            raise
 
     def _deliver(
         self, webhook_id: str, held_in: str | None, take_next: TakeNext

@@ -148,7 +148,10 @@ def _attempt(webhook_id: str, dispatch_gone: threading.Event) -> None:
     )
     while True:
         if dispatch_gone.is_set():  # its dispatch has flushed (or is about to): count it here
-            rt.counters.flush()
+            try:
+                rt.counters.flush()
+            except Exception:  # a place may be held: it must still be taken (or let go) below
+                log.exception("webhook attempt counts not written")
         if held is None:
             return
         held = _run_step(
