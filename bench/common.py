@@ -503,6 +503,7 @@ class Sizes:
     ingest_paced_rounds: int  # the best p99 counts
     ingest_threads: int
     ingest_connections: int
+    ingest_inprocess_calls: int  # each piece of a POST timed in-process
     pipeline_jobs: int
     pipeline_concurrency: int
     pipeline_cap_s: float
@@ -524,6 +525,7 @@ FULL = Sizes(
     ingest_paced_rounds=2,
     ingest_threads=2,
     ingest_connections=32,
+    ingest_inprocess_calls=2000,
     pipeline_jobs=1000,
     pipeline_concurrency=4,
     pipeline_cap_s=120,
@@ -544,6 +546,7 @@ SMOKE = Sizes(
     ingest_paced_rounds=1,
     ingest_threads=2,
     ingest_connections=8,
+    ingest_inprocess_calls=50,
     pipeline_jobs=20,
     pipeline_concurrency=4,
     pipeline_cap_s=30,

@@ -12,7 +12,8 @@ figure is printed.
 
 Then a bench-only app (bench/ingest_probe.py) takes parts of a POST out, in the same rounds
 against its own /healthz: what is left of the ratio without the Redis write, and without the
-schema too, says where a POST's cost goes.
+schema too, says where a POST's cost goes; and bench/ingest_inprocess.py times its pieces inside
+the app (no gunicorn).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import ingest_probe
+from bench import ingest_inprocess, ingest_probe
 from bench.common import Row, Sizes, Stack, fmt, job_body, judged, say
 from bench.loadgen import LoadResult, max_throughput, run_python
 from core.clients import ClientStore
@@ -99,6 +100,10 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         cpu.stop()
         stack.stop_process("api")
         step_rounds = _post_steps(stack, sizes, load, body, auth)
+        say("ingest: a POST's pieces, timed in-process")
+        in_process = ingest_inprocess.rows(
+            sizes, stack.env["REDIS_URL"], stack.emulator_url, creds.api_key, body
+        )
     steps = [_best(rounds) for rounds in step_rounds]
     every_round = [
         *trivial_rounds, *post_rounds, *paced_rounds,
@@ -117,6 +122,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
               errors=sum(r.errors for r in every_round)),
         *_step_rows(sizes, [s.result for s in steps], post),
         *_cpu_rows(best_trivial, best_post, steps),
+        *in_process,
         Row("ingest", "gunicorn worker restarts (max_requests) in the max / paced runs",
             " / ".join(str(r) for r in restarts)),
         Row("ingest", f"CPU busy over {cpu.wall_s:.0f} s x {cores} cores: gunicorn + Redis / "
