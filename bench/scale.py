@@ -207,9 +207,11 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             f"{_p50_p99(burst.seen_after)}; {_p50_p99(burst.delivered_after)}"),
         Row("scale", f"cold start: added latency p50 / p99 of the {len(cold)} warm-up jobs "
             "(nothing learned yet: 2 s polling)", _p50_p99(cold)),
-        Row("scale", "webhook attempts made / times one waited in the receiver's line first "
-            f"(all batches; one receiver, WEBHOOK_RECEIVER_CONCURRENCY={receiver_cap})",
-            f"{counts['webhook_attempts']} / {counts['webhook_attempts_waited']}"),
+        Row("scale", "webhook attempts made / times one waited in the receiver's line first / "
+            "places handed straight to the next in line (all batches; one receiver, "
+            f"WEBHOOK_RECEIVER_CONCURRENCY={receiver_cap})",
+            f"{counts['webhook_attempts']} / {counts['webhook_attempts_waited']} / "
+            f"{counts['webhook_places_handed_over']}"),
         Row("scale", "rejected signatures / duplicate deliveries (all batches)",
             f"{rejected} / {collector.duplicates}", "0 / 0",
             judged(rejected == 0 and collector.duplicates == 0)),

@@ -33,6 +33,9 @@ COUNTER_HELP = {
         "Webhook attempts put back in their receiver's line: it had WEBHOOK_RECEIVER_CONCURRENCY "
         "attempts in flight."
     ),
+    "webhook_places_handed_over": (
+        "Receiver places handed by an ended attempt straight to the next attempt in line."
+    ),
 }
 
 

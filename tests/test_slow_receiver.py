@@ -144,10 +144,15 @@ def test_a_receiver_never_has_more_than_its_cap_at_once(tmp_path: Path) -> None:
     with teams(tmp_path, slow_s=1.0, WEBHOOK_RECEIVER_CONCURRENCY=str(cap)) as t:
         slow_ids = t.post_slow_jobs()
         t.wait_all_slow_delivered(slow_ids, at_once=cap)
-        waited = Counters(t.redis).read()["webhook_attempts_waited"]
-        print(f"\nreceiver cap {cap}: held at most {t.slow.most_held}; waited in line {waited}")
+        counts = Counters(t.redis).read()
+        waited, handed = counts["webhook_attempts_waited"], counts["webhook_places_handed_over"]
+        print(
+            f"\nreceiver cap {cap}: held at most {t.slow.most_held}; waited in line {waited}; "
+            f"places handed straight to the next {handed}"
+        )
         assert t.slow.most_held == cap
         assert waited > 0
+        assert handed > 0  # the line moved by hand-over: an ended attempt's thread took the next
         # Each event went once: waiting in line is not an attempt (no delivery recorded for it).
         for job_id in slow_ids:
             codes = wait_until(

@@ -169,7 +169,10 @@ class WebhookDelivery:
         left = self.lines.leave(receiver, webhook_id, self.clock(), hand_over=hand_over)
         if left.made_due:
             self.on_place_freed()  # attempts in line were made due: dispatch them now
-        return HeldPlace(receiver, left.handed_over) if left.handed_over else None
+        if left.handed_over is None:
+            return None
+        self.counters.add("webhook_places_handed_over")
+        return HeldPlace(receiver, left.handed_over)
 
     def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
         timeout_s = self.settings.webhook_timeout_s
