@@ -75,6 +75,18 @@ def fmt(value: float, unit: str = "", digits: int = 1) -> str:
     return f"{text} {unit}".strip()
 
 
+def per_call(
+    n: int, call: Callable[[], object], *, cpu_clock: Callable[[], float], warm_up: int
+) -> tuple[float, float]:
+    """CPU seconds (by cpu_clock) and wall seconds per call of n calls, after warm_up calls."""
+    for _ in range(warm_up):
+        call()
+    cpu, wall = cpu_clock(), time.perf_counter()
+    for _ in range(n):
+        call()
+    return (cpu_clock() - cpu) / n, (time.perf_counter() - wall) / n
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """The p-th percentile (nearest rank) of `values`; NaN when empty."""
     if not values:

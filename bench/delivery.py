@@ -11,17 +11,17 @@ sending thread's own (`time.thread_time`), so the receiver's share is not in it.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, Sizes, fmt, say
+from bench.common import Row, Sizes, fmt, per_call, say
 from core.egress import EgressPolicy, egress_session, keep_connection_if_bodiless
 
 HOST = "127.0.0.1"  # a literal address: no resolver in the way (the certificate names it)
@@ -76,8 +76,10 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
 
             n = sizes.delivery_attempts
             say(f"delivery: {n} https attempts with a new connection each, then {n} kept")
-            new_cpu, new_wall = _per_attempt(n, lambda: attempt(False))
-            kept_cpu, kept_wall = _per_attempt(n, lambda: attempt(True))
+            # CPU of this thread only: the receiver's threads are in this process too.
+            sending = functools.partial(per_call, n, cpu_clock=time.thread_time, warm_up=1)
+            new_cpu, new_wall = sending(lambda: attempt(False))
+            kept_cpu, kept_wall = sending(lambda: attempt(True))
     finally:
         server.shutdown()
         server.server_close()
@@ -89,12 +91,3 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         Row("delivery", "https webhook attempt, wall time: new connection each / kept",
             f"{fmt(new_wall * 1000, 'ms', 2)} / {fmt(kept_wall * 1000, 'ms', 2)}"),
     ]  # fmt: skip
-
-
-def _per_attempt(n: int, attempt: Callable[[], None]) -> tuple[float, float]:
-    """CPU seconds of this thread and wall seconds per attempt, after one warm-up attempt."""
-    attempt()
-    cpu, wall = time.thread_time(), time.perf_counter()
-    for _ in range(n):
-        attempt()
-    return (time.thread_time() - cpu) / n, (time.perf_counter() - wall) / n

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import EMULATOR_TOKEN, Row, Sizes, fmt
+from bench.common import EMULATOR_TOKEN, Row, Sizes, fmt, per_call
 from core.jobs import new_job
 from core.settings import Settings
 from core.wakeups import DISPATCH_JOBS_TASK
@@ -99,9 +99,5 @@ def rows(sizes: Sizes, redis_url: str, emulator_url: str, api_key: str, body: st
 
 def _cpu_us(n: int, call: Callable[[], object]) -> float:
     """This process's CPU microseconds per call, after a few warm-up calls."""
-    for _ in range(min(n, 50)):
-        call()
-    started = time.process_time()
-    for _ in range(n):
-        call()
-    return (time.process_time() - started) / n * 1e6
+    cpu_s, _wall_s = per_call(n, call, cpu_clock=time.process_time, warm_up=min(n, 50))
+    return cpu_s * 1e6

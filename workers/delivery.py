@@ -125,30 +125,26 @@ class WebhookDelivery:
 
     def deliver_held(self, place: HeldPlace, *, take_next: TakeNext = None) -> HeldPlace | None:
         """Make the attempt a place was handed to (as deliver, without waiting in line)."""
-        try:
-            return self._deliver(place.webhook_id, place.receiver, take_next)
-        except BaseException:
-            # Whatever failed, the place goes back now (if Redis is what failed, at lease end).
-            with contextlib.suppress(Exception):
-                self.lines.leave(place.receiver, place.webhook_id, self.clock())
-            raise
+        return self._deliver(place.webhook_id, place.receiver, take_next)
 
     def _deliver(
         self, webhook_id: str, held_in: str | None, take_next: TakeNext
     ) -> HeldPlace | None:
-        event = self.store.get_event(webhook_id)
-        if event is None or event.state != PENDING:
-            self.store.webhook_schedule.remove(self.store.redis, webhook_id)
-            if event is not None:
-                held_in = receiver_of(event.client_id, event.url)
-            # It may hold a place or stand in its receiver's line: its turn passes on.
-            return self._leave(held_in, webhook_id, take_next) if held_in else None
-        started = self.clock()
-        receiver = receiver_of(event.client_id, event.url)
-        if held_in is None and self.lines.enter(receiver, webhook_id, started) is not None:
-            self.counters.add("webhook_attempts_waited")
-            return None
+        holding = held_in  # the receiver whose place this call holds, if any
         try:
+            event = self.store.get_event(webhook_id)
+            if event is None or event.state != PENDING:
+                self.store.webhook_schedule.remove(self.store.redis, webhook_id)
+                receiver = receiver_of(event.client_id, event.url) if event else held_in
+                # It may hold a place or stand in its receiver's line: its turn passes on.
+                return self._leave(receiver, webhook_id, take_next) if receiver else None
+            started = self.clock()
+            receiver = receiver_of(event.client_id, event.url)
+            if holding is None:
+                if self.lines.enter(receiver, webhook_id, started) is not None:
+                    self.counters.add("webhook_attempts_waited")
+                    return None
+                holding = receiver
             client = self.clients.get(event.client_id)
             if client is None:  # the client record is gone: nobody can verify a signature
                 result = AttemptResult(None, "client no longer exists; cannot sign")
@@ -160,7 +156,9 @@ class WebhookDelivery:
                 duration_ms = int((time.monotonic() - began) * 1000)
                 self._record(event, result, started, duration_ms)
         except BaseException:
-            self._leave(receiver, webhook_id, take_next=None)
+            if holding is not None:  # the place goes back now (if Redis failed: at lease end)
+                with contextlib.suppress(Exception):
+                    self._leave(holding, webhook_id, take_next=None)
             raise
         return self._leave(receiver, webhook_id, take_next)
 

@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 import redis
 
+from core.egress import DEFAULT_PORTS
 from core.keys import PREFIX
 
 LINE_PREFIX = PREFIX + "receiver:"
-DEFAULT_PORTS = {"http": 80, "https": 443}
 # When nothing is in flight but attempts ahead in line are on their way: look again this soon.
 SETTLE_S = 1.0
 
