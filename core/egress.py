@@ -24,6 +24,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.response import HTTPResponse
 
+from core.deadlines import DEADLINES, Exchange
+
 if TYPE_CHECKING:
     # Typing-only names from types-requests, for the hook that requests lets adapters override.
     from requests.adapters import _HostParams, _PoolKwargs
@@ -239,21 +241,52 @@ class _ReusedWhileFresh:
         return connected
 
 
+class _HeldToDeadline:
+    """A connection held to the deadline of the exchange using it (core.deadlines), from
+    before it connects or sends."""
+
+    held_by: Exchange | None = None
+    timeout: Any  # urllib3's: the connect timeout while connecting
+
+    def connect(self) -> None:
+        DEADLINES.hold(self)  # type: ignore[arg-type]  # with the connection class it mixes into
+        left_s = DEADLINES.left_s()
+        if left_s is not None and isinstance(self.timeout, int | float):
+            # The TLS handshake's socket is not this connection's until it is done, so the
+            # deadline cannot cut it off: the socket's timeout bounds it instead (CPython
+            # takes it for the whole handshake), as it does the TCP connect.
+            self.timeout = max(min(self.timeout, left_s), 0.001)
+        super().connect()  # type: ignore[misc]
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        DEADLINES.hold(self)  # type: ignore[arg-type]
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _LetGoOnReturn:
+    """A pool that frees each connection from its exchange as it comes back."""
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            DEADLINES.let_go(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
 # mypy cannot match a mixin's getresponse against urllib3's (typed with an ignore of its own).
-class _FreshHTTPConnection(_ReusedWhileFresh, HTTPConnection):  # type: ignore[misc]
+class _EgressHTTPConnection(_HeldToDeadline, _ReusedWhileFresh, HTTPConnection):  # type: ignore[misc]
     pass
 
 
-class _FreshHTTPSConnection(_ReusedWhileFresh, HTTPSConnection):  # type: ignore[misc]
+class _EgressHTTPSConnection(_HeldToDeadline, _ReusedWhileFresh, HTTPSConnection):  # type: ignore[misc]
     pass
 
 
-class _FreshHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = _FreshHTTPConnection
+class _EgressHTTPConnectionPool(_LetGoOnReturn, HTTPConnectionPool):
+    ConnectionCls = _EgressHTTPConnection
 
 
-class _FreshHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = _FreshHTTPSConnection
+class _EgressHTTPSConnectionPool(_LetGoOnReturn, HTTPSConnectionPool):
+    ConnectionCls = _EgressHTTPSConnection
 
 
 class PinnedAddressAdapter(HTTPAdapter):
@@ -295,11 +328,12 @@ class PinnedAddressAdapter(HTTPAdapter):
         return host_params, pool_kwargs
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        """Pools whose kept-alive connections are reused only while fresh (REUSE_WITHIN_S)."""
+        """Pools whose connections are held to their exchange's deadline (`DEADLINES.within`)
+        and, kept alive, reused only while fresh (REUSE_WITHIN_S)."""
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            "http": _FreshHTTPConnectionPool,
-            "https": _FreshHTTPSConnectionPool,
+            "http": _EgressHTTPConnectionPool,
+            "https": _EgressHTTPSConnectionPool,
         }
 
     def get_connection_with_tls_context(

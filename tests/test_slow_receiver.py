@@ -8,14 +8,17 @@ never has more than WEBHOOK_RECEIVER_CONCURRENCY attempts at once: the rest wait
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -186,3 +189,56 @@ def test_a_stopping_worker_lets_its_attempts_end(tmp_path: Path, to: str) -> Non
         assert [e.payload["data"]["id"] for e in t.slow.received()] == [job_id]
         deliveries = t.slow_team.get(f"/v1/jobs/{job_id}/deliveries").get_json()["deliveries"]
         assert [d["status_code"] for d in deliveries] == [204]
+
+
+@contextmanager
+def dripping_receiver(every_s: float) -> Iterator[str]:
+    """A hostile receiver: reads each request, then answers 204 a byte every `every_s` — each
+    byte well within any read timeout. Yields its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def drip(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            connection.recv(65536)
+            for byte in b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n":
+                if stop.is_set():
+                    return
+                connection.sendall(bytes([byte]))
+                time.sleep(every_s)
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                connection, _ = listener.accept()
+                threading.Thread(target=drip, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+def test_a_receiver_dripping_its_answer_is_cut_off_at_webhook_timeout_s(tmp_path: Path) -> None:
+    """Each attempt ends at WEBHOOK_TIMEOUT_S in all (its answer would take ~13 s), recorded as
+    timed out, and retried on the schedule: the receiver holds no thread past its time."""
+    env = {"WEBHOOK_TIMEOUT_S": "2", "WEBHOOK_RETRY_SCHEDULE": "0,1"}
+    with teams(tmp_path, slow_s=0.0, **env) as t, dripping_receiver(every_s=0.3) as url:
+        body = job_body(t.stack, unique("drip"), webhook_url=url)
+        job_id = t.slow_team.post("/v1/jobs", json=body).get_json()["id"]
+
+        def both_attempts() -> list[dict[str, Any]] | None:
+            found = t.slow_team.get(f"/v1/jobs/{job_id}/deliveries").get_json()["deliveries"]
+            return found if len(found) == 2 else None
+
+        deliveries = wait_until(both_attempts, timeout_s=30, what="both attempts recorded")
+        print(f"\ndripping receiver: attempts took {[d['duration_ms'] for d in deliveries]} ms")
+        for delivery in deliveries:
+            assert delivery["status_code"] is None
+            assert delivery["error"] == "timed out after 2 s"
+            assert 1900 <= delivery["duration_ms"] < 3500

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import requests
 
 from core.clients import ClientStore
+from core.deadlines import DEADLINES
 from core.egress import (
     EgressPolicy,
     RefusedDestination,
@@ -174,24 +175,27 @@ class WebhookDelivery:
 
     def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
         timeout_s = self.settings.webhook_timeout_s
-        try:
-            with self.session.post(
-                event.url,
-                data=event.body.encode(),
-                headers=headers,
-                timeout=(min(5.0, timeout_s), timeout_s),
-                allow_redirects=False,
-                stream=True,  # the status is all we need; never read a receiver's body
-            ) as response:
-                code = response.status_code
-                retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
-                keep_connection_if_bodiless(response)
-        except RefusedDestination as exc:
-            return AttemptResult(None, f"refused destination: {exc}")
-        except requests.Timeout:
-            return AttemptResult(None, f"timed out after {timeout_s:g} s")
-        except requests.RequestException as exc:
-            return AttemptResult(None, f"could not connect: {type(exc).__name__}")
+        # The whole attempt, not only each wait for bytes: a receiver sending its answer a byte
+        # at a time would otherwise hold this thread (and, past the lease, others) for ever.
+        with DEADLINES.within(timeout_s) as exchange:
+            try:
+                with self.session.post(
+                    event.url,
+                    data=event.body.encode(),
+                    headers=headers,
+                    timeout=(min(5.0, timeout_s), timeout_s),
+                    allow_redirects=False,
+                    stream=True,  # the status is all we need; never read a receiver's body
+                ) as response:
+                    code = response.status_code
+                    retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
+                    keep_connection_if_bodiless(response)
+            except RefusedDestination as exc:
+                return AttemptResult(None, f"refused destination: {exc}")
+            except requests.RequestException as exc:
+                if exchange.cut_off or isinstance(exc, requests.Timeout):
+                    return AttemptResult(None, f"timed out after {timeout_s:g} s")
+                return AttemptResult(None, f"could not connect: {type(exc).__name__}")
         if 200 <= code < 300:
             return AttemptResult(code, None)
         if 300 <= code < 400:

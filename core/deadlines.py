@@ -1,0 +1,139 @@
+"""A total time limit on an HTTP exchange, which requests' timeouts are not.
+
+requests' `timeout=(connect, read)` bounds each wait for bytes, not the exchange: a receiver
+that sends its answer a byte every few seconds holds the calling thread for as long as it
+likes. Inside `within(seconds)`, every connection the thread uses (connecting, sending, reading)
+is registered with one watcher thread per process, which shuts those sockets down when the time
+is up: the blocked read returns at once and the request fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class HeldConnection(Protocol):
+    """A connection Deadlines can hold to an exchange (see core.egress)."""
+
+    sock: socket.socket | None
+    held_by: Exchange | None
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Exchange:
+    """One exchange made inside `within`: its deadline, and whether it was cut off."""
+
+    deadline: float
+    connections: list[HeldConnection] = field(default_factory=list)
+    ended: bool = False
+    cut_off: bool = False
+
+
+class Deadlines:
+    """Cuts off exchanges that outlive their time: one watcher thread, started on first use."""
+
+    # A connection's socket may not exist yet when the time is up (still connecting, or
+    # swapped for its TLS socket): the watcher looks again this soon, until the exchange ends.
+    RECHECK_S = 0.05
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # no watcher thread survives a fork
+
+    def _reset(self) -> None:
+        self._changed = threading.Condition()
+        self._due: list[tuple[float, int, Exchange]] = []
+        self._order = itertools.count()
+        self._watcher: threading.Thread | None = None
+
+    @contextmanager
+    def within(self, seconds: float) -> Iterator[Exchange]:
+        """Hold every connection this thread uses in the block to `seconds` in all."""
+        exchange = Exchange(deadline=time.monotonic() + seconds)
+        self._local.exchange = exchange
+        self._watch_until(exchange, exchange.deadline)
+        try:
+            yield exchange
+        finally:
+            exchange.ended = True  # the watcher drops it when it comes due
+            self._local.exchange = None
+
+    def left_s(self) -> float | None:
+        """Seconds left to this thread's exchange (None outside one)."""
+        exchange: Exchange | None = getattr(self._local, "exchange", None)
+        return None if exchange is None else exchange.deadline - time.monotonic()
+
+    def hold(self, connection: HeldConnection) -> None:
+        """Hold `connection` to this thread's exchange, if in one: called before it connects or
+        sends, so every socket it has from then on is this exchange's."""
+        exchange: Exchange | None = getattr(self._local, "exchange", None)
+        with self._changed:
+            connection.held_by = exchange
+            if exchange is not None and connection not in exchange.connections:
+                exchange.connections.append(connection)
+
+    def let_go(self, connection: HeldConnection) -> None:
+        """Free `connection` from its exchange as it goes back to its pool, closed first if the
+        exchange was cut off: a connection in the pool is never cut off under its next user."""
+        with self._changed:
+            exchange, connection.held_by = connection.held_by, None
+            if exchange is not None and exchange.cut_off:
+                connection.close()
+
+    def _watch_until(self, exchange: Exchange, at: float) -> None:
+        with self._changed:
+            heapq.heappush(self._due, (at, next(self._order), exchange))
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(
+                    target=self._watch, name="exchange-deadlines", daemon=True
+                )
+                self._watcher.start()
+            elif self._due[0][2] is exchange:  # due before what the watcher sleeps until
+                self._changed.notify()
+
+    def _watch(self) -> None:
+        while True:
+            with self._changed:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._changed.wait(
+                        timeout=self._due[0][0] - time.monotonic() if self._due else None
+                    )
+                _, _, exchange = heapq.heappop(self._due)
+            if exchange.ended:
+                continue
+            with self._changed:  # not while a connection is held by, or let go to, another
+                exchange.cut_off = True
+                for connection in exchange.connections:
+                    if connection.held_by is exchange:
+                        _shut_down(connection.sock)
+            self._watch_until(exchange, time.monotonic() + self.RECHECK_S)
+
+
+def _shut_down(sock: socket.socket | None) -> None:
+    """End the socket's traffic both ways: a thread blocked reading it gets end-of-file now.
+
+    socket.socket's own shutdown, also for a TLS socket: the TLS layer's would first drop its
+    state under the thread still reading through it.
+    """
+    if sock is None:
+        return
+    # OSError: closed already, or detached into the TLS socket of a handshake under way (which
+    # its socket timeout bounds; the next look finds the TLS socket).
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+DEADLINES = Deadlines()
