@@ -8,6 +8,7 @@ the address that was judged, so there is no second DNS lookup to rebind.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import select_proxy
@@ -41,6 +43,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # that race cannot happen with any of those; a burst to one receiver reuses connections within
 # milliseconds.
 REUSE_WITHIN_S = 1.0
+# A receiver's answer up to this long is read to its end, so its connection can be kept.
+MAX_ANSWER_READ_BYTES = 16 * 1024
 
 # Most specific first: the first network that holds an address names the reason it is refused.
 # Written out rather than taken from ipaddress's is_private/is_global, whose answers differ
@@ -363,24 +367,24 @@ class NoRedirectSession(requests.Session):
         return None
 
 
-def keep_connection_if_bodiless(response: requests.Response) -> None:
-    """Give a streamed response's connection back to the pool when the answer has no body.
+def keep_connection_after_answer(response: requests.Response) -> None:
+    """Read a short answer to its end, so its connection goes back to the pool for the next
+    attempt; a long one, or one that ends only when the receiver closes, is closed unread.
 
-    A delivery never reads a receiver's body (`stream=True`), so requests closes the connection
-    when the response closes — every attempt would pay a new TCP (and TLS) handshake. An answer
-    with no body (204, 304, `Content-Length: 0`) has nothing to read: its connection is clean and
-    goes back for the next attempt. One with a body is still closed unread: reading it would let
-    a receiver hold the thread by sending it slowly.
+    A delivery streams the answer (`stream=True`) and needs only its status: left unread, the
+    connection would be closed with the response — every attempt a new TCP (and TLS)
+    handshake. Call it inside `DEADLINES.within` (as a delivery does): a receiver sending its
+    body slowly is cut off there, not waited for.
     """
-    if response.status_code not in (204, 304) and response.headers.get("Content-Length") != "0":
+    raw = response.raw
+    remaining = raw.length_remaining  # None: chunked, or read until the receiver closes
+    chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
+    if (remaining is None and not chunked) or (remaining or 0) > MAX_ANSWER_READ_BYTES:
         return
-    # A chunked answer is read as chunks whatever its status or Content-Length says: a receiver
-    # could drip them. Only an answer whose length is known to be 0 is taken as bodiless.
-    if "Transfer-Encoding" in response.headers or response.raw.length_remaining != 0:
-        return
-    response.raw.drain_conn()  # reads nothing (0 bytes left); marks the response complete
-    if response.raw.closed:
-        response.raw.release_conn()
+    # Once read to its end, urllib3 gives the connection back to its pool; a body longer than
+    # this (chunked) is left unfinished, and its connection closed with the response.
+    with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
+        raw.read(MAX_ANSWER_READ_BYTES + 1, decode_content=False)
 
 
 def egress_session(policy: EgressPolicy, *, connections_per_host: int = 10) -> requests.Session:

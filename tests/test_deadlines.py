@@ -17,7 +17,7 @@ import requests
 
 from core import egress
 from core.deadlines import DEADLINES, Exchange
-from core.egress import EgressPolicy, egress_session, keep_connection_if_bodiless
+from core.egress import EgressPolicy, egress_session, keep_connection_after_answer
 from tests.test_egress import FakeDNS, answering, certificate, fake_dns  # noqa: F401  # fixtures
 
 LOOPBACK_ALLOWED = EgressPolicy.from_cidrs("127.0.0.0/8")
@@ -82,7 +82,7 @@ def post_within(session: requests.Session, url: str, seconds: float, **options: 
             with session.post(
                 url, data=b"{}", stream=True, timeout=(READ_TIMEOUT_S, READ_TIMEOUT_S), **options
             ) as response:
-                keep_connection_if_bodiless(response)
+                keep_connection_after_answer(response)
         except requests.RequestException as exc:
             raised = exc
     return exchange, time.monotonic() - started, raised
@@ -140,7 +140,7 @@ def test_an_exchange_that_ends_in_time_is_not_cut_off_nor_is_its_kept_connection
             session.post(base + "/empty", data=b"{}", stream=True, timeout=5) as response,
         ):
             time.sleep(0.5)  # past the first exchange's deadline, on its connection
-            keep_connection_if_bodiless(response)
+            keep_connection_after_answer(response)
             assert response.status_code == 204
         assert not second.cut_off
         assert server.connections == 1  # type: ignore[attr-defined]

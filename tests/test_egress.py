@@ -21,11 +21,12 @@ import pytest
 import requests
 
 from core import egress
+from core.deadlines import DEADLINES
 from core.egress import (
     EgressPolicy,
     RefusedDestination,
     egress_session,
-    keep_connection_if_bodiless,
+    keep_connection_after_answer,
 )
 
 TIMEOUT_S = 5
@@ -565,11 +566,30 @@ def test_as_many_connections_as_deliveries_at_once_are_kept_for_reuse(
 
 
 class AnswerHandler(KeepAliveHandler):
-    """POST /empty: 204 with no body; POST /body: 200 with a short one (HTTP/1.1, kept alive)."""
+    """POST /empty: 204, no body; /body: 200 with a short one; /long: 200 with one longer than
+    MAX_ANSWER_READ_BYTES; /chunked: 200 with a short chunked one; /until-close: 200 with a
+    body that ends when the connection does (no length). HTTP/1.1, kept alive where it can be."""
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = b"" if self.path == "/empty" else b"thanks"
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"3\r\ntha\r\n3\r\nnks\r\n0\r\n\r\n")
+            return
+        if self.path == "/until-close":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"thanks")
+            self.wfile.flush()
+            time.sleep(1.0)  # the body ends only when the connection does: a reader would wait
+            self.close_connection = True
+            return
+        body = {"/empty": b"", "/long": b"x" * (egress.MAX_ANSWER_READ_BYTES + 1)}.get(
+            self.path, b"thanks"
+        )
         self.send_response(204 if not body else 200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -587,21 +607,28 @@ def answering(idle_close_s: float | None = None) -> Iterator[tuple[ThreadingHTTP
         yield server, f"http://127.0.0.1:{port}"
 
 
-def post_as_delivery_does(session: requests.Session, url: str) -> int:
-    """Streamed, the body never read; the connection kept only if the answer has no body."""
-    with session.post(url, data=b"{}", stream=True, timeout=TIMEOUT_S) as response:
-        keep_connection_if_bodiless(response)
+def post_as_delivery_does(session: requests.Session, url: str, deadline_s: float = 5.0) -> int:
+    """Streamed and held to a deadline; a short answer read so its connection is kept."""
+    with (
+        DEADLINES.within(deadline_s),
+        session.post(url, data=b"{}", stream=True, timeout=TIMEOUT_S) as response,
+    ):
+        keep_connection_after_answer(response)
         return response.status_code
 
 
-@pytest.mark.parametrize(("path", "connections"), [("/empty", 1), ("/body", 4)])
-def test_an_answer_without_a_body_leaves_the_connection_for_the_next(
+@pytest.mark.parametrize(
+    ("path", "connections"),
+    [("/empty", 1), ("/body", 1), ("/chunked", 1), ("/long", 4), ("/until-close", 4)],
+)
+def test_a_short_answer_leaves_the_connection_for_the_next(
     path: str, connections: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(egress, "REUSE_WITHIN_S", 60.0)  # however slow this machine is
     with answering() as (server, base), egress_session(LOOPBACK_ALLOWED) as session:
         for _ in range(4):
             assert post_as_delivery_does(session, base + path) in (200, 204)
+        assert kept_connections(session, base) == (1 if connections == 1 else 0)
     assert server.connections == connections  # type: ignore[attr-defined]
 
 
@@ -630,7 +657,27 @@ def test_a_connection_the_receiver_has_closed_is_not_used_again() -> None:
         assert server.connections == 2  # type: ignore[attr-defined]
 
 
-def test_a_chunked_answer_is_never_read_even_if_it_says_204() -> None:
+def test_an_answer_that_ends_only_when_the_receiver_closes_is_not_waited_for() -> None:
+    with answering() as (_server, base), egress_session(LOOPBACK_ALLOWED) as session:
+        started = time.monotonic()
+        assert post_as_delivery_does(session, base + "/until-close") == 200
+        assert time.monotonic() - started < 0.5  # not the receiver's 1 s before it closes
+
+
+def kept_connections(session: requests.Session, url: str) -> int:
+    """How many open connections the session's pools keep for reuse."""
+    poolmanager = session.get_adapter(url).poolmanager
+    # keys(): urllib3's RecentlyUsedContainer refuses plain iteration.
+    pools = [poolmanager.pools[key] for key in poolmanager.pools.keys()]  # noqa: SIM118
+    return sum(
+        1
+        for pool in pools
+        for connection in list(pool.pool.queue)
+        if connection and connection.sock
+    )
+
+
+def test_an_answer_dripped_in_chunks_is_cut_off_at_the_deadline_not_kept() -> None:
     """A receiver answering 204 with a chunked body it drips out must not hold the thread."""
     listener = socket.create_server(("127.0.0.1", 0))
     dripping = threading.Event()
@@ -652,9 +699,10 @@ def test_a_chunked_answer_is_never_read_even_if_it_says_204() -> None:
     started = time.monotonic()
     try:
         with egress_session(LOOPBACK_ALLOWED) as session:
-            assert post_as_delivery_does(session, url) == 204
+            assert post_as_delivery_does(session, url, deadline_s=1.0) == 204
+            assert 1.0 <= time.monotonic() - started < 2.5  # the deadline, not the drip's 6 s
+            assert kept_connections(session, url) == 0
         assert dripping.is_set()
-        assert time.monotonic() - started < 2.0  # not the 6 s of the drip
     finally:
         listener.close()
         thread.join(timeout=10)

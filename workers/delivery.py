@@ -16,7 +16,7 @@ from core.egress import (
     EgressPolicy,
     RefusedDestination,
     egress_session,
-    keep_connection_if_bodiless,
+    keep_connection_after_answer,
 )
 from core.metrics import Counters
 from core.retry_after import parse_retry_after_s
@@ -179,17 +179,19 @@ class WebhookDelivery:
         # at a time would otherwise hold this thread (and, past the lease, others) for ever.
         with DEADLINES.within(timeout_s) as exchange:
             try:
-                with self.session.post(
-                    event.url,
-                    data=event.body.encode(),
-                    headers=headers,
-                    timeout=(min(5.0, timeout_s), timeout_s),
-                    allow_redirects=False,
-                    stream=True,  # the status is all we need; never read a receiver's body
-                ) as response:
+                with (
+                    self.session.post(
+                        event.url,
+                        data=event.body.encode(),
+                        headers=headers,
+                        timeout=(min(5.0, timeout_s), timeout_s),
+                        allow_redirects=False,
+                        stream=True,  # the status is what counts; a short body is read only to keep the connection
+                    ) as response
+                ):
                     code = response.status_code
                     retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
-                    keep_connection_if_bodiless(response)
+                    keep_connection_after_answer(response)
             except RefusedDestination as exc:
                 return AttemptResult(None, f"refused destination: {exc}")
             except requests.RequestException as exc:
