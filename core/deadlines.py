@@ -1,10 +1,11 @@
 """A total time limit on an HTTP exchange, which requests' timeouts are not.
 
-requests' `timeout=(connect, read)` bounds each wait for bytes, not the exchange: a receiver
-that sends its answer a byte every few seconds holds the calling thread for as long as it
-likes. Inside `within(seconds)`, every connection the thread uses (connecting, sending, reading)
-is registered with one watcher thread per process, which shuts those sockets down when the time
-is up: the blocked read returns at once and the request fails.
+requests' `timeout=(connect, read)` bounds each wait for bytes, not the exchange: a peer that
+sends its answer a byte every few seconds holds the calling thread for as long as it likes.
+Inside `DEADLINES.within(seconds)`, every connection of a session mounted with a
+`DeadlineAdapter` that the thread uses (connecting, sending, reading) is held by one watcher
+thread per process, which shuts its socket down when the time is up: the blocked read returns
+at once and the request fails.
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
+
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 
 class HeldConnection(Protocol):
     """A connection Deadlines can hold to an exchange (see core.egress)."""
 
     sock: socket.socket | None
+    last_sock: socket.socket | None
     held_by: Exchange | None
 
     def close(self) -> None: ...
@@ -118,7 +124,7 @@ class Deadlines:
                 exchange.cut_off = True
                 for connection in exchange.connections:
                     if connection.held_by is exchange:
-                        _shut_down(connection.sock)
+                        _shut_down(connection.sock or connection.last_sock)
             self._watch_until(exchange, time.monotonic() + self.RECHECK_S)
 
 
@@ -137,3 +143,68 @@ def _shut_down(sock: socket.socket | None) -> None:
 
 
 DEADLINES = Deadlines()
+
+
+class _HeldToDeadline:
+    """A connection held to the deadline of the exchange using it, from before it connects or
+    sends."""
+
+    held_by: Exchange | None = None
+    # An answer that ends with its connection (`Connection: close`) is read through the socket
+    # after http.client has let go of it (sock None): kept here to be cut off all the same.
+    last_sock: socket.socket | None = None
+    sock: socket.socket | None
+    timeout: Any  # urllib3's: the connect timeout while connecting
+
+    def connect(self) -> None:
+        DEADLINES.hold(self)  # type: ignore[arg-type]  # with the connection class it mixes into
+        left_s = DEADLINES.left_s()
+        if left_s is not None and isinstance(self.timeout, int | float):
+            # The TLS handshake's socket is not this connection's until it is done, so the
+            # deadline cannot cut it off: the socket's timeout bounds it instead (CPython
+            # takes it for the whole handshake), as it does the TCP connect.
+            self.timeout = max(min(self.timeout, left_s), 0.001)
+        super().connect()  # type: ignore[misc]
+        self.last_sock = self.sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        DEADLINES.hold(self)  # type: ignore[arg-type]
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _LetGoOnReturn:
+    """A pool that frees each connection from its exchange as it comes back."""
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            DEADLINES.let_go(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class HeldHTTPConnection(_HeldToDeadline, HTTPConnection):
+    pass
+
+
+class HeldHTTPSConnection(_HeldToDeadline, HTTPSConnection):
+    pass
+
+
+class HeldHTTPConnectionPool(_LetGoOnReturn, HTTPConnectionPool):
+    ConnectionCls = HeldHTTPConnection
+
+
+class HeldHTTPSConnectionPool(_LetGoOnReturn, HTTPSConnectionPool):
+    ConnectionCls = HeldHTTPSConnection
+
+
+class DeadlineAdapter(HTTPAdapter):
+    """A requests adapter whose connections are held to the deadline of `DEADLINES.within`."""
+
+    pool_classes: ClassVar[Mapping[str, type[HTTPConnectionPool]]] = {
+        "http": HeldHTTPConnectionPool,
+        "https": HeldHTTPSConnectionPool,
+    }
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(self.pool_classes)  # type: ignore[assignment]

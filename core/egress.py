@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -22,11 +22,16 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import select_proxy
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool
 from urllib3.response import HTTPResponse
 
-from core.deadlines import DEADLINES, Exchange
+from core.deadlines import (
+    DeadlineAdapter,
+    HeldHTTPConnection,
+    HeldHTTPConnectionPool,
+    HeldHTTPSConnection,
+    HeldHTTPSConnectionPool,
+)
 
 if TYPE_CHECKING:
     # Typing-only names from types-requests, for the hook that requests lets adapters override.
@@ -245,59 +250,34 @@ class _ReusedWhileFresh:
         return connected
 
 
-class _HeldToDeadline:
-    """A connection held to the deadline of the exchange using it (core.deadlines), from
-    before it connects or sends."""
-
-    held_by: Exchange | None = None
-    timeout: Any  # urllib3's: the connect timeout while connecting
-
-    def connect(self) -> None:
-        DEADLINES.hold(self)  # type: ignore[arg-type]  # with the connection class it mixes into
-        left_s = DEADLINES.left_s()
-        if left_s is not None and isinstance(self.timeout, int | float):
-            # The TLS handshake's socket is not this connection's until it is done, so the
-            # deadline cannot cut it off: the socket's timeout bounds it instead (CPython
-            # takes it for the whole handshake), as it does the TCP connect.
-            self.timeout = max(min(self.timeout, left_s), 0.001)
-        super().connect()  # type: ignore[misc]
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        DEADLINES.hold(self)  # type: ignore[arg-type]
-        super().request(*args, **kwargs)  # type: ignore[misc]
-
-
-class _LetGoOnReturn:
-    """A pool that frees each connection from its exchange as it comes back."""
-
-    def _put_conn(self, conn: Any) -> None:
-        if conn is not None:
-            DEADLINES.let_go(conn)
-        super()._put_conn(conn)  # type: ignore[misc]
-
-
 # mypy cannot match a mixin's getresponse against urllib3's (typed with an ignore of its own).
-class _EgressHTTPConnection(_HeldToDeadline, _ReusedWhileFresh, HTTPConnection):  # type: ignore[misc]
+class _FreshHTTPConnection(_ReusedWhileFresh, HeldHTTPConnection):  # type: ignore[misc]
     pass
 
 
-class _EgressHTTPSConnection(_HeldToDeadline, _ReusedWhileFresh, HTTPSConnection):  # type: ignore[misc]
+class _FreshHTTPSConnection(_ReusedWhileFresh, HeldHTTPSConnection):  # type: ignore[misc]
     pass
 
 
-class _EgressHTTPConnectionPool(_LetGoOnReturn, HTTPConnectionPool):
-    ConnectionCls = _EgressHTTPConnection
+class _FreshHTTPConnectionPool(HeldHTTPConnectionPool):
+    ConnectionCls = _FreshHTTPConnection
 
 
-class _EgressHTTPSConnectionPool(_LetGoOnReturn, HTTPSConnectionPool):
-    ConnectionCls = _EgressHTTPSConnection
+class _FreshHTTPSConnectionPool(HeldHTTPSConnectionPool):
+    ConnectionCls = _FreshHTTPSConnection
 
 
-class PinnedAddressAdapter(HTTPAdapter):
-    """A requests adapter that checks every request's destination and connects to that address."""
+class PinnedAddressAdapter(DeadlineAdapter):
+    """A requests adapter that checks every request's destination and connects to that address;
+    its connections are held to their exchange's deadline, and kept ones reused only while
+    fresh (REUSE_WITHIN_S)."""
 
     # Pickling an adapter keeps only __attrs__; the policy must survive it.
     __attrs__ = (*HTTPAdapter.__attrs__, "policy")
+    pool_classes: ClassVar[Mapping[str, type[HTTPConnectionPool]]] = {
+        "http": _FreshHTTPConnectionPool,
+        "https": _FreshHTTPSConnectionPool,
+    }
 
     def __init__(self, policy: EgressPolicy, **adapter_options: Any) -> None:
         self.policy = policy
@@ -330,15 +310,6 @@ class PinnedAddressAdapter(HTTPAdapter):
             tls_options["server_hostname"] = host
         host_params["host"] = str(address)
         return host_params, pool_kwargs
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        """Pools whose connections are held to their exchange's deadline (`DEADLINES.within`)
-        and, kept alive, reused only while fresh (REUSE_WITHIN_S)."""
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _EgressHTTPConnectionPool,
-            "https": _EgressHTTPSConnectionPool,
-        }
 
     def get_connection_with_tls_context(
         self,

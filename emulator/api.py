@@ -44,9 +44,29 @@ def count_and_authenticate() -> Response | None:
 
 @upstream_api.after_request
 def count_response(response: Response) -> Response:
-    """Count every /v1 answer by HTTP status."""
-    current_state().stats.record_response(response.status_code)
+    """Count every /v1 answer by HTTP status; maybe send its body a byte at a time."""
+    state = current_state()
+    state.stats.record_response(response.status_code)
+    knobs = state.faults.current()
+    if state.faults.roll(knobs.rate_trickle):
+        return _trickled(response, knobs.trickle_s)
     return response
+
+
+def _trickled(response: Response, over_s: float) -> Response:
+    """The same answer, its body sent a byte at a time over `over_s` after the headers: each
+    byte well within any read timeout, the whole far past it."""
+    body = response.get_data()
+    pause_s = over_s / max(len(body), 1)
+
+    def bytes_slowly() -> Any:
+        for byte in body:
+            yield bytes([byte])
+            time.sleep(pause_s)
+
+    trickled = Response(bytes_slowly(), status=response.status_code, headers=response.headers)
+    trickled.headers["Content-Length"] = str(len(body))
+    return trickled
 
 
 @upstream_api.post("/models/<path:model_id>")

@@ -34,6 +34,8 @@ class Faults:
     rate_200_error: float = 0.0
     rate_slow: float = 0.0
     slow_s: float = 2.0
+    rate_trickle: float = 0.0
+    trickle_s: float = 5.0
     rate_fail: float = 0.0
     output_style: str = "images"
     error_shape: str = "rotate"
@@ -117,6 +119,8 @@ _KNOB_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "rate_200_error": _probability,
     "rate_slow": _probability,
     "slow_s": _seconds,
+    "rate_trickle": _probability,
+    "trickle_s": _seconds,
     "rate_fail": _probability,
     "output_style": _one_of(OUTPUT_STYLES),
     "error_shape": _one_of(ERROR_SHAPES),

@@ -27,11 +27,15 @@ DRIP = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
 @contextlib.contextmanager
 def dripping(
-    *, tls: ssl.SSLContext | None = None, handshake: bool = False, every_s: float = 0.1
+    *,
+    tls: ssl.SSLContext | None = None,
+    handshake: bool = False,
+    every_s: float = 0.1,
+    headers: bytes = b"",
 ) -> Iterator[str]:
-    """A receiver that reads the request, then sends its answer a byte every `every_s`, over
-    TLS if given — with handshake=True, its side of the TLS handshake is dripped the same way
-    (and never ends before the client gives up). Yields its URL."""
+    """A receiver that reads the request, sends `headers` at once, then DRIP a byte every
+    `every_s`, over TLS if given — with handshake=True, its side of the TLS handshake is
+    dripped the same way (and never ends before the client gives up). Yields its URL."""
     listener = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
 
@@ -57,6 +61,7 @@ def dripping(
                 connection = tls.wrap_socket(raw, server_side=True) if tls else raw
                 with connection:
                     connection.recv(65536)
+                    connection.sendall(headers)
                     drip(connection, DRIP)
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -93,6 +98,23 @@ def test_an_answer_dripped_a_byte_at_a_time_is_cut_off_at_the_deadline() -> None
     with dripping() as url, egress_session(LOOPBACK_ALLOWED) as session:
         exchange, took_s, raised = post_within(session, url, 1.0)
     assert isinstance(raised, requests.ConnectionError)
+    assert exchange.cut_off
+    assert 1.0 <= took_s < 2.5
+
+
+def test_a_body_read_after_http_client_let_go_of_the_connection_is_cut_off_too() -> None:
+    """`Connection: close`: http.client hands the socket to the answer (the connection's sock
+    is None) while the body is still coming."""
+    headers = f"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {len(DRIP)}\r\n\r\n"
+    with (
+        dripping(headers=headers.encode()) as url,
+        egress_session(LOOPBACK_ALLOWED) as session,
+        DEADLINES.within(1.0) as exchange,
+    ):
+        started = time.monotonic()
+        with pytest.raises(requests.RequestException):
+            session.post(url, data=b"{}", timeout=(READ_TIMEOUT_S, READ_TIMEOUT_S)).close()
+        took_s = time.monotonic() - started
     assert exchange.cut_off
     assert 1.0 <= took_s < 2.5
 
@@ -153,6 +175,7 @@ class PairConnection:
     sock: socket.socket
     peer: socket.socket
     held_by: Exchange | None = None
+    last_sock: socket.socket | None = None
     closed: bool = False
 
     def close(self) -> None:

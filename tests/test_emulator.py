@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -464,6 +465,19 @@ def test_slow_answers(http: requests.Session, base_url: str) -> None:
     response = http.get(f"{base_url}/v1/requests/any/status")
     assert response.status_code == 404
     assert time.monotonic() - started >= 0.3
+
+
+def test_trickled_answers(http: requests.Session, base_url: str) -> None:
+    """The whole answer, its body a byte at a time: reads never wait long, the answer does."""
+    set_faults(http, base_url, rate_trickle=1.0, trickle_s=0.5)
+    started = time.monotonic()
+    with http.get(f"{base_url}/v1/requests/any/status", stream=True, timeout=5) as response:
+        assert response.status_code == 404
+        headers_s = time.monotonic() - started
+        body = response.raw.read()
+    assert headers_s < 0.3  # the headers at once (a slow answer holds them back)
+    assert time.monotonic() - started >= 0.5  # the body over trickle_s
+    assert json.loads(body)["error_code"] == 404001
 
 
 def test_seeded_faults_are_reproducible(http: requests.Session, base_url: str) -> None:

@@ -139,6 +139,21 @@ def test_slow_answer_times_out_as_transient(stack: Stack, faults: Any) -> None:
     impatient.close()
 
 
+def test_a_trickled_answer_is_cut_off_at_timeout_s_in_all(stack: Stack, faults: Any) -> None:
+    """Each byte within the read timeout, the whole answer far past it: the call still ends at
+    timeout_s, so a step never outlives its lease waiting on RunComfy."""
+    faults(rate_trickle=1.0, trickle_s=6.0)
+    impatient = RunComfyClient(
+        base_url=stack.emulator_url, token=EMULATOR_TOKEN, model_id=MODEL, timeout_s=1.0
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientUpstreamError, match="1 s in all") as caught:
+        impatient.status("anything")
+    assert 1.0 <= time.monotonic() - started < 2.5
+    assert caught.value.maybe_processed is True
+    impatient.close()
+
+
 def test_connection_refused_is_transient_and_not_processed() -> None:
     nowhere = RunComfyClient(
         base_url=f"http://127.0.0.1:{free_port()}", token="t", model_id=MODEL, timeout_s=2

@@ -12,8 +12,8 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
 
+from core.deadlines import DEADLINES, DeadlineAdapter
 from core.retry_after import parse_retry_after_s
 
 # Statuses RunComfy (or its own clients) have been seen to report, by meaning.
@@ -120,10 +120,11 @@ class RunComfyClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model_id = model_id
+        self._timeout_s = timeout_s
         self._timeout = (min(connect_timeout_s, timeout_s), timeout_s)
         self._session = requests.Session()
         self._session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        adapter = DeadlineAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._session.headers.update(
@@ -188,28 +189,39 @@ class RunComfyClient:
 
     def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
         url = self.base_url + path
-        try:
-            response = self._session.request(
-                method, url, json=json, timeout=self._timeout, allow_redirects=False
-            )
-        except requests.ConnectTimeout as exc:
-            raise TransientUpstreamError(
-                f"{method} {path}: connect timeout", maybe_processed=False
-            ) from exc
-        except requests.Timeout as exc:
-            raise TransientUpstreamError(
-                f"{method} {path}: timed out waiting for RunComfy"
-            ) from exc
-        except requests.ConnectionError as exc:
-            refused = _is_connection_refused(exc)
-            raise TransientUpstreamError(
-                f"{method} {path}: {'connection refused' if refused else 'connection error'}",
-                maybe_processed=not refused,
-            ) from exc
-        except requests.RequestException as exc:
-            raise TransientUpstreamError(f"{method} {path}: {type(exc).__name__}") from exc
+        # timeout_s for the whole call, not only each wait for bytes: an answer that trickles
+        # in must not hold a step past its lease (STEP_LEASE_S > 2 x RUNCOMFY_TIMEOUT_S), when
+        # it would be taken again — for a submit, a second paid generation.
+        with DEADLINES.within(self._timeout_s) as exchange:
+            try:
+                response = self._session.request(
+                    method, url, json=json, timeout=self._timeout, allow_redirects=False
+                )
+            except requests.RequestException as exc:
+                if exchange.cut_off and not isinstance(exc, requests.Timeout):
+                    raise TransientUpstreamError(
+                        f"{method} {path}: timed out waiting for RunComfy "
+                        f"({self._timeout_s:g} s in all)"
+                    ) from exc
+                raise _transient(method, path, exc) from exc
         with response:
             return _interpret(method, path, response)
+
+
+def _transient(method: str, path: str, exc: requests.RequestException) -> TransientUpstreamError:
+    """What a call that failed in transit comes to (to be raised from exc)."""
+    where = f"{method} {path}"
+    if isinstance(exc, requests.ConnectTimeout):
+        return TransientUpstreamError(f"{where}: connect timeout", maybe_processed=False)
+    if isinstance(exc, requests.Timeout):
+        return TransientUpstreamError(f"{where}: timed out waiting for RunComfy")
+    if isinstance(exc, requests.ConnectionError):
+        refused = _is_connection_refused(exc)
+        return TransientUpstreamError(
+            f"{where}: {'connection refused' if refused else 'connection error'}",
+            maybe_processed=not refused,
+        )
+    return TransientUpstreamError(f"{where}: {type(exc).__name__}")
 
 
 def _interpret(method: str, path: str, response: requests.Response) -> dict[str, Any]:
