@@ -1,7 +1,8 @@
 """PRODUCT.md §7, proven by breaking things for real, all in one run.
 
 300 jobs through an emulator answering 10% 5xx, 5% 429, some slow (past the client timeout), some
-failed results, and a few submits accepted-then-500 (the ambiguous case). Meanwhile: one worker is
+trickled (each byte in time, the whole answer past the step lease), some failed results, and a
+few submits accepted-then-500 (the ambiguous case). Meanwhile: one worker is
 SIGKILLed twice (a supervisor thread restarts it, as compose or Kubernetes would), Redis is
 restarted, the broker's queues are emptied, and the receiver refuses everything for 30 s.
 Afterwards every job is final, every final webhook was received and verified, every double submit
@@ -38,6 +39,8 @@ FAULTS = {
     "retry_after_s": 1,
     "rate_slow": 0.03,
     "slow_s": 3.0,  # past RUNCOMFY_TIMEOUT_S: the call times out
+    "rate_trickle": 0.02,
+    "trickle_s": 8.0,  # each byte in time, the whole past STEP_LEASE_S: cut off at the timeout
     "rate_fail": 0.05,
     "rate_5xx_after_accept": 0.01,
     "seed": 20261123,
