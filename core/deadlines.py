@@ -67,15 +67,22 @@ class Deadlines:
 
     @contextmanager
     def within(self, seconds: float) -> Iterator[Exchange]:
-        """Hold every connection this thread uses in the block to `seconds` in all."""
+        """Hold every connection this thread uses in the block to `seconds` in all (nested, the
+        inner block's exchange holds what is used inside it).
+
+        DNS lookups are not held: the resolver's own timeouts bound them.
+        """
         exchange = Exchange(deadline=time.monotonic() + seconds)
+        outer: Exchange | None = getattr(self._local, "exchange", None)
         self._local.exchange = exchange
         self._watch_until(exchange, exchange.deadline)
         try:
             yield exchange
         finally:
-            exchange.ended = True  # the watcher drops it when it comes due
-            self._local.exchange = None
+            self._local.exchange = outer
+            with self._changed:  # the watcher drops it when it comes due
+                exchange.ended = True
+                exchange.connections.clear()
 
     def left_s(self) -> float | None:
         """Seconds left to this thread's exchange (None outside one)."""
@@ -118,9 +125,9 @@ class Deadlines:
                         timeout=self._due[0][0] - time.monotonic() if self._due else None
                     )
                 _, _, exchange = heapq.heappop(self._due)
-            if exchange.ended:
-                continue
             with self._changed:  # not while a connection is held by, or let go to, another
+                if exchange.ended:
+                    continue
                 exchange.cut_off = True
                 for connection in exchange.connections:
                     if connection.held_by is exchange:
@@ -134,7 +141,7 @@ def _shut_down(sock: socket.socket | None) -> None:
     socket.socket's own shutdown, also for a TLS socket: the TLS layer's would first drop its
     state under the thread still reading through it.
     """
-    if sock is None:
+    if not isinstance(sock, socket.socket):  # None, or a TLS-in-TLS transport (proxies only)
         return
     # OSError: closed already, or detached into the TLS socket of a handshake under way (which
     # its socket timeout bounds; the next look finds the TLS socket).
@@ -166,6 +173,13 @@ class _HeldToDeadline:
             self.timeout = max(min(self.timeout, left_s), 0.001)
         super().connect()  # type: ignore[misc]
         self.last_sock = self.sock
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        left_s = DEADLINES.left_s()
+        if left_s is not None:  # the TLS handshake next: only what the TCP connect left
+            sock.settimeout(max(min(sock.gettimeout() or left_s, left_s), 0.001))
+        return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         DEADLINES.hold(self)  # type: ignore[arg-type]

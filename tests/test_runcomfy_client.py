@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -152,6 +155,42 @@ def test_a_trickled_answer_is_cut_off_at_timeout_s_in_all(stack: Stack, faults: 
     assert 1.0 <= time.monotonic() - started < 2.5
     assert caught.value.maybe_processed is True
     impatient.close()
+
+
+def test_headers_trickled_after_the_status_are_cut_off_as_transient() -> None:
+    """Cut off mid-headers, http.client takes the end of the connection for the end of the
+    headers: the answer looks like a 200 with an empty body — a timeout, not a bad payload."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                for byte in b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}":
+                    if stop.wait(0.2):
+                        return
+                    connection.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    impatient = RunComfyClient(
+        base_url=f"http://127.0.0.1:{listener.getsockname()[1]}",
+        token="t",
+        model_id=MODEL,
+        timeout_s=1.0,
+    )
+    try:
+        with pytest.raises(TransientUpstreamError, match="1 s in all") as caught:
+            impatient.submit({})
+        assert caught.value.maybe_processed is True  # RunComfy may have taken the submit
+    finally:
+        stop.set()
+        impatient.close()
+        listener.close()
+        thread.join(timeout=10)
 
 
 def test_connection_refused_is_transient_and_not_processed() -> None:

@@ -192,9 +192,9 @@ def test_a_stopping_worker_lets_its_attempts_end(tmp_path: Path, to: str) -> Non
 
 
 @contextmanager
-def dripping_receiver(every_s: float) -> Iterator[str]:
-    """A hostile receiver: reads each request, then answers 204 a byte every `every_s` — each
-    byte well within any read timeout. Yields its URL."""
+def dripping_receiver(every_s: float, at_once: bytes = b"") -> Iterator[str]:
+    """A hostile receiver: reads each request, sends `at_once`, then the rest of a 204 answer a
+    byte every `every_s` — each byte well within any read timeout. Yields its URL."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -202,7 +202,8 @@ def dripping_receiver(every_s: float) -> Iterator[str]:
     def drip(connection: socket.socket) -> None:
         with connection, contextlib.suppress(OSError):
             connection.recv(65536)
-            for byte in b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n":
+            connection.sendall(at_once)
+            for byte in b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"[len(at_once) :]:
                 if stop.is_set():
                     return
                 connection.sendall(bytes([byte]))
@@ -224,11 +225,20 @@ def dripping_receiver(every_s: float) -> Iterator[str]:
         listener.close()
 
 
-def test_a_receiver_dripping_its_answer_is_cut_off_at_webhook_timeout_s(tmp_path: Path) -> None:
-    """Each attempt ends at WEBHOOK_TIMEOUT_S in all (its answer would take ~13 s), recorded as
-    timed out, and retried on the schedule: the receiver holds no thread past its time."""
+@pytest.mark.parametrize(
+    "at_once", [b"", b"HTTP/1.1 204 No Content\r\n"], ids=["status dripped", "headers dripped"]
+)
+def test_a_receiver_dripping_its_answer_is_cut_off_at_webhook_timeout_s(
+    tmp_path: Path, at_once: bytes
+) -> None:
+    """Each attempt ends at WEBHOOK_TIMEOUT_S in all (its answer would take ~6-13 s), recorded
+    as timed out — also when the status came whole and only the headers were cut off — and
+    retried on the schedule: the receiver holds no thread past its time."""
     env = {"WEBHOOK_TIMEOUT_S": "2", "WEBHOOK_RETRY_SCHEDULE": "0,1"}
-    with teams(tmp_path, slow_s=0.0, **env) as t, dripping_receiver(every_s=0.3) as url:
+    with (
+        teams(tmp_path, slow_s=0.0, **env) as t,
+        dripping_receiver(every_s=0.3, at_once=at_once) as url,
+    ):
         body = job_body(t.stack, unique("drip"), webhook_url=url)
         job_id = t.slow_team.post("/v1/jobs", json=body).get_json()["id"]
 

@@ -179,16 +179,17 @@ class WebhookDelivery:
         # at a time would otherwise hold this thread (and, past the lease, others) for ever.
         with DEADLINES.within(timeout_s) as exchange:
             try:
-                with (
-                    self.session.post(
-                        event.url,
-                        data=event.body.encode(),
-                        headers=headers,
-                        timeout=(min(5.0, timeout_s), timeout_s),
-                        allow_redirects=False,
-                        stream=True,  # the status is what counts; a short body is read only to keep the connection
-                    ) as response
-                ):
+                with self.session.post(
+                    event.url,
+                    data=event.body.encode(),
+                    headers=headers,
+                    timeout=(min(5.0, timeout_s), timeout_s),
+                    allow_redirects=False,
+                    stream=True,  # the status is what counts (a short body is read to keep the
+                    # connection: keep_connection_after_answer)
+                ) as response:
+                    if exchange.cut_off:  # its head may be cut short: not an answer
+                        return AttemptResult(None, f"timed out after {timeout_s:g} s")
                     code = response.status_code
                     retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
                     keep_connection_after_answer(response)

@@ -199,13 +199,19 @@ class RunComfyClient:
                 )
             except requests.RequestException as exc:
                 if exchange.cut_off and not isinstance(exc, requests.Timeout):
-                    raise TransientUpstreamError(
-                        f"{method} {path}: timed out waiting for RunComfy "
-                        f"({self._timeout_s:g} s in all)"
-                    ) from exc
+                    raise self._cut_off(method, path) from exc
                 raise _transient(method, path, exc) from exc
         with response:
+            # Cut off, an answer may still come back whole-looking: http.client takes the end
+            # of the connection for the end of the headers, or of a body read to its close.
+            if exchange.cut_off:
+                raise self._cut_off(method, path)
             return _interpret(method, path, response)
+
+    def _cut_off(self, method: str, path: str) -> TransientUpstreamError:
+        return TransientUpstreamError(
+            f"{method} {path}: timed out waiting for RunComfy ({self._timeout_s:g} s in all)"
+        )
 
 
 def _transient(method: str, path: str, exc: requests.RequestException) -> TransientUpstreamError:
