@@ -28,7 +28,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 
 class HeldConnection(Protocol):
-    """A connection Deadlines can hold to an exchange (see core.egress)."""
+    """A connection Deadlines can hold to an exchange (as `_HeldToDeadline` below makes one)."""
 
     sock: socket.socket | None
     last_sock: socket.socket | None

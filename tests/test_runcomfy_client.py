@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,6 +14,7 @@ import pytest
 from cli.processes import free_port
 from tests.conftest import EMULATOR_TOKEN, Stack, wait_until
 from workers.runcomfy import (
+    MAX_ANSWER_BYTES,
     PermanentUpstreamError,
     RunComfyClient,
     TransientUpstreamError,
@@ -157,40 +158,72 @@ def test_a_trickled_answer_is_cut_off_at_timeout_s_in_all(stack: Stack, faults: 
     impatient.close()
 
 
-def test_headers_trickled_after_the_status_are_cut_off_as_transient() -> None:
-    """Cut off mid-headers, http.client takes the end of the connection for the end of the
-    headers: the answer looks like a 200 with an empty body — a timeout, not a bad payload."""
+@contextlib.contextmanager
+def raw_upstream(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """A one-answer RunComfy stand-in on a raw socket: reads the request, then `answer(connection,
+    stop)` writes whatever it likes. Yields its base URL."""
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
-    def trickle() -> None:
+    def serve() -> None:
         with contextlib.suppress(OSError):
             connection, _ = listener.accept()
             with connection:
                 connection.recv(65536)
-                connection.sendall(b"HTTP/1.1 200 OK\r\n")
-                for byte in b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}":
-                    if stop.wait(0.2):
-                        return
-                    connection.sendall(bytes([byte]))
+                answer(connection, stop)
 
-    thread = threading.Thread(target=trickle, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    impatient = RunComfyClient(
-        base_url=f"http://127.0.0.1:{listener.getsockname()[1]}",
-        token="t",
-        model_id=MODEL,
-        timeout_s=1.0,
-    )
     try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=10)
+
+
+def test_headers_trickled_after_the_status_are_cut_off_as_transient() -> None:
+    """Cut off mid-headers, http.client takes the end of the connection for the end of the
+    headers: the answer looks like a 200 with an empty body — a timeout, not a bad payload."""
+
+    def trickle(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\n")
+        for byte in b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}":
+            if stop.wait(0.2):
+                return
+            connection.sendall(bytes([byte]))
+
+    with raw_upstream(trickle) as base_url:
+        impatient = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=1.0)
         with pytest.raises(TransientUpstreamError, match="1 s in all") as caught:
             impatient.submit({})
         assert caught.value.maybe_processed is True  # RunComfy may have taken the submit
-    finally:
-        stop.set()
         impatient.close()
-        listener.close()
-        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(b"200 OK", PermanentUpstreamError), (b"503 Service Unavailable", TransientUpstreamError)],
+)
+def test_an_answer_longer_than_max_answer_bytes_is_not_read_further(
+    status: bytes, error: type[Exception]
+) -> None:
+    """A 2xx that long is a bad answer; an error status is judged by its status alone."""
+    size = MAX_ANSWER_BYTES * 4
+
+    def flood(connection: socket.socket, stop: threading.Event) -> None:
+        head = f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+        connection.sendall(b"HTTP/1.1 " + status + b"\r\n" + head.encode())
+        for _ in range(size // 65536):
+            connection.sendall(b" " * 65536)
+
+    with raw_upstream(flood) as base_url:
+        client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
+        with pytest.raises(error) as caught:
+            client.status("anything")
+        if error is PermanentUpstreamError:
+            assert f"longer than {MAX_ANSWER_BYTES} bytes" in str(caught.value)
+        client.close()
 
 
 def test_connection_refused_is_transient_and_not_processed() -> None:

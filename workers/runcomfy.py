@@ -6,6 +6,8 @@ Every documented answer shape maps to a small dataclass or to one of two errors:
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +17,9 @@ import requests
 
 from core.deadlines import DEADLINES, DeadlineAdapter
 from core.retry_after import parse_retry_after_s
+
+# RunComfy's answers are a few hundred bytes of JSON: one far longer is read no further.
+MAX_ANSWER_BYTES = 1024 * 1024
 
 # Statuses RunComfy (or its own clients) have been seen to report, by meaning.
 QUEUED_STATUSES = frozenset({"in_queue", "queued"})
@@ -194,19 +199,25 @@ class RunComfyClient:
         # it would be taken again — for a submit, a second paid generation.
         with DEADLINES.within(self._timeout_s) as exchange:
             try:
-                response = self._session.request(
-                    method, url, json=json, timeout=self._timeout, allow_redirects=False
-                )
+                with self._session.request(
+                    method,
+                    url,
+                    json=json,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    stream=True,  # read here, up to MAX_ANSWER_BYTES
+                ) as response:
+                    status, headers = response.status_code, response.headers
+                    raw = _read_answer(response)
             except requests.RequestException as exc:
                 if exchange.cut_off and not isinstance(exc, requests.Timeout):
                     raise self._cut_off(method, path) from exc
                 raise _transient(method, path, exc) from exc
-        with response:
-            # Cut off, an answer may still come back whole-looking: http.client takes the end
-            # of the connection for the end of the headers, or of a body read to its close.
-            if exchange.cut_off:
-                raise self._cut_off(method, path)
-            return _interpret(method, path, response)
+        # Cut off, an answer may still come back whole-looking: http.client takes the end of the
+        # connection for the end of the headers, or of a body read to its close.
+        if exchange.cut_off:
+            raise self._cut_off(method, path)
+        return _interpret(method, path, status, headers, raw)
 
     def _cut_off(self, method: str, path: str) -> TransientUpstreamError:
         return TransientUpstreamError(
@@ -230,11 +241,25 @@ def _transient(method: str, path: str, exc: requests.RequestException) -> Transi
     return TransientUpstreamError(f"{where}: {type(exc).__name__}")
 
 
-def _interpret(method: str, path: str, response: requests.Response) -> dict[str, Any]:
+def _read_answer(response: requests.Response) -> bytes | None:
+    """The answer's body, or None if it is longer than MAX_ANSWER_BYTES (not read further)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=64 * 1024):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _interpret(
+    method: str, path: str, status: int, headers: Mapping[str, str], raw: bytes | None
+) -> dict[str, Any]:
+    """The answer's JSON object, or the error it is (raw None: longer than MAX_ANSWER_BYTES)."""
     where = f"{method} {path}"
-    status = response.status_code
     try:
-        body = response.json()
+        body = json.loads(raw) if raw is not None else None
     except ValueError:
         body = None
     if status in (408, 429) or status >= 500:
@@ -243,7 +268,7 @@ def _interpret(method: str, path: str, response: requests.Response) -> dict[str,
             f"{where}: HTTP {status}{': ' + message if message else ''}",
             http_status=status,
             code=code,
-            retry_after_s=parse_retry_after_s(response.headers.get("Retry-After")),
+            retry_after_s=parse_retry_after_s(headers.get("Retry-After")),
             maybe_processed=status != 429 and status != 408,
         )
     if status == 404:
@@ -260,7 +285,8 @@ def _interpret(method: str, path: str, response: requests.Response) -> dict[str,
             code=code,
         )
     if not isinstance(body, dict):
-        raise PermanentUpstreamError(f"{where}: answer is not a JSON object", http_status=status)
+        what = f"longer than {MAX_ANSWER_BYTES} bytes" if raw is None else "not a JSON object"
+        raise PermanentUpstreamError(f"{where}: answer is {what}", http_status=status)
     if body.get("error_code") not in (None, 0, "0"):
         code, message = _error_fields(body)
         error = PermanentUpstreamError if not _is_retryable_code(code) else TransientUpstreamError
