@@ -68,12 +68,13 @@ class Deadlines:
     @contextmanager
     def within(self, seconds: float) -> Iterator[Exchange]:
         """Hold every connection this thread uses in the block to `seconds` in all (nested, the
-        inner block's exchange holds what is used inside it).
+        inner block's exchange holds what is used inside it, by the sooner of the two ends).
 
         DNS lookups are not held: the resolver's own timeouts bound them.
         """
-        exchange = Exchange(deadline=time.monotonic() + seconds)
         outer: Exchange | None = getattr(self._local, "exchange", None)
+        deadline = time.monotonic() + seconds
+        exchange = Exchange(deadline=min(deadline, outer.deadline) if outer else deadline)
         self._local.exchange = exchange
         self._watch_until(exchange, exchange.deadline)
         try:

@@ -349,13 +349,13 @@ def keep_connection_after_answer(response: requests.Response) -> None:
     """
     raw = response.raw
     encoding = response.headers.get("Transfer-Encoding")
-    if response.headers.get("Connection", "").lower() == "close":
-        return  # the receiver ends the connection: nothing to keep
+    if raw.version < 11 or "close" in response.headers.get("Connection", "").lower():
+        return  # the receiver ends the connection (as http.client reads it): nothing to keep
     if response.status_code in (204, 304) and encoding is not None:
         return  # no body by definition, yet http.client would read the chunks it announces
     remaining = raw.length_remaining  # None: chunked, or read until the receiver closes
     # Only what http.client reads as chunks (exactly "chunked") ends without a length.
-    chunked = encoding is not None and encoding.strip().lower() == "chunked"
+    chunked = encoding is not None and encoding.lower() == "chunked"
     if (remaining is None and not chunked) or (remaining or 0) > MAX_ANSWER_READ_BYTES:
         return
     # Once read to its end, urllib3 gives the connection back to its pool; a body longer than

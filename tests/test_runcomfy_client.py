@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -221,9 +222,69 @@ def test_an_answer_longer_than_max_answer_bytes_is_not_read_further(
         client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
         with pytest.raises(error) as caught:
             client.status("anything")
+        assert getattr(caught.value, "http_status", None) == int(status.split()[0])
         if error is PermanentUpstreamError:
             assert f"longer than {MAX_ANSWER_BYTES} bytes" in str(caught.value)
         client.close()
+
+
+def test_json_nested_deeper_than_python_goes_is_a_bad_answer_not_a_crash() -> None:
+    body = b"[" * 100_000
+
+    def deep(connection: socket.socket, _stop: threading.Event) -> None:
+        head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Length: {len(body)}\r\n\r\n"
+        connection.sendall(head.encode() + body)
+
+    with raw_upstream(deep) as base_url:
+        client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
+        with pytest.raises(TransientUpstreamError) as caught:
+            client.status("anything")
+        assert caught.value.http_status == 503
+        client.close()
+
+
+class KeptAliveUpstream(BaseHTTPRequestHandler):
+    """Answers every GET with a queued status over HTTP/1.1, connections kept; counts them."""
+
+    protocol_version = "HTTP/1.1"
+    connections = 0
+
+    def setup(self) -> None:
+        super().setup()
+        type(self).connections += 1
+
+    def do_GET(self) -> None:
+        body = b'{"request_id": "r", "status": "in_queue", "queue_position": 1}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_calls_reuse_one_kept_alive_connection() -> None:
+    handler = type("Handler", (KeptAliveUpstream,), {"connections": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    client = RunComfyClient(
+        base_url=f"http://127.0.0.1:{server.server_address[1]}",
+        token="t",
+        model_id=MODEL,
+        timeout_s=5.0,
+    )
+    try:
+        for _ in range(3):
+            assert client.status("r").queue_position == 1
+        assert handler.connections == 1
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def test_connection_refused_is_transient_and_not_processed() -> None:

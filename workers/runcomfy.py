@@ -260,7 +260,7 @@ def _interpret(
     where = f"{method} {path}"
     try:
         body = json.loads(raw) if raw is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
         body = None
     if status in (408, 429) or status >= 500:
         code, message = _error_fields(body)
