@@ -7,7 +7,10 @@ gunicorn serves) and receive webhooks on a real receiver that verifies signature
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -243,3 +246,40 @@ def wait_until(
             return value
         time.sleep(0.05)
     raise AssertionError(f"{what} not met within {timeout_s} s")
+
+
+@contextlib.contextmanager
+def raw_peer(
+    answer: Callable[[socket.socket, threading.Event], None], *, connections: int = 1
+) -> Iterator[int]:
+    """A TCP peer on 127.0.0.1 for answers no HTTP server would send (dripped, cut short,
+    flooded): each accepted connection, up to `connections`, goes to `answer(connection, stop)`
+    on a thread of its own, and is closed after. `stop` is set when the block ends; an OSError
+    in `answer` (the client went away) ends it quietly. Yields the port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def serve(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            answer(connection, stop)
+
+    def accept() -> None:
+        while not stop.is_set() and len(threads) < connections:
+            with contextlib.suppress(TimeoutError):
+                connection, _ = listener.accept()
+                connection.settimeout(None)
+                threads.append(threading.Thread(target=serve, args=(connection,), daemon=True))
+                threads[-1].start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        acceptor.join(timeout=10)
+        listener.close()
+        for thread in threads:
+            thread.join(timeout=10)

@@ -18,6 +18,7 @@ import requests
 from core import egress
 from core.deadlines import DEADLINES, Exchange
 from core.egress import EgressPolicy, egress_session, keep_connection_after_answer
+from tests.conftest import raw_peer
 from tests.test_egress import FakeDNS, answering, certificate, fake_dns  # noqa: F401  # fixtures
 
 LOOPBACK_ALLOWED = EgressPolicy.from_cidrs("127.0.0.0/8")
@@ -36,43 +37,30 @@ def dripping(
     """A receiver that reads the request, sends `headers` at once, then DRIP a byte every
     `every_s`, over TLS if given — with handshake=True, its side of the TLS handshake is
     dripped the same way (and never ends before the client gives up). Yields its URL."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    done = threading.Event()
 
-    def drip(connection: socket.socket, data: bytes) -> None:
+    def drip(connection: socket.socket, data: bytes, stop: threading.Event) -> None:
         for byte in data:
-            if done.is_set():
+            if stop.is_set():
                 raise OSError("stopped")
             connection.sendall(bytes([byte]))
             time.sleep(every_s)
 
-    def serve() -> None:
-        with contextlib.suppress(OSError, ssl.SSLError):
-            raw, _ = listener.accept()
-            with raw:
-                if tls is not None and handshake:
-                    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-                    server_side = tls.wrap_bio(incoming, outgoing, server_side=True)
-                    while True:
-                        with contextlib.suppress(ssl.SSLWantReadError):
-                            server_side.do_handshake()
-                        drip(raw, outgoing.read())
-                        incoming.write(raw.recv(65536) or b"")
-                connection = tls.wrap_socket(raw, server_side=True) if tls else raw
-                with connection:
-                    connection.recv(65536)
-                    connection.sendall(headers)
-                    drip(connection, DRIP)
+    def answer(raw: socket.socket, stop: threading.Event) -> None:
+        if tls is not None and handshake:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            server_side = tls.wrap_bio(incoming, outgoing, server_side=True)
+            while True:  # ssl.SSLError (an OSError) once the client gives up
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    server_side.do_handshake()
+                drip(raw, outgoing.read(), stop)
+                incoming.write(raw.recv(65536) or b"")
+        with tls.wrap_socket(raw, server_side=True) if tls else contextlib.nullcontext(raw) as c:
+            c.recv(65536)
+            c.sendall(headers)
+            drip(c, DRIP, stop)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    scheme = "https" if tls else "http"
-    try:
-        yield f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/hook"
-    finally:
-        done.set()
-        listener.close()
-        thread.join(timeout=10)
+    with raw_peer(answer) as port:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/hook"
 
 
 def post_within(session: requests.Session, url: str, seconds: float, **options: object) -> tuple[

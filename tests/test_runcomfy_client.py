@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cli.processes import free_port
-from tests.conftest import EMULATOR_TOKEN, Stack, wait_until
+from tests.conftest import EMULATOR_TOKEN, Stack, raw_peer, wait_until
 from workers.runcomfy import (
     MAX_ANSWER_BYTES,
     PermanentUpstreamError,
@@ -161,26 +161,15 @@ def test_a_trickled_answer_is_cut_off_at_timeout_s_in_all(stack: Stack, faults: 
 
 @contextlib.contextmanager
 def raw_upstream(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
-    """A one-answer RunComfy stand-in on a raw socket: reads the request, then `answer(connection,
-    stop)` writes whatever it likes. Yields its base URL."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    """A one-answer RunComfy stand-in: reads the request, then `answer(connection, stop)` writes
+    whatever it likes. Yields its base URL."""
 
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            connection, _ = listener.accept()
-            with connection:
-                connection.recv(65536)
-                answer(connection, stop)
+    def read_then_answer(connection: socket.socket, stop: threading.Event) -> None:
+        connection.recv(65536)
+        answer(connection, stop)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(timeout=10)
+    with raw_peer(read_then_answer) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_headers_trickled_after_the_status_are_cut_off_as_transient() -> None:

@@ -8,7 +8,6 @@ never has more than WEBHOOK_RECEIVER_CONCURRENCY attempts at once: the rest wait
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -28,7 +27,7 @@ from core.clients import ClientStore
 from core.metrics import Counters
 from core.store import connect_redis
 from service import create_app
-from tests.conftest import ApiClient, Stack, start_stack, wait_until
+from tests.conftest import ApiClient, Stack, raw_peer, start_stack, wait_until
 from tests.test_end_to_end import job_body, unique
 
 pytestmark = pytest.mark.integration
@@ -195,34 +194,18 @@ def test_a_stopping_worker_lets_its_attempts_end(tmp_path: Path, to: str) -> Non
 def dripping_receiver(every_s: float, at_once: bytes = b"") -> Iterator[str]:
     """A hostile receiver: reads each request, sends `at_once`, then the rest of a 204 answer a
     byte every `every_s` — each byte well within any read timeout. Yields its URL."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
 
-    def drip(connection: socket.socket) -> None:
-        with connection, contextlib.suppress(OSError):
-            connection.recv(65536)
-            connection.sendall(at_once)
-            for byte in b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"[len(at_once) :]:
-                if stop.is_set():
-                    return
-                connection.sendall(bytes([byte]))
-                time.sleep(every_s)
+    def drip(connection: socket.socket, stop: threading.Event) -> None:
+        connection.recv(65536)
+        connection.sendall(at_once)
+        for byte in b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"[len(at_once) :]:
+            if stop.is_set():
+                return
+            connection.sendall(bytes([byte]))
+            time.sleep(every_s)
 
-    def serve() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                connection, _ = listener.accept()
-                threading.Thread(target=drip, args=(connection,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        listener.close()
+    with raw_peer(drip, connections=100) as port:
+        yield f"http://127.0.0.1:{port}/hook"
 
 
 @pytest.mark.parametrize(
