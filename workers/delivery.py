@@ -185,8 +185,8 @@ class WebhookDelivery:
                     headers=headers,
                     timeout=(min(5.0, timeout_s), timeout_s),
                     allow_redirects=False,
-                    stream=True,  # the status is what counts (a short body is read to keep the
-                    # connection: keep_connection_after_answer)
+                    # The status is what counts; a short body is read only to keep the connection.
+                    stream=True,
                 ) as response:
                     if exchange.cut_off:  # its head may be cut short: not an answer
                         return AttemptResult(None, f"timed out after {timeout_s:g} s")
