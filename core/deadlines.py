@@ -50,9 +50,11 @@ class Exchange:
 class Deadlines:
     """Cuts off exchanges that outlive their time: one watcher thread, started on first use."""
 
-    # A connection's socket may not exist yet when the time is up (still connecting, or
-    # swapped for its TLS socket): the watcher looks again this soon, until the exchange ends.
-    RECHECK_S = 0.05
+    # The watcher looks at most this often, taking everything due at once (an exchange ends
+    # by its deadline to within this; waking for each one cost ~16 µs an exchange). A
+    # connection's socket may not exist yet when the time is up (still connecting, or swapped
+    # for its TLS socket): the watcher looks again this soon, until the exchange ends.
+    LOOK_EVERY_S = 0.05
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -123,7 +125,9 @@ class Deadlines:
             with self._changed:
                 while not self._due or self._due[0][0] > time.monotonic():
                     self._changed.wait(
-                        timeout=self._due[0][0] - time.monotonic() if self._due else None
+                        timeout=max(self._due[0][0] - time.monotonic(), self.LOOK_EVERY_S)
+                        if self._due
+                        else None
                     )
                 _, _, exchange = heapq.heappop(self._due)
             with self._changed:  # not while a connection is held by, or let go to, another
@@ -133,7 +137,7 @@ class Deadlines:
                 for connection in exchange.connections:
                     if connection.held_by is exchange:
                         _shut_down(connection.sock or connection.last_sock)
-            self._watch_until(exchange, time.monotonic() + self.RECHECK_S)
+            self._watch_until(exchange, time.monotonic() + self.LOOK_EVERY_S)
 
 
 def _shut_down(sock: socket.socket | None) -> None:
