@@ -130,14 +130,14 @@ class Deadlines:
                         else None
                     )
                 _, _, exchange = heapq.heappop(self._due)
-            with self._changed:  # not while a connection is held by, or let go to, another
+                # Under the lock: not while a connection is held by, or let go to, another.
                 if exchange.ended:
                     continue
                 exchange.cut_off = True
                 for connection in exchange.connections:
                     if connection.held_by is exchange:
                         _shut_down(connection.sock or connection.last_sock)
-            self._watch_until(exchange, time.monotonic() + self.LOOK_EVERY_S)
+                self._watch_until(exchange, time.monotonic() + self.LOOK_EVERY_S)
 
 
 def _shut_down(sock: socket.socket | None) -> None:
@@ -170,19 +170,20 @@ class _HeldToDeadline:
 
     def connect(self) -> None:
         DEADLINES.hold(self)  # type: ignore[arg-type]  # with the connection class it mixes into
-        left_s = DEADLINES.left_s()
-        if left_s is not None and isinstance(self.timeout, int | float):
-            # The TLS handshake's socket is not this connection's until it is done, so the
-            # deadline cannot cut it off: the socket's timeout bounds it instead (CPython
-            # takes it for the whole handshake), as it does the TCP connect.
-            self.timeout = max(min(self.timeout, left_s), 0.001)
         super().connect()  # type: ignore[misc]
         self.last_sock = self.sock
 
     def _new_conn(self) -> socket.socket:
+        """The TCP connection, connected within the time left; its timeout then bounds the TLS
+        handshake by what is left after (CPython takes it for the whole handshake). The
+        handshake's socket is not this connection's until it is done, so the deadline cannot
+        cut it off."""
+        left_s = DEADLINES.left_s()
+        if left_s is not None and isinstance(self.timeout, int | float):
+            self.timeout = max(min(self.timeout, left_s), 0.001)
         sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         left_s = DEADLINES.left_s()
-        if left_s is not None:  # the TLS handshake next: only what the TCP connect left
+        if left_s is not None:
             sock.settimeout(max(min(sock.gettimeout() or left_s, left_s), 0.001))
         return sock
 

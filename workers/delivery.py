@@ -175,6 +175,7 @@ class WebhookDelivery:
 
     def _post(self, event: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
         timeout_s = self.settings.webhook_timeout_s
+        timed_out = AttemptResult(None, f"timed out after {timeout_s:g} s")
         # The whole attempt, not only each wait for bytes: a receiver sending its answer a byte
         # at a time would otherwise hold this thread (and, past the lease, others) for ever.
         with DEADLINES.within(timeout_s) as exchange:
@@ -189,7 +190,7 @@ class WebhookDelivery:
                     stream=True,
                 ) as response:
                     if exchange.cut_off:  # its head may be cut short: not an answer
-                        return AttemptResult(None, f"timed out after {timeout_s:g} s")
+                        return timed_out
                     code = response.status_code
                     retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
                     keep_connection_after_answer(response)
@@ -197,7 +198,7 @@ class WebhookDelivery:
                 return AttemptResult(None, f"refused destination: {exc}")
             except requests.RequestException as exc:
                 if exchange.cut_off or isinstance(exc, requests.Timeout):
-                    return AttemptResult(None, f"timed out after {timeout_s:g} s")
+                    return timed_out
                 return AttemptResult(None, f"could not connect: {type(exc).__name__}")
         if 200 <= code < 300:
             return AttemptResult(code, None)
