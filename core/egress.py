@@ -9,10 +9,9 @@ the address that was judged, so there is no second DNS lookup to rebind.
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 from urllib.parse import urlsplit
@@ -26,12 +25,14 @@ from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool
 from urllib3.response import HTTPResponse
 
 from core.deadlines import (
+    DEADLINES,
     DeadlineAdapter,
     HeldHTTPConnection,
     HeldHTTPConnectionPool,
     HeldHTTPSConnection,
     HeldHTTPSConnectionPool,
 )
+from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, NameLookup
 
 if TYPE_CHECKING:
     # Typing-only names from types-requests, for the hook that requests lets adapters override.
@@ -132,6 +133,7 @@ class EgressPolicy:
     """Where webhooks may go: public addresses, plus the networks an operator allows."""
 
     allowed_networks: tuple[IPNetwork, ...] = ()
+    names: NameLookup = field(default=NAMES, compare=False)
 
     @classmethod
     def from_cidrs(cls, cidrs: str | Iterable[str]) -> EgressPolicy:
@@ -170,23 +172,25 @@ class EgressPolicy:
         return None
 
     def resolve(self, host: str, port: int) -> list[IPAddress]:
-        """Return every address host resolves to, deduplicated, in resolver order."""
+        """Return every address host resolves to, deduplicated, in resolver order.
+
+        The lookup waits at most LOOKUP_TIMEOUT_S, and never past this thread's exchange's
+        deadline (a delivery attempt's): a name whose servers do not answer holds no thread longer.
+        """
         literal = _parse_ip_literal(host)
         if literal is not None:
             return [unmap_ipv4(literal)]
+        left_s = DEADLINES.left_s()
+        timeout_s = LOOKUP_TIMEOUT_S if left_s is None else min(left_s, LOOKUP_TIMEOUT_S)
         try:
-            answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise RefusedDestination(f"webhook host {host} does not resolve", host=host) from exc
+            answers = self.names.addresses(host, port, timeout_s)
+        except LookupFailed as exc:
+            raise RefusedDestination(f"webhook host {host} {exc}", host=host) from None
         addresses: list[IPAddress] = []
-        for family, _type, _proto, _canonname, sockaddr in answers:
-            if family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            address = unmap_ipv4(ip_address(sockaddr[0]))
+        for answer in answers:
+            address = unmap_ipv4(ip_address(answer))
             if address not in addresses:
                 addresses.append(address)
-        if not addresses:
-            raise RefusedDestination(f"webhook host {host} does not resolve", host=host)
         return addresses
 
     def pick_address(self, host: str, port: int, *, scheme: str = "https") -> IPAddress:

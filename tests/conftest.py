@@ -283,3 +283,86 @@ def raw_peer(
         listener.close()
         for thread in threads:
             thread.join(timeout=10)
+
+
+@dataclass
+class DnsPeer:
+    """A name server on 127.0.0.1 (UDP) for c-ares to ask: it answers A and AAAA queries from
+    `records`, NXDOMAIN for other names, after `delay_s`; with `silent`, it never answers."""
+
+    address: str
+    records: dict[str, list[str]]
+    delay_s: float = 0.0
+    silent: bool = False
+    asked: list[str] | None = None
+
+    def answer(self, query: bytes) -> bytes | None:
+        """The reply to one query (RFC 1035 §4.1), or None to stay silent."""
+        end = 12
+        while query[end]:
+            end += query[end] + 1
+        labels, at = [], 12
+        while query[at]:
+            labels.append(query[at + 1 : at + 1 + query[at]].decode("ascii"))
+            at += query[at] + 1
+        name = ".".join(labels).lower()
+        qtype = int.from_bytes(query[end + 1 : end + 3], "big")
+        question = query[12 : end + 5]
+        assert self.asked is not None
+        self.asked.append(name)
+        if self.silent:
+            return None
+        if name not in self.records:
+            return query[:2] + b"\x81\x83" + b"\x00\x01\x00\x00\x00\x00\x00\x00" + question
+        family = {1: socket.AF_INET, 28: socket.AF_INET6}.get(qtype)
+        rdatas = [
+            socket.inet_pton(family, address)
+            for address in self.records[name]
+            if family is not None and (":" in address) == (family == socket.AF_INET6)
+        ]
+        answers = b"".join(
+            b"\xc0\x0c"  # the name: a pointer to the question's
+            + qtype.to_bytes(2, "big")
+            + b"\x00\x01"  # class IN
+            + (60).to_bytes(4, "big")  # TTL
+            + len(rdata).to_bytes(2, "big")
+            + rdata
+            for rdata in rdatas
+        )
+        header = query[:2] + b"\x81\x80" + b"\x00\x01" + len(rdatas).to_bytes(2, "big")
+        return header + b"\x00\x00\x00\x00" + question + answers
+
+
+@contextlib.contextmanager
+def dns_peer(records: dict[str, list[str]] | None = None, **options: Any) -> Iterator[DnsPeer]:
+    """Run a DnsPeer (options: delay_s, silent) until the block ends; its `address` is what
+    NameLookup(servers=…) takes."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.1)
+    peer = DnsPeer(f"127.0.0.1:{udp.getsockname()[1]}", records or {}, asked=[], **options)
+    stop = threading.Event()
+
+    def reply_later(reply: bytes, to: Any) -> None:
+        if not stop.wait(peer.delay_s):
+            with contextlib.suppress(OSError):
+                udp.sendto(reply, to)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                query, sender = udp.recvfrom(4096)
+            except TimeoutError:
+                continue
+            reply = peer.answer(query)
+            if reply is not None:
+                threading.Thread(target=reply_later, args=(reply, sender), daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield peer
+    finally:
+        stop.set()
+        server.join(timeout=10)
+        udp.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,10 @@ import pytest
 import redis
 from flask import url_for
 
+from core import egress
 from core.clients import ClientStore, NewClientCredentials
+from core.egress import EgressPolicy
+from core.names import NameLookup
 from core.store import PREFIX, connect_redis
 from core.wakeups import JOBS_QUEUE
 from service.jobs import job_location
@@ -30,7 +34,7 @@ from service.schemas import (
     MAX_SEED,
     MAX_URL_CHARS,
 )
-from tests.conftest import EMULATOR_TOKEN, Stack
+from tests.conftest import EMULATOR_TOKEN, Stack, dns_peer
 
 pytestmark = pytest.mark.integration
 
@@ -573,6 +577,28 @@ def test_bad_request_is_a_problem_and_writes_nothing(isolated: Isolated, bad: Ba
         assert changes(before, snapshot(isolated.redis)) == []
     finally:
         isolated.forget_wakeups()  # a request that did write must not flake the next snapshot
+
+
+def test_a_webhook_host_whose_name_servers_do_not_answer_is_a_422_within_the_lookup_limit(
+    isolated: Isolated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup is given up on at its limit: the request thread is not held for the system
+    resolver's retries (10 s and more), which a few such POSTs would spend every API thread on."""
+    commands = isolated.http.application.extensions["inpaint_gateway"].commands
+    monkeypatch.setattr(egress, "LOOKUP_TIMEOUT_S", 0.5)
+    with dns_peer(silent=True) as peer:
+        monkeypatch.setattr(commands, "egress", EgressPolicy(names=NameLookup((peer.address,))))
+        bad = bad_webhook("https://hangs.example.com/hook")
+        before = snapshot(isolated.redis)
+        started = time.monotonic()
+        resp = send(isolated, bad)
+        took_s = time.monotonic() - started
+    problem = assert_problem(isolated, resp, bad)
+    assert problem["errors"]["webhook_url"] == [
+        "webhook host hangs.example.com did not resolve within 0.5 s"
+    ]
+    assert 0.5 <= took_s < 1.5 and peer.asked
+    assert changes(before, snapshot(isolated.redis)) == []
 
 
 def test_the_cases_are_many_and_distinct() -> None:

@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +28,8 @@ from core.egress import (
     egress_session,
     keep_connection_after_answer,
 )
+from core.names import NAMES, NameLookup
+from tests.conftest import dns_peer
 
 TIMEOUT_S = 5
 PUBLIC_V4 = "93.184.216.34"
@@ -37,10 +39,10 @@ LOOPBACK_ALLOWED = EgressPolicy.from_cidrs("127.0.0.0/8, ::1/128")
 
 
 class FakeDNS:
-    """Answers getaddrinfo for chosen names; every other name goes to the real resolver."""
+    """Answers host-name lookups for chosen names; every other name goes to the real lookup."""
 
-    def __init__(self, real_getaddrinfo: Any) -> None:
-        self.real_getaddrinfo = real_getaddrinfo
+    def __init__(self, real_lookup: Callable[[str, int, float], list[str]]) -> None:
+        self.real_lookup = real_lookup
         self.answers: dict[str, list[tuple[str, ...]]] = {}
         self.lookups: list[str] = []
 
@@ -48,25 +50,19 @@ class FakeDNS:
         """Queue an answer for host; successive lookups get successive answers, the last repeats."""
         self.answers.setdefault(host, []).append(addresses)
 
-    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    def __call__(self, host: str, port: int, timeout_s: float) -> list[str]:
         if host not in self.answers:
-            return self.real_getaddrinfo(host, port, *args, **kwargs)
+            return self.real_lookup(host, port, timeout_s)
         self.lookups.append(host)
         queued = self.answers[host]
-        addresses = queued.pop(0) if len(queued) > 1 else queued[0]
-        return [
-            (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port, 0, 0))
-            if ":" in address
-            else (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
-            for address in addresses
-        ]
+        return list(queued.pop(0) if len(queued) > 1 else queued[0])
 
 
 @pytest.fixture
 def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    """Replace socket.getaddrinfo with a FakeDNS."""
-    dns = FakeDNS(socket.getaddrinfo)
-    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    """Answer every NameLookup's lookups from a FakeDNS."""
+    dns = FakeDNS(NAMES.addresses)
+    monkeypatch.setattr(NameLookup, "addresses", dns)
     return dns
 
 
@@ -179,8 +175,39 @@ def test_pick_address_returns_the_first_address_after_checking_all(fake_dns: Fak
 
 
 def test_an_unresolvable_host_is_refused() -> None:
-    with pytest.raises(RefusedDestination, match=r"webhook host nonexistent\.invalid does not res"):
-        NO_ALLOWED_NETWORKS.check_url("https://nonexistent.invalid/hook")
+    with dns_peer() as peer:
+        policy = EgressPolicy(names=NameLookup((peer.address,)))
+        with pytest.raises(
+            RefusedDestination, match=r"^webhook host nonexistent\.test does not resolve \(Domain"
+        ):
+            policy.check_url("https://nonexistent.test/hook")
+
+
+def test_a_host_whose_name_servers_do_not_answer_is_refused_at_the_lookup_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(egress, "LOOKUP_TIMEOUT_S", 0.3)
+    with dns_peer(silent=True) as peer:
+        policy = EgressPolicy(names=NameLookup((peer.address,)))
+        started = time.monotonic()
+        with pytest.raises(
+            RefusedDestination, match=r"^webhook host hangs\.test did not resolve within 0\.3 s$"
+        ):
+            policy.check_url("https://hangs.test/hook")
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_lookup_in_an_exchange_waits_no_longer_than_the_exchange_has_left() -> None:
+    """A delivery attempt's lookup counts toward its WEBHOOK_TIMEOUT_S, like its connect."""
+    with dns_peer(silent=True) as peer:
+        session = egress_session(EgressPolicy(names=NameLookup((peer.address,))))
+        started = time.monotonic()
+        with (
+            DEADLINES.within(0.4),
+            pytest.raises(RefusedDestination, match=r"hangs\.test did not resolve within 0\.4 s"),
+        ):
+            session.post("https://hangs.test/hook", data=b"{}", timeout=5)
+        assert time.monotonic() - started < 1.0
 
 
 # --- check_url -------------------------------------------------------------------------------

@@ -24,11 +24,16 @@ import redis
 
 from cli.listener import WebhookReceiver
 from core.clients import ClientStore
+from core.egress import EgressPolicy, egress_session
 from core.metrics import Counters
-from core.store import connect_redis
+from core.names import LOOKUP_TIMEOUT_S, NameLookup
+from core.settings import Settings
+from core.store import JobStore, connect_redis
+from core.webhooks import WebhookEvent
 from service import create_app
-from tests.conftest import ApiClient, Stack, raw_peer, start_stack, wait_until
+from tests.conftest import ApiClient, Stack, dns_peer, raw_peer, start_stack, wait_until
 from tests.test_end_to_end import job_body, unique
+from workers.delivery import WebhookDelivery
 
 pytestmark = pytest.mark.integration
 SLOW_JOBS = 10
@@ -235,3 +240,38 @@ def test_a_receiver_dripping_its_answer_is_cut_off_at_webhook_timeout_s(
             assert delivery["status_code"] is None
             assert delivery["error"] == "timed out after 2 s"
             assert 1900 <= delivery["duration_ms"] < 3500
+
+
+def test_a_receiver_whose_name_servers_do_not_answer_holds_an_attempt_only_the_lookup_limit(
+    scratch: redis.Redis,
+) -> None:
+    """The attempt gives the host name up at LOOKUP_TIMEOUT_S, inside WEBHOOK_TIMEOUT_S, and
+    is recorded as a failed attempt (retried on the schedule), not waited out for the system
+    resolver's retries."""
+    delivery = WebhookDelivery(
+        JobStore(scratch, retention_s=3600),
+        ClientStore(scratch),
+        Settings(webhook_timeout_s=10),
+        Counters(scratch),
+        on_place_freed=lambda: None,
+    )
+    event = WebhookEvent(
+        webhook_id="msg_dns",
+        job_id="job_dns",
+        client_id="cli_dns",
+        type="job.succeeded",
+        url="https://hangs.example.com/hook",
+        body="{}",
+        created_at=time.time(),
+    )
+    with dns_peer(silent=True) as peer:
+        delivery.session = egress_session(EgressPolicy(names=NameLookup((peer.address,))))
+        started = time.monotonic()
+        result = delivery._post(event, {})
+        took_s = time.monotonic() - started
+    assert result.status_code is None
+    assert result.error == (
+        f"refused destination: webhook host hangs.example.com did not resolve within "
+        f"{LOOKUP_TIMEOUT_S:g} s"
+    )
+    assert LOOKUP_TIMEOUT_S <= took_s < LOOKUP_TIMEOUT_S + 1.0
