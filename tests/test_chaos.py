@@ -116,6 +116,27 @@ def post_all(
         time.sleep(0.05)
 
 
+def unfinished_report(store: JobStore, job_ids: list[str]) -> str:
+    """Why jobs are not final: each one's status, where its next step is scheduled, its slot."""
+    now = time.time()
+    lines = []
+    for job in (store.get(job_id) for job_id in job_ids):
+        if job is None or job.status.is_final:
+            continue
+        due_at = store.job_schedule.due_at(job.id)
+        lines.append(
+            f"{job.id} {job.status.value}: due "
+            + ("never (not scheduled)" if due_at is None else f"in {due_at - now:+.1f} s")
+            + f", slot held {store.admission.holds_slot(job.id)}, updated {now - job.updated_at:.0f} s"
+            f" ago, submits {job.submit_attempts} (unknown {job.submit_unknown_outcomes}),"
+            f" polls {job.polls}, last error {job.last_transient_error!r}"
+        )
+    return (
+        f"{len(lines)} jobs not final; in flight {store.admission.in_flight()}, waiting"
+        f" {store.admission.waiting()}:\n" + "\n".join(lines[:40])
+    )
+
+
 def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
     stack = chaos_stack
     settings = stack.settings()
@@ -171,7 +192,10 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             def all_final() -> bool:
                 return all(j is not None and j.status.is_final for j in map(store.get, job_ids))
 
-            wait_until(all_final, timeout_s=240, what="every job final")
+            try:
+                wait_until(all_final, timeout_s=240, what="every job final")
+            except AssertionError:
+                raise AssertionError(unfinished_report(store, job_ids)) from None
             all_final_at = time.monotonic() - started
 
             def all_delivered() -> bool:
