@@ -62,12 +62,13 @@ class NameLookup:
             answer.append((result, error))
             answered.set()
 
+        limit_s = max(timeout_s, 0.0)
         try:
             self._get_channel().getaddrinfo(host, port, type=socket.SOCK_STREAM, callback=on_answer)
-        except (ValueError, UnicodeError, RuntimeError) as exc:
+        except (ValueError, UnicodeError, RuntimeError, pycares.AresError) as exc:
             raise LookupFailed(f"does not resolve ({exc})") from None
-        if not answered.wait(max(timeout_s, 0.0)):
-            raise LookupFailed(f"did not resolve within {timeout_s:.2g} s")
+        if not answered.wait(limit_s):
+            raise LookupFailed(f"did not resolve within {limit_s:.2g} s")
         result, error = answer[0]
         if error is not None:
             reason = pycares.errno.strerror(error)

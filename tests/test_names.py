@@ -90,6 +90,11 @@ def test_a_name_c_ares_cannot_ask_for_does_not_resolve(host: str) -> None:
         NameLookup(servers=(peer.address,)).addresses(host, 443, 1.0)
 
 
+def test_name_servers_c_ares_cannot_use_make_lookups_fail_not_crash() -> None:
+    with pytest.raises(LookupFailed, match=r"^does not resolve \("):
+        NameLookup(("not-an-address",)).addresses("hooks.test", 443, 1.0)
+
+
 def test_an_internationalized_name_is_asked_for_in_its_ascii_form() -> None:
     with dns_peer({"xn--bcher-kva.test": ["198.51.100.11"]}) as peer:
         assert NameLookup(servers=(peer.address,)).addresses("bücher.test", 443, 2.0) == [
