@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Protocol
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError
 
 
 class HeldConnection(Protocol):
@@ -167,6 +168,7 @@ class _HeldToDeadline:
     last_sock: socket.socket | None = None
     sock: socket.socket | None
     timeout: Any  # urllib3's: the connect timeout while connecting
+    host: str
 
     def connect(self) -> None:
         DEADLINES.hold(self)  # type: ignore[arg-type]  # with the connection class it mixes into
@@ -183,8 +185,13 @@ class _HeldToDeadline:
             self.timeout = max(min(self.timeout, left_s), 0.001)
         sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         left_s = DEADLINES.left_s()
+        if left_s is not None and left_s <= 0:
+            # Connected too late (the name's lookup, which nothing here holds, took the time):
+            # nothing is sent — a request that late may be one its caller has given up on.
+            sock.close()
+            raise ConnectTimeoutError(self, f"Connection to {self.host} made after its deadline")
         if left_s is not None:
-            sock.settimeout(max(min(sock.gettimeout() or left_s, left_s), 0.001))
+            sock.settimeout(min(sock.gettimeout() or left_s, left_s))
         return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from core import egress
-from core.deadlines import DEADLINES, Exchange
+from core.deadlines import DEADLINES, DeadlineAdapter, Exchange
 from core.egress import EgressPolicy, egress_session, keep_connection_after_answer
 from tests.conftest import raw_peer
 from tests.test_egress import FakeDNS, answering, certificate, fake_dns  # noqa: F401  # fixtures
@@ -105,6 +105,39 @@ def test_a_body_read_after_http_client_let_go_of_the_connection_is_cut_off_too()
         took_s = time.monotonic() - started
     assert exchange.cut_off
     assert 1.0 <= took_s < 2.5
+
+
+def test_a_connection_made_after_the_deadline_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow lookup of the host's name (the system resolver's, for RunComfy's host) can end
+    after the deadline: the connection is then given up before a byte is sent — a submit sent
+    that late could be a second one, its step's lease having passed."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def slow_getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host == "slow-name.test":
+            time.sleep(0.6)
+            host = "127.0.0.1"
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    received: list[bytes] = []
+
+    def listen(connection: socket.socket, stop: threading.Event) -> None:
+        connection.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            received.append(connection.recv(65536))
+        connection.sendall(DRIP)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+    with raw_peer(listen) as port, requests.Session() as session:
+        session.mount("http://", DeadlineAdapter())
+        started = time.monotonic()
+        with DEADLINES.within(0.3), pytest.raises(requests.Timeout):
+            session.post(f"http://slow-name.test:{port}/v1/submit", data=b"{}", timeout=5)
+        assert time.monotonic() - started < 1.2
+        time.sleep(0.3)  # a request sent would have arrived by now
+    assert received in ([], [b""])  # connected, maybe, but nothing sent
 
 
 @pytest.fixture
