@@ -73,7 +73,8 @@ class Deadlines:
         """Hold every connection this thread uses in the block to `seconds` in all (nested, the
         inner block's exchange holds what is used inside it, by the sooner of the two ends).
 
-        DNS lookups are not held: the resolver's own timeouts bound them.
+        The system resolver's lookup of a host name is not held (a webhook host's is: see
+        core/names.py); a connection it lets finish only after the deadline sends nothing.
         """
         outer: Exchange | None = getattr(self._local, "exchange", None)
         deadline = time.monotonic() + seconds

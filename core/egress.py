@@ -120,6 +120,17 @@ def _parse_ip_literal(host: str) -> IPAddress | None:
         return None
 
 
+def _ends_in_a_number(host: str) -> bool:
+    """Whether a URL parser (WHATWG: browsers, curl) or glibc would read host as an IPv4 address:
+    its last label is decimal digits or 0x-hex, as in 0177.0.0.1 (octal: 127.0.0.1), 0x7f.1 or
+    2130706433. ip_address takes only the dotted-decimal form; a name server may answer such a
+    "name" with an unrelated address."""
+    last = host.rstrip(".").rpartition(".")[2].lower()
+    if last.startswith("0x"):
+        return all(char in "0123456789abcdef" for char in last[2:])
+    return last.isdigit()
+
+
 def _host_header(host: str, port: int | None, scheme: str) -> str:
     """Return the Host header value for host and port, as http.client would write it."""
     bracketed = f"[{host}]" if ":" in host else host
@@ -180,6 +191,12 @@ class EgressPolicy:
         literal = _parse_ip_literal(host)
         if literal is not None:
             return [unmap_ipv4(literal)]
+        if _ends_in_a_number(host):
+            raise RefusedDestination(
+                f"webhook host {host} is an IPv4 address in a form other than four decimal "
+                "numbers (a client may read it as octal or hex); write it as a.b.c.d",
+                host=host,
+            )
         left_s = DEADLINES.left_s()
         timeout_s = LOOKUP_TIMEOUT_S if left_s is None else min(left_s, LOOKUP_TIMEOUT_S)
         try:

@@ -26,6 +26,12 @@ import pycares.errno
 # URL). A name server that answers at all answers within milliseconds to a few hundred (a cold
 # recursive lookup); one that has not answered in 2 s is, to the caller, one that does not.
 LOOKUP_TIMEOUT_S = 2.0
+# How long c-ares waits for one query's answer before it asks again (the next server, if there is
+# one), and how many times it asks. Its default (2 s a try) would spend the whole limit above on
+# the first try, so one lost UDP packet would fail the lookup; 0.5 s leaves room for three more.
+# A lookup given up on lives in c-ares that long (~6 s, backoff included), then is dropped.
+TRY_TIMEOUT_S = 0.5
+TRIES = 4
 
 
 class LookupFailed(Exception):
@@ -63,6 +69,8 @@ class NameLookup:
             answered.set()
 
         limit_s = max(timeout_s, 0.0)
+        if limit_s == 0:
+            raise LookupFailed("did not resolve within 0 s")  # its exchange's time is up
         try:
             self._get_channel().getaddrinfo(host, port, type=socket.SOCK_STREAM, callback=on_answer)
         except (ValueError, UnicodeError, RuntimeError, pycares.AresError) as exc:
@@ -86,7 +94,9 @@ class NameLookup:
     def _get_channel(self) -> pycares.Channel:
         with self._lock:
             if self._channel is None:
-                self._channel = pycares.Channel(servers=list(self.servers) or None)
+                self._channel = pycares.Channel(
+                    servers=list(self.servers) or None, timeout=TRY_TIMEOUT_S, tries=TRIES
+                )
             return self._channel
 
     def _after_fork_in_child(self) -> None:

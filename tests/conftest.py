@@ -288,12 +288,14 @@ def raw_peer(
 @dataclass
 class DnsPeer:
     """A name server on 127.0.0.1 (UDP) for c-ares to ask: it answers A and AAAA queries from
-    `records`, NXDOMAIN for other names, after `delay_s`; with `silent`, it never answers."""
+    `records`, NXDOMAIN for other names, after `delay_s`; with `silent`, it never answers; with
+    `lose_first`, the first query for each name is lost (as a UDP packet can be)."""
 
     address: str
     records: dict[str, list[str]]
     delay_s: float = 0.0
     silent: bool = False
+    lose_first: bool = False
     asked: list[str] | None = None
 
     def answer(self, query: bytes) -> bytes | None:
@@ -310,7 +312,7 @@ class DnsPeer:
         question = query[12 : end + 5]
         assert self.asked is not None
         self.asked.append(name)
-        if self.silent:
+        if self.silent or (self.lose_first and self.asked.count(name) == 1):
             return None
         if name not in self.records:
             return query[:2] + b"\x81\x83" + b"\x00\x01\x00\x00\x00\x00\x00\x00" + question
@@ -335,7 +337,7 @@ class DnsPeer:
 
 @contextlib.contextmanager
 def dns_peer(records: dict[str, list[str]] | None = None, **options: Any) -> Iterator[DnsPeer]:
-    """Run a DnsPeer (options: delay_s, silent) until the block ends; its `address` is what
+    """Run a DnsPeer (options: delay_s, silent, lose_first) until the block ends; its `address` is what
     NameLookup(servers=…) takes."""
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))

@@ -391,6 +391,8 @@ BAD_REQUESTS = [
     pytest.param(bad_webhook("http://localhost/hook"), id="webhook_url-localhost"),
     pytest.param(bad_webhook("http://127.0.0.1:6379/"), id="webhook_url-loopback-redis-port"),
     pytest.param(bad_webhook("https://[::1]/hook"), id="webhook_url-ipv6-loopback"),
+    pytest.param(bad_webhook("https://0177.0.0.1/hook"), id="webhook_url-octal-ipv4-loopback"),
+    pytest.param(bad_webhook("https://2130706433/hook"), id="webhook_url-one-number-ipv4"),
     pytest.param(bad_webhook("https://[::ffff:127.0.0.1]/hook"), id="webhook_url-ipv4-mapped-v6"),
     pytest.param(bad_webhook("http://nonexistent.invalid/x"), id="webhook_url-does-not-resolve"),
     pytest.param(

@@ -174,6 +174,31 @@ def test_pick_address_returns_the_first_address_after_checking_all(fake_dns: Fak
     assert NO_ALLOWED_NETWORKS.pick_address("dual.test", 443) == IPv6Address(PUBLIC_V6)
 
 
+@pytest.mark.parametrize(
+    "host",
+    ["0177.0.0.1", "0012.0.0.1", "127.1", "0x7f.1", "2130706433", "0x7F000001", "1.2.3.04",
+     "hooks.example.123", "hooks.example.0x1f.", "0x"],
+)  # fmt: skip
+def test_a_host_other_clients_read_as_an_ipv4_number_is_refused_unlooked_up(
+    host: str, fake_dns: FakeDNS
+) -> None:
+    """glibc, curl and browsers read 0177.0.0.1 as 127.0.0.1 (octal); c-ares would ask a name
+    server, which may answer with anything (177.0.0.1, say): neither is looked up."""
+    fake_dns.answer(host, PUBLIC_V4)
+    with pytest.raises(RefusedDestination, match="other than four decimal numbers"):
+        NO_ALLOWED_NETWORKS.check_url(f"https://{host}/hook")
+    assert fake_dns.lookups == []
+
+
+@pytest.mark.parametrize("host", ["123.example.com", "hooks1.example.com", "0x.example.com"])
+def test_a_name_with_numbers_but_not_ending_in_one_is_looked_up(
+    host: str, fake_dns: FakeDNS
+) -> None:
+    fake_dns.answer(host, PUBLIC_V4)
+    NO_ALLOWED_NETWORKS.check_url(f"https://{host}/hook")
+    assert fake_dns.lookups == [host]
+
+
 def test_an_unresolvable_host_is_refused() -> None:
     with dns_peer() as peer:
         policy = EgressPolicy(names=NameLookup((peer.address,)))
@@ -204,7 +229,9 @@ def test_a_lookup_in_an_exchange_waits_no_longer_than_the_exchange_has_left() ->
         started = time.monotonic()
         with (
             DEADLINES.within(0.4),
-            pytest.raises(RefusedDestination, match=r"hangs\.test did not resolve within 0\.4 s"),
+            pytest.raises(
+                RefusedDestination, match=r"hangs\.test did not resolve within 0\.[34]\d* s"
+            ),
         ):
             session.post("https://hangs.test/hook", data=b"{}", timeout=5)
         assert time.monotonic() - started < 1.0

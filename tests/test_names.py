@@ -39,6 +39,15 @@ def test_an_answer_slower_than_usual_but_in_time_is_taken() -> None:
         ]
 
 
+def test_a_lost_query_is_asked_again_in_time() -> None:
+    """One UDP packet lost must not fail a lookup: c-ares asks again well within the limit."""
+    with dns_peer({"lossy.test": ["198.51.100.15"]}, lose_first=True) as peer:
+        started = time.monotonic()
+        assert NameLookup((peer.address,)).addresses("lossy.test", 443, 2.0) == ["198.51.100.15"]
+        assert time.monotonic() - started < 1.5
+        assert (peer.asked or []).count("lossy.test") >= 2
+
+
 def test_a_name_server_that_never_answers_holds_a_lookup_only_its_time_limit() -> None:
     with dns_peer(silent=True) as peer:
         lookup = NameLookup(servers=(peer.address,))
@@ -68,6 +77,14 @@ def test_lookups_given_up_on_leave_no_thread_behind_and_do_not_wait_for_each_oth
         # 20 lookups at once take about one time limit, not twenty of them.
         assert max(waits) < 1.5 and time.monotonic() - started < 2.0
         assert threading.active_count() == threads_before
+
+
+def test_a_lookup_with_no_time_left_asks_nobody() -> None:
+    with dns_peer({"late.test": ["198.51.100.16"]}) as peer:
+        with pytest.raises(LookupFailed, match=r"^did not resolve within 0 s$"):
+            NameLookup((peer.address,)).addresses("late.test", 443, -0.1)
+        time.sleep(0.2)
+        assert peer.asked == []
 
 
 def test_a_late_answer_after_giving_up_is_harmless() -> None:
