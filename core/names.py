@@ -13,6 +13,7 @@ and `/etc/nsswitch.conf` as the system resolver, but not NSS modules (mDNS, LDAP
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 import pycares
 import pycares.errno
 
+log = logging.getLogger(__name__)
 # The longest a lookup waits outside an exchange's own deadline (the API's check of a webhook
 # URL). A name server that answers at all answers within milliseconds to a few hundred (a cold
 # recursive lookup); one that has not answered in 2 s is, to the caller, one that does not.
@@ -76,6 +78,8 @@ class NameLookup:
         except (ValueError, UnicodeError, RuntimeError, pycares.AresError) as exc:
             raise LookupFailed(f"does not resolve ({exc})") from None
         if not answered.wait(limit_s):
+            # Worth an operator's eye: a team's name servers are down, or ours are.
+            log.warning("host lookup timed out", extra={"host": host, "limit_s": limit_s})
             raise LookupFailed(f"did not resolve within {limit_s:.2g} s")
         result, error = answer[0]
         if error is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import threading
@@ -48,14 +49,19 @@ def test_a_lost_query_is_asked_again_in_time() -> None:
         assert (peer.asked or []).count("lossy.test") >= 2
 
 
-def test_a_name_server_that_never_answers_holds_a_lookup_only_its_time_limit() -> None:
-    with dns_peer(silent=True) as peer:
+def test_a_name_server_that_never_answers_holds_a_lookup_only_its_time_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with dns_peer(silent=True) as peer, caplog.at_level(logging.WARNING, logger="core.names"):
         lookup = NameLookup(servers=(peer.address,))
         started = time.monotonic()
         with pytest.raises(LookupFailed, match=r"^did not resolve within 0\.3 s$"):
             lookup.addresses("hangs.test", 443, 0.3)
         assert 0.29 <= time.monotonic() - started < 1.0
         assert peer.asked and peer.asked[0] == "hangs.test"
+    assert [(r.getMessage(), getattr(r, "host", None)) for r in caplog.records] == [
+        ("host lookup timed out", "hangs.test")
+    ]
 
 
 def test_lookups_given_up_on_leave_no_thread_behind_and_do_not_wait_for_each_other() -> None:
