@@ -24,6 +24,7 @@ import pycares
 import pycares.errno
 
 log = logging.getLogger(__name__)
+
 # The longest a lookup waits outside an exchange's own deadline (the API's check of a webhook
 # URL). A name server that answers at all answers within milliseconds to a few hundred (a cold
 # recursive lookup); one that has not answered in 2 s is, to the caller, one that does not.
