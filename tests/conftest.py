@@ -344,6 +344,7 @@ def dns_peer(records: dict[str, list[str]] | None = None, **options: Any) -> Ite
     udp.settimeout(0.1)
     peer = DnsPeer(f"127.0.0.1:{udp.getsockname()[1]}", records or {}, asked=[], **options)
     stop = threading.Event()
+    failures: list[Exception] = []
 
     def reply_later(reply: bytes, to: Any) -> None:
         if not stop.wait(peer.delay_s):
@@ -356,7 +357,11 @@ def dns_peer(records: dict[str, list[str]] | None = None, **options: Any) -> Ite
                 query, sender = udp.recvfrom(4096)
             except TimeoutError:
                 continue
-            reply = peer.answer(query)
+            try:
+                reply = peer.answer(query)
+            except Exception as exc:  # raised again when the block ends: a broken peer fails loudly
+                failures.append(exc)
+                continue
             if reply is not None:
                 threading.Thread(target=reply_later, args=(reply, sender), daemon=True).start()
 
@@ -368,3 +373,5 @@ def dns_peer(records: dict[str, list[str]] | None = None, **options: Any) -> Ite
         stop.set()
         server.join(timeout=10)
         udp.close()
+    if failures:
+        raise failures[0]
