@@ -71,17 +71,16 @@ class NameLookup:
             answer.append((result, error))
             answered.set()
 
-        limit_s = max(timeout_s, 0.0)
-        if limit_s == 0:
+        if timeout_s <= 0:
             raise LookupFailed("did not resolve within 0 s")  # its exchange's time is up
         try:
             self._get_channel().getaddrinfo(host, port, type=socket.SOCK_STREAM, callback=on_answer)
         except (ValueError, UnicodeError, RuntimeError, pycares.AresError) as exc:
             raise LookupFailed(f"does not resolve ({exc})") from None
-        if not answered.wait(limit_s):
+        if not answered.wait(timeout_s):
             # Worth an operator's eye: a team's name servers are down, or ours are.
-            log.warning("host lookup timed out", extra={"host": host, "limit_s": limit_s})
-            raise LookupFailed(f"did not resolve within {limit_s:.2g} s")
+            log.warning("host lookup timed out", extra={"host": host, "limit_s": timeout_s})
+            raise LookupFailed(f"did not resolve within {timeout_s:.2g} s")
         result, error = answer[0]
         if error is not None:
             reason = pycares.errno.strerror(error)

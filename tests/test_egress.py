@@ -29,7 +29,7 @@ from core.egress import (
     keep_connection_after_answer,
 )
 from core.names import NAMES, NameLookup
-from tests.conftest import dns_peer
+from tests.conftest import dns_peer, raw_peer
 
 TIMEOUT_S = 5
 PUBLIC_V4 = "93.184.216.34"
@@ -751,30 +751,22 @@ def test_a_body_dripped_in_chunks_is_not_waited_for_nor_its_connection_kept(
 ) -> None:
     """A 204 has no body whatever its headers say: not read at all. A 200's short chunked body
     is read — here dripped, so until the attempt's deadline, not the 6 s of the drip."""
-    listener = socket.create_server(("127.0.0.1", 0))
     dripping = threading.Event()
 
-    def drip() -> None:
-        connection, _ = listener.accept()
-        with connection:
-            connection.recv(65536)
-            connection.sendall(head)
-            dripping.set()
-            with contextlib.suppress(OSError):
-                for _ in range(20):  # 6 s of one byte at a time, if anyone reads it
-                    connection.sendall(b"1\r\nx\r\n")
-                    time.sleep(0.3)
+    def drip(connection: socket.socket, stop: threading.Event) -> None:
+        connection.recv(65536)
+        connection.sendall(head)
+        dripping.set()
+        for _ in range(20):  # 6 s of one byte at a time, if anyone reads it
+            if stop.is_set():
+                return
+            connection.sendall(b"1\r\nx\r\n")
+            time.sleep(0.3)
 
-    thread = threading.Thread(target=drip, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
-    started = time.monotonic()
-    try:
-        with egress_session(LOOPBACK_ALLOWED) as session:
-            assert post_as_delivery_does(session, url, deadline_s=1.0) == int(head.split()[1])
-            assert took_s[0] <= time.monotonic() - started < took_s[1]
-            assert kept_connections(session, url) == 0
-        assert dripping.is_set()
-    finally:
-        listener.close()
-        thread.join(timeout=10)
+    with raw_peer(drip) as port, egress_session(LOOPBACK_ALLOWED) as session:
+        url = f"http://127.0.0.1:{port}/hook"
+        started = time.monotonic()
+        assert post_as_delivery_does(session, url, deadline_s=1.0) == int(head.split()[1])
+        assert took_s[0] <= time.monotonic() - started < took_s[1]
+        assert kept_connections(session, url) == 0
+    assert dripping.is_set()
