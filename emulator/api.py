@@ -183,8 +183,11 @@ def _find_for_poll(state: EmulatorState, request_id: str) -> EmulatedRequest | R
     found = state.registry.find(request_id, state.faults.current().request_ttl_s)
     if found is None:
         return _not_found()
-    if state.registry.take_poll_500(found):
-        return _internal_error(500)
+    planned_fault = state.registry.take_poll_fault(found)
+    if planned_fault == 429:
+        return _too_many_requests(state.faults.current())
+    if planned_fault is not None:
+        return _internal_error(planned_fault)
     return found
 
 
@@ -208,6 +211,7 @@ def _plan(
         bad_status=directives.bad_status,
         no_output=directives.no_output,
         poll_500_count=directives.poll_500_count,
+        poll_429_count=directives.poll_429_count,
     )
 
 

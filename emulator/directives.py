@@ -21,6 +21,7 @@ DIRECTIVE_NAMES = (
     "bad-status",
     "no-output",
     "poll-500",
+    "poll-429",
 )
 ERROR_SHAPE_VALUES = ("string", "object", "list")
 
@@ -43,6 +44,7 @@ class Directives:
     bad_status: bool = False
     no_output: bool = False
     poll_500_count: int = 0
+    poll_429_count: int = 0
 
 
 def parse_directives(prompt: str) -> Directives:
@@ -57,8 +59,8 @@ def parse_directives(prompt: str) -> Directives:
             )
         if key in ("queue", "run"):
             found[f"{key}_s"] = _seconds(key, value)
-        elif key == "poll-500":
-            found["poll_500_count"] = _count(key, value)
+        elif key in ("poll-500", "poll-429"):
+            found[f"poll_{key[-3:]}_count"] = _count(key, value)
         elif key == "error":
             if value not in ERROR_SHAPE_VALUES:
                 raise DirectiveError(f"error= must be one of {', '.join(ERROR_SHAPE_VALUES)}")

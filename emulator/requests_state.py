@@ -62,6 +62,7 @@ class RequestPlan:
     bad_status: bool = False
     no_output: bool = False
     poll_500_count: int = 0
+    poll_429_count: int = 0
 
 
 @dataclass
@@ -77,6 +78,7 @@ class EmulatedRequest:
     failure: Failure | None = None
     settled: bool = False
     polls_500_left: int = 0
+    polls_429_left: int = 0
     settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -160,6 +162,7 @@ class RequestRegistry:
             created_at=datetime.now(UTC),
             created_monotonic=time.monotonic(),
             polls_500_left=plan.poll_500_count,
+            polls_429_left=plan.poll_429_count,
         )
         with self._lock:
             self._purge_expired(created.created_monotonic, request_ttl_s)
@@ -178,13 +181,17 @@ class RequestRegistry:
                 return None
             return found
 
-    def take_poll_500(self, emulated: EmulatedRequest) -> bool:
-        """Consume one of the request's `poll-500` answers; False when none are left."""
+    def take_poll_fault(self, emulated: EmulatedRequest) -> int | None:
+        """Consume one of the request's `poll-429`, then `poll-500`, answers: its HTTP status,
+        or None when none are left."""
         with self._lock:
-            if emulated.polls_500_left <= 0:
-                return False
-            emulated.polls_500_left -= 1
-            return True
+            if emulated.polls_429_left > 0:
+                emulated.polls_429_left -= 1
+                return 429
+            if emulated.polls_500_left > 0:
+                emulated.polls_500_left -= 1
+                return 500
+            return None
 
     def cancel(self, emulated: EmulatedRequest) -> CancelOutcome:
         """Cancel the request if it is still queued."""

@@ -534,6 +534,18 @@ def test_poll_500_directive_fails_the_first_polls(http: requests.Session, base_u
     assert http.get(accepted["result_url"]).json()["status"] == "succeeded"
 
 
+def test_poll_429_directive_answers_429_with_the_retry_after_knob_first(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"{QUICK}[emulator:poll-429=2][emulator:poll-500=1]")
+    first = http.get(accepted["status_url"])
+    assert (first.status_code, first.headers["Retry-After"]) == (429, "1")
+    assert first.json()["error_code"] == 429001
+    assert http.get(accepted["result_url"]).status_code == 429
+    assert http.get(accepted["result_url"]).status_code == 500
+    assert http.get(accepted["result_url"]).json()["status"] == "succeeded"
+
+
 # --- control API and command line -----------------------------------------------------
 
 

@@ -12,9 +12,11 @@ from tests.conftest import Stack
 from workers.polling import (
     FIRST_POLL_S,
     LATE_POLL_MIN_S,
+    MAX_RETRY_AFTER_S,
     MIN_FIRST_POLL_S,
     QUEUED_POLL_S,
     RUNNING_POLL_S,
+    TRANSIENT_BACKOFF_BASE_S,
     TRANSIENT_BACKOFF_MAX_S,
     backoff_s,
     estimated_start,
@@ -94,9 +96,18 @@ def test_backoff_grows_with_failures_and_is_capped() -> None:
     assert len(set(samples[10])) > 100  # jittered, not lock-step
 
 
-def test_retry_after_is_a_floor() -> None:
-    assert backoff_s(1, retry_after_s=30.0) >= 30.0
-    assert backoff_s(6, retry_after_s=0.0) >= 16.0
+def test_retry_after_is_when_to_come_back_after_any_number_of_failures() -> None:
+    rng = random.Random(2)
+    for failures in (1, 3, 7, 12):
+        waits = [backoff_s(failures, retry_after_s=1.0, rng=rng) for _ in range(200)]
+        assert min(waits) >= 1.0 and max(waits) <= 1.0 + TRANSIENT_BACKOFF_BASE_S
+        assert len(set(waits)) > 100  # jittered: jobs told the same moment spread out
+    assert 30.0 <= backoff_s(1, retry_after_s=30.0) <= 31.0  # longer than the backoff: honoured
+
+
+def test_retry_after_out_of_range_is_bounded() -> None:
+    assert 0.0 <= backoff_s(6, retry_after_s=-5.0) <= TRANSIENT_BACKOFF_BASE_S
+    assert backoff_s(1, retry_after_s=1e9) <= MAX_RETRY_AFTER_S + TRANSIENT_BACKOFF_BASE_S
 
 
 def test_run_times_are_learned_per_shape(stack: Stack) -> None:

@@ -18,6 +18,7 @@ RUNNING_POLL_S = 2.0
 LATE_POLL_MIN_S = 0.25  # a run past its expected end: look again soon, then back off to 2 s
 TRANSIENT_BACKOFF_BASE_S = 1.0
 TRANSIENT_BACKOFF_MAX_S = 60.0
+MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is taken as this: the job deadline decides
 
 
 def first_poll_at(submitted_at: float, expected_run_s: float | None = None) -> float:
@@ -65,12 +66,18 @@ def estimated_start(
 def backoff_s(
     failures: int, *, retry_after_s: float | None = None, rng: random.Random | None = None
 ) -> float:
-    """Exponential backoff with full jitter after `failures` consecutive failures (>= 1).
+    """How long to wait after `failures` consecutive failures (>= 1) of a call to RunComfy.
 
-    A server's Retry-After is a floor: we never come back earlier than asked.
+    When the answer said when to come back (Retry-After, as RunComfy's 429 may), that is when:
+    Retry-After plus up to TRANSIENT_BACKOFF_BASE_S of jitter, so the jobs told the same moment
+    do not all call at once. It is not a floor under the exponential backoff: that made a job
+    whose result was ready wait up to a minute after a run of 429s that each asked for 1 s.
+    The global cool-down (workers/throttle.py) already holds every call back after a 429.
+    Otherwise exponential backoff with full jitter, capped at TRANSIENT_BACKOFF_MAX_S.
     """
-    ceiling = min(TRANSIENT_BACKOFF_MAX_S, TRANSIENT_BACKOFF_BASE_S * 2 ** max(0, failures - 1))
-    delay = (rng or random).uniform(ceiling / 2, ceiling)
+    uniform = (rng or random).uniform
     if retry_after_s is not None:
-        delay = max(delay, min(retry_after_s, TRANSIENT_BACKOFF_MAX_S * 10))
-    return delay
+        told = min(max(retry_after_s, 0.0), MAX_RETRY_AFTER_S)
+        return told + uniform(0, TRANSIENT_BACKOFF_BASE_S)
+    ceiling = min(TRANSIENT_BACKOFF_MAX_S, TRANSIENT_BACKOFF_BASE_S * 2 ** max(0, failures - 1))
+    return uniform(ceiling / 2, ceiling)
