@@ -87,3 +87,26 @@ def test_rate_cap_is_shared_and_429_pauses_everyone(scratch: redis.Redis) -> Non
     one.cool_down(1.0, now=now + 1)  # a shorter cool-down never shortens a longer one
     assert two.acquire(now + 2) == pytest.approx(28.2)
     assert one.acquire(now + 31) == 0.0
+
+
+def test_a_caller_with_an_earlier_clock_refills_nothing(scratch: redis.Redis) -> None:
+    """Steps read the time before their call, and hosts' clocks differ a little: a call stamped
+    earlier than the last must not move the bucket back, or the same 0.2 s is credited twice."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    now = 1000.0
+    assert [throttle.acquire(now) for _ in range(5)] == [0.0] * 5
+    assert throttle.acquire(now + 0.2) == 0.0  # the one token of those 0.2 s
+    assert throttle.acquire(now) > 0  # an earlier clock: still none, told to wait
+    assert throttle.acquire(now + 0.2) > 0  # not the same 0.2 s over again
+
+
+def test_refused_callers_are_told_to_come_back_one_after_another(scratch: redis.Redis) -> None:
+    """Ten steps due at once past the cap: each is told when its own token comes, 1/rate
+    apart, and each one that comes back then gets it (no herd retrying every few ms)."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    now = 1000.0
+    assert [throttle.acquire(now) for _ in range(5)] == [0.0] * 5
+    waits = [throttle.acquire(now) for _ in range(10)]
+    assert waits == pytest.approx([0.2 * k for k in range(1, 11)])
+    assert [throttle.acquire(now + wait) for wait in waits] == [0.0] * 10
+    assert throttle.acquire(now + 2.0) == pytest.approx(0.2)  # and the bucket is empty again

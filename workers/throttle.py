@@ -15,18 +15,36 @@ COOL_DOWN_KEY = PREFIX + "upstream:cool_down_until"
 DEFAULT_COOL_DOWN_S = 1.0  # a 429 without Retry-After pauses every worker this long
 
 # Returns the seconds to wait as a string (Redis would truncate a Lua number to an integer).
+# `at` never moves back: a caller whose clock is behind the last one's (a step that read the
+# time a little earlier, another host) refills nothing. Letting it move back credited the same
+# interval again at the next call: with steps' clocks up to 30 ms apart, 10x the cap got through.
+# `waiting` counts the callers told to come back and not due yet (it drains at the rate): each
+# refused caller is told the moment its own token will be there, behind the others, so 2,000
+# due jobs against a cap of 50/s come back spread over 40 s, not all again 20 ms later.
+# A token granted up to 1 ms early leaves the bucket below zero: the cap holds over time.
 _ACQUIRE = """
 local now = tonumber(ARGV[3])
 local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cool > now then return tostring(cool - now) end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'waiting')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local waiting = tonumber(state[3]) or 0
+if now > at then
+  tokens = math.min(burst, tokens + (now - at) * rate)
+  waiting = math.max(0, waiting - (now - at) * rate)
+  at = now
+end
 local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+if tokens + 0.001 * rate >= 1 then  -- up to 1 ms early is on time (rounding of the times)
+  tokens = tokens - 1
+else
+  waiting = waiting + 1
+  wait = (at - now) + (waiting - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(at),
+  'waiting', tostring(waiting))
 redis.call('EXPIRE', KEYS[1], 3600)
 return tostring(wait)
 """
