@@ -25,7 +25,9 @@ from typing import Any, ClassVar, Protocol
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, ip_literal
 
 
 class HeldConnection(Protocol):
@@ -73,8 +75,8 @@ class Deadlines:
         """Hold every connection this thread uses in the block to `seconds` in all (nested, the
         inner block's exchange holds what is used inside it, by the sooner of the two ends).
 
-        The system resolver's lookup of a host name is not held (a webhook host's is: see
-        core/names.py); a connection it lets finish only after the deadline sends nothing.
+        A host name's lookup waits at most what is left (and LOOKUP_TIMEOUT_S): see
+        `_HeldToDeadline._connect`. A connection made only after the deadline sends nothing.
         """
         outer: Exchange | None = getattr(self._local, "exchange", None)
         deadline = time.monotonic() + seconds
@@ -170,6 +172,8 @@ class _HeldToDeadline:
     sock: socket.socket | None
     timeout: Any  # urllib3's: the connect timeout while connecting
     host: str
+    port: int
+    _dns_host: str  # urllib3's: the name (or address) it connects to
 
     def connect(self) -> None:
         DEADLINES.hold(self)  # type: ignore[arg-type]  # with the connection class it mixes into
@@ -184,16 +188,43 @@ class _HeldToDeadline:
         left_s = DEADLINES.left_s()
         if left_s is not None and isinstance(self.timeout, int | float):
             self.timeout = max(min(self.timeout, left_s), 0.001)
-        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        sock = self._connect()
         left_s = DEADLINES.left_s()
         if left_s is not None and left_s <= 0:
-            # Connected too late (the name's lookup, which nothing here holds, took the time):
-            # nothing is sent — a request that late may be one its caller has given up on.
+            # Connected too late (the connect timeout is at least 1 ms): nothing is sent — a
+            # request that late may be one its caller has given up on.
             sock.close()
             raise ConnectTimeoutError(self, f"Connection to {self.host} made after its deadline")
         if left_s is not None:
             sock.settimeout(min(sock.gettimeout() or left_s, left_s))
         return sock
+
+    def _connect(self) -> socket.socket:
+        """urllib3's connect, to the addresses NAMES finds for the host within the time left,
+        in order until one answers: `socket.getaddrinfo`, which urllib3 would call, takes no
+        time limit (glibc retries for 10 s and more when name servers do not answer). A host
+        that is an address connects as it is (a webhook's connection is pinned to one)."""
+        host = self._dns_host
+        if ip_literal(host) is not None:
+            return super()._new_conn()  # type: ignore[misc,no-any-return]
+        left_s = DEADLINES.left_s()
+        limit_s = LOOKUP_TIMEOUT_S if left_s is None else min(left_s, LOOKUP_TIMEOUT_S)
+        try:
+            addresses = NAMES.addresses(host, self.port, limit_s)
+        except LookupFailed as exc:
+            reason = socket.gaierror(socket.EAI_NONAME, str(exc))
+            raise NameResolutionError(self.host, self, reason) from None  # type: ignore[arg-type]
+        unreachable: NewConnectionError | None = None
+        for address in addresses:
+            self._dns_host = address
+            try:
+                return super()._new_conn()  # type: ignore[misc,no-any-return]
+            except NewConnectionError as exc:  # refused, unreachable: the next address
+                unreachable = exc
+            finally:
+                self._dns_host = host
+        assert unreachable is not None  # addresses is never empty
+        raise unreachable
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         DEADLINES.hold(self)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from core.deadlines import (
     HeldHTTPSConnection,
     HeldHTTPSConnectionPool,
 )
-from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, NameLookup
+from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, NameLookup, ip_literal
 
 if TYPE_CHECKING:
     # Typing-only names from types-requests, for the hook that requests lets adapters override.
@@ -112,14 +112,6 @@ def unmap_ipv4(address: IPAddress) -> IPAddress:
     return address
 
 
-def _parse_ip_literal(host: str) -> IPAddress | None:
-    """Return host as an IP address if it is an IP literal (brackets allowed), else None."""
-    try:
-        return ip_address(host.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return None
-
-
 def _ends_in_a_number(host: str) -> bool:
     """Whether a URL parser (WHATWG: browsers, curl) or glibc would read host as an IPv4 address:
     its last label is decimal digits or 0x-hex, as in 0177.0.0.1 (octal: 127.0.0.1), 0x7f.1 or
@@ -188,7 +180,7 @@ class EgressPolicy:
         The lookup waits at most LOOKUP_TIMEOUT_S, and never past this thread's exchange's
         deadline (a delivery attempt's): a name whose servers do not answer holds no thread longer.
         """
-        literal = _parse_ip_literal(host)
+        literal = ip_literal(host)
         if literal is not None:
             return [unmap_ipv4(literal)]
         if _ends_in_a_number(host):
@@ -213,7 +205,7 @@ class EgressPolicy:
     def pick_address(self, host: str, port: int, *, scheme: str = "https") -> IPAddress:
         """Resolve host, check every address it resolves to, and return the first one."""
         addresses = self.resolve(host, port)
-        is_literal = _parse_ip_literal(host) is not None
+        is_literal = ip_literal(host) is not None
         for address in addresses:
             reason = self.is_refused(address)
             if reason is not None:

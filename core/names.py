@@ -1,4 +1,5 @@
-"""Host-name lookups held to a time limit, for names other teams give us (webhook hosts).
+"""Host-name lookups held to a time limit: webhook hosts' (names other teams give us) and
+RunComfy's (core/deadlines.py looks it up at connect time).
 
 `socket.getaddrinfo` takes no time limit: it blocks its thread for as long as the system
 resolver retries (glibc: 5 s a try, two tries, for each name server and search domain). A webhook
@@ -18,6 +19,7 @@ import os
 import socket
 import threading
 import weakref
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 import pycares
@@ -35,6 +37,15 @@ LOOKUP_TIMEOUT_S = 2.0
 # A lookup given up on lives in c-ares that long (~6 s, backoff included), then is dropped.
 TRY_TIMEOUT_S = 0.5
 TRIES = 4
+
+
+def ip_literal(host: str) -> IPv4Address | IPv6Address | None:
+    """Return host as an IP address if it is an IP literal (brackets allowed), else None: a
+    host that needs no lookup."""
+    try:
+        return ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
 
 
 class LookupFailed(Exception):

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 
+import core.deadlines
 from core import egress
 from core.deadlines import DEADLINES, DeadlineAdapter, Exchange
 from core.egress import EgressPolicy, egress_session, keep_connection_after_answer
-from tests.conftest import raw_peer
+from core.names import NameLookup
+from tests.conftest import dns_peer, raw_peer
 from tests.test_egress import FakeDNS, answering, certificate, fake_dns  # noqa: F401  # fixtures
 
 LOOPBACK_ALLOWED = EgressPolicy.from_cidrs("127.0.0.0/8")
@@ -110,16 +112,13 @@ def test_a_body_read_after_http_client_let_go_of_the_connection_is_cut_off_too()
 def test_a_connection_made_after_the_deadline_sends_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A slow lookup of the host's name (the system resolver's, for RunComfy's host) can end
-    after the deadline: the connection is then given up before a byte is sent — a submit sent
-    that late could be a second one, its step's lease having passed."""
-    real_getaddrinfo = socket.getaddrinfo
+    """Should a connection still be made after the deadline (here a lookup that overran its
+    limit), it is given up before a byte is sent — a submit sent that late could be a second
+    one, its step's lease having passed."""
 
-    def slow_getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
-        if host == "slow-name.test":
-            time.sleep(0.6)
-            host = "127.0.0.1"
-        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+    def overrunning_lookup(self: NameLookup, host: str, port: int, timeout_s: float) -> list[str]:
+        time.sleep(0.6)
+        return ["127.0.0.1"]
 
     received: list[bytes] = []
 
@@ -129,7 +128,7 @@ def test_a_connection_made_after_the_deadline_sends_nothing(
             received.append(connection.recv(65536))
         connection.sendall(DRIP)
 
-    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+    monkeypatch.setattr(NameLookup, "addresses", overrunning_lookup)
     with raw_peer(listen) as port, requests.Session() as session:
         session.mount("http://", DeadlineAdapter())
         started = time.monotonic()
@@ -138,6 +137,22 @@ def test_a_connection_made_after_the_deadline_sends_nothing(
         assert time.monotonic() - started < 1.2
         time.sleep(0.3)  # a request sent would have arrived by now
     assert received in ([], [b""])  # connected, maybe, but nothing sent
+
+
+def test_a_host_lookup_gets_only_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name server answers after 1 s; the exchange has 0.3 s: the lookup gives up then, and
+    no connection is made (socket.getaddrinfo would have waited for the answer)."""
+    with dns_peer({"late.test": ["127.0.0.1"]}, delay_s=1.0) as peer:
+        monkeypatch.setattr(core.deadlines, "NAMES", NameLookup(servers=(peer.address,)))
+        with requests.Session() as session:
+            session.mount("http://", DeadlineAdapter())
+            started = time.monotonic()
+            with (
+                DEADLINES.within(0.3),
+                pytest.raises(requests.ConnectionError, match=r"did not resolve within 0\.3 s"),
+            ):
+                session.get("http://late.test:9/", timeout=5)
+            assert 0.25 <= time.monotonic() - started < 0.8
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -12,8 +13,10 @@ from typing import Any
 
 import pytest
 
+import core.deadlines
 from cli.processes import free_port
-from tests.conftest import EMULATOR_TOKEN, Stack, raw_peer, wait_until
+from core.names import NameLookup
+from tests.conftest import EMULATOR_TOKEN, DnsPeer, Stack, dns_peer, raw_peer, wait_until
 from workers.runcomfy import (
     MAX_ANSWER_BYTES,
     PermanentUpstreamError,
@@ -284,6 +287,86 @@ def test_connection_refused_is_transient_and_not_processed() -> None:
         nowhere.submit({})
     assert caught.value.maybe_processed is False
     nowhere.close()
+
+
+@pytest.fixture
+def names_from(monkeypatch: pytest.MonkeyPatch) -> Callable[[DnsPeer], None]:
+    """Have RunComfy's host looked up at a test name server (as resolv.conf's would be)."""
+
+    def use(peer: DnsPeer) -> None:
+        monkeypatch.setattr(core.deadlines, "NAMES", NameLookup(servers=(peer.address,)))
+
+    return use
+
+
+def emulator_by_name(stack: Stack, timeout_s: float = 5) -> RunComfyClient:
+    port = stack.emulator_url.rsplit(":", 1)[1]
+    return RunComfyClient(
+        base_url=f"http://runcomfy.test:{port}",
+        token=EMULATOR_TOKEN,
+        model_id=MODEL,
+        timeout_s=timeout_s,
+    )
+
+
+def test_runcomfy_by_name_is_looked_up_and_reached(
+    stack: Stack, names_from: Callable[[DnsPeer], None]
+) -> None:
+    with dns_peer({"runcomfy.test": ["127.0.0.1"]}) as peer:
+        names_from(peer)
+        client = emulator_by_name(stack)
+        with pytest.raises(UnknownRequestError):  # the emulator's own 404: it was reached
+            client.status("no-such-request")
+        client.close()
+        assert "runcomfy.test" in (peer.asked or [])
+
+
+def test_an_address_that_refuses_is_passed_over_for_the_next(
+    stack: Stack, names_from: Callable[[DnsPeer], None]
+) -> None:
+    """127.0.0.3 refuses (the emulator listens on 127.0.0.1 only); the connection goes on to
+    the name's next address, as the system resolver's caller (urllib3) would."""
+    with dns_peer({"runcomfy.test": ["127.0.0.3", "127.0.0.1"]}) as peer:
+        names_from(peer)
+        order = NameLookup(servers=(peer.address,)).addresses("runcomfy.test", 80, 2.0)
+        assert order[0] == "127.0.0.3"  # the refusing address is tried first
+        client = emulator_by_name(stack)
+        with pytest.raises(UnknownRequestError):
+            client.status("no-such-request")
+        client.close()
+
+
+def test_runcomfy_name_servers_that_never_answer_hold_a_call_only_its_time(
+    stack: Stack, names_from: Callable[[DnsPeer], None]
+) -> None:
+    """socket.getaddrinfo would wait 10 s and more; the lookup gets the call's time (0.5 s), and
+    the submit is known not to have been sent: retried as such, not an unknown outcome."""
+    with dns_peer(silent=True) as peer:
+        names_from(peer)
+        client = emulator_by_name(stack, timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(TransientUpstreamError) as caught:
+            client.submit({"prompt": "x"})
+        assert time.monotonic() - started < 1.5
+        client.close()
+    assert caught.value.maybe_processed is False
+    assert "did not resolve within 0.5 s" in str(caught.value)
+
+
+@pytest.mark.parametrize("records", [{}, {"runcomfy.test": ["127.0.0.3"]}])
+def test_no_connection_made_means_the_submit_was_not_sent(
+    stack: Stack, names_from: Callable[[DnsPeer], None], records: dict[str, list[str]]
+) -> None:
+    """A name that does not resolve, or whose only address refuses: not an unknown outcome."""
+    with dns_peer(records) as peer:
+        names_from(peer)
+        client = emulator_by_name(stack)
+        with pytest.raises(TransientUpstreamError) as caught:
+            client.submit({"prompt": "x"})
+        client.close()
+    assert caught.value.maybe_processed is False
+    assert re.search(r"does not resolve|Connection refused", str(caught.value))
+    assert "HTTPConnection" not in str(caught.value)  # no connection repr in the job's error
 
 
 @pytest.mark.parametrize(

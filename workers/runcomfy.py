@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from core.deadlines import DEADLINES, DeadlineAdapter
 from core.retry_after import parse_retry_after_s
@@ -210,9 +211,11 @@ class RunComfyClient:
                     status, headers = response.status_code, response.headers
                     raw = _read_answer(response)
             except requests.RequestException as exc:
-                if exchange.cut_off and not isinstance(exc, requests.Timeout):
+                failure = _transient(method, path, exc)
+                # Cut off: the error is the deadline's, unless no connection was ever made.
+                if exchange.cut_off and failure.maybe_processed:
                     raise self._cut_off(method, path) from exc
-                raise _transient(method, path, exc) from exc
+                raise failure from exc
         # Cut off, an answer may still come back whole-looking: http.client takes the end of the
         # connection for the end of the headers, or of a body read to its close.
         if exchange.cut_off:
@@ -233,11 +236,10 @@ def _transient(method: str, path: str, exc: requests.RequestException) -> Transi
     if isinstance(exc, requests.Timeout):
         return TransientUpstreamError(f"{where}: timed out waiting for RunComfy")
     if isinstance(exc, requests.ConnectionError):
-        refused = _is_connection_refused(exc)
-        return TransientUpstreamError(
-            f"{where}: {'connection refused' if refused else 'connection error'}",
-            maybe_processed=not refused,
-        )
+        not_made = _connection_not_made(exc)
+        if not_made is None:
+            return TransientUpstreamError(f"{where}: connection error")
+        return TransientUpstreamError(f"{where}: {not_made}", maybe_processed=False)
     return TransientUpstreamError(f"{where}: {type(exc).__name__}")
 
 
@@ -371,14 +373,17 @@ def _error_fields(body: Any) -> tuple[Any, str]:
     return code, ""
 
 
-def _is_connection_refused(exc: BaseException) -> bool:
-    """True if the connection was refused, so the request certainly never reached RunComfy."""
+def _connection_not_made(exc: BaseException) -> str | None:
+    """Why no connection was made — so the request certainly never reached RunComfy — or None
+    if one was (it failed later: RunComfy may have the request)."""
     seen: object = exc
     for _ in range(8):  # the chain requests -> urllib3 -> socket is a few links long
-        if isinstance(seen, ConnectionRefusedError):
-            return True
+        if isinstance(seen, NewConnectionError):  # urllib3 raises it only while connecting
+            # "<connection>: Failed to resolve 'host' (…)", "…: Failed to establish a new
+            # connection: [Errno 111] Connection refused": the connection's repr left out.
+            return str(seen).partition(": ")[2] or "could not connect"
         if not isinstance(seen, BaseException):
-            return False
+            return None
         reason = getattr(seen, "reason", None)
         first_arg = seen.args[0] if seen.args else None
         seen = (
@@ -386,7 +391,7 @@ def _is_connection_refused(exc: BaseException) -> bool:
             or reason
             or (first_arg if isinstance(first_arg, BaseException) else None)
         )
-    return False
+    return None
 
 
 def _snippet(value: Any) -> str:
