@@ -181,13 +181,10 @@ class _HeldToDeadline:
         self.last_sock = self.sock
 
     def _new_conn(self) -> socket.socket:
-        """The TCP connection, connected within the time left; its timeout then bounds the TLS
-        handshake by what is left after (CPython takes it for the whole handshake). The
-        handshake's socket is not this connection's until it is done, so the deadline cannot
-        cut it off."""
-        left_s = DEADLINES.left_s()
-        if left_s is not None and isinstance(self.timeout, int | float):
-            self.timeout = max(min(self.timeout, left_s), 0.001)
+        """The TCP connection, the host's name looked up and connected within the time left;
+        its timeout then bounds the TLS handshake by what is left after (CPython takes it for
+        the whole handshake). The handshake's socket is not this connection's until it is done,
+        so the deadline cannot cut it off."""
         sock = self._connect()
         left_s = DEADLINES.left_s()
         if left_s is not None and left_s <= 0:
@@ -200,13 +197,13 @@ class _HeldToDeadline:
         return sock
 
     def _connect(self) -> socket.socket:
-        """urllib3's connect, to the addresses NAMES finds for the host within the time left,
-        in order until one answers: `socket.getaddrinfo`, which urllib3 would call, takes no
-        time limit (glibc retries for 10 s and more when name servers do not answer). A host
-        that is an address connects as it is (a webhook's connection is pinned to one)."""
+        """Connect to the addresses NAMES finds for the host within the time left, in order
+        until one answers: `socket.getaddrinfo`, which urllib3 would call, takes no time limit
+        (glibc retries for 10 s and more when name servers do not answer). A host that is an
+        address connects as it is (a webhook's connection is pinned to one)."""
         host = self._dns_host
         if ip_literal(host) is not None:
-            return super()._new_conn()  # type: ignore[misc,no-any-return]
+            return self._connect_to(host)
         left_s = DEADLINES.left_s()
         limit_s = LOOKUP_TIMEOUT_S if left_s is None else min(left_s, LOOKUP_TIMEOUT_S)
         try:
@@ -216,15 +213,23 @@ class _HeldToDeadline:
             raise NameResolutionError(self.host, self, reason) from None  # type: ignore[arg-type]
         unreachable: NewConnectionError | None = None
         for address in addresses:
-            self._dns_host = address
             try:
-                return super()._new_conn()  # type: ignore[misc,no-any-return]
+                return self._connect_to(address)
             except NewConnectionError as exc:  # refused, unreachable: the next address
                 unreachable = exc
-            finally:
-                self._dns_host = host
         assert unreachable is not None  # addresses is never empty
         raise unreachable
+
+    def _connect_to(self, address: str) -> socket.socket:
+        """urllib3's TCP connect to `address`, its timeout cut to the time left."""
+        left_s = DEADLINES.left_s()
+        if left_s is not None and isinstance(self.timeout, int | float):
+            self.timeout = max(min(self.timeout, left_s), 0.001)
+        host, self._dns_host = self._dns_host, address
+        try:
+            return super()._new_conn()  # type: ignore[misc,no-any-return]
+        finally:
+            self._dns_host = host
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         DEADLINES.hold(self)  # type: ignore[arg-type]

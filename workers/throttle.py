@@ -17,7 +17,7 @@ DEFAULT_COOL_DOWN_S = 1.0  # a 429 without Retry-After pauses every worker this 
 # Returns the seconds to wait as a string (Redis would truncate a Lua number to an integer).
 # `at` never moves back: a caller whose clock is behind the last one's (a step that read the
 # time a little earlier, another host) refills nothing. Letting it move back credited the same
-# interval again at the next call: with steps' clocks up to 30 ms apart, 10x the cap got through.
+# interval again at the next call: 2,000 calls a second stamped up to 30 ms early got 10x a cap.
 # `waiting` counts the callers told to come back and not due yet (it drains at the rate): each
 # refused caller is told the moment its own token will be there, behind the others, so 2,000
 # due jobs against a cap of 50/s come back spread over 40 s, not all again 20 ms later.
