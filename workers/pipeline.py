@@ -92,7 +92,7 @@ class JobPipeline:
 
     def _may_call_upstream(self, job: Job, now: float) -> bool:
         """The global request-rate cap allows a call now; otherwise the job looks again later."""
-        wait_s = self.throttle.acquire(now)
+        wait_s = self.throttle.acquire()
         if wait_s <= 0:
             return True
         self.store.job_schedule.postpone(

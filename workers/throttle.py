@@ -4,8 +4,6 @@ global cool-down when RunComfy answers 429 — Celery's `rate_limit` is per work
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from core.keys import PREFIX
@@ -14,46 +12,51 @@ BUCKET_KEY = PREFIX + "upstream:bucket"
 COOL_DOWN_KEY = PREFIX + "upstream:cool_down_until"
 DEFAULT_COOL_DOWN_S = 1.0  # a 429 without Retry-After pauses every worker this long
 
+# Both scripts read Redis's clock (TIME), never a caller's: the callers are many threads on many
+# hosts, and their clocks differ. With each caller's own time, a call stamped a little early
+# moved the bucket back and the same interval was credited again (2,000 calls a second stamped
+# up to 30 ms early got 10x a cap of 10/s through), and one host's clock ahead held every other
+# host back by as much. Times are written with %.6f: tostring keeps only 14 digits (0.1 ms).
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000"
+
 # Returns the seconds to wait as a string (Redis would truncate a Lua number to an integer).
-# `at` never moves back: a caller whose clock is behind the last one's (a step that read the
-# time a little earlier, another host) refills nothing. Letting it move back credited the same
-# interval again at the next call: 2,000 calls a second stamped up to 30 ms early got 10x a cap.
-# `waiting` counts the callers told to come back and not due yet (it drains at the rate): each
-# refused caller is told the moment its own token will be there, behind the others, so 2,000
-# due jobs against a cap of 50/s come back spread over 40 s, not all again 20 ms later.
-# A token granted up to 1 ms early leaves the bucket below zero: the cap holds over time.
-_ACQUIRE = """
-local now = tonumber(ARGV[3])
+# `waiting` counts the callers told to come back and not due yet; it drains at the rate. A
+# refused caller is told when a token will be there for it, behind those already told, so 2,000
+# due jobs against a cap of 50/s come back spread over 40 s, not all again 20 ms later. (A
+# newcomer may take a token first; the waiter it was meant for is then told again, behind the
+# rest. Callers told to wait out a cool-down all come back at its end: the burst goes, and the
+# rest are spread as above.) A token taken up to 1 ms early leaves the bucket below zero: over
+# time the cap holds.
+_ACQUIRE = _NOW + """
 local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cool > now then return tostring(cool - now) end
+if cool > now then return string.format('%.6f', cool - now) end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'waiting')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
 local waiting = tonumber(state[3]) or 0
-if now > at then
-  tokens = math.min(burst, tokens + (now - at) * rate)
-  waiting = math.max(0, waiting - (now - at) * rate)
-  at = now
-end
+local passed = math.max(0, now - at)
+tokens = math.min(burst, tokens + passed * rate)
+waiting = math.max(0, waiting - passed * rate)
 local wait = 0
-if tokens + 0.001 * rate >= 1 then  -- up to 1 ms early is on time (rounding of the times)
+if tokens + 0.001 * rate >= 1 then
   tokens = tokens - 1
 else
   waiting = waiting + 1
-  wait = (at - now) + (waiting - tokens) / rate
+  wait = (waiting - tokens) / rate
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(at),
-  'waiting', tostring(waiting))
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens),
+  'at', string.format('%.6f', now), 'waiting', string.format('%.6f', waiting))
 redis.call('EXPIRE', KEYS[1], 3600)
-return tostring(wait)
+return string.format('%.6f', wait)
 """
 
 # Extend (never shorten) the cool-down.
-_COOL_DOWN = """
-local until_at = tonumber(ARGV[1])
+_COOL_DOWN = _NOW + """
+local until_at = now + tonumber(ARGV[1])
 if until_at > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], tostring(until_at), 'PX', math.ceil((until_at - tonumber(ARGV[2])) * 1000) + 1000)
+  redis.call('SET', KEYS[1], string.format('%.6f', until_at), 'PX',
+    math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
 end
 return 1
 """
@@ -68,15 +71,13 @@ class UpstreamThrottle:
         self._acquire = client.register_script(_ACQUIRE)
         self._cool_down = client.register_script(_COOL_DOWN)
 
-    def acquire(self, now: float | None = None) -> float:
+    def acquire(self) -> float:
         """0 if a call may be made now (one token taken); else seconds until one may."""
-        at = time.time() if now is None else now
         return float(
-            self._acquire(keys=[BUCKET_KEY, COOL_DOWN_KEY], args=[self.rate_per_s, self.burst, at])
+            self._acquire(keys=[BUCKET_KEY, COOL_DOWN_KEY], args=[self.rate_per_s, self.burst])
         )
 
-    def cool_down(self, seconds: float | None, now: float | None = None) -> None:
+    def cool_down(self, seconds: float | None) -> None:
         """RunComfy said 429: no worker calls it again for `seconds` (default 1 s)."""
-        at = time.time() if now is None else now
-        wait = DEFAULT_COOL_DOWN_S if seconds is None else min(seconds, 300.0)
-        self._cool_down(keys=[COOL_DOWN_KEY], args=[at + wait, at])
+        wait = DEFAULT_COOL_DOWN_S if seconds is None else min(max(seconds, 0.0), 300.0)
+        self._cool_down(keys=[COOL_DOWN_KEY], args=[wait])
