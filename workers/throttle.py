@@ -27,7 +27,9 @@ _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2])
 # rest. Callers told to wait out a cool-down all come back at its end: the burst goes, and the
 # rest are spread as above.) A token taken up to 1 ms early leaves the bucket below zero: over
 # time the cap holds.
-_ACQUIRE = _NOW + """
+_ACQUIRE = (
+    _NOW
+    + """
 local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cool > now then return string.format('%.6f', cool - now) end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -50,9 +52,12 @@ redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens),
 redis.call('EXPIRE', KEYS[1], 3600)
 return string.format('%.6f', wait)
 """
+)
 
 # Extend (never shorten) the cool-down.
-_COOL_DOWN = _NOW + """
+_COOL_DOWN = (
+    _NOW
+    + """
 local until_at = now + tonumber(ARGV[1])
 if until_at > tonumber(redis.call('GET', KEYS[1]) or '0') then
   redis.call('SET', KEYS[1], string.format('%.6f', until_at), 'PX',
@@ -60,6 +65,7 @@ if until_at > tonumber(redis.call('GET', KEYS[1]) or '0') then
 end
 return 1
 """
+)
 
 
 class UpstreamThrottle:
