@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Protocol
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
 from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, ip_literal
 
@@ -198,7 +198,8 @@ class _HeldToDeadline:
 
     def _connect(self) -> socket.socket:
         """Connect to the addresses NAMES finds for the host within the time left, in order
-        until one answers: `socket.getaddrinfo`, which urllib3 would call, takes no time limit
+        until one answers (one that refuses or does not answer in time is passed over, as
+        urllib3 does): `socket.getaddrinfo`, which urllib3 would call, takes no time limit
         (glibc retries for 10 s and more when name servers do not answer). A host that is an
         address connects as it is (a webhook's connection is pinned to one)."""
         host = self._dns_host
@@ -211,14 +212,17 @@ class _HeldToDeadline:
         except LookupFailed as exc:
             reason = socket.gaierror(socket.EAI_NONAME, str(exc))
             raise NameResolutionError(self.host, self, reason) from None  # type: ignore[arg-type]
-        unreachable: NewConnectionError | None = None
+        failure: ConnectTimeoutError | None = None
         for address in addresses:
+            left_s = DEADLINES.left_s()
+            if failure is not None and left_s is not None and left_s <= 0:
+                break
             try:
                 return self._connect_to(address)
-            except NewConnectionError as exc:  # refused, unreachable: the next address
-                unreachable = exc
-        assert unreachable is not None  # addresses is never empty
-        raise unreachable
+            except ConnectTimeoutError as exc:  # refused, unreachable, no answer: the next one
+                failure = exc  # (NewConnectionError, the others, is a ConnectTimeoutError)
+        assert failure is not None  # addresses is never empty
+        raise failure
 
     def _connect_to(self, address: str) -> socket.socket:
         """urllib3's TCP connect to `address`, its timeout cut to the time left."""

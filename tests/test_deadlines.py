@@ -149,7 +149,7 @@ def test_a_host_lookup_gets_only_the_time_left(monkeypatch: pytest.MonkeyPatch) 
             started = time.monotonic()
             with (
                 DEADLINES.within(0.3),
-                pytest.raises(requests.ConnectionError, match=r"did not resolve within 0\.3 s"),
+                pytest.raises(requests.ConnectionError, match=r"did not resolve within 0\.\d+ s"),
             ):
                 session.get("http://late.test:9/", timeout=5)
             assert 0.25 <= time.monotonic() - started < 0.8

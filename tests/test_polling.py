@@ -96,18 +96,37 @@ def test_backoff_grows_with_failures_and_is_capped() -> None:
     assert len(set(samples[10])) > 100  # jittered, not lock-step
 
 
-def test_retry_after_is_when_to_come_back_after_any_number_of_failures() -> None:
+def test_a_429s_retry_after_is_when_to_come_back_after_any_number_of_failures() -> None:
     rng = random.Random(2)
     for failures in (1, 3, 7, 12):
-        waits = [backoff_s(failures, retry_after_s=1.0, rng=rng) for _ in range(200)]
+        waits = [
+            backoff_s(failures, retry_after_s=1.0, retry_after_is_when=True, rng=rng)
+            for _ in range(200)
+        ]
         assert min(waits) >= 1.0 and max(waits) <= 1.0 + TRANSIENT_BACKOFF_BASE_S
         assert len(set(waits)) > 100  # jittered: jobs told the same moment spread out
-    assert 30.0 <= backoff_s(1, retry_after_s=30.0) <= 31.0  # longer than the backoff: honoured
+    assert 30.0 <= backoff_s(1, retry_after_s=30.0, retry_after_is_when=True) <= 31.0
+
+
+def test_a_429s_retry_after_of_zero_still_waits_the_base() -> None:
+    """`Retry-After: 0` from a rate limiter must not make every job call again at once, and
+    again, until its deadline."""
+    waits = [backoff_s(9, retry_after_s=0.0, retry_after_is_when=True) for _ in range(200)]
+    assert min(waits) >= TRANSIENT_BACKOFF_BASE_S
+    assert max(waits) <= 2 * TRANSIENT_BACKOFF_BASE_S
+
+
+def test_otherwise_retry_after_is_a_floor_under_the_backoff() -> None:
+    """A 5xx's Retry-After (503 from a load balancer) does not stop the backoff growing."""
+    assert backoff_s(6, retry_after_s=0.0) >= 16.0
+    assert backoff_s(6, retry_after_s=1.0) >= 16.0
+    assert backoff_s(1, retry_after_s=30.0) == 30.0
 
 
 def test_retry_after_out_of_range_is_bounded() -> None:
-    assert 0.0 <= backoff_s(6, retry_after_s=-5.0) <= TRANSIENT_BACKOFF_BASE_S
-    assert backoff_s(1, retry_after_s=1e9) <= MAX_RETRY_AFTER_S + TRANSIENT_BACKOFF_BASE_S
+    assert backoff_s(1, retry_after_s=-5.0, retry_after_is_when=True) >= 1.0
+    assert backoff_s(1, retry_after_s=1e9, retry_after_is_when=True) <= MAX_RETRY_AFTER_S + 1.0
+    assert backoff_s(1, retry_after_s=1e9) == MAX_RETRY_AFTER_S
 
 
 def test_run_times_are_learned_per_shape(stack: Stack) -> None:

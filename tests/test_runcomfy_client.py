@@ -94,6 +94,7 @@ def test_429_is_transient_and_certainly_not_processed(
         client.submit(inputs(stack, "[emulator:submit-429]"))
     assert caught.value.http_status == 429 and caught.value.retry_after_s == 7.0
     assert caught.value.maybe_processed is False
+    assert caught.value.asks_to_retry_later  # Retry-After is when to call again
 
 
 def test_429_without_retry_after(stack: Stack, client: RunComfyClient, faults: Any) -> None:
@@ -107,6 +108,7 @@ def test_5xx_on_submit_may_have_been_processed(stack: Stack, client: RunComfyCli
     with pytest.raises(TransientUpstreamError) as caught:
         client.submit(inputs(stack, "[emulator:submit-500]"))
     assert caught.value.http_status == 500 and caught.value.maybe_processed is True
+    assert not caught.value.asks_to_retry_later  # backoff; a Retry-After only its floor
 
 
 def test_unknown_request_id(client: RunComfyClient) -> None:
@@ -336,6 +338,40 @@ def test_an_address_that_refuses_is_passed_over_for_the_next(
         client.close()
 
 
+def test_an_address_that_does_not_answer_is_passed_over_for_the_next(
+    stack: Stack, names_from: Callable[[DnsPeer], None]
+) -> None:
+    """127.0.0.3 takes no connection: a listener there never accepts, and once its backlog is
+    full a connect gets no answer (as from an IPv6 route that drops packets). After the connect
+    timeout (0.5 s), the next address."""
+    port = int(stack.emulator_url.rsplit(":", 1)[1])
+    with contextlib.ExitStack() as held:
+        held.enter_context(socket.create_server(("127.0.0.3", port), backlog=0))
+        for _ in range(4):  # fill the backlog
+            filler = held.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.3", port))
+        probe = held.enter_context(socket.socket())
+        probe.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # the premise: no answer from 127.0.0.3
+            probe.connect(("127.0.0.3", port))
+        peer = held.enter_context(dns_peer({"runcomfy.test": ["127.0.0.3", "127.0.0.1"]}))
+        names_from(peer)
+        client = RunComfyClient(
+            base_url=f"http://runcomfy.test:{port}",
+            token=EMULATOR_TOKEN,
+            model_id=MODEL,
+            timeout_s=5,
+            connect_timeout_s=0.5,
+        )
+        started = time.monotonic()
+        with pytest.raises(UnknownRequestError):  # the emulator's own 404: it was reached
+            client.status("no-such-request")
+        assert 0.5 <= time.monotonic() - started < 2.0
+        client.close()
+
+
 def test_runcomfy_name_servers_that_never_answer_hold_a_call_only_its_time(
     stack: Stack, names_from: Callable[[DnsPeer], None]
 ) -> None:
@@ -350,7 +386,7 @@ def test_runcomfy_name_servers_that_never_answer_hold_a_call_only_its_time(
         assert time.monotonic() - started < 1.5
         client.close()
     assert caught.value.maybe_processed is False
-    assert "did not resolve within 0.5 s" in str(caught.value)
+    assert re.search(r"did not resolve within 0\.\d+ s", str(caught.value))
 
 
 @pytest.mark.parametrize("records", [{}, {"runcomfy.test": ["127.0.0.3"]}])

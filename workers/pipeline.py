@@ -184,7 +184,7 @@ class JobPipeline:
                 transient_errors=failures,
                 last_transient_error=exc.message,
             )
-            return Step(changed, now + backoff_s(failures, retry_after_s=exc.retry_after_s))
+            return Step(changed, now + _retry_in_s(failures, exc))
 
         self._commit(job.id, clear_mark)
 
@@ -374,7 +374,7 @@ class JobPipeline:
             )
             return Step(
                 changed,
-                min(j.deadline_at, now + backoff_s(failures, retry_after_s=exc.retry_after_s)),
+                min(j.deadline_at, now + _retry_in_s(failures, exc)),
             )
 
         self._commit(job.id, later)
@@ -476,3 +476,10 @@ def _final_if_live(
     if job.status.is_final:
         return None
     return Step(job.moved_to(status, now, error=error, submit_started_at=None), None)
+
+
+def _retry_in_s(failures: int, exc: TransientUpstreamError) -> float:
+    """When to call again after `failures` transient errors in a row, the last one `exc`."""
+    return backoff_s(
+        failures, retry_after_s=exc.retry_after_s, retry_after_is_when=exc.asks_to_retry_later
+    )

@@ -64,20 +64,25 @@ def estimated_start(
 
 
 def backoff_s(
-    failures: int, *, retry_after_s: float | None = None, rng: random.Random | None = None
+    failures: int,
+    *,
+    retry_after_s: float | None = None,
+    retry_after_is_when: bool = False,
+    rng: random.Random | None = None,
 ) -> float:
     """How long to wait after `failures` consecutive failures (>= 1) of a call to RunComfy.
 
-    When the answer said when to come back (Retry-After, as RunComfy's 429 may), that is when:
-    Retry-After plus up to TRANSIENT_BACKOFF_BASE_S of jitter, so the jobs told the same moment
-    do not all call at once. It is not a floor under the exponential backoff: that made a job
-    whose result was ready wait up to a minute after a run of 429s that each asked for 1 s.
-    The global cool-down (workers/throttle.py) already holds every call back after a 429.
-    Otherwise exponential backoff with full jitter, capped at TRANSIENT_BACKOFF_MAX_S.
+    Exponential backoff with full jitter, capped at TRANSIENT_BACKOFF_MAX_S; a Retry-After
+    (a 503 may send one) is a floor under it. With `retry_after_is_when` (a 408 or 429: RunComfy
+    asks to be called again later, at its Retry-After if it gives one), Retry-After is when to
+    come back — at least TRANSIENT_BACKOFF_BASE_S, plus up to as much again of jitter, so jobs
+    told the same moment do not all call at once — however many failures came before: as a
+    floor under the growing backoff, it made a job whose result was ready wait up to a minute
+    after a run of 429s that each asked for 1 s.
     """
     uniform = (rng or random).uniform
-    if retry_after_s is not None:
-        told = min(max(retry_after_s, 0.0), MAX_RETRY_AFTER_S)
-        return told + uniform(0, TRANSIENT_BACKOFF_BASE_S)
+    told = None if retry_after_s is None else min(max(retry_after_s, 0.0), MAX_RETRY_AFTER_S)
+    if retry_after_is_when and told is not None:
+        return max(told, TRANSIENT_BACKOFF_BASE_S) + uniform(0, TRANSIENT_BACKOFF_BASE_S)
     ceiling = min(TRANSIENT_BACKOFF_MAX_S, TRANSIENT_BACKOFF_BASE_S * 2 ** max(0, failures - 1))
-    return uniform(ceiling / 2, ceiling)
+    return max(uniform(ceiling / 2, ceiling), told or 0.0)

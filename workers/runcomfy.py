@@ -44,6 +44,10 @@ class UpstreamError(Exception):
         self.code = code
 
 
+# RunComfy's "retry later; honour Retry-After if present" (RUNCOMFY.md): not acted on, either.
+RETRY_LATER_STATUSES = (408, 429)
+
+
 class TransientUpstreamError(UpstreamError):
     """Try again later: timeouts, network errors, 408/429, 5xx."""
 
@@ -58,8 +62,13 @@ class TransientUpstreamError(UpstreamError):
     ) -> None:
         super().__init__(message, http_status=http_status, code=code)
         self.retry_after_s = retry_after_s
-        # False only when RunComfy certainly did not act on the call (refused connection, 429).
+        # False only when RunComfy certainly did not act on the call (no connection, 408/429).
         self.maybe_processed = maybe_processed
+
+    @property
+    def asks_to_retry_later(self) -> bool:
+        """A 408 or 429: RunComfy asks for the call again later, at Retry-After if it says."""
+        return self.http_status in RETRY_LATER_STATUSES
 
 
 class PermanentUpstreamError(UpstreamError):
@@ -264,14 +273,14 @@ def _interpret(
         body = json.loads(raw) if raw is not None else None
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
         body = None
-    if status in (408, 429) or status >= 500:
+    if status in RETRY_LATER_STATUSES or status >= 500:
         code, message = _error_fields(body)
         raise TransientUpstreamError(
             f"{where}: HTTP {status}{': ' + message if message else ''}",
             http_status=status,
             code=code,
             retry_after_s=parse_retry_after_s(headers.get("Retry-After")),
-            maybe_processed=status != 429 and status != 408,
+            maybe_processed=status not in RETRY_LATER_STATUSES,
         )
     if status == 404:
         code, message = _error_fields(body)
