@@ -32,9 +32,14 @@ from cli.processes import (
     worker_argv,
 )
 from core.clients import ClientStore, NewClientCredentials
+from core.metrics import Counters
 from core.settings import Settings, load_settings
-from core.store import connect_redis
+from core.store import JobStore, connect_redis
 from service import create_app
+from workers.pipeline import JobPipeline
+from workers.run_times import RunTimes
+from workers.runcomfy import RunComfyClient
+from workers.throttle import UpstreamThrottle
 
 EMULATOR_TOKEN = "emulator-test-token"
 
@@ -375,3 +380,34 @@ def dns_peer(records: dict[str, list[str]] | None = None, **options: Any) -> Ite
         udp.close()
     if failures:
         raise failures[0]
+
+
+@pytest.fixture
+def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
+    """A pipeline in this process, on the stack's Redis and emulator (a second 'worker')."""
+    settings = stack.settings()
+    runcomfy = RunComfyClient(
+        base_url=settings.runcomfy_base_url,
+        token=settings.runcomfy_api_token,
+        model_id=settings.runcomfy_model_id,
+        timeout_s=5,
+    )
+    store = JobStore(redis_client, retention_s=settings.job_retention_s)
+    yield JobPipeline(
+        store=store,
+        runcomfy=runcomfy,
+        settings=settings,
+        counters=Counters(redis_client),
+        throttle=UpstreamThrottle(redis_client, rate_per_s=settings.runcomfy_max_rps),
+        run_times=RunTimes(redis_client, job_schedule_key=store.job_schedule.key),
+        on_events=lambda: None,
+        on_slot_freed=lambda: None,
+    )
+    runcomfy.close()
+
+
+def admit(pipeline: JobPipeline) -> None:
+    """Do what the (stopped) worker's dispatcher would: hand out free upstream slots."""
+    pipeline.store.admission.admit(
+        max_in_flight=pipeline.settings.runcomfy_max_in_flight, slot_ttl_s=600
+    )

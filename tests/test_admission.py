@@ -99,19 +99,40 @@ def test_a_cool_down_ends_when_it_says(scratch: redis.Redis) -> None:
 
 
 def test_refused_callers_are_told_to_come_back_one_after_another(scratch: redis.Redis) -> None:
-    """Ten steps due at once past the cap: each is told when its own token comes, 1/rate
-    apart, and each that comes back then gets it (no herd retrying every few ms)."""
+    """Ten steps due at once past the cap: each is given its own moment, 1/rate apart, however
+    long the calls take, and each that comes back then gets its token (no herd retrying every
+    few ms)."""
     throttle = UpstreamThrottle(scratch, rate_per_s=5)
     assert [throttle.acquire() for _ in range(5)] == [0.0] * 5
-    told_at = time.monotonic()
-    waits = [throttle.acquire() for _ in range(10)]
-    assert waits == pytest.approx([0.2 * k for k in range(1, 11)], abs=0.03)
+    told = []
+    for _ in range(10):
+        asked_at = time.monotonic()
+        told.append(asked_at + throttle.acquire())
+        time.sleep(0.005)  # slow callers: the moments given do not drift with them
+    given = [moment - told[0] for moment in told]
+    assert given == pytest.approx([0.2 * k for k in range(10)], abs=0.01)
     granted = []
-    for wait in waits:
-        time.sleep(max(0.0, told_at + wait + 0.01 - time.monotonic()))
+    for moment in told:
+        time.sleep(max(0.0, moment + 0.01 - time.monotonic()))
         granted.append(throttle.acquire())
     assert granted == [0.0] * 10
     assert throttle.acquire() > 0  # and the bucket is empty again
+
+
+def test_a_callers_clock_plays_no_part(
+    scratch: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker host whose clock is an hour ahead neither gets an hour's tokens nor holds the
+    other hosts back for an hour: the bucket runs on Redis's clock."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    assert [throttle.acquire() for _ in range(5)] == [0.0] * 5
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    ahead = throttle.acquire()
+    assert 0 < ahead <= 0.25  # no token out of the hour it thinks has passed
+    monkeypatch.setattr(time, "time", real_time)
+    time.sleep(0.45)
+    assert throttle.acquire() == 0.0  # the others are not held back by it
 
 
 def test_the_cap_holds_for_many_callers_at_once(scratch: redis.Redis) -> None:

@@ -12,9 +12,12 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, wait_until
+from core.clients import ClientStore
+from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, admit, wait_until
+from workers.pipeline import JobPipeline
 from workers.polling import FIRST_POLL_S
 from workers.run_times import UNKNOWN_RECHECK_S
+from workers.throttle import COOL_DOWN_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +154,32 @@ def test_a_run_of_429s_is_retried_when_retry_after_says(
     ).get_json()
     assert api_client.wait_final(job["id"], timeout_s=60)["status"] == "succeeded"
     assert time.monotonic() - posted < 25
+
+
+def test_a_submit_told_to_wait_past_the_deadline_is_looked_at_by_the_deadline(
+    stack: Stack, make_app: Any, redis_client: Any, pipeline: JobPipeline
+) -> None:
+    """A 429 on submit asking for 60 s, for a job with 20 s to live: its next look is at its
+    deadline (where it expires), not 40 s after it."""
+    client = ApiClient(
+        ClientStore(redis_client).create("short"), make_app(JOB_DEADLINE_S="20").test_client()
+    )
+    stack.emulator("/_emulator/faults", method="POST", json={"retry_after_s": 60})
+    stack.worker.signal(signal.SIGSTOP)  # only this test's pipeline acts on the job
+    try:
+        body = job_body(stack, unique("[emulator:submit-429]"))
+        job_id = client.post("/v1/jobs", json=body).get_json()["id"]
+        admit(pipeline)
+        pipeline.advance(job_id)
+        job = pipeline.store.get(job_id)
+        assert job is not None and "HTTP 429" in (job.last_transient_error or "")
+        assert pipeline.store.job_schedule.due_at(job_id) == pytest.approx(
+            job.deadline_at, abs=0.01
+        )
+    finally:
+        redis_client.delete(COOL_DOWN_KEY)  # the 60 s pause of every call to RunComfy
+        stack.emulator("/_emulator/reset", method="POST")
+        stack.worker.signal(signal.SIGCONT)
 
 
 def test_image_output_style_is_normalised_to_a_list(stack: Stack, api_client: ApiClient) -> None:

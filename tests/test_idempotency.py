@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -16,46 +15,12 @@ from core.jobs import Status
 from core.metrics import Counters
 from core.store import JobStore, Step
 from core.wakeups import DISPATCH_JOBS_TASK, JOBS_QUEUE
-from tests.conftest import ApiClient, Stack, wait_until
+from tests.conftest import ApiClient, Stack, admit, wait_until
 from tests.test_end_to_end import job_body, submits_for, unique
 from workers.celery_app import create_celery_app
 from workers.pipeline import JobPipeline
-from workers.run_times import RunTimes
-from workers.runcomfy import RunComfyClient
-from workers.throttle import UpstreamThrottle
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
-    """A pipeline in this process, on the stack's Redis and emulator (a second 'worker')."""
-    settings = stack.settings()
-    runcomfy = RunComfyClient(
-        base_url=settings.runcomfy_base_url,
-        token=settings.runcomfy_api_token,
-        model_id=settings.runcomfy_model_id,
-        timeout_s=5,
-    )
-    store = JobStore(redis_client, retention_s=settings.job_retention_s)
-    yield JobPipeline(
-        store=store,
-        runcomfy=runcomfy,
-        settings=settings,
-        counters=Counters(redis_client),
-        throttle=UpstreamThrottle(redis_client, rate_per_s=settings.runcomfy_max_rps),
-        run_times=RunTimes(redis_client, job_schedule_key=store.job_schedule.key),
-        on_events=lambda: None,
-        on_slot_freed=lambda: None,
-    )
-    runcomfy.close()
-
-
-def admit(pipeline: JobPipeline) -> None:
-    """Do what the (stopped) worker's dispatcher would: hand out free upstream slots."""
-    pipeline.store.admission.admit(
-        max_in_flight=pipeline.settings.runcomfy_max_in_flight, slot_ttl_s=600
-    )
 
 
 def test_concurrent_triggers_submit_once_and_never_go_back(

@@ -128,7 +128,7 @@ class JobPipeline:
         except TransientUpstreamError as exc:
             self._on_transient(exc)
             if exc.maybe_processed:
-                self._submit_outcome_unknown(job, exc.message)
+                self._submit_outcome_unknown(job, exc.message, exc.retry_after_s)
             else:
                 self._retry_submit_later(job, exc)
             return
@@ -184,12 +184,15 @@ class JobPipeline:
                 transient_errors=failures,
                 last_transient_error=exc.message,
             )
-            return Step(changed, now + _retry_in_s(failures, exc))
+            return Step(changed, min(j.deadline_at, now + _retry_in_s(failures, exc)))
 
         self._commit(job.id, clear_mark)
 
-    def _submit_outcome_unknown(self, job: Job, reason: str) -> None:
-        """RunComfy may or may not have accepted the submit: apply SUBMIT_UNKNOWN."""
+    def _submit_outcome_unknown(
+        self, job: Job, reason: str, retry_after_s: float | None = None
+    ) -> None:
+        """RunComfy may or may not have accepted the submit: apply SUBMIT_UNKNOWN (a resubmit
+        waits at least `retry_after_s`, the 5xx's Retry-After)."""
         now = self.clock()
         self.counters.add("submit_outcome_unknown")
         log.warning(
@@ -218,7 +221,8 @@ class JobPipeline:
                 submit_unknown_outcomes=j.submit_unknown_outcomes + 1,
                 transient_errors=j.transient_errors + 1,
             )
-            return Step(changed, now + backoff_s(j.transient_errors + 1))
+            wait_s = backoff_s(j.transient_errors + 1, retry_after_s=retry_after_s)
+            return Step(changed, min(j.deadline_at, now + wait_s))
 
         self._commit(job.id, resubmit)
 

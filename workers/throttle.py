@@ -20,35 +20,33 @@ DEFAULT_COOL_DOWN_S = 1.0  # a 429 without Retry-After pauses every worker this 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000"
 
 # Returns the seconds to wait as a string (Redis would truncate a Lua number to an integer).
-# `waiting` counts the callers told to come back and not due yet; it drains at the rate. A
-# refused caller is told when a token will be there for it, behind those already told, so 2,000
-# due jobs against a cap of 50/s come back spread over 40 s, not all again 20 ms later. (A
-# newcomer may take a token first; the waiter it was meant for is then told again, behind the
-# rest. Callers told to wait out a cool-down all come back at its end: the burst goes, and the
-# rest are spread as above.) A token taken up to 1 ms early leaves the bucket below zero: over
-# time the cap holds.
+# A refused caller is given the next free moment after those already given one (`tail`, the
+# last moment given out, +1/rate): when the tokens for all of them will have come. So 2,000 due
+# jobs against a cap of 50/s come back spread over 40 s, not all again 20 ms later. (A newcomer
+# may take a token first; the waiter it was meant for is then given a moment behind the rest.
+# Callers told to wait out a cool-down all come back at its end: the burst goes, and the rest
+# are spread as above.) A token taken up to 1 ms early leaves the bucket below zero: over time
+# the cap holds. A wait is never 0: that is a grant.
 _ACQUIRE = (
     _NOW
     + """
 local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cool > now then return string.format('%.6f', cool - now) end
+if cool > now then return string.format('%.6f', math.max(cool - now, 0.000001)) end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'waiting')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'tail')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
-local waiting = tonumber(state[3]) or 0
-local passed = math.max(0, now - at)
-tokens = math.min(burst, tokens + passed * rate)
-waiting = math.max(0, waiting - passed * rate)
+local tail = tonumber(state[3]) or 0
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
 local wait = 0
 if tokens + 0.001 * rate >= 1 then
   tokens = tokens - 1
 else
-  waiting = waiting + 1
-  wait = (waiting - tokens) / rate
+  tail = math.max(tail + 1 / rate, now + (1 - tokens) / rate)
+  wait = math.max(tail - now, 0.000001)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens),
-  'at', string.format('%.6f', now), 'waiting', string.format('%.6f', waiting))
+  'at', string.format('%.6f', now), 'tail', string.format('%.6f', tail))
 redis.call('EXPIRE', KEYS[1], 3600)
 return string.format('%.6f', wait)
 """
