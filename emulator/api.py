@@ -96,6 +96,8 @@ def submit(model_id: str) -> Response:
         return _too_many_requests(knobs)
     if directives.submit_status == 500:
         return _internal_error(500)
+    if directives.submit_status == 503:  # as a load balancer sends it: with Retry-After
+        return _internal_error(503, retry_after_s=knobs.retry_after_s)
     created = state.registry.create(_plan(state, body, directives, knobs), knobs.request_ttl_s)
     state.stats.record_submit(body["prompt"])
     if state.faults.roll(knobs.rate_5xx_after_accept):
@@ -241,12 +243,17 @@ def _invalid_input(problems: list[dict[str, Any]]) -> Response:
 
 
 def _too_many_requests(knobs: Faults) -> Response:
-    headers = {} if knobs.retry_after_s is None else {"Retry-After": str(knobs.retry_after_s)}
+    headers = _retry_after_header(knobs.retry_after_s)
     return error_response(429, 429001, "too many requests", headers=headers)
 
 
-def _internal_error(http_status: int) -> Response:
-    return error_response(http_status, 500001, "internal error")
+def _internal_error(http_status: int, retry_after_s: int | None = None) -> Response:
+    headers = _retry_after_header(retry_after_s)
+    return error_response(http_status, 500001, "internal error", headers=headers)
+
+
+def _retry_after_header(seconds: int | None) -> dict[str, str]:
+    return {} if seconds is None else {"Retry-After": str(seconds)}
 
 
 def _not_found() -> Response:

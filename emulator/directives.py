@@ -18,6 +18,7 @@ DIRECTIVE_NAMES = (
     "submit-200-error",
     "submit-500",
     "submit-429",
+    "submit-503",
     "bad-status",
     "no-output",
     "poll-500",
@@ -74,6 +75,8 @@ def parse_directives(prompt: str) -> Directives:
                 found["submit_status"] = 500
             elif key == "submit-429":
                 found["submit_status"] = 429
+            elif key == "submit-503":
+                found["submit_status"] = 503
             else:
                 found[key.replace("-", "_")] = True
     return Directives(**found)

@@ -499,6 +499,7 @@ def test_seeded_faults_are_reproducible(http: requests.Session, base_url: str) -
         ("submit-200-error", 200, 400002),
         ("submit-500", 500, 500001),
         ("submit-429", 429, 429001),
+        ("submit-503", 503, 500001),
     ],
 )
 def test_submit_directives_answer_without_creating_a_request(
@@ -509,6 +510,8 @@ def test_submit_directives_answer_without_creating_a_request(
     assert response.status_code == http_status
     assert response.json()["error_code"] == error_code
     assert prompt not in stats(http, base_url)["submits_by_prompt"]
+    if http_status in (429, 503):  # with the retry_after_s knob, as a load balancer sends it
+        assert response.headers["Retry-After"] == "1"
 
 
 def test_bad_status_directive_reports_an_unknown_status(

@@ -182,6 +182,30 @@ def test_a_submit_told_to_wait_past_the_deadline_is_looked_at_by_the_deadline(
         stack.worker.signal(signal.SIGCONT)
 
 
+def test_a_resubmit_after_a_503_waits_at_least_its_retry_after(
+    stack: Stack, api_client: ApiClient, redis_client: Any, pipeline: JobPipeline
+) -> None:
+    """A 503 on submit (outcome unknown; SUBMIT_UNKNOWN=resubmit) asking for 30 s: the resubmit
+    waits that long, not the first backoff's 0.5-1 s."""
+    stack.emulator("/_emulator/faults", method="POST", json={"retry_after_s": 30})
+    stack.worker.signal(signal.SIGSTOP)  # only this test's pipeline acts on the job
+    try:
+        body = job_body(stack, unique("[emulator:submit-503]"))
+        job_id = api_client.post("/v1/jobs", json=body).get_json()["id"]
+        admit(pipeline)
+        asked_at = time.time()
+        pipeline.advance(job_id)
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.submit_unknown_outcomes == 1
+        due_at = pipeline.store.job_schedule.due_at(job_id)
+        assert due_at is not None and due_at >= asked_at + 30
+        cancelled = api_client.post(f"/v1/jobs/{job_id}/cancel").get_json()
+        assert cancelled["status"] == "cancelled"  # no 503s every 30 s under other tests
+    finally:
+        stack.emulator("/_emulator/reset", method="POST")
+        stack.worker.signal(signal.SIGCONT)
+
+
 def test_image_output_style_is_normalised_to_a_list(stack: Stack, api_client: ApiClient) -> None:
     job = api_client.post("/v1/jobs", json=job_body(stack, unique("[emulator:image]"))).get_json()
     final = api_client.wait_final(job["id"])
