@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -156,6 +158,26 @@ def test_a_run_of_429s_is_retried_when_retry_after_says(
     assert time.monotonic() - posted < 25
 
 
+@contextlib.contextmanager
+def submitted_here(
+    stack: Stack, pipeline: JobPipeline, client: ApiClient, directive: str, retry_after_s: int
+) -> Iterator[str]:
+    """POST a job whose submit is answered as `directive` says (with `Retry-After:
+    retry_after_s`), and take its submit step in this process, the stack's worker stopped."""
+    stack.emulator("/_emulator/faults", method="POST", json={"retry_after_s": retry_after_s})
+    stack.worker.signal(signal.SIGSTOP)  # only this test's pipeline acts on the job
+    try:
+        body = job_body(stack, unique(f"[emulator:{directive}]"))
+        job_id = client.post("/v1/jobs", json=body).get_json()["id"]
+        admit(pipeline)
+        pipeline.advance(job_id)
+        yield job_id
+    finally:
+        pipeline.store.redis.delete(COOL_DOWN_KEY)  # a 429's pause of every call to RunComfy
+        stack.emulator("/_emulator/reset", method="POST")
+        stack.worker.signal(signal.SIGCONT)
+
+
 def test_a_submit_told_to_wait_past_the_deadline_is_looked_at_by_the_deadline(
     stack: Stack, make_app: Any, redis_client: Any, pipeline: JobPipeline
 ) -> None:
@@ -164,46 +186,27 @@ def test_a_submit_told_to_wait_past_the_deadline_is_looked_at_by_the_deadline(
     client = ApiClient(
         ClientStore(redis_client).create("short"), make_app(JOB_DEADLINE_S="20").test_client()
     )
-    stack.emulator("/_emulator/faults", method="POST", json={"retry_after_s": 60})
-    stack.worker.signal(signal.SIGSTOP)  # only this test's pipeline acts on the job
-    try:
-        body = job_body(stack, unique("[emulator:submit-429]"))
-        job_id = client.post("/v1/jobs", json=body).get_json()["id"]
-        admit(pipeline)
-        pipeline.advance(job_id)
+    with submitted_here(stack, pipeline, client, "submit-429", retry_after_s=60) as job_id:
         job = pipeline.store.get(job_id)
         assert job is not None and "HTTP 429" in (job.last_transient_error or "")
         assert pipeline.store.job_schedule.due_at(job_id) == pytest.approx(
             job.deadline_at, abs=0.01
         )
-    finally:
-        redis_client.delete(COOL_DOWN_KEY)  # the 60 s pause of every call to RunComfy
-        stack.emulator("/_emulator/reset", method="POST")
-        stack.worker.signal(signal.SIGCONT)
 
 
 def test_a_resubmit_after_a_503_waits_at_least_its_retry_after(
-    stack: Stack, api_client: ApiClient, redis_client: Any, pipeline: JobPipeline
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline
 ) -> None:
     """A 503 on submit (outcome unknown; SUBMIT_UNKNOWN=resubmit) asking for 30 s: the resubmit
     waits that long, not the first backoff's 0.5-1 s."""
-    stack.emulator("/_emulator/faults", method="POST", json={"retry_after_s": 30})
-    stack.worker.signal(signal.SIGSTOP)  # only this test's pipeline acts on the job
-    try:
-        body = job_body(stack, unique("[emulator:submit-503]"))
-        job_id = api_client.post("/v1/jobs", json=body).get_json()["id"]
-        admit(pipeline)
-        asked_at = time.time()
-        pipeline.advance(job_id)
+    asked_at = time.time()
+    with submitted_here(stack, pipeline, api_client, "submit-503", retry_after_s=30) as job_id:
         job = pipeline.store.get(job_id)
         assert job is not None and job.submit_unknown_outcomes == 1
         due_at = pipeline.store.job_schedule.due_at(job_id)
         assert due_at is not None and due_at >= asked_at + 30
         cancelled = api_client.post(f"/v1/jobs/{job_id}/cancel").get_json()
         assert cancelled["status"] == "cancelled"  # no 503s every 30 s under other tests
-    finally:
-        stack.emulator("/_emulator/reset", method="POST")
-        stack.worker.signal(signal.SIGCONT)
 
 
 def test_image_output_style_is_normalised_to_a_list(stack: Stack, api_client: ApiClient) -> None:
