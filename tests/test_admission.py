@@ -83,10 +83,10 @@ def test_rate_cap_is_shared_and_429_pauses_everyone(scratch: redis.Redis) -> Non
     assert grants[:5] == [0.0] * 5 and grants[5] == pytest.approx(0.2, abs=0.03)
     time.sleep(grants[5] + 0.01)
     assert one.acquire() == 0.0  # its token came
-    two.cool_down(30.0)
-    assert one.acquire() == pytest.approx(30.0, abs=0.1)
+    two.cool_down(30.0)  # the bucket is empty: its next token comes 0.2 s after the cool-down
+    assert one.acquire() == pytest.approx(30.2, abs=0.05)
     one.cool_down(0.2)  # a shorter cool-down never shortens a longer one
-    assert two.acquire() == pytest.approx(30.0, abs=0.1)
+    assert two.acquire() == pytest.approx(30.4, abs=0.05)  # and the next caller is given the next
 
 
 def test_a_cool_down_ends_when_it_says(scratch: redis.Redis) -> None:
@@ -96,6 +96,22 @@ def test_a_cool_down_ends_when_it_says(scratch: redis.Redis) -> None:
     assert wait == pytest.approx(0.3, abs=0.05)
     time.sleep(wait + 0.01)
     assert throttle.acquire() == 0.0
+
+
+def test_after_a_cool_down_calls_resume_at_the_rate_not_all_at_once(scratch: redis.Redis) -> None:
+    """Steps refused during a 429's cool-down are given moments one after another from its end
+    (not all its end), and the tokens saved up before the 429 are not spent in a burst then."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)  # a full bucket: 5 tokens
+    throttle.cool_down(0.3)
+    started = time.monotonic()
+    told = [time.monotonic() + throttle.acquire() - started for _ in range(6)]
+    assert told == pytest.approx([0.3 + 0.2 * k for k in range(6)], abs=0.03)
+    granted = []
+    for moment in told:
+        time.sleep(max(0.0, started + moment + 0.01 - time.monotonic()))
+        granted.append(throttle.acquire())
+    assert granted == [0.0] * 6  # each comes back at its moment and gets its token
+    assert throttle.acquire() > 0  # no burst left over from before the 429
 
 
 def test_refused_callers_are_told_to_come_back_one_after_another(scratch: redis.Redis) -> None:

@@ -19,7 +19,7 @@ from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, admit, wait_until
 from workers.pipeline import JobPipeline
 from workers.polling import FIRST_POLL_S
 from workers.run_times import UNKNOWN_RECHECK_S
-from workers.throttle import COOL_DOWN_KEY
+from workers.throttle import BUCKET_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -173,7 +173,7 @@ def submitted_here(
         pipeline.advance(job_id)
         yield job_id
     finally:
-        pipeline.store.redis.delete(COOL_DOWN_KEY)  # a 429's pause of every call to RunComfy
+        pipeline.store.redis.delete(BUCKET_KEY)  # a 429's pause of every call to RunComfy
         stack.emulator("/_emulator/reset", method="POST")
         stack.worker.signal(signal.SIGCONT)
 
