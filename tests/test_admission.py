@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
 
 from core.jobs import Status, new_job
 from core.store import JobStore, Step
-from workers.throttle import UpstreamThrottle
+from workers.throttle import PLACE_HELD_S, UpstreamThrottle
 
 pytestmark = pytest.mark.integration
 
@@ -76,26 +78,33 @@ def test_a_lost_line_entry_is_put_back(scratch: redis.Redis) -> None:
     assert store.admission.admit(max_in_flight=1, slot_ttl_s=600) == [job_id]
 
 
+def callers(prefix: str) -> Iterator[str]:
+    """Caller (job) ids, each new: one call each unless a test calls again as the same."""
+    return (f"{prefix}{n}" for n in itertools.count())
+
+
 def test_rate_cap_is_shared_and_429_pauses_everyone(scratch: redis.Redis) -> None:
     one = UpstreamThrottle(scratch, rate_per_s=5)
     two = UpstreamThrottle(scratch, rate_per_s=5)  # another worker, same Redis
-    grants = [t.acquire() for t in (one, two) * 3]
+    grants = [t.acquire(f"job{n}") for n, t in enumerate((one, two) * 3)]
     assert grants[:5] == [0.0] * 5 and grants[5] == pytest.approx(0.2, abs=0.03)
     time.sleep(grants[5] + 0.01)
-    assert one.acquire() == 0.0  # its token came
+    assert one.acquire("job5") == 0.0  # its token came
     two.cool_down(30.0)  # the bucket is empty: its next token comes 0.2 s after the cool-down
-    assert one.acquire() == pytest.approx(30.2, abs=0.05)
+    assert one.acquire("job6") == pytest.approx(30.2, abs=0.05)
     one.cool_down(0.2)  # a shorter cool-down never shortens a longer one
-    assert two.acquire() == pytest.approx(30.4, abs=0.05)  # and the next caller is given the next
+    assert two.acquire("job7") == pytest.approx(
+        30.4, abs=0.05
+    )  # and the next caller is given the next
 
 
 def test_a_cool_down_ends_when_it_says(scratch: redis.Redis) -> None:
     throttle = UpstreamThrottle(scratch, rate_per_s=5)
     throttle.cool_down(0.3)
-    wait = throttle.acquire()
+    wait = throttle.acquire("job")
     assert wait == pytest.approx(0.3, abs=0.05)
     time.sleep(wait + 0.01)
-    assert throttle.acquire() == 0.0
+    assert throttle.acquire("job") == 0.0
 
 
 def test_after_a_cool_down_calls_resume_at_the_rate_not_all_at_once(scratch: redis.Redis) -> None:
@@ -104,14 +113,14 @@ def test_after_a_cool_down_calls_resume_at_the_rate_not_all_at_once(scratch: red
     throttle = UpstreamThrottle(scratch, rate_per_s=5)  # a full bucket: 5 tokens
     throttle.cool_down(0.3)
     started = time.monotonic()
-    told = [time.monotonic() + throttle.acquire() - started for _ in range(6)]
-    assert told == pytest.approx([0.3 + 0.2 * k for k in range(6)], abs=0.03)
+    told = {f"job{n}": time.monotonic() + throttle.acquire(f"job{n}") - started for n in range(6)}
+    assert list(told.values()) == pytest.approx([0.3 + 0.2 * k for k in range(6)], abs=0.03)
     granted = []
-    for moment in told:
+    for caller, moment in told.items():
         time.sleep(max(0.0, started + moment + 0.01 - time.monotonic()))
-        granted.append(throttle.acquire())
+        granted.append(throttle.acquire(caller))
     assert granted == [0.0] * 6  # each comes back at its moment and gets its token
-    assert throttle.acquire() > 0  # no burst left over from before the 429
+    assert throttle.acquire("newcomer") > 0  # no burst left over from before the 429
 
 
 def test_refused_callers_are_told_to_come_back_one_after_another(scratch: redis.Redis) -> None:
@@ -119,20 +128,62 @@ def test_refused_callers_are_told_to_come_back_one_after_another(scratch: redis.
     long the calls take, and each that comes back then gets its token (no herd retrying every
     few ms)."""
     throttle = UpstreamThrottle(scratch, rate_per_s=5)
-    assert [throttle.acquire() for _ in range(5)] == [0.0] * 5
-    told = []
+    ids = callers("job")
+    assert [throttle.acquire(next(ids)) for _ in range(5)] == [0.0] * 5
+    told = {}
     for _ in range(10):
-        asked_at = time.monotonic()
-        told.append(asked_at + throttle.acquire())
+        caller = next(ids)
+        told[caller] = time.monotonic() + throttle.acquire(caller)
         time.sleep(0.005)  # slow callers: the moments given do not drift with them
-    given = [moment - told[0] for moment in told]
-    assert given == pytest.approx([0.2 * k for k in range(10)], abs=0.01)
+    first = next(iter(told.values()))
+    assert [m - first for m in told.values()] == pytest.approx(
+        [0.2 * k for k in range(10)], abs=0.01
+    )
     granted = []
-    for moment in told:
+    for caller, moment in told.items():
         time.sleep(max(0.0, moment + 0.01 - time.monotonic()))
-        granted.append(throttle.acquire())
+        granted.append(throttle.acquire(caller))
     assert granted == [0.0] * 10
-    assert throttle.acquire() > 0  # and the bucket is empty again
+    assert throttle.acquire(next(ids)) > 0  # and the bucket is empty again
+
+
+def test_first_come_first_served_a_newcomer_queues_behind_a_waiter(scratch: redis.Redis) -> None:
+    """A step told to wait keeps its place: a newcomer that arrives just before it comes back
+    does not take its token (and send it to the back of the line); the newcomer is given the
+    moment after the last place."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    assert [throttle.acquire(f"job{n}") for n in range(5)] == [0.0] * 5
+    first, second = throttle.acquire("waiter1"), throttle.acquire("waiter2")
+    assert (first, second) == pytest.approx((0.2, 0.4), abs=0.03)
+    asked_at = time.monotonic()
+    time.sleep(first + 0.02)  # waiter1's token has come; a newcomer asks first
+    newcomer = throttle.acquire("newcomer")
+    assert time.monotonic() + newcomer - asked_at == pytest.approx(0.6, abs=0.03)
+    assert throttle.acquire("waiter1") == 0.0
+    time.sleep(max(0.0, asked_at + second + 0.01 - time.monotonic()))
+    assert throttle.acquire("waiter2") == 0.0
+
+
+def test_a_waiter_back_early_keeps_its_place(scratch: redis.Redis) -> None:
+    """A step run again before its moment (say, re-driven by the reconciler) is told the rest
+    of its wait, and the line behind it does not grow."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    assert [throttle.acquire(f"job{n}") for n in range(5)] == [0.0] * 5
+    asked_at = time.monotonic()
+    assert throttle.acquire("waiter") == pytest.approx(0.2, abs=0.03)
+    time.sleep(0.05)
+    assert time.monotonic() + throttle.acquire("waiter") - asked_at == pytest.approx(0.2, abs=0.03)
+    assert time.monotonic() + throttle.acquire("next") - asked_at == pytest.approx(0.4, abs=0.03)
+
+
+def test_a_place_not_taken_holds_no_one_up_for_long(scratch: redis.Redis) -> None:
+    """A waiter that never comes back (its job ended, its worker died) holds newcomers behind
+    it only PLACE_HELD_S past its moment."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    assert [throttle.acquire(f"job{n}") for n in range(5)] == [0.0] * 5
+    wait = throttle.acquire("gone")
+    time.sleep(wait + PLACE_HELD_S + 0.05)
+    assert throttle.acquire("newcomer") == 0.0
 
 
 def test_a_callers_clock_plays_no_part(
@@ -141,14 +192,14 @@ def test_a_callers_clock_plays_no_part(
     """A worker host whose clock is an hour ahead neither gets an hour's tokens nor holds the
     other hosts back for an hour: the bucket runs on Redis's clock."""
     throttle = UpstreamThrottle(scratch, rate_per_s=5)
-    assert [throttle.acquire() for _ in range(5)] == [0.0] * 5
+    assert [throttle.acquire(f"job{n}") for n in range(5)] == [0.0] * 5
     real_time = time.time
     monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
-    ahead = throttle.acquire()
+    ahead = throttle.acquire("ahead")
     assert 0 < ahead <= 0.25  # no token out of the hour it thinks has passed
     monkeypatch.setattr(time, "time", real_time)
-    time.sleep(0.45)
-    assert throttle.acquire() == 0.0  # the others are not held back by it
+    time.sleep(0.45 + PLACE_HELD_S)
+    assert throttle.acquire("other") == 0.0  # the others are not held back by it
 
 
 def test_the_cap_holds_for_many_callers_at_once(scratch: redis.Redis) -> None:
@@ -159,16 +210,16 @@ def test_the_cap_holds_for_many_callers_at_once(scratch: redis.Redis) -> None:
     grants: list[int] = []
     start = threading.Barrier(8)
 
-    def call() -> None:
+    def call(name: str) -> None:
         throttle = UpstreamThrottle(scratch, rate_per_s=rate)  # a connection of its own
         start.wait()
         ends = time.monotonic() + run_s
         granted = 0
         while time.monotonic() < ends:
-            granted += throttle.acquire() == 0.0
+            granted += throttle.acquire(name) == 0.0
         grants.append(granted)
 
-    threads = [threading.Thread(target=call) for _ in range(8)]
+    threads = [threading.Thread(target=call, args=(f"job{n}",)) for n in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -9,7 +9,6 @@ in the job schedule, not a sleep. Running a step twice, or concurrently, changes
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,12 +91,10 @@ class JobPipeline:
 
     def _may_call_upstream(self, job: Job, now: float) -> bool:
         """The global request-rate cap allows a call now; otherwise the job looks again later."""
-        wait_s = self.throttle.acquire()
+        wait_s = self.throttle.acquire(job.id)
         if wait_s <= 0:
             return True
-        self.store.job_schedule.postpone(
-            job.id, min(job.deadline_at, now + wait_s + random.uniform(0, 0.05))
-        )
+        self.store.job_schedule.postpone(job.id, min(job.deadline_at, now + wait_s))
         return False
 
     # --- submit -----------------------------------------------------------------------------

@@ -9,12 +9,18 @@ import redis
 from core.keys import PREFIX
 
 BUCKET_KEY = PREFIX + "upstream:bucket"
+PLACES_KEY = PREFIX + "upstream:places"
 DEFAULT_COOL_DOWN_S = 1.0  # a 429 without Retry-After pauses every worker this long
 MAX_COOL_DOWN_S = 300.0
+# A place given to a refused caller is held for it this long after its moment: a step comes
+# back up to a dispatch tick (0.1 s) and a claim late. Until then, newcomers queue behind it.
+PLACE_HELD_S = 0.25
+PLACE_KEPT_S = 60.0  # a place not taken by then is dropped (its job ended, or its worker died)
 
 # The bucket is a hash: `tokens` as of `at`, and `tail`, the last moment given to a refused
-# caller. Tokens come back at `rate` a second from `at`, up to `burst`; a cool-down moves `at`
-# to its end, so none come back before it.
+# caller; PLACES_KEY holds each refused caller's moment (a sorted set by caller id). Tokens come
+# back at `rate` a second from `at`, up to `burst`; a cool-down moves `at` to its end, so none
+# come back before it.
 #
 # Both scripts read Redis's clock (TIME), never a caller's: the callers are many threads on many
 # hosts, and their clocks differ. With each caller's own time, a call stamped a little early
@@ -40,23 +46,35 @@ local function store()
 end
 """
 
-# Returns the seconds to wait as a string (Redis would truncate a Lua number to an integer).
-# A refused caller is given the next free moment after those already given one (`tail` +
-# 1/rate), or when the next token comes if that is later. So 2,000 due jobs against a cap of
-# 50/s come back spread over 40 s, not all again 20 ms later — and the same after a cool-down,
-# not all at its end. (A newcomer may take a token first; the waiter it was meant for is then
-# given a moment behind the rest.) A token taken up to 1 ms early leaves the bucket below zero:
-# over time the cap holds. A wait is never 0: that is a grant.
+# First come, first served. A refused caller is given a place: the next free moment after the
+# places already given (`tail` + 1/rate), or when the next token comes if that is later. When it
+# comes back at its moment, the token is its own: a newcomer queues behind every place held, so
+# it cannot take that token and send the waiter to the back again (and again). So 2,000 due jobs
+# against a cap of 50/s come back spread over 40 s, in the order they came — and the same after
+# a cool-down, not all at its end. A caller back early keeps its place. A token taken up to 1 ms
+# early leaves the bucket below zero: over time the cap holds. Returns the seconds to wait as a
+# string (Redis would truncate a Lua number to an integer); a wait is never 0: that is a grant.
 _ACQUIRE = (
     _STATE
     + """
-local ready = at + (1 - tokens) / rate
+local caller, held_s, kept_s = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - kept_s)
+local mine = tonumber(redis.call('ZSCORE', KEYS[2], caller))
+if mine and mine > now + 0.001 then
+  return string.format('%.6f', math.max(mine - now, 0.000001))
+end
 local wait = 0
-if ready <= now + 0.001 then
+local ready = at + (1 - tokens) / rate
+if mine and at <= now + 0.001 then
+  redis.call('ZREM', KEYS[2], caller)
   tokens = tokens - 1
-else
+elseif ready <= now + 0.001 and redis.call('ZCOUNT', KEYS[2], now - held_s, '+inf') == 0 then
+  tokens = tokens - 1
+else  -- no token, a line ahead, or (for a place come due) a cool-down: to the back of the line
   tail = math.max(tail + 1 / rate, ready)
   wait = math.max(tail - now, 0.000001)
+  redis.call('ZADD', KEYS[2], tail, caller)
+  redis.call('EXPIRE', KEYS[2], 3600)
 end
 store()
 return string.format('%.6f', wait)
@@ -88,9 +106,15 @@ class UpstreamThrottle:
         self._acquire = client.register_script(_ACQUIRE)
         self._cool_down = client.register_script(_COOL_DOWN)
 
-    def acquire(self) -> float:
-        """0 if a call may be made now (one token taken); else seconds until one may."""
-        return float(self._acquire(keys=[BUCKET_KEY], args=[self.rate_per_s, self.burst]))
+    def acquire(self, caller: str) -> float:
+        """0 if `caller` (a job id) may make a call now (one token taken); else seconds until it
+        may — its place in line, which it keeps until it comes back."""
+        return float(
+            self._acquire(
+                keys=[BUCKET_KEY, PLACES_KEY],
+                args=[self.rate_per_s, self.burst, caller, PLACE_HELD_S, PLACE_KEPT_S],
+            )
+        )
 
     def cool_down(self, seconds: float | None) -> None:
         """RunComfy said 429: no worker calls it again for `seconds` (default 1 s)."""
