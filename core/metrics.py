@@ -24,6 +24,10 @@ COUNTER_HELP = {
     "upstream_polls": "Status/result calls made to RunComfy.",
     "upstream_cancels": "Cancel calls made to RunComfy.",
     "upstream_transient_errors": "RunComfy calls that failed in a way worth retrying.",
+    "upstream_calls_postponed": (
+        "Job steps postponed by the shared RunComfy request-rate cap (RUNCOMFY_MAX_RPS) or a "
+        "429's cool-down."
+    ),
     "submit_outcome_unknown": "Submits whose outcome was unknown (possible duplicate generation).",
     "webhook_attempts": "Webhook delivery attempts.",
     "webhook_delivered": "Webhook events delivered (2xx).",

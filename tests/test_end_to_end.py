@@ -19,7 +19,7 @@ from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, admit, wait_until
 from workers.pipeline import JobPipeline
 from workers.polling import FIRST_POLL_S
 from workers.run_times import UNKNOWN_RECHECK_S
-from workers.throttle import BUCKET_KEY
+from workers.throttle import BUCKET_KEY, PLACES_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -173,9 +173,37 @@ def submitted_here(
         pipeline.advance(job_id)
         yield job_id
     finally:
-        pipeline.store.redis.delete(BUCKET_KEY)  # a 429's pause of every call to RunComfy
+        pipeline.store.redis.delete(BUCKET_KEY, PLACES_KEY)  # a 429's pause of every call
         stack.emulator("/_emulator/reset", method="POST")
         stack.worker.signal(signal.SIGCONT)
+
+
+def test_a_step_over_the_rate_cap_waits_for_its_place_and_is_counted(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline
+) -> None:
+    """While the shared rate cap is spent (here: a 429's cool-down), a due submit makes no call:
+    the job is due again at the moment the bucket gave it, and the postponement is counted."""
+    stack.worker.signal(signal.SIGSTOP)  # only this test's pipeline acts on the job
+    try:
+        job_id = api_client.post("/v1/jobs", json=job_body(stack, unique("capped"))).get_json()[
+            "id"
+        ]
+        admit(pipeline)
+        before = pipeline.counters.read()
+        asked_at = time.time()
+        pipeline.throttle.cool_down(5.0)
+        pipeline.advance(job_id)
+        after = pipeline.counters.read()
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.status.value == "queued" and job.submit_attempts == 0
+        assert after["upstream_submits"] == before["upstream_submits"]
+        assert after["upstream_calls_postponed"] == before["upstream_calls_postponed"] + 1
+        due_at = pipeline.store.job_schedule.due_at(job_id)
+        assert due_at is not None and asked_at + 4.9 <= due_at <= asked_at + 5.5
+    finally:
+        pipeline.store.redis.delete(BUCKET_KEY, PLACES_KEY)
+        stack.worker.signal(signal.SIGCONT)
+    assert api_client.wait_final(job_id)["status"] == "succeeded"
 
 
 def test_a_submit_told_to_wait_past_the_deadline_is_looked_at_by_the_deadline(

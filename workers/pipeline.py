@@ -94,6 +94,7 @@ class JobPipeline:
         wait_s = self.throttle.acquire(job.id)
         if wait_s <= 0:
             return True
+        self.counters.add("upstream_calls_postponed")
         self.store.job_schedule.postpone(job.id, min(job.deadline_at, now + wait_s))
         return False
 
