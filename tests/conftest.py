@@ -110,6 +110,7 @@ def start_stack(
     workers: int = 1,
     env: dict[str, str] | None = None,
     emulator_args: tuple[str, ...] = ("--queue-s", "0.3", "--run-s", "0.5"),
+    concurrency: int = 2,
 ) -> Stack:
     """redis-server (AOF), the emulator, Celery worker(s) and beat, each its own process."""
     logs = base / "logs"
@@ -131,7 +132,9 @@ def start_stack(
         env=full_env,
         log_path=logs / "emulator.log",
     ).start()
-    worker_processes = [worker_process(full_env, logs, f"worker{i + 1}") for i in range(workers)]
+    worker_processes = [
+        worker_process(full_env, logs, f"worker{i + 1}", concurrency) for i in range(workers)
+    ]
     beat = ManagedProcess(
         "beat", beat_argv(base / "beat-schedule"), env=full_env, log_path=logs / "beat.log"
     )

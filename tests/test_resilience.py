@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from cli.processes import free_port, venv_script
+from cli.processes import RedisServer, free_port, venv_script
 from core.clients import ClientStore
-from core.store import connect_redis
+from core.store import JobStore, connect_redis
 from service import create_app
 from tests.conftest import ApiClient, Stack, start_stack, wait_until
 from tests.test_end_to_end import job_body, submits_for, unique
@@ -186,3 +186,40 @@ def test_the_api_starts_and_answers_503_while_redis_is_down(own_stack: Stack) ->
     assert answer.headers["Content-Type"] == "application/problem+json"
     assert "Retry-After" in answer.headers
     assert http.get("/metrics").status_code == 503
+
+
+def test_a_broker_drop_does_not_cut_a_submit_short(tmp_path: Path) -> None:
+    """The broker (only) goes down while a submit is waiting for RunComfy's answer: the step
+    finishes and stores the request id — one paid submit, no "outcome unknown". (With Celery's
+    cancel-on-connection-loss, the task was terminated mid-call and the job submitted again.)"""
+    broker = RedisServer(tmp_path / "broker", appendonly=False).start()
+    slow = json.dumps({"rate_slow": 1.0, "slow_s": 3})
+    stack = start_stack(  # one process: -c 2 meets kombu's reconnect bug first (and exits)
+        tmp_path, env={"CELERY_BROKER_URL": broker.url, "EMULATOR_FAULTS": slow}, concurrency=1
+    )
+    try:
+        app = create_app({"TESTING": True, "SETTINGS": stack.settings()})
+        store = connect_redis(stack.redis_server.url)
+        api = ApiClient(ClientStore(store).create("b"), app.test_client())
+        prompt = unique("broker drop")
+        job_id = post_until_accepted(api, job_body(stack, prompt))
+        jobs = JobStore(store, retention_s=3600)
+        wait_until(
+            lambda: (job := jobs.get(job_id)) is not None and job.submit_started_at is not None,
+            timeout_s=30,
+            what="the submit under way",
+        )
+        time.sleep(0.5)  # the submit waits for its answer (3 s)
+        broker.kill()
+        time.sleep(2)
+        broker.start()
+        deadline = time.monotonic() + 60
+        while (job := jobs.get(job_id)) is not None and not job.status.is_final:
+            assert time.monotonic() < deadline, f"not final 60 s after the broker came back: {job}"
+            ensure_worker(stack)  # the supervisor's part, should the worker exit
+            time.sleep(0.5)
+        assert job is not None and job.status.value == "succeeded", job
+        assert job.submit_unknown_outcomes == 0 and submits_for(stack, prompt) == 1
+    finally:
+        stack.stop()
+        broker.stop()

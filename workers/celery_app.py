@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import setup_logging
 from kombu import Exchange, Queue
 
 from core.logs import configure_logging
 from core.settings import Settings, load_settings
 from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK, JOBS_QUEUE, WEBHOOKS_QUEUE
+
+# Celery warns on every broker connection loss that cancelling the tasks it holds will become
+# the default in 6.0; ours is set, to False, on purpose (see worker_cancel_long_running_tasks…).
+warnings.filterwarnings(
+    "ignore", message=r"\s*In Celery 5.1 we introduced", category=CPendingDeprecationWarning
+)
 
 
 def create_celery_app(settings: Settings | None = None) -> Celery:
@@ -39,7 +48,10 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_transport_options={"visibility_timeout": 600},
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A dispatch whose broker connection drops runs to its end (its steps stored), rather than
+        # being terminated mid-call: a submit cut off that way is "outcome unknown" and is sent
+        # again — a second paid run. Its trigger then comes back from the broker: harmless.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
