@@ -100,6 +100,7 @@ class Job:
     submit_started_at: float | None = None
     submit_attempts: int = 0
     submit_unknown_outcomes: int = 0
+    submits_unanswered: int = 0  # of those: no answer at all (timed out, cut off, worker died)
     cancel_sent: bool = False
     polls: int = 0
     running_since: float | None = None  # estimated start of the run (see workers/polling.py)

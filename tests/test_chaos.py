@@ -29,6 +29,7 @@ from core.store import JobStore, connect_redis
 from core.webhooks import PENDING, TERMINAL_EVENT_TYPES
 from service import create_app
 from tests.conftest import ApiClient, Stack, start_stack, wait_until
+from workers.pipeline import MAX_UNANSWERED_SUBMITS
 
 pytestmark = pytest.mark.integration
 
@@ -248,9 +249,14 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             s.value for s in Status if s.is_final
         }
         assert statuses["succeeded"] > JOBS * 0.8, statuses
-        assert set(error_codes) <= {"upstream_failed"}, (
-            error_codes
-        )  # only the emulator's failed runs
+        # The emulator's failed runs, and jobs whose submits went unanswered twice (slow answers
+        # past the client timeout, trickled ones cut off, a worker killed during the call).
+        assert set(error_codes) <= {"upstream_failed", "submit_outcome_unknown"}, error_codes
+        assert all(
+            j.submits_unanswered > MAX_UNANSWERED_SUBMITS
+            for j in jobs
+            if j is not None and j.error is not None and j.error.code == "submit_outcome_unknown"
+        )
         assert len(final_events) == JOBS  # one final event per job
         assert not undelivered, f"{len(undelivered)} final webhooks never received"
         assert not receiver.rejected

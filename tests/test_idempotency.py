@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from core.jobs import Status
+from core.jobs import Status, Upstream
 from core.metrics import Counters
 from core.store import JobStore, Step
 from core.wakeups import DISPATCH_JOBS_TASK, JOBS_QUEUE
@@ -19,6 +19,7 @@ from tests.conftest import ApiClient, Stack, admit, wait_until
 from tests.test_end_to_end import job_body, submits_for, unique
 from workers.celery_app import create_celery_app
 from workers.pipeline import JobPipeline
+from workers.runcomfy import RunComfyClient
 
 pytestmark = pytest.mark.integration
 
@@ -109,8 +110,116 @@ def test_a_submit_interrupted_before_its_answer_follows_submit_unknown(
         else:
             assert job.status is Status.QUEUED and job.submit_started_at is None
             assert job.submit_unknown_outcomes == 1 and "submit outcome unknown" in job.notes[-1]
+            assert job.submits_unanswered == 1
     finally:
         stack.worker.signal(signal.SIGCONT)
     final = api_client.wait_final(job_id)
     assert final["status"] == ("succeeded" if rule == "resubmit" else "failed")
     assert submits_for(stack, prompt) == (1 if rule == "resubmit" else 0)
+
+
+def test_a_job_whose_submits_go_unanswered_twice_ends_failed_not_submitted_again(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline
+) -> None:
+    """RunComfy answers submits only after the client's timeout (each one accepted: a paid run):
+    the job is submitted once more, then ends failed with submit_outcome_unknown — not one paid
+    run per backoff until its deadline."""
+    pipeline.runcomfy = RunComfyClient(
+        base_url=pipeline.settings.runcomfy_base_url,
+        token=pipeline.settings.runcomfy_api_token,
+        model_id=pipeline.settings.runcomfy_model_id,
+        timeout_s=0.5,
+    )
+    prompt = unique("unanswered")
+    stack.worker.signal(signal.SIGSTOP)
+    stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 1.0, "slow_s": 1.0})
+    try:
+        job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
+        admit(pipeline)
+        pipeline.advance(job_id)
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.status is Status.QUEUED and job.submits_unanswered == 1
+        pipeline.advance(job_id)  # the resubmit (due after its backoff; taken now)
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.status is Status.FAILED and job.error is not None
+        assert job.error.code == "submit_outcome_unknown"
+        assert "answered none of 2 submits" in job.error.message
+        pipeline.advance(job_id)
+        wait_until(lambda: submits_for(stack, prompt) == 2, timeout_s=5, what="both submits")
+        time.sleep(1.2)
+        assert submits_for(stack, prompt) == 2  # and no third
+    finally:
+        stack.emulator("/_emulator/reset", method="POST")
+        stack.worker.signal(signal.SIGCONT)
+        pipeline.runcomfy.close()
+
+
+def test_submits_answered_with_a_5xx_are_retried_until_it_passes(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline
+) -> None:
+    """A 5xx answer may have been accepted too, but an outage answers every submit so: those
+    are retried (each counted) for as long as the job lives, and no answer is missing."""
+    stack.worker.signal(signal.SIGSTOP)
+    try:
+        body = job_body(stack, unique("outage [emulator:submit-500]"))
+        job_id = api_client.post("/v1/jobs", json=body).get_json()["id"]
+        admit(pipeline)
+        for _ in range(3):
+            pipeline.advance(job_id)
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.status is Status.QUEUED
+        assert job.submit_unknown_outcomes == 3 and job.submits_unanswered == 0
+        assert api_client.post(f"/v1/jobs/{job_id}/cancel").get_json()["status"] == "cancelled"
+    finally:
+        stack.worker.signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("meanwhile", ["request id stored", "submitting anew"])
+def test_a_worker_with_a_stale_view_of_a_submit_changes_nothing(
+    stack: Stack,
+    api_client: ApiClient,
+    pipeline: JobPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: str,
+) -> None:
+    """A worker finds a submit mark past its lease; just after that read, the submitting worker
+    stores the request id — or another worker, having settled that mark first, is submitting
+    anew. The job is neither failed (SUBMIT_UNKNOWN=fail) nor its new mark cleared (which would
+    orphan that submit's paid run): a step changes the job only while it holds the mark seen."""
+    pipeline.settings = replace(pipeline.settings, submit_unknown="fail")  # type: ignore[assignment]
+    prompt = unique("stale view")
+    stack.worker.signal(signal.SIGSTOP)
+    try:
+        job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
+        admit(pipeline)
+        stale = time.time() - pipeline.settings.step_lease_s - 1
+        pipeline.store.change(
+            job_id,
+            lambda j: Step(j.changed(stale, submit_started_at=stale, submit_attempts=1), stale),
+        )
+        seen = pipeline.store.read(job_id)
+        now = time.time()
+        if meanwhile == "request id stored":
+            upstream = Upstream(request_id="req_stored_meanwhile", status="in_queue")
+            after = pipeline.store.change(
+                job_id,
+                lambda j: Step(
+                    j.moved_to(Status.SUBMITTED, now, upstream=upstream, submit_started_at=None),
+                    now + 600,
+                ),
+            )
+        else:
+            after = pipeline.store.change(
+                job_id,
+                lambda j: Step(j.changed(now, submit_started_at=now, submit_attempts=2), now + 60),
+            )
+        reads = iter([seen])  # the step's first read: the record as it was
+        real_read = pipeline.store.read
+        monkeypatch.setattr(pipeline.store, "read", lambda i: next(reads, None) or real_read(i))
+        pipeline.advance(job_id)
+        monkeypatch.undo()
+        assert after is not None and pipeline.store.get(job_id) == after.job  # untouched
+        assert submits_for(stack, prompt) == 0
+        pipeline.store.change(job_id, lambda j: Step(j.moved_to(Status.CANCELLED, now), None))
+    finally:
+        stack.worker.signal(signal.SIGCONT)

@@ -30,6 +30,10 @@ from workers.runcomfy import (
 )
 from workers.throttle import UpstreamThrottle
 
+# Submits of one job that may go without any answer (timed out, cut off, the worker died during
+# the call) before it ends failed: each may be a paid run (PRODUCT §7: "submitted once more").
+MAX_UNANSWERED_SUBMITS = 1
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +66,7 @@ class JobPipeline:
                 if now - job.submit_started_at < self.settings.step_lease_s:
                     return  # another worker is submitting right now; its commit decides
                 self._submit_outcome_unknown(
-                    job, "a submit was interrupted before its answer was stored"
+                    job, "a submit was interrupted before its answer was stored", answered=False
                 )
             elif job.cancel_requested:
                 self._commit(job.id, lambda j: _final_if_live(j, Status.CANCELLED, self.clock()))
@@ -126,7 +130,12 @@ class JobPipeline:
         except TransientUpstreamError as exc:
             self._on_transient(exc)
             if exc.maybe_processed:
-                self._submit_outcome_unknown(job, exc.message, exc.retry_after_s)
+                self._submit_outcome_unknown(
+                    marked.job,
+                    exc.message,
+                    answered=exc.http_status is not None,
+                    retry_after_s=exc.retry_after_s,
+                )
             else:
                 self._retry_submit_later(job, exc)
             return
@@ -187,10 +196,18 @@ class JobPipeline:
         self._commit(job.id, clear_mark)
 
     def _submit_outcome_unknown(
-        self, job: Job, reason: str, retry_after_s: float | None = None
+        self, job: Job, reason: str, *, answered: bool, retry_after_s: float | None = None
     ) -> None:
-        """RunComfy may or may not have accepted the submit: apply SUBMIT_UNKNOWN (a resubmit
-        waits at least `retry_after_s`, the 5xx's Retry-After)."""
+        """RunComfy may or may not have accepted the submit that `job` (as it was marked) made:
+        apply SUBMIT_UNKNOWN. A resubmit waits at least `retry_after_s`, the 5xx's Retry-After.
+
+        `answered`: RunComfy answered, with a 5xx. Otherwise no answer came at all (timed out,
+        cut off, or the worker died during the call), and RunComfy may well be running the job:
+        such a job is submitted once more, and ends failed if that one goes unanswered too —
+        when RunComfy is slow to answer submits, each resubmit would be one more paid run, up
+        to the deadline. A 5xx outage is retried until the deadline (most such answers accept
+        nothing). The step changes the job only if it still holds the mark it was given.
+        """
         now = self.clock()
         self.counters.add("submit_outcome_unknown")
         log.warning(
@@ -202,27 +219,41 @@ class JobPipeline:
                 "rule": self.settings.submit_unknown,
             },
         )
-        if self.settings.submit_unknown == "fail":
-            message = (
-                f"whether RunComfy accepted the job is unknown ({reason}); not submitting it again"
-            )
-            self._fail(job.id, "submit_outcome_unknown", message)
-            return
+        mark = job.submit_started_at
 
-        def resubmit(j: Job) -> Step | None:
-            if j.status is not Status.QUEUED or j.submit_started_at is None:
-                return None
-            noted = j.with_note(now, f"submit outcome unknown ({reason}); submitting again")
-            changed = noted.changed(
+        def settle(j: Job) -> Step | None:
+            if j.status is not Status.QUEUED or j.submit_started_at != mark:
+                return None  # stored meanwhile (request id), ended, or marked anew
+            unanswered = j.submits_unanswered + (0 if answered else 1)
+            if self.settings.submit_unknown == "fail":
+                message = f"whether RunComfy accepted the job is unknown ({reason}); not submitting it again"
+            elif unanswered > MAX_UNANSWERED_SUBMITS:
+                message = (
+                    f"RunComfy answered none of {unanswered} submits of the job ({reason}); "
+                    "not submitting it again: it may already be running"
+                )
+            else:
+                noted = j.with_note(now, f"submit outcome unknown ({reason}); submitting again")
+                changed = noted.changed(
+                    now,
+                    submit_started_at=None,
+                    submit_unknown_outcomes=j.submit_unknown_outcomes + 1,
+                    submits_unanswered=unanswered,
+                    transient_errors=j.transient_errors + 1,
+                )
+                wait_s = backoff_s(j.transient_errors + 1, retry_after_s=retry_after_s)
+                return Step(changed, min(j.deadline_at, now + wait_s))
+            counted = j.changed(
                 now,
-                submit_started_at=None,
                 submit_unknown_outcomes=j.submit_unknown_outcomes + 1,
-                transient_errors=j.transient_errors + 1,
+                submits_unanswered=unanswered,
             )
-            wait_s = backoff_s(j.transient_errors + 1, retry_after_s=retry_after_s)
-            return Step(changed, min(j.deadline_at, now + wait_s))
+            error = JobError("submit_outcome_unknown", message)
+            return Step(
+                counted.moved_to(Status.FAILED, now, error=error, submit_started_at=None), None
+            )
 
-        self._commit(job.id, resubmit)
+        self._commit(job.id, settle)
 
     # --- poll -------------------------------------------------------------------------------
 
