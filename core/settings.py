@@ -23,6 +23,8 @@ DEFAULT_WEBHOOK_RETRY_SCHEDULE_S: tuple[float, ...] = (
     86400,
 )
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = ",".join(f"{s:g}" for s in DEFAULT_WEBHOOK_RETRY_SCHEDULE_S)
+MAX_RETRY_GAP_S = 7 * 24 * 3600
+DELIVERY_LATENESS_S = 3600
 
 
 class SettingsError(ValueError):
@@ -64,9 +66,15 @@ def _schedule(text: str) -> tuple[float, ...]:
         delays = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError as exc:
         raise ValueError("must be comma-separated seconds, e.g. 0,5,300") from exc
-    if not delays or any(d < 0 for d in delays):
-        raise ValueError("must be a non-empty list of seconds >= 0")
+    if not delays or not all(0 <= d <= MAX_RETRY_GAP_S for d in delays):  # NaN fails too
+        raise ValueError(f"must be a non-empty list of seconds from 0 to {MAX_RETRY_GAP_S}")
     return delays
+
+
+def delivery_span_s(schedule: tuple[float, ...], attempt_timeout_s: float) -> float:
+    """From a job's end to its event's last possible attempt: the gaps, each attempt's time,
+    and DELIVERY_LATENESS_S for attempts that start late (workers busy or restarting)."""
+    return sum(schedule) + len(schedule) * attempt_timeout_s + DELIVERY_LATENESS_S
 
 
 def load_settings() -> Settings:
@@ -144,6 +152,13 @@ def _read(env: environs.Env) -> Settings:
         raise SettingsError(
             "bad setting RUNCOMFY_API_TOKEN: required when RUNCOMFY_BASE_URL is RunComfy's "
             "(set the token, or point RUNCOMFY_BASE_URL at the emulator)"
+        )
+    span_s = delivery_span_s(settings.webhook_retry_schedule_s, settings.webhook_timeout_s)
+    if settings.job_retention_s < span_s:
+        raise SettingsError(
+            f"bad setting JOB_RETENTION_S: {settings.job_retention_s} s is shorter than webhook "
+            f"delivery can take ({span_s:.0f} s: WEBHOOK_RETRY_SCHEDULE, WEBHOOK_TIMEOUT_S per "
+            f"attempt, {DELIVERY_LATENESS_S} s late); events would expire before their last attempt"
         )
     if settings.step_lease_s <= settings.runcomfy_timeout_s * 2:
         raise SettingsError("bad setting STEP_LEASE_S: must exceed twice RUNCOMFY_TIMEOUT_S")

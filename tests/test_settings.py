@@ -64,6 +64,10 @@ def test_secret_from_a_file(env: pytest.MonkeyPatch, tmp_path: pytest.TempPathFa
         ("WEBHOOK_TIMEOUT_S", "0"),
         ("WEBHOOK_RECEIVER_CONCURRENCY", "0"),
         ("JOB_RETENTION_S", "10"),
+        ("JOB_RETENTION_S", "3600"),  # shorter than the default schedule's three days
+        ("WEBHOOK_RETRY_SCHEDULE", "0,nan"),
+        ("WEBHOOK_RETRY_SCHEDULE", "0,inf"),
+        ("WEBHOOK_RETRY_SCHEDULE", "0,1e12"),
     ],
 )
 def test_bad_values_name_the_setting(env: pytest.MonkeyPatch, name: str, value: str) -> None:
