@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -48,8 +49,11 @@ def can_move(current: Status, target: Status) -> bool:
     return not current.is_final and target.rank > current.rank
 
 
+JOB_ID_PATTERN = re.compile(r"job_[0-9a-f]{24}")
+
+
 def new_job_id() -> str:
-    """A fresh, unguessable job id."""
+    """A fresh, unguessable job id (matches JOB_ID_PATTERN)."""
     return "job_" + secrets.token_hex(12)
 
 

@@ -10,7 +10,7 @@ from flask.views import MethodView
 from flask_smorest import abort
 
 from core.commands import CommandRefused, WebhookUrlRefused
-from core.jobs import Job
+from core.jobs import JOB_ID_PATTERN, Job
 from core.store import IdempotencyMismatch
 from service.auth import authenticate, current_client
 from service.context import ctx
@@ -55,7 +55,12 @@ def job_location(job_id: str) -> str:
 
 
 def _own_job(job_id: str) -> Job:
-    job = ctx().store.get_for_client(current_client().id, job_id)
+    # Not a job id, no job: never a Redis key of another kind ("job_…:events" was a 500).
+    job = (
+        ctx().store.get_for_client(current_client().id, job_id)
+        if JOB_ID_PATTERN.fullmatch(job_id)
+        else None
+    )
     if job is None:
         abort(404, message=f"No job {job_id!r} for this client.")
     assert job is not None  # abort raised

@@ -24,7 +24,7 @@ from core import egress
 from core.clients import ClientStore, NewClientCredentials
 from core.egress import EgressPolicy
 from core.names import NameLookup
-from core.store import PREFIX, connect_redis
+from core.store import PREFIX, JobStore, connect_redis
 from core.wakeups import JOBS_QUEUE
 from service.jobs import job_location
 from service.schemas import (
@@ -145,6 +145,10 @@ def isolated(stack: Stack, make_app: Callable[..., Any]) -> Iterator[Isolated]:
         headers={"Authorization": f"Bearer {alice.api_key}"},
     )
     assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "cancelled"
+    # The lists a job with a webhook has beside its record (its events, their attempts): a path
+    # naming one of those keys must find no job.
+    client.rpush(JobStore.job_events_key(job_ids["alice_final"]), "msg_0")
+    client.rpush(JobStore.deliveries_key(job_ids["alice_final"]), "{}")
 
     iso = Isolated(client, http, alice, bob, revoked, job_ids)
     iso.forget_wakeups()
@@ -499,6 +503,24 @@ BAD_REQUESTS = [
     pytest.param(
         Bad(404, method="GET", path="/v1/jobs/job_doesnotexist", content_type=None),
         id="get-nonexistent-job",
+    ),
+    *(  # an id naming another of the job's keys (a list, a hash) is no job either
+        pytest.param(
+            Bad(
+                404,
+                method=method,
+                path=path.format(job="{alice_final}" + suffix),
+                content_type=None,
+            ),
+            id=f"{label}-job-id{suffix.replace(':', '-')}",
+        )
+        for suffix in (":events", ":deliveries")
+        for label, method, path in (
+            ("get", "GET", "/v1/jobs/{job}"),
+            ("cancel", "POST", "/v1/jobs/{job}/cancel"),
+            ("deliveries", "GET", "/v1/jobs/{job}/deliveries"),
+            ("redeliver", "POST", "/v1/jobs/{job}/webhook/redeliver"),
+        )
     ),
     pytest.param(
         Bad(404, path="/v1/jobs/job_doesnotexist/cancel", content_type=None),
