@@ -10,13 +10,16 @@ import click
 import redis
 
 from core.clients import ClientStore
-from core.settings import Settings
+from core.settings import SettingsError, load_redis_url
 from core.store import connect_redis
 
 
 def _client_store() -> ClientStore:
     # Only the store matters here: don't demand the RunComfy token of someone adding a client.
-    redis_url = os.environ.get("REDIS_URL", Settings.redis_url)
+    try:
+        redis_url = load_redis_url()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     client = connect_redis(redis_url, socket_timeout_s=5)
     try:
         client.ping()

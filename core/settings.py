@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import environs
 import marshmallow.validate as mv
 
 RUNCOMFY_PUBLIC_BASE_URL = "https://model-api.runcomfy.net"
 DEFAULT_MODEL_ID = "tongyi-mai/z-image/turbo/inpainting/lora"
+T = TypeVar("T")
 DEFAULT_WEBHOOK_RETRY_SCHEDULE_S: tuple[float, ...] = (
     0,
     5,
@@ -82,19 +84,34 @@ def load_settings() -> Settings:
 
     Each variable may instead be given as NAME_FILE (a path), for mounted secrets.
     """
+    return _reading(_read)
+
+
+def load_redis_url() -> str:
+    """Only REDIS_URL (or REDIS_URL_FILE), as load_settings reads it: for tools that need the
+    store alone, and should not demand the rest (the RunComfy token) of their user."""
+    return _reading(_redis_url)
+
+
+def _reading(read: Callable[[environs.Env], T]) -> T:
     env = environs.FileAwareEnv(eager=True, strip_whitespace=True)
     try:
-        return _read(env)
+        return read(env)
     except (environs.EnvError, ValueError) as exc:
         if isinstance(exc, SettingsError):
             raise
         raise SettingsError(f"bad setting: {exc}") from None
 
 
-def _read(env: environs.Env) -> Settings:
-    redis_url = env.str(
+def _redis_url(env: environs.Env) -> str:
+    url: str = env.str(
         "REDIS_URL", Settings.redis_url, validate=_url_scheme("redis", "rediss", "unix")
     )
+    return url
+
+
+def _read(env: environs.Env) -> Settings:
+    redis_url = _redis_url(env)
     broker = env.str(
         "CELERY_BROKER_URL", redis_url, validate=_url_scheme("redis", "rediss", "amqp", "amqps")
     )

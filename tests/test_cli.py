@@ -61,6 +61,21 @@ def test_create_list_revoke(stack: Stack, redis_client: redis.Redis) -> None:
     assert cli(stack, "clients", "revoke", "cli_nope").returncode != 0
 
 
+def test_the_store_url_may_come_from_a_file(stack: Stack, tmp_path: Any) -> None:
+    """REDIS_URL_FILE (a mounted secret, as deploy/ recommends for a URL with a password) is
+    read as the services read it — not ignored for localhost's Redis."""
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(stack.redis_server.url + "\n")
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL_FILE": str(url_file)}
+    argv = [venv_script("inpaint-gateway"), "clients"]
+    created = subprocess.run([*argv, "create", "from-file", "--json"], env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    client_id = json.loads(created.stdout)["client_id"]
+    listed = cli(stack, "clients", "list", "--json")  # by REDIS_URL: the same store
+    assert client_id in {row["client_id"] for row in json.loads(listed.stdout)}
+
+
 def test_unreachable_redis_is_one_clear_line() -> None:
     result = subprocess.run(
         [venv_script("inpaint-gateway"), "clients", "list"],
