@@ -237,6 +237,28 @@ def test_json_nested_deeper_than_python_goes_is_a_bad_answer_not_a_crash() -> No
         client.close()
 
 
+def test_a_failed_result_with_an_error_nested_deep_is_read_not_a_crash() -> None:
+    """An error 600 lists deep (1.2 KB) and times of hundreds of digits: a failed run with a
+    readable error. (Reading it recursed 600 deep, and the step crashed on every try until the
+    job's deadline; a timestamp too big for a float did the same.)"""
+    error = "[" * 600 + '"the model fell over"' + "]" * 600
+    body = (
+        '{"request_id": "r", "status": "failed", "error": ' + error + ","
+        ' "created_at": ' + "9" * 400 + ', "finished_at": 1e999}'
+    ).encode()
+
+    def deep(connection: socket.socket, _stop: threading.Event) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        connection.sendall(head.encode() + body)
+
+    with raw_upstream(deep) as base_url:
+        client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
+        state = client.result("r")
+        client.close()
+    assert state.status == "failed" and state.error and 0 < len(state.error) <= 500
+    assert state.created_at is None and state.finished_at is None
+
+
 class KeptAliveUpstream(BaseHTTPRequestHandler):
     """Answers every GET with a queued status over HTTP/1.1, connections kept; counts them."""
 

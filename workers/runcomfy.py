@@ -7,6 +7,8 @@ Every documented answer shape maps to a small dataclass or to one of two errors:
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +34,11 @@ KNOWN_STATUSES = (
     QUEUED_STATUSES | RUNNING_STATUSES | SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
 )
 MAX_ERROR_TEXT = 500
+MAX_ERROR_DEPTH = 4  # lists within lists RunComfy's error is read into; deeper is shown as is
+# Any answer value as a short line, however deep or long (a plain str() of a value nested 600
+# deep raised RecursionError: the step crashed on every try until the job's deadline).
+_SNIPPETS = reprlib.Repr()
+_SNIPPETS.maxlevel, _SNIPPETS.maxstring, _SNIPPETS.maxother = 3, 200, 200
 
 
 class UpstreamError(Exception):
@@ -195,7 +202,7 @@ class RunComfyClient:
     def cancel(self, request_id: str) -> CancelOutcome:
         """Ask RunComfy to cancel; only a queued request can be (branch on outcome)."""
         body = self._call("POST", f"/v1/requests/{quote(request_id, safe='')}/cancel")
-        outcome = str(body.get("outcome") or "")
+        outcome = body.get("outcome") if isinstance(body.get("outcome"), str) else ""
         if outcome not in {"cancelled", "canceled", "not_cancellable"}:
             raise PermanentUpstreamError(f"cancel answer has no known outcome: {_snippet(body)}")
         return CancelOutcome(request_id, outcome in {"cancelled", "canceled"}, outcome)
@@ -312,7 +319,11 @@ def _interpret(
 def _timestamp(value: Any) -> float | None:
     """An ISO-8601 time (or epoch seconds) as epoch seconds; None if absent or unreadable."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return None
+        return seconds if math.isfinite(seconds) else None
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -355,19 +366,21 @@ def _images_of(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _readable_error(error: Any) -> str | None:
+def _readable_error(error: Any, depth: int = 0) -> str | None:
     """RunComfy's failure detail (a string, an object, or a list) as one readable line."""
     if error is None or error == "":
         return None
     if isinstance(error, str):
         text = error
+    elif depth >= MAX_ERROR_DEPTH:
+        text = _snippet(error)
     elif isinstance(error, dict):
-        parts = [str(error[k]) for k in ("type", "code", "message", "detail") if error.get(k)]
+        parts = [_snippet(error[k]) for k in ("type", "code", "message", "detail") if error.get(k)]
         text = ": ".join(parts) if parts else _snippet(error)
     elif isinstance(error, list):
-        text = "; ".join(filter(None, (_readable_error(e) for e in error)))
+        text = "; ".join(filter(None, (_readable_error(e, depth + 1) for e in error)))
     else:
-        text = str(error)
+        text = _snippet(error)
     return text[:MAX_ERROR_TEXT]
 
 
@@ -404,4 +417,4 @@ def _connection_not_made(exc: BaseException) -> str | None:
 
 
 def _snippet(value: Any) -> str:
-    return str(value)[:200]
+    return value[:200] if isinstance(value, str) else _SNIPPETS.repr(value)
