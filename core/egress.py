@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 import urllib3
@@ -227,21 +227,30 @@ class EgressPolicy:
 
     def check_url(self, url: str) -> None:
         """Raise ValueError for a malformed webhook URL, RefusedDestination for a refused one."""
-        if any(char.isspace() or not char.isprintable() or char == "\\" for char in url):
-            raise ValueError(f"webhook URL contains characters not allowed in a URL: {url!r}")
-        parts = urlsplit(url)
+        parts = split_http_url(url, "webhook URL")
         scheme = parts.scheme.lower()
-        if scheme not in DEFAULT_PORTS:
-            raise ValueError(f"webhook URL must use https (or http), not {scheme or 'no scheme'!r}")
-        if "@" in parts.netloc:
-            raise ValueError("webhook URL must not contain a user name or password")
-        if not parts.hostname:
-            raise ValueError(f"webhook URL has no host: {url!r}")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"webhook URL has an invalid port: {url!r}") from exc
-        self.pick_address(parts.hostname, port or DEFAULT_PORTS[scheme], scheme=scheme)
+        assert parts.hostname is not None  # split_http_url refused a URL without one
+        self.pick_address(parts.hostname, parts.port or DEFAULT_PORTS[scheme], scheme=scheme)
+
+
+def split_http_url(url: str, what: str) -> SplitResult:
+    """`url` split, if it is a well-formed http(s) URL with a host, a valid port and no user name
+    or password; else ValueError saying why (`what` names the URL in the message)."""
+    if any(char.isspace() or not char.isprintable() or char == "\\" for char in url):
+        raise ValueError(f"{what} contains characters not allowed in a URL: {url!r}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"{what} must use https (or http), not {scheme or 'no scheme'!r}")
+    if "@" in parts.netloc:
+        raise ValueError(f"{what} must not contain a user name or password")
+    if not parts.hostname:
+        raise ValueError(f"{what} has no host: {url!r}")
+    try:
+        parts.port  # noqa: B018  # urlsplit checks the port only when asked for it
+    except ValueError as exc:
+        raise ValueError(f"{what} has an invalid port: {url!r}") from exc
+    return parts
 
 
 class _ReusedWhileFresh:

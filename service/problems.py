@@ -103,4 +103,8 @@ class ProblemApi(Api):
             errors = None
         elif status == 422:
             detail = "The request body or query has invalid fields; see errors."
-        return problem(status, error.name, str(detail), errors, data.get("headers"))
+        headers = dict(data.get("headers") or {})
+        allow = next((v for k, v in error.get_headers() if k == "Allow"), None)
+        if allow is not None:  # a 405 says which methods the resource has (RFC 9110)
+            headers["Allow"] = allow
+        return problem(status, error.name, str(detail), errors, headers)

@@ -14,6 +14,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validates, validates_schema
 from marshmallow import validate as v
 
+from core.egress import split_http_url
 from core.webhooks import EVENT_TYPES, TERMINAL_EVENT_TYPES
 
 MAX_PROMPT_CHARS = 8000
@@ -55,11 +56,20 @@ class StrictInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+def _well_formed(url: str) -> None:
+    """What marshmallow's URL check lets through: a port out of range, control characters,
+    a user name or password (a secret that every job resource and webhook would carry)."""
+    try:
+        split_http_url(url, "URL")
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+
 def _http_url(**kwargs: Any) -> fields.Url:
     return fields.Url(
         schemes=HTTP_SCHEMES,
         require_tld=False,
-        validate=v.Length(max=MAX_URL_CHARS),
+        validate=[v.Length(max=MAX_URL_CHARS), _well_formed],
         metadata={"description": f"http(s) URL, at most {MAX_URL_CHARS} characters"},
         **kwargs,
     )
@@ -138,7 +148,8 @@ class JobCreateSchema(InpaintInputSchema):
     def _metadata_size(self, value: dict[str, Any] | None, **_: Any) -> None:
         if (
             value is not None
-            and len(json.dumps(value, separators=(",", ":")).encode()) > MAX_METADATA_BYTES
+            and len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+            > MAX_METADATA_BYTES
         ):
             raise ValidationError(f"Must be at most {MAX_METADATA_BYTES} bytes of JSON.")
 

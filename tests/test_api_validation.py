@@ -379,6 +379,10 @@ BAD_REQUESTS = [
             ("javascript", "javascript:alert(1)"),
             ("no-scheme", "images.example.com/in.png"),
             ("over-4096-chars", LONG_URL),
+            ("port-out-of-range", "https://images.example.com:99999/in.png"),
+            ("nul-at-the-end", "https://images.example.com/in.png\x00"),
+            ("newline-inside", "https://images.example.com/in\n.png"),
+            ("user-and-password", "https://me:s3cret@images.example.com/in.png"),
         )
     ),
     # --- webhook URLs: malformed
@@ -625,6 +629,13 @@ def test_a_webhook_host_whose_name_servers_do_not_answer_is_a_422_within_the_loo
     assert changes(before, snapshot(isolated.redis)) == []
 
 
+def test_a_method_not_allowed_says_which_are(isolated: Isolated) -> None:
+    bad = Bad(405, method="DELETE", path="/v1/jobs/{alice_queued}", content_type=None)
+    resp = send(isolated, bad)
+    assert_problem(isolated, resp, bad)
+    assert {m.strip() for m in resp.headers["Allow"].split(",")} >= {"GET", "HEAD"}
+
+
 def test_the_cases_are_many_and_distinct() -> None:
     ids = [p.id for p in BAD_REQUESTS]
     assert len(ids) == len(set(ids)) and len(ids) >= 30
@@ -662,6 +673,10 @@ def test_the_base_body_is_accepted(isolated: Isolated) -> None:
                 "metadata": {"m": "z" * (MAX_METADATA_BYTES - len('{"m":""}'))},
             },
             id="every-field-at-its-limit",
+        ),
+        pytest.param(  # 4 KiB of UTF-8: two bytes a character, not \u00e9's six
+            {"metadata": {"m": "é" * ((MAX_METADATA_BYTES - len('{"m":""}')) // 2)}},
+            id="metadata-of-4KiB-in-utf-8",
         ),
         pytest.param(
             {"control_start": 1, "control_end": 1, "num_inference_steps": 1, "seed": 0},
