@@ -11,7 +11,6 @@ it in the same transaction as the final status).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import redis
 
@@ -59,6 +58,21 @@ return admitted
 """
 
 
+# KEYS: in_flight, the client's waiting list, waiting_clients, due_jobs
+# ARGV: job id, client id, recheck_at
+_STAY_IN_LINE = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local put_back = 0
+if not redis.call('LPOS', KEYS[2], ARGV[1]) then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2])
+  put_back = 1
+end
+redis.call('ZADD', KEYS[4], 'XX', ARGV[3], ARGV[1])
+return put_back
+"""
+
+
 class FairAdmission:
     """The global in-flight cap, with round-robin admission across clients."""
 
@@ -66,15 +80,11 @@ class FairAdmission:
         self.redis = client
         self._due_jobs_key = due_jobs_key
         self._admit = client.register_script(_ADMIT)
+        self._stay_in_line = client.register_script(_STAY_IN_LINE)
 
     @staticmethod
     def waiting_key(client_id: str) -> str:
         return WAITING_PREFIX + client_id
-
-    def enqueue(self, pipe: Any, job: Job) -> None:
-        """Put a new job at the back of its client's line (inside the caller's transaction)."""
-        pipe.rpush(self.waiting_key(job.client_id), job.id)
-        pipe.zadd(WAITING_CLIENTS_KEY, {job.client_id: 0}, nx=True)  # newcomers are served next
 
     def admit(
         self, *, max_in_flight: int, slot_ttl_s: float, now: float | None = None
@@ -91,15 +101,16 @@ class FairAdmission:
         """True once the job was admitted (until it is final)."""
         return self.redis.zscore(IN_FLIGHT_KEY, job_id) is not None
 
-    def ensure_waiting(self, job: Job) -> bool:
-        """Put a queued, unadmitted job back in line if it is missing there; True if it was."""
-        key = self.waiting_key(job.client_id)
-        if self.redis.lpos(key, job.id) is not None:
-            return False
-        with self.redis.pipeline(transaction=True) as pipe:
-            self.enqueue(pipe, job)
-            pipe.execute()
-        return True
+    def stay_in_line(self, job: Job, recheck_at: float) -> bool:
+        """A queued job not admitted yet: put it back in its line if it is missing there (True
+        if it was), and look at it again at `recheck_at`. One atomic call: a job admitted
+        meanwhile is left alone — due now, holding its slot — not put back and postponed."""
+        put_back = self._stay_in_line(
+            keys=[IN_FLIGHT_KEY, self.waiting_key(job.client_id), WAITING_CLIENTS_KEY,
+                  self._due_jobs_key],
+            args=[job.id, job.client_id, recheck_at],
+        )  # fmt: skip
+        return bool(put_back)
 
     def in_flight(self) -> int:
         """Slots held now."""

@@ -73,9 +73,23 @@ def test_a_lost_line_entry_is_put_back(scratch: redis.Redis) -> None:
     scratch.delete(store.admission.waiting_key("cli_a"))
     job = store.get(job_id)
     assert job is not None
-    assert store.admission.ensure_waiting(job) is True
-    assert store.admission.ensure_waiting(job) is False
+    assert store.admission.stay_in_line(job, recheck_at=1000.0) is True
+    assert store.admission.stay_in_line(job, recheck_at=2000.0) is False
+    assert store.job_schedule.due_at(job_id) == 2000.0
     assert store.admission.admit(max_in_flight=1, slot_ttl_s=600) == [job_id]
+
+
+def test_a_job_admitted_while_it_was_looked_at_is_left_due_now(scratch: redis.Redis) -> None:
+    """A worker saw the job without a slot; the admitter gave it one just after. Staying in
+    line then changes nothing: it is not put back in line, nor postponed 30 s holding its slot."""
+    store = JobStore(scratch, retention_s=3600)
+    [job_id] = accept(store, "cli_a", 1)
+    job = store.get(job_id)
+    assert job is not None and not store.admission.holds_slot(job_id)  # the worker's look
+    assert store.admission.admit(max_in_flight=1, slot_ttl_s=600, now=123.0) == [job_id]
+    assert store.admission.stay_in_line(job, recheck_at=153.0) is False
+    assert store.job_schedule.due_at(job_id) == 123.0
+    assert scratch.llen(store.admission.waiting_key("cli_a")) == 0
 
 
 def callers(prefix: str) -> Iterator[str]:

@@ -89,9 +89,9 @@ class JobPipeline:
 
     def _wait_for_slot(self, job: Job, now: float) -> None:
         """Not admitted yet: stay in line (admission makes the job due when a slot is free)."""
-        if self.store.admission.ensure_waiting(job):
+        recheck_at = min(job.deadline_at, now + ADMISSION_RECHECK_S)
+        if self.store.admission.stay_in_line(job, recheck_at):
             log.warning("queued job was missing from its line; put back", extra={"job_id": job.id})
-        self.store.job_schedule.postpone(job.id, min(job.deadline_at, now + ADMISSION_RECHECK_S))
 
     def _may_call_upstream(self, job: Job, now: float) -> bool:
         """The global request-rate cap allows a call now; otherwise the job looks again later."""
