@@ -102,6 +102,8 @@ def submit(model_id: str) -> Response:
     state.stats.record_submit(body["prompt"])
     if state.faults.roll(knobs.rate_5xx_after_accept):
         return _internal_error(state.faults.pick(SERVER_ERROR_STATUSES))
+    if directives.submit_no_id:
+        return jsonify({"status": "in_queue"})
     return jsonify(
         {"request_id": created.request_id, **request_urls(_base_url(state), created.request_id)}
     )

@@ -19,6 +19,7 @@ DIRECTIVE_NAMES = (
     "submit-500",
     "submit-429",
     "submit-503",
+    "submit-no-id",
     "bad-status",
     "no-output",
     "poll-500",
@@ -42,6 +43,7 @@ class Directives:
     error_shape: str | None = None
     submit_200_error: bool = False
     submit_status: int | None = None
+    submit_no_id: bool = False  # accepted (and billed), but the answer lacks request_id
     bad_status: bool = False
     no_output: bool = False
     poll_500_count: int = 0

@@ -121,6 +121,21 @@ def test_http_200_with_error_code_on_submit_fails_the_job(
     assert wait_until(receiver.received)[0].payload["type"] == "job.failed"
 
 
+def test_a_submit_accepted_without_a_request_id_fails_the_job_and_is_not_sent_again(
+    stack: Stack, api_client: ApiClient
+) -> None:
+    """RunComfy took the job (a paid run) but its answer has no request id: the job cannot be
+    followed, so it fails saying so, and is not submitted again (nor called refused)."""
+    prompt = unique("[emulator:submit-no-id]")
+    job = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "failed" and final["error"]["code"] == "upstream_bad_response"
+    assert (
+        "no request_id" in final["error"]["message"] and "refused" not in final["error"]["message"]
+    )
+    assert submits_for(stack, prompt) == 1
+
+
 @pytest.mark.parametrize(
     ("directive", "code"),
     [

@@ -26,6 +26,7 @@ from workers.runcomfy import (
     RunComfyClient,
     TransientUpstreamError,
     UnknownRequestError,
+    UnusableAnswerError,
     UpstreamError,
 )
 from workers.throttle import UpstreamThrottle
@@ -138,6 +139,14 @@ class JobPipeline:
                 )
             else:
                 self._retry_submit_later(job, exc)
+            return
+        except UnusableAnswerError as exc:  # accepted, most likely, but not to be followed
+            self.counters.add("submit_outcome_unknown")
+            message = (
+                f"RunComfy's answer to the submit cannot be used ({exc.message}); it may be "
+                "running the job, untracked; not submitting it again"
+            )
+            self._fail(job.id, "upstream_bad_response", message)
             return
         except UpstreamError as exc:
             self._fail(job.id, "upstream_rejected", f"RunComfy refused the job: {exc.message}")

@@ -82,6 +82,11 @@ class PermanentUpstreamError(UpstreamError):
     """The call cannot succeed as made: rejected input, auth, balance, bad payload."""
 
 
+class UnusableAnswerError(PermanentUpstreamError):
+    """A 2xx answer without an error that cannot be used (not a JSON object, too long, a submit
+    answer without a request id): RunComfy most likely did what was asked."""
+
+
 class UnknownRequestError(PermanentUpstreamError):
     """RunComfy does not know the request id (never existed, or expired)."""
 
@@ -164,7 +169,7 @@ class RunComfyClient:
         body = self._call("POST", f"/v1/models/{quote(self.model_id, safe='/')}", json=inputs)
         request_id = body.get("request_id")
         if not isinstance(request_id, str) or not request_id:
-            raise PermanentUpstreamError(f"submit answer has no request_id: {_snippet(body)}")
+            raise UnusableAnswerError(f"submit answer has no request_id: {_snippet(body)}")
         return SubmittedRequest(request_id)
 
     def status(self, request_id: str) -> RequestState:
@@ -304,7 +309,7 @@ def _interpret(
         )
     if not isinstance(body, dict):
         what = f"longer than {MAX_ANSWER_BYTES} bytes" if raw is None else "not a JSON object"
-        raise PermanentUpstreamError(f"{where}: answer is {what}", http_status=status)
+        raise UnusableAnswerError(f"{where}: answer is {what}", http_status=status)
     if body.get("error_code") not in (None, 0, "0"):
         code, message = _error_fields(body)
         error = PermanentUpstreamError if not _is_retryable_code(code) else TransientUpstreamError
