@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -30,6 +31,10 @@ class WorkerRuntime:
     wakeups: Wakeups
     pipeline: JobPipeline
     delivery: WebhookDelivery
+    # A dispatch's job steps, all at once: the work is waiting on HTTP, not CPU. As many threads
+    # as a batch has steps — with fewer, the last ones of a batch waited for a thread while
+    # their lease ran, and with a slow RunComfy were claimed again by another worker.
+    steps: ThreadPoolExecutor
 
 
 def runtime() -> WorkerRuntime:
@@ -69,4 +74,5 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         counters=counters,
         on_place_freed=wakeups.webhooks,
     )
-    return WorkerRuntime(settings, store, counters, wakeups, pipeline, delivery)
+    steps = ThreadPoolExecutor(settings.dispatch_batch_size, thread_name_prefix="step")
+    return WorkerRuntime(settings, store, counters, wakeups, pipeline, delivery, steps)

@@ -22,8 +22,6 @@ M = TypeVar("M")  # what a step is taken for: a job id, a webhook id, a held pla
 T = TypeVar("T")
 
 TIMED_WAKE_GAP_S = 0.1
-# Threads per worker process for one batch: the work is waiting on HTTP, not CPU.
-_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="step")
 # A dispatch waits this long for its webhook attempts; one still running goes on without it.
 ATTEMPT_WAIT_S = 0.25
 
@@ -99,7 +97,7 @@ def dispatch_jobs() -> int:
     batch = rt.settings.dispatch_batch_size
     schedule = rt.store.job_schedule
     members = schedule.claim(limit=batch, lease_s=rt.settings.step_lease_s)
-    list(_POOL.map(functools.partial(_run_step, rt.pipeline.advance), members))
+    list(rt.steps.map(functools.partial(_run_step, rt.pipeline.advance), members))
     rt.counters.flush()
     if len(members) == batch:
         rt.wakeups.jobs()  # more may be waiting: don't leave them for the next beat
