@@ -236,7 +236,8 @@ class EgressPolicy:
 def split_http_url(url: str, what: str) -> SplitResult:
     """`url` split, if it is a well-formed http(s) URL with a host, a valid port and no user name
     or password; else ValueError saying why (`what` names the URL in the message)."""
-    if any(char.isspace() or not char.isprintable() or char == "\\" for char in url):
+    # Whitespace is non-printable, but for " " (one C-level scan each, not a loop in Python)
+    if not url.isprintable() or " " in url or "\\" in url:
         raise ValueError(f"{what} contains characters not allowed in a URL: {url!r}")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
