@@ -190,6 +190,46 @@ def test_a_waiter_back_early_keeps_its_place(scratch: redis.Redis) -> None:
     assert time.monotonic() + throttle.acquire("next") - asked_at == pytest.approx(0.4, abs=0.03)
 
 
+def test_waiters_back_late_together_get_no_more_than_the_cap(scratch: redis.Redis) -> None:
+    """Ten waiters come back together long after their moments (their workers were busy or
+    restarting): only the tokens there are granted; the rest are given moments one after another
+    at the front of the line, ahead of a newcomer — not all let through at once."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    assert [throttle.acquire(f"job{n}") for n in range(5)] == [0.0] * 5
+    waits = [throttle.acquire(f"waiter{n}") for n in range(10)]
+    time.sleep(max(waits) + 0.5)  # every moment passed; 5 tokens (the burst) are back
+    back = [throttle.acquire(f"waiter{n}") for n in range(10)]
+    granted = [n for n, wait in enumerate(back) if wait == 0.0]
+    assert len(granted) <= 6, back  # the burst (and one more, had a token come meanwhile)
+    later = sorted(wait for wait in back if wait > 0)
+    assert later[0] <= 0.25 and all(
+        b - a == pytest.approx(0.2, abs=0.02) for a, b in itertools.pairwise(later)
+    ), later
+    assert throttle.acquire("newcomer") > later[-1]  # behind them all
+
+
+def test_a_cool_down_keeps_the_line_in_order(scratch: redis.Redis) -> None:
+    """Places given before a 429 move back by its pause and keep their order; a newcomer during
+    the cool-down goes behind them (not the front of the line to its back)."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    assert [throttle.acquire(f"job{n}") for n in range(5)] == [0.0] * 5
+    started = time.monotonic()
+    before = [throttle.acquire(f"waiter{n}") for n in range(3)]  # 0.2, 0.4, 0.6
+    throttle.cool_down(1.0)
+    newcomer = time.monotonic() - started + throttle.acquire("newcomer")
+    moments = [time.monotonic() - started + throttle.acquire(f"waiter{n}") for n in range(3)]
+    assert moments == pytest.approx([w + 1.0 for w in before], abs=0.05)  # back early: told
+    assert newcomer == pytest.approx(moments[-1] + 0.2, abs=0.05)
+    granted = []
+    for caller, moment in [
+        *((f"waiter{n}", m) for n, m in enumerate(moments)),
+        ("newcomer", newcomer),
+    ]:
+        time.sleep(max(0.0, started + moment + 0.01 - time.monotonic()))
+        granted.append(throttle.acquire(caller))
+    assert granted == [0.0] * 4
+
+
 def test_a_place_not_taken_holds_no_one_up_for_long(scratch: redis.Redis) -> None:
     """A waiter that never comes back (its job ended, its worker died) holds newcomers behind
     it only PLACE_HELD_S past its moment."""
