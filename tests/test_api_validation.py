@@ -430,6 +430,14 @@ BAD_REQUESTS = [
         Bad(400, data=raw_json('"metadata": {"ratio": NaN}')),
         id="NaN-inside-metadata",
     ),
+    pytest.param(
+        Bad(400, data=raw_json('"metadata": {"note": "\\ud800"}')),
+        id="half-a-surrogate-pair-in-metadata",
+    ),
+    pytest.param(
+        Bad(400, data=json.dumps({**VALID, "prompt": "sky ?"}).replace("?", "\\udfff")),
+        id="half-a-surrogate-pair-in-prompt",
+    ),
     # --- several bad fields at once: every one is named
     pytest.param(
         invalid(
@@ -677,6 +685,9 @@ def test_the_base_body_is_accepted(isolated: Isolated) -> None:
         pytest.param(  # 4 KiB of UTF-8: two bytes a character, not \u00e9's six
             {"metadata": {"m": "é" * ((MAX_METADATA_BYTES - len('{"m":""}')) // 2)}},
             id="metadata-of-4KiB-in-utf-8",
+        ),
+        pytest.param(  # sent as \ud83d\ude00: a whole surrogate pair is a character
+            {"prompt": "a sky like 😀", "metadata": {"mood": "😀"}}, id="emoji-as-escapes"
         ),
         pytest.param(
             {"control_start": 1, "control_end": 1, "num_inference_steps": 1, "seed": 0},
