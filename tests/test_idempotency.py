@@ -19,7 +19,13 @@ from tests.conftest import ApiClient, Stack, admit, wait_until
 from tests.test_end_to_end import job_body, submits_for, unique
 from workers.celery_app import create_celery_app
 from workers.pipeline import JobPipeline
-from workers.runcomfy import RunComfyClient
+from workers.runcomfy import (
+    PermanentUpstreamError,
+    RunComfyClient,
+    TransientUpstreamError,
+    UnusableAnswerError,
+)
+from workers.throttle import BUCKET_KEY, PLACES_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -222,4 +228,57 @@ def test_a_worker_with_a_stale_view_of_a_submit_changes_nothing(
         assert submits_for(stack, prompt) == 0
         pipeline.store.change(job_id, lambda j: Step(j.moved_to(Status.CANCELLED, now), None))
     finally:
+        stack.worker.signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        TransientUpstreamError("HTTP 429", http_status=429, maybe_processed=False),
+        PermanentUpstreamError("HTTP 400: bad input", http_status=400),
+        UnusableAnswerError("submit answer has no request_id: {}"),
+    ],
+    ids=["429", "refused", "unusable"],
+)
+@pytest.mark.parametrize("meanwhile", ["request id stored", "submitting anew"])
+def test_a_submit_answered_after_its_lease_changes_nothing(
+    stack: Stack,
+    api_client: ApiClient,
+    pipeline: JobPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: Exception,
+    meanwhile: str,
+) -> None:
+    """A worker's submit is answered only after its lease ended (the worker was paused), by when
+    another worker has settled it — stored a request id, or is submitting anew. The late answer
+    (a 429, a refusal, an unusable answer) neither fails the job nor clears the newer mark."""
+    stack.worker.signal(signal.SIGSTOP)
+    try:
+        job_id = api_client.post("/v1/jobs", json=job_body(stack, unique("late"))).get_json()["id"]
+        admit(pipeline)
+        after: list[Any] = []
+
+        def answered_late(_inputs: dict[str, Any]) -> Any:
+            now = time.time()
+            if meanwhile == "request id stored":
+                upstream = Upstream(request_id="req_other_worker", status="in_queue")
+                step = lambda j: Step(  # noqa: E731
+                    j.moved_to(Status.SUBMITTED, now, upstream=upstream, submit_started_at=None),
+                    now + 600,
+                )
+            else:
+                step = lambda j: Step(  # noqa: E731
+                    j.changed(now, submit_started_at=now, submit_attempts=2), now + 60
+                )
+            after.append(pipeline.store.change(job_id, step))
+            raise answer
+
+        monkeypatch.setattr(pipeline.runcomfy, "submit", answered_late)
+        pipeline.advance(job_id)
+        assert after[0] is not None and pipeline.store.get(job_id) == after[0].job  # untouched
+        pipeline.store.change(
+            job_id, lambda j: Step(j.moved_to(Status.CANCELLED, time.time()), None)
+        )
+    finally:
+        pipeline.store.redis.delete(BUCKET_KEY, PLACES_KEY)  # the 429's cool-down
         stack.worker.signal(signal.SIGCONT)

@@ -138,7 +138,7 @@ class JobPipeline:
                     retry_after_s=exc.retry_after_s,
                 )
             else:
-                self._retry_submit_later(job, exc)
+                self._retry_submit_later(marked.job, exc)
             return
         except UnusableAnswerError as exc:  # accepted, most likely, but not to be followed
             self.counters.add("submit_outcome_unknown")
@@ -146,10 +146,11 @@ class JobPipeline:
                 f"RunComfy's answer to the submit cannot be used ({exc.message}); it may be "
                 "running the job, untracked; not submitting it again"
             )
-            self._fail(job.id, "upstream_bad_response", message)
+            self._submit_failed(marked.job, "upstream_bad_response", message)
             return
         except UpstreamError as exc:
-            self._fail(job.id, "upstream_rejected", f"RunComfy refused the job: {exc.message}")
+            message = f"RunComfy refused the job: {exc.message}"
+            self._submit_failed(marked.job, "upstream_rejected", message)
             return
         accepted_at = self.clock()
         expected_run_s = self.run_times.expected_s(job.input)
@@ -187,11 +188,26 @@ class JobPipeline:
                 },
             )
 
-    def _retry_submit_later(self, job: Job, exc: TransientUpstreamError) -> None:
+    def _submit_failed(self, marked: Job, code: str, message: str) -> None:
+        """The submit `marked` (the job as marked for it) made failed for good: so does the job,
+        if it still holds that mark (a stale step must not fail a job submitted meanwhile)."""
+        now = self.clock()
+
+        def fail(j: Job) -> Step | None:
+            if j.status is not Status.QUEUED or j.submit_started_at != marked.submit_started_at:
+                return None
+            error = JobError(code, message)
+            return Step(j.moved_to(Status.FAILED, now, error=error, submit_started_at=None), None)
+
+        self._commit(marked.id, fail)
+
+    def _retry_submit_later(self, marked: Job, exc: TransientUpstreamError) -> None:
+        """The submit `marked` made was certainly not accepted: clear its mark (if the job
+        still holds it: not a newer submit's) and try again after the backoff."""
         now = self.clock()
 
         def clear_mark(j: Job) -> Step | None:
-            if j.status is not Status.QUEUED or j.submit_started_at is None:
+            if j.status is not Status.QUEUED or j.submit_started_at != marked.submit_started_at:
                 return None
             failures = j.transient_errors + 1
             changed = j.changed(
@@ -202,7 +218,7 @@ class JobPipeline:
             )
             return Step(changed, min(j.deadline_at, now + _retry_in_s(failures, exc)))
 
-        self._commit(job.id, clear_mark)
+        self._commit(marked.id, clear_mark)
 
     def _submit_outcome_unknown(
         self, job: Job, reason: str, *, answered: bool, retry_after_s: float | None = None
