@@ -220,6 +220,9 @@ def test_a_broker_drop_does_not_cut_a_submit_short(tmp_path: Path) -> None:
             time.sleep(0.5)
         assert job is not None and job.status.value == "succeeded", job
         assert job.submit_unknown_outcomes == 0 and submits_for(stack, prompt) == 1
+        log = (stack.logs / "worker1.log").read_text(errors="replace")
+        assert "Connection to broker lost" in log  # the drop was seen,
+        assert "In Celery 5.1 we introduced" not in log  # without 6.0's warning, set on purpose
     finally:
         stack.stop()
         broker.stop()

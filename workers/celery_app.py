@@ -6,18 +6,22 @@ import warnings
 
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
-from celery.signals import setup_logging
+from celery.signals import celeryd_after_setup, setup_logging
 from kombu import Exchange, Queue
 
 from core.logs import configure_logging
 from core.settings import Settings, load_settings
 from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK, JOBS_QUEUE, WEBHOOKS_QUEUE
 
-# Celery warns on every broker connection loss that cancelling the tasks it holds will become
-# the default in 6.0; ours is set, to False, on purpose (see worker_cancel_long_running_tasks…).
-warnings.filterwarnings(
-    "ignore", message=r"\s*In Celery 5.1 we introduced", category=CPendingDeprecationWarning
-)
+
+@celeryd_after_setup.connect(weak=False)
+def _quiet_the_cancel_default_warning(**_: object) -> None:
+    """Celery warns on every broker connection loss that cancelling the tasks it holds will
+    become the default in 6.0; ours is set, to False, on purpose. (After the worker's setup:
+    its logging setup puts an 'always' filter for these warnings in front of any made before.)"""
+    warnings.filterwarnings(
+        "ignore", message=r"\s*In Celery 5.1 we introduced", category=CPendingDeprecationWarning
+    )
 
 
 def create_celery_app(settings: Settings | None = None) -> Celery:
