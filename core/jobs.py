@@ -6,7 +6,7 @@ import json
 import re
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -145,6 +145,9 @@ class Job:
         data = dict(self.__dict__)
         data["error"] = _plain(self.error)
         data["upstream"] = _plain(self.upstream)
+        for name in _LEFT_OUT_WHILE_ZERO:
+            if not data[name]:
+                del data[name]
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -160,7 +163,10 @@ class Job:
             data["output_images"] = tuple(data["output_images"])
         data["webhook_events"] = tuple(data.get("webhook_events") or ())
         data["notes"] = tuple(data.get("notes") or ())
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError:  # a field a newer release wrote (during a rolling update): skipped
+            return cls(**{k: v for k, v in data.items() if k in _FIELD_NAMES})
 
     # --- what clients see -----------------------------------------------------------------
 
@@ -183,6 +189,12 @@ class Job:
             "metadata": self.metadata,
             "cancel_requested": self.cancel_requested,
         }
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Job))
+# Fields added since the previous release, written only when set: a replica still running that
+# release (during a rolling update) reads the record as long as they are 0 — nearly always.
+_LEFT_OUT_WHILE_ZERO = ("submits_unanswered",)
 
 
 def _plain(value: JobError | Upstream | None) -> dict[str, Any] | None:
