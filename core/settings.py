@@ -26,6 +26,7 @@ DEFAULT_WEBHOOK_RETRY_SCHEDULE_S: tuple[float, ...] = (
 )
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = ",".join(f"{s:g}" for s in DEFAULT_WEBHOOK_RETRY_SCHEDULE_S)
 MAX_RETRY_GAP_S = 7 * 24 * 3600
+MAX_WEBHOOK_RETRY_AFTER_S = 24 * 3600.0  # a receiver's longer Retry-After is taken as this
 DELIVERY_LATENESS_S = 3600
 
 
@@ -73,10 +74,12 @@ def _schedule(text: str) -> tuple[float, ...]:
     return delays
 
 
-def delivery_span_s(schedule: tuple[float, ...], attempt_timeout_s: float) -> float:
-    """From a job's end to its event's last possible attempt: the gaps, each attempt's time,
-    and DELIVERY_LATENESS_S for attempts that start late (workers busy or restarting)."""
-    return sum(schedule) + len(schedule) * attempt_timeout_s + DELIVERY_LATENESS_S
+def longest_event_wait_s(schedule: tuple[float, ...], attempt_timeout_s: float) -> float:
+    """The longest an event can wait between two writes of it (each attempt writes it again,
+    with JOB_RETENTION_S to live): the longest gap of the schedule or of a receiver's
+    Retry-After, the attempt's own time, and DELIVERY_LATENESS_S for attempts that start late
+    (workers busy or restarting)."""
+    return max(*schedule, MAX_WEBHOOK_RETRY_AFTER_S) + attempt_timeout_s + DELIVERY_LATENESS_S
 
 
 def load_settings() -> Settings:
@@ -170,12 +173,13 @@ def _read(env: environs.Env) -> Settings:
             "bad setting RUNCOMFY_API_TOKEN: required when RUNCOMFY_BASE_URL is RunComfy's "
             "(set the token, or point RUNCOMFY_BASE_URL at the emulator)"
         )
-    span_s = delivery_span_s(settings.webhook_retry_schedule_s, settings.webhook_timeout_s)
-    if settings.job_retention_s < span_s:
+    wait_s = longest_event_wait_s(settings.webhook_retry_schedule_s, settings.webhook_timeout_s)
+    if settings.job_retention_s < wait_s:
         raise SettingsError(
-            f"bad setting JOB_RETENTION_S: {settings.job_retention_s} s is shorter than webhook "
-            f"delivery can take ({span_s:.0f} s: WEBHOOK_RETRY_SCHEDULE, WEBHOOK_TIMEOUT_S per "
-            f"attempt, {DELIVERY_LATENESS_S} s late); events would expire before their last attempt"
+            f"bad setting JOB_RETENTION_S: {settings.job_retention_s} s is shorter than a webhook "
+            f"event may wait for its next attempt ({wait_s:.0f} s: the longest gap of "
+            f"WEBHOOK_RETRY_SCHEDULE or of a receiver's Retry-After, plus WEBHOOK_TIMEOUT_S and "
+            f"{DELIVERY_LATENESS_S} s late); the event would expire first"
         )
     if settings.step_lease_s <= settings.runcomfy_timeout_s * 2:
         raise SettingsError("bad setting STEP_LEASE_S: must exceed twice RUNCOMFY_TIMEOUT_S")

@@ -64,7 +64,7 @@ def test_secret_from_a_file(env: pytest.MonkeyPatch, tmp_path: pytest.TempPathFa
         ("WEBHOOK_TIMEOUT_S", "0"),
         ("WEBHOOK_RECEIVER_CONCURRENCY", "0"),
         ("JOB_RETENTION_S", "10"),
-        ("JOB_RETENTION_S", "3600"),  # shorter than the default schedule's three days
+        ("JOB_RETENTION_S", "3600"),  # shorter than the default schedule's 24 h gap
         ("WEBHOOK_RETRY_SCHEDULE", "0,nan"),
         ("WEBHOOK_RETRY_SCHEDULE", "0,inf"),
         ("WEBHOOK_RETRY_SCHEDULE", "0,1e12"),
@@ -78,6 +78,27 @@ def test_bad_values_name_the_setting(env: pytest.MonkeyPatch, name: str, value: 
         load_settings()
     message = str(caught.value)
     assert name in message and "\n" not in message
+
+
+def test_retention_must_outlast_the_longest_wait_between_two_attempts(
+    env: pytest.MonkeyPatch,
+) -> None:
+    """Each attempt writes the event again with JOB_RETENTION_S to live: what must fit is the
+    longest wait for the next attempt — a gap of the schedule, or a receiver's Retry-After (at
+    most 24 h) — not the whole schedule."""
+    for k, v in EMULATED.items():
+        env.setenv(k, v)
+    env.setenv("JOB_RETENTION_S", str(2 * 86400))
+    assert load_settings().job_retention_s == 2 * 86400  # the default schedule: 24 h at most
+    env.setenv("WEBHOOK_RETRY_SCHEDULE", "0,60,259200")  # a gap of 3 days
+    with pytest.raises(SettingsError, match="JOB_RETENTION_S"):
+        load_settings()
+    env.setenv("JOB_RETENTION_S", "90015")
+    env.setenv("WEBHOOK_RETRY_SCHEDULE", "0,5,300")  # short gaps, but Retry-After may ask 24 h
+    assert load_settings().job_retention_s == 90015
+    env.setenv("JOB_RETENTION_S", "86400")
+    with pytest.raises(SettingsError, match="Retry-After"):
+        load_settings()
 
 
 def test_a_worker_with_a_bad_setting_exits_with_one_line() -> None:

@@ -20,7 +20,7 @@ from core.egress import (
 )
 from core.metrics import Counters
 from core.retry_after import parse_retry_after_s
-from core.settings import Settings
+from core.settings import MAX_WEBHOOK_RETRY_AFTER_S, Settings
 from core.store import JobStore
 from core.webhooks import (
     DELIVERED,
@@ -34,8 +34,6 @@ from core.webhooks import (
 from workers.receiver_lines import ReceiverLines, receiver_of
 
 log = logging.getLogger(__name__)
-
-MAX_RETRY_AFTER_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def next_state(
         return EXHAUSTED, None
     wait = schedule_s[following]
     if result.status_code in (429, 503) and result.retry_after_s is not None:
-        wait = max(wait, min(result.retry_after_s, MAX_RETRY_AFTER_S))
+        wait = max(wait, min(result.retry_after_s, MAX_WEBHOOK_RETRY_AFTER_S))
     return PENDING, now + wait
 
 
