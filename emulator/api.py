@@ -104,6 +104,9 @@ def submit(model_id: str) -> Response:
         return _internal_error(state.faults.pick(SERVER_ERROR_STATUSES))
     if directives.submit_no_id:
         return jsonify({"status": "in_queue"})
+    if directives.submit_status == 504:  # as a proxy answers when it gives up: not RunComfy's JSON
+        page = "<html><body><h1>504 Gateway Time-out</h1></body></html>"
+        return Response(page, status=504, mimetype="text/html")
     return jsonify(
         {"request_id": created.request_id, **request_urls(_base_url(state), created.request_id)}
     )

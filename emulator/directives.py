@@ -20,6 +20,7 @@ DIRECTIVE_NAMES = (
     "submit-429",
     "submit-503",
     "submit-no-id",
+    "submit-504",
     "bad-status",
     "no-output",
     "poll-500",
@@ -79,6 +80,8 @@ def parse_directives(prompt: str) -> Directives:
                 found["submit_status"] = 429
             elif key == "submit-503":
                 found["submit_status"] = 503
+            elif key == "submit-504":  # accepted, then the gateway in front gives up waiting
+                found["submit_status"] = 504
             else:
                 found[key.replace("-", "_")] = True
     return Directives(**found)

@@ -124,21 +124,25 @@ def test_a_submit_interrupted_before_its_answer_follows_submit_unknown(
     assert submits_for(stack, prompt) == (1 if rule == "resubmit" else 0)
 
 
+@pytest.mark.parametrize("how", ["past the client's timeout", "a gateway's 504"])
 def test_a_job_whose_submits_go_unanswered_twice_ends_failed_not_submitted_again(
-    stack: Stack, api_client: ApiClient, pipeline: JobPipeline
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, how: str
 ) -> None:
-    """RunComfy answers submits only after the client's timeout (each one accepted: a paid run):
-    the job is submitted once more, then ends failed with submit_outcome_unknown — not one paid
-    run per backoff until its deadline."""
+    """RunComfy takes each submit (a paid run) but no answer comes from it: it answers only
+    after the client's timeout, or a gateway in front answers 504 in its place. The job is
+    submitted once more, then ends failed with submit_outcome_unknown — not one paid run per
+    backoff until its deadline."""
     pipeline.runcomfy = RunComfyClient(
         base_url=pipeline.settings.runcomfy_base_url,
         token=pipeline.settings.runcomfy_api_token,
         model_id=pipeline.settings.runcomfy_model_id,
         timeout_s=0.5,
     )
-    prompt = unique("unanswered")
+    slow = how == "past the client's timeout"
+    prompt = unique("unanswered" if slow else "unanswered [emulator:submit-504]")
     stack.worker.signal(signal.SIGSTOP)
-    stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 1.0, "slow_s": 1.0})
+    if slow:
+        stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 1.0, "slow_s": 1.0})
     try:
         job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
         admit(pipeline)

@@ -134,7 +134,7 @@ class JobPipeline:
                 self._submit_outcome_unknown(
                     marked.job,
                     exc.message,
-                    answered=exc.http_status is not None,
+                    answered=not exc.went_unanswered,
                     retry_after_s=exc.retry_after_s,
                 )
             else:

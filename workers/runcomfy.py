@@ -53,6 +53,9 @@ class UpstreamError(Exception):
 
 # RunComfy's "retry later; honour Retry-After if present" (RUNCOMFY.md): not acted on, either.
 RETRY_LATER_STATUSES = (408, 429)
+# A proxy in front of RunComfy gave up waiting for it (Cloudflare's 524 too): no answer came from
+# RunComfy itself, which may well be running the call — as when our own timeout cuts it off.
+GATEWAY_TIMEOUT_STATUSES = (504, 524)
 
 
 class TransientUpstreamError(UpstreamError):
@@ -71,6 +74,11 @@ class TransientUpstreamError(UpstreamError):
         self.retry_after_s = retry_after_s
         # False only when RunComfy certainly did not act on the call (no connection, 408/429).
         self.maybe_processed = maybe_processed
+
+    @property
+    def went_unanswered(self) -> bool:
+        """No answer came from RunComfy: none at all, or a gateway's timeout in its place."""
+        return self.http_status is None or self.http_status in GATEWAY_TIMEOUT_STATUSES
 
     @property
     def asks_to_retry_later(self) -> bool:
