@@ -393,7 +393,7 @@ class JobPipeline:
             return
         after = committed.job
         if after.status is Status.SUCCEEDED:
-            self._learn_run_time(after, state, now)
+            self._learn_run_time(after, state, now, last_look_at=job.updated_at)
         elif (
             expected_run_s is None
             and job.status is Status.SUBMITTED
@@ -402,10 +402,16 @@ class JobPipeline:
         ):  # seen running, nothing learned: the shape's first learned run re-plans it
             self.run_times.wait_for_first(after.input, after.id, after.running_since)
 
-    def _learn_run_time(self, job: Job, state: RequestState, now: float) -> None:
+    def _learn_run_time(
+        self, job: Job, state: RequestState, now: float, *, last_look_at: float
+    ) -> None:
         """Teach RunTimes how long this run took: from when we saw it start, or — if it was
         done at the first look — RunComfy's own created/finished times (queue + run: an upper
-        bound, on one clock)."""
+        bound, on one clock). Without RunComfy's finished_at, the run ended between the last
+        look (`last_look_at`, when it was still running) and this one: the middle is taken.
+        (Taking this look's time only ever grew the estimate: the look comes when a run is
+        expected to be done, so a shorter run was learned as lasting until then, and the next
+        look came later still.)"""
         if job.running_since is None:
             done_at_first_look = job.polls == 1
             if (
@@ -417,7 +423,7 @@ class JobPipeline:
             return
         finished = state.finished_at
         if finished is None or not job.running_since < finished <= now + 1:
-            finished = now  # no (plausible) upstream time: our own, a little late at worst
+            finished = (max(last_look_at, job.running_since) + now) / 2
         self.run_times.learn(job.input, finished - job.running_since)
 
     def _retry_poll_later(self, job: Job, exc: TransientUpstreamError) -> None:
