@@ -74,12 +74,15 @@ def _schedule(text: str) -> tuple[float, ...]:
     return delays
 
 
-def longest_event_wait_s(schedule: tuple[float, ...], attempt_timeout_s: float) -> float:
-    """The longest an event can wait between two writes of it (each attempt writes it again,
-    with JOB_RETENTION_S to live): the longest gap of the schedule or of a receiver's
-    Retry-After, the attempt's own time, and DELIVERY_LATENESS_S for attempts that start late
-    (workers busy or restarting)."""
-    return max(*schedule, MAX_WEBHOOK_RETRY_AFTER_S) + attempt_timeout_s + DELIVERY_LATENESS_S
+def delivery_needs_s(schedule: tuple[float, ...], attempt_timeout_s: float) -> float:
+    """How long a finished job's record must live for its webhook's attempts: the whole
+    schedule (so the job, its deliveries and redelivery stay readable while attempts go on),
+    and at least the longest wait for a next attempt — a receiver's Retry-After may ask up to
+    MAX_WEBHOOK_RETRY_AFTER_S (each attempt writes the event again, to live that long) — plus
+    each attempt's own time and DELIVERY_LATENESS_S for attempts that start late."""
+    whole = sum(schedule) + len(schedule) * attempt_timeout_s
+    longest_wait = max(*schedule, MAX_WEBHOOK_RETRY_AFTER_S) + attempt_timeout_s
+    return max(whole, longest_wait) + DELIVERY_LATENESS_S
 
 
 def load_settings() -> Settings:
@@ -173,13 +176,13 @@ def _read(env: environs.Env) -> Settings:
             "bad setting RUNCOMFY_API_TOKEN: required when RUNCOMFY_BASE_URL is RunComfy's "
             "(set the token, or point RUNCOMFY_BASE_URL at the emulator)"
         )
-    wait_s = longest_event_wait_s(settings.webhook_retry_schedule_s, settings.webhook_timeout_s)
-    if settings.job_retention_s < wait_s:
+    needs_s = delivery_needs_s(settings.webhook_retry_schedule_s, settings.webhook_timeout_s)
+    if settings.job_retention_s < needs_s:
         raise SettingsError(
-            f"bad setting JOB_RETENTION_S: {settings.job_retention_s} s is shorter than a webhook "
-            f"event may wait for its next attempt ({wait_s:.0f} s: the longest gap of "
-            f"WEBHOOK_RETRY_SCHEDULE or of a receiver's Retry-After, plus WEBHOOK_TIMEOUT_S and "
-            f"{DELIVERY_LATENESS_S} s late); the event would expire first"
+            f"bad setting JOB_RETENTION_S: {settings.job_retention_s} s is shorter than a finished "
+            f"job's webhook may still be tried ({needs_s:.0f} s: WEBHOOK_RETRY_SCHEDULE in all, or "
+            f"its longest gap or a receiver's Retry-After of up to 24 h, with WEBHOOK_TIMEOUT_S "
+            f"per attempt and {DELIVERY_LATENESS_S} s late)"
         )
     if settings.step_lease_s <= settings.runcomfy_timeout_s * 2:
         raise SettingsError("bad setting STEP_LEASE_S: must exceed twice RUNCOMFY_TIMEOUT_S")

@@ -235,16 +235,22 @@ def test_a_worker_with_a_stale_view_of_a_submit_changes_nothing(
         stack.worker.signal(signal.SIGCONT)
 
 
+LATE_429 = TransientUpstreamError("HTTP 429", http_status=429, maybe_processed=False)
+LATE_REFUSAL = PermanentUpstreamError("HTTP 400: bad input", http_status=400)
+LATE_UNUSABLE = UnusableAnswerError("submit answer has no request_id: {}")
+
+
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "meanwhile"),
     [
-        TransientUpstreamError("HTTP 429", http_status=429, maybe_processed=False),
-        PermanentUpstreamError("HTTP 400: bad input", http_status=400),
-        UnusableAnswerError("submit answer has no request_id: {}"),
+        # (a late 429 after the request id was stored was already left alone: status check)
+        pytest.param(LATE_REFUSAL, "request id stored", id="refused-request id stored"),
+        pytest.param(LATE_UNUSABLE, "request id stored", id="unusable-request id stored"),
+        pytest.param(LATE_429, "submitting anew", id="429-submitting anew"),
+        pytest.param(LATE_REFUSAL, "submitting anew", id="refused-submitting anew"),
+        pytest.param(LATE_UNUSABLE, "submitting anew", id="unusable-submitting anew"),
     ],
-    ids=["429", "refused", "unusable"],
 )
-@pytest.mark.parametrize("meanwhile", ["request id stored", "submitting anew"])
 def test_a_submit_answered_after_its_lease_changes_nothing(
     stack: Stack,
     api_client: ApiClient,

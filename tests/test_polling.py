@@ -28,7 +28,7 @@ from workers.polling import (
     next_poll_at,
 )
 from workers.run_times import RunTimes, shape_of
-from workers.runcomfy import RequestState
+from workers.runcomfy import RequestState, TransientUpstreamError
 
 
 def test_first_poll_comes_soon() -> None:
@@ -176,13 +176,20 @@ def test_the_first_learned_run_brings_its_shapes_waiting_jobs_forward(
     assert scratch.zscore(store.job_schedule.key, "job_a") == 994.0
 
 
+@pytest.mark.parametrize("last_look", ["saw it running", "failed"])
 def test_without_runcomfy_times_a_run_is_learned_as_ending_between_two_looks(
-    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, monkeypatch: pytest.MonkeyPatch
+    stack: Stack,
+    api_client: ApiClient,
+    pipeline: JobPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    last_look: str,
 ) -> None:
     """RunComfy's /result without finished_at: the run is learned as ending midway between the
     last look that saw it running and the look that saw it done. (Learned as ending at that
-    look, which comes when a run is expected to be done, the estimate could only grow.)"""
-    shape = {"num_inference_steps": 13, "image_size": "portrait_4_3"}
+    look, which comes when a run is expected to be done, the estimate could only grow.) If the
+    last look failed, when the run ended is not known: nothing is learned."""
+    saw_it = last_look == "saw it running"
+    shape = {"num_inference_steps": 13 if saw_it else 14, "image_size": "portrait_4_3"}
     stack.worker.signal(signal.SIGSTOP)
     try:
         body = {**job_body(stack, unique("untimed")), **shape}
@@ -191,30 +198,36 @@ def test_without_runcomfy_times_a_run_is_learned_as_ending_between_two_looks(
         pipeline.advance(job_id)  # the submit, to the emulator
         job = pipeline.store.get(job_id)
         assert job is not None and job.request_id is not None
-        looks = iter(["in_progress", "in_progress", "succeeded"])
+        looks = iter(["in_progress", "in_progress" if saw_it else "timeout", "succeeded"])
 
         def untimed(request_id: str) -> RequestState:  # no created_at / finished_at
             status = next(looks)
+            if status == "timeout":
+                raise TransientUpstreamError("GET /result: timed out", maybe_processed=False)
             images = ("https://outputs.example.com/1.png",) if status == "succeeded" else None
             return RequestState(request_id=request_id, status=status, images=images)
 
         monkeypatch.setattr(pipeline.runcomfy, "result", untimed)
         monkeypatch.setattr(pipeline.runcomfy, "status", untimed)
         pipeline.advance(job_id)  # seen running
-        time.sleep(0.4)
-        pipeline.advance(job_id)  # still running
+        time.sleep(1.0)
+        pipeline.advance(job_id)  # still running (or the look failed)
         running = pipeline.store.get(job_id)
         assert running is not None and running.running_since is not None
-        time.sleep(0.4)
+        time.sleep(1.0)
         before = time.time()
         pipeline.advance(job_id)  # done
         after = time.time()
         done = pipeline.store.get(job_id)
         assert done is not None and done.status.value == "succeeded"
         learned = pipeline.run_times.expected_s(shape)
-        start, last_look = running.running_since, running.updated_at
+        if not saw_it:
+            assert learned is None
+            return
+        start, last_look_at = running.running_since, running.updated_at
         assert learned is not None
-        assert (last_look + before) / 2 - start - 0.01 <= learned <= (last_look + after) / 2 - start
-        assert learned < before - start - 0.15  # not "until this look"
+        assert (last_look_at + before) / 2 - start - 0.01 <= learned
+        assert learned <= (last_look_at + after) / 2 - start
+        assert learned < before - start - 0.4  # not "until this look"
     finally:
         stack.worker.signal(signal.SIGCONT)

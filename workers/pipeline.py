@@ -393,7 +393,10 @@ class JobPipeline:
             return
         after = committed.job
         if after.status is Status.SUCCEEDED:
-            self._learn_run_time(after, state, now, last_look_at=job.updated_at)
+            # The record's last change was the last look, which saw it running — unless that
+            # look failed, or a cancel came since: then when it ended is not known.
+            looked = job.transient_errors == 0 and not job.cancel_requested
+            self._learn_run_time(after, state, now, last_look_at=job.updated_at if looked else None)
         elif (
             expected_run_s is None
             and job.status is Status.SUBMITTED
@@ -403,12 +406,13 @@ class JobPipeline:
             self.run_times.wait_for_first(after.input, after.id, after.running_since)
 
     def _learn_run_time(
-        self, job: Job, state: RequestState, now: float, *, last_look_at: float
+        self, job: Job, state: RequestState, now: float, *, last_look_at: float | None
     ) -> None:
         """Teach RunTimes how long this run took: from when we saw it start, or — if it was
         done at the first look — RunComfy's own created/finished times (queue + run: an upper
         bound, on one clock). Without RunComfy's finished_at, the run ended between the last
-        look (`last_look_at`, when it was still running) and this one: the middle is taken.
+        look (`last_look_at`, when it was still running) and this one: the middle is taken (nothing
+        is learned if that look is not known).
         (Taking this look's time only ever grew the estimate: the look comes when a run is
         expected to be done, so a shorter run was learned as lasting until then, and the next
         look came later still.)"""
@@ -423,6 +427,8 @@ class JobPipeline:
             return
         finished = state.finished_at
         if finished is None or not job.running_since < finished <= now + 1:
+            if last_look_at is None:
+                return
             finished = (max(last_look_at, job.running_since) + now) / 2
         self.run_times.learn(job.input, finished - job.running_since)
 

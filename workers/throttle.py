@@ -17,10 +17,10 @@ MAX_COOL_DOWN_S = 300.0
 PLACE_HELD_S = 0.25
 PLACE_KEPT_S = 60.0  # a place not taken by then is dropped (its job ended, or its worker died)
 
-# The bucket is a hash: `tokens` as of `at`; `tail`, the last moment given to a newcomer told
-# to wait; `head`, the last given to a waiter whose moment came without a token. PLACES_KEY
-# holds each waiting caller's moment (a sorted set by caller id). Tokens come back at `rate` a
-# second from `at`, up to `burst`; a cool-down moves `at` to its end, so none come back before.
+# The bucket is a hash: `tokens` as of `at`, and `tail`, the last moment given to a caller told
+# to wait. PLACES_KEY holds each waiting caller's moment (a sorted set by caller id). Tokens come
+# back at `rate` a second from `at`, up to `burst`; a cool-down moves `at` to its end, so none
+# come back before it.
 #
 # Both scripts read Redis's clock (TIME), never a caller's: the callers are many threads on many
 # hosts, and their clocks differ. With each caller's own time, a call stamped a little early
@@ -31,34 +31,32 @@ _STATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'tail', 'head')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'tail')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
 local tail = tonumber(state[3]) or 0
-local head = tonumber(state[4]) or 0
 if now > at then
   tokens = math.min(burst, tokens + (now - at) * rate)
   at = now
 end
 local function moment(x) return string.format('%.6f', x) end
 local function store()
-  redis.call('HSET', KEYS[1], 'tokens', moment(tokens), 'at', moment(at), 'tail', moment(tail),
-    'head', moment(head))
+  redis.call('HSET', KEYS[1], 'tokens', moment(tokens), 'at', moment(at), 'tail', moment(tail))
   redis.call('EXPIRE', KEYS[1], 3600)
 end
 """
 
 # First come, first served, and never past the cap. A caller is granted a call only when a token
-# is there. A newcomer told to wait is given a place: the next free moment after the places
-# already given (`tail` + 1/rate), or when the next token comes if that is later; until 0.25 s
-# past every place held, newcomers queue behind them, so none takes the token of a waiter coming
-# back and sends it to the back again (and again). A waiter back at its moment takes its token;
-# one that finds none (it came late together with others, or a cool-down came between) is given
-# the next moment at the front (`head`), ahead of every newcomer. So 2,000 due jobs against a
-# cap of 50/s come back spread over 40 s, in the order they came. A caller back early keeps its
-# place. A token taken up to 1 ms early leaves the bucket below zero: over time the cap holds.
-# Returns the seconds to wait as a string (Redis would truncate a Lua number to an integer); a
-# wait is never 0: that is a grant.
+# is there. One told to wait is given a place: the next free moment after the places already
+# given (`tail` + 1/rate), or when the next token comes if that is later; until 0.25 s past every
+# place held, newcomers queue behind them, so none takes the token of a waiter coming back and
+# sends it to the back again (and again). A waiter back at its moment takes its token. One that
+# finds none — it came back late, with more others than the tokens saved up meanwhile — goes to
+# the back of the line: the places of those that came on time stay theirs (each moment is given
+# once). So 2,000 due jobs against a cap of 50/s come back spread over 40 s, in the order they
+# came. A caller back early keeps its place. A token taken up to 1 ms early leaves the bucket
+# below zero: over time the cap holds. Returns the seconds to wait as a string (Redis would
+# truncate a Lua number to an integer); a wait is never 0: that is a grant.
 _ACQUIRE = (
     _STATE
     + """
@@ -68,32 +66,15 @@ local mine = tonumber(redis.call('ZSCORE', KEYS[2], caller))
 if mine and mine > now + 0.001 then
   return moment(math.max(mine - now, 0.000001))
 end
-local ready = at + (1 - tokens) / rate
-local given = nil
-if ready <= now + 0.001 then
-  if mine or redis.call('ZCOUNT', KEYS[2], now - held_s, '+inf') == 0 then
-    if mine then redis.call('ZREM', KEYS[2], caller) end
-    tokens = tokens - 1
-  else
-    given = 'tail'
-  end
-elseif mine then
-  given = 'head'
-else
-  given = 'tail'
-end
 local wait = 0
-if given == 'head' then
-  head = math.max(head + 1 / rate, ready)
-  tail = math.max(tail, head)
-  wait = head - now
-elseif given == 'tail' then
+local ready = at + (1 - tokens) / rate
+if ready <= now + 0.001 and (mine or redis.call('ZCOUNT', KEYS[2], now - held_s, '+inf') == 0) then
+  if mine then redis.call('ZREM', KEYS[2], caller) end
+  tokens = tokens - 1
+else
   tail = math.max(tail + 1 / rate, ready)
-  wait = tail - now
-end
-if given then
-  wait = math.max(wait, 0.000001)
-  redis.call('ZADD', KEYS[2], moment(now + wait), caller)
+  wait = math.max(tail - now, 0.000001)
+  redis.call('ZADD', KEYS[2], moment(tail), caller)
   redis.call('EXPIRE', KEYS[2], 3600)
 end
 store()
@@ -104,16 +85,16 @@ return moment(wait)
 # Extend (never shorten) the cool-down. At its end one call may go, then one per 1/rate: the
 # tokens saved up before the 429 are dropped, so the calls do not resume with a burst. Every
 # place held moves back by the pause added, so the line keeps its order (at most one entry per
-# job in flight: one pass over them per 429).
+# job in flight: one pass over them per 429 that extends the pause by more than 50 ms).
 _COOL_DOWN = (
     _STATE
     + """
 local until_at = now + tonumber(ARGV[3])
-if until_at > at then
+if until_at > at + 0.05 then  -- 429s a few ms apart: one pass over the places, not one each
   local pause = until_at - at
   at = until_at
   tokens = math.min(tokens, 1)
-  tail, head = tail + pause, head + pause
+  tail = tail + pause
   local places = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
   for i = 1, #places, 2 do
     redis.call('ZADD', KEYS[2], moment(tonumber(places[i + 1]) + pause), places[i])
