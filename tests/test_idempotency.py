@@ -89,6 +89,20 @@ def test_flooded_celery_triggers_change_nothing_twice(
     assert submits_for(stack, prompt) == 1
 
 
+def posted_and_left_submitting(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, prompt: str
+) -> str:
+    """A job admitted and marked 'submitting' past its lease, as when its worker died mid-call
+    (the stack's worker stopped by the caller)."""
+    job_id = str(api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"])
+    admit(pipeline)
+    stale = time.time() - pipeline.settings.step_lease_s - 1
+    pipeline.store.change(
+        job_id, lambda j: Step(j.changed(stale, submit_started_at=stale, submit_attempts=1), stale)
+    )
+    return job_id
+
+
 @pytest.mark.parametrize("rule", ["resubmit", "fail"])
 def test_a_submit_interrupted_before_its_answer_follows_submit_unknown(
     stack: Stack, api_client: ApiClient, pipeline: JobPipeline, rule: str
@@ -98,13 +112,7 @@ def test_a_submit_interrupted_before_its_answer_follows_submit_unknown(
     prompt = unique("interrupted")
     stack.worker.signal(signal.SIGSTOP)
     try:
-        job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
-        admit(pipeline)
-        stale = time.time() - pipeline.settings.step_lease_s - 1
-        pipeline.store.change(
-            job_id,
-            lambda j: Step(j.changed(stale, submit_started_at=stale, submit_attempts=1), stale),
-        )
+        job_id = posted_and_left_submitting(stack, api_client, pipeline, prompt)
         before = Counters(pipeline.store.redis).read()["submit_outcome_unknown"]
         pipeline.advance(job_id)
         job = pipeline.store.get(job_id)
@@ -200,13 +208,7 @@ def test_a_worker_with_a_stale_view_of_a_submit_changes_nothing(
     prompt = unique("stale view")
     stack.worker.signal(signal.SIGSTOP)
     try:
-        job_id = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"]
-        admit(pipeline)
-        stale = time.time() - pipeline.settings.step_lease_s - 1
-        pipeline.store.change(
-            job_id,
-            lambda j: Step(j.changed(stale, submit_started_at=stale, submit_attempts=1), stale),
-        )
+        job_id = posted_and_left_submitting(stack, api_client, pipeline, prompt)
         seen = pipeline.store.read(job_id)
         now = time.time()
         if meanwhile == "request id stored":
