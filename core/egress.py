@@ -9,6 +9,7 @@ the address that was judged, so there is no second DNS lookup to rebind.
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -209,14 +210,16 @@ class EgressPolicy:
         for address in addresses:
             reason = self.is_refused(address)
             if reason is not None:
-                what = f"is {reason}" if is_literal else f"resolves to {address}, {reason}"
+                # Not the address itself: a client could map the internal network name by name.
+                # It is on the exception (`address`) for the server's own logs.
+                what = f"is {reason}" if is_literal else f"resolves to {reason}"
                 raise RefusedDestination(
                     f"webhook host {host} {what}; allow it with {ALLOWED_NETWORKS_SETTING}",
                     host=host,
                     address=address,
                 )
             if scheme != "https" and not self.in_allowed_networks(address):
-                where = "" if is_literal else f" resolves to {address}, which"
+                where = "" if is_literal else " resolves to an address that"
                 raise RefusedDestination(
                     f"webhook URL uses {scheme}, but host {host}{where} is outside "
                     f"{ALLOWED_NETWORKS_SETTING}; use https",
@@ -395,6 +398,9 @@ def egress_session(policy: EgressPolicy, *, connections_per_host: int = 10) -> r
     """
     session = NoRedirectSession()
     session.trust_env = False
+    # No cookies kept: one receiver's Set-Cookie (say for .herokuapp.com) would otherwise ride on
+    # other teams' webhooks, and the jar grow for the worker's life.
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     adapter = PinnedAddressAdapter(policy, pool_maxsize=connections_per_host)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

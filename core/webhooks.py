@@ -96,14 +96,15 @@ def signature_headers(
     event: WebhookEvent, webhook_secrets: list[str], now: float
 ) -> dict[str, str]:
     """Standard Webhooks headers for one attempt; one signature per live secret (rotation)."""
-    at = datetime.fromtimestamp(now, UTC)
+    seconds = int(now)  # signed and sent alike (a datetime of `now` could round up a second)
+    at = datetime.fromtimestamp(seconds, UTC)
     signatures = [
         Webhook(secret).sign(msg_id=event.webhook_id, timestamp=at, data=event.body)
         for secret in webhook_secrets
     ]
     return {
         "webhook-id": event.webhook_id,
-        "webhook-timestamp": str(int(now)),
+        "webhook-timestamp": str(seconds),
         "webhook-signature": " ".join(signatures),
         "content-type": "application/json",
         "user-agent": "inpaint-gateway-webhooks/1",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import time
+
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from core.retry_after import parse_retry_after_s
-from core.webhooks import DELIVERED, EXHAUSTED, GONE, PENDING, WebhookEvent
+from core.webhooks import DELIVERED, EXHAUSTED, GONE, PENDING, WebhookEvent, signature_headers
 from workers.delivery import AttemptResult, next_state
 
 SCHEDULE = (0.0, 5.0, 300.0)
@@ -54,3 +58,15 @@ def test_retry_after_header_forms(header: str | None, expected: float | None) ->
 
 def test_retry_after_http_date_in_the_future() -> None:
     assert parse_retry_after_s("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412480.0) == 30.0
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9999995, 0.9999999])
+def test_the_signature_is_over_the_timestamp_sent(fraction: float) -> None:
+    """A receiver verifies with the webhook-timestamp header: signing with the attempt's time
+    as a datetime rounded .9999995 s up to the next second, and every receiver refused it."""
+    now = float(int(time.time())) + fraction
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    sent = event(0)
+    headers = signature_headers(sent, [secret], now)
+    assert headers["webhook-timestamp"] == str(int(now))
+    Webhook(secret).verify(sent.body, headers)  # raises if the signature does not match

@@ -192,7 +192,12 @@ class WebhookDelivery:
                     code = response.status_code
                     retry_after = parse_retry_after_s(response.headers.get("Retry-After"))
                     keep_connection_after_answer(response)
-            except RefusedDestination as exc:
+            except RefusedDestination as exc:  # the address for operators, not in the record
+                log.warning(
+                    "webhook destination refused",
+                    extra={"webhook_id": event.webhook_id, "host": exc.host,
+                           "address": str(exc.address)},
+                )  # fmt: skip
                 return AttemptResult(None, f"refused destination: {exc}")
             except requests.RequestException as exc:
                 if exchange.cut_off or isinstance(exc, requests.Timeout):
