@@ -151,6 +151,33 @@ class Committed:
     record: Record  # the job as now stored: `seen` for the caller's next change
 
 
+# A redelivery's reset of an event: made due now unless an attempt holds it (its schedule entry
+# claimed: the score is a lease's end, not the stored event's next attempt). That attempt, when
+# it ends, finds the event changed and makes it due (record_attempt).
+# KEYS: the event, the webhook schedule. ARGV: the reset event (JSON), webhook id, due at, TTL.
+_RESET_EVENT = """
+local stored = redis.call('GET', KEYS[1])
+local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
+local claimed = false
+if stored and score then
+  local was = cjson.decode(stored)
+  claimed = was.state == 'pending' and was.next_attempt_at ~= cjson.null
+    and tonumber(score) ~= tonumber(was.next_attempt_at)
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+if not claimed then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
+return claimed and 1 or 0
+"""
+
+# KEYS: the event, the webhook schedule. ARGV: webhook id.
+_UNSCHEDULE_SETTLED = """
+local stored = redis.call('GET', KEYS[1])
+if stored and cjson.decode(stored).state == 'pending' then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
     """A Redis client as every process uses it: text responses, bounded waits, health checks."""
     return redis.Redis.from_url(
@@ -173,6 +200,8 @@ class JobStore:
         self.admission = FairAdmission(client, due_jobs_key=self.job_schedule.key)
         self._create = client.register_script(_CREATE)
         self._commit_change = client.register_script(_COMMIT_CHANGE)
+        self._reset_event = client.register_script(_RESET_EVENT)
+        self._unschedule_settled = client.register_script(_UNSCHEDULE_SETTLED)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -373,10 +402,20 @@ class JobStore:
         self.webhook_schedule.put(pipe, event.webhook_id, event.next_attempt_at or event.created_at)
 
     def put_event(self, event: WebhookEvent, *, is_new: bool) -> None:
-        """Store an event (new, or reset for redelivery) and make it due."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            self._write_event(pipe, event, is_new=is_new)
-            pipe.execute()
+        """Store an event (new, or reset for redelivery) and make it due — unless an attempt
+        of it is under way (its schedule entry claimed under a lease): that attempt then finds
+        the event changed when it ends, and makes it due itself (record_attempt), so the two
+        never run at once."""
+        if is_new:
+            with self.redis.pipeline(transaction=True) as pipe:
+                self._write_event(pipe, event, is_new=True)
+                pipe.execute()
+            return
+        self._reset_event(
+            keys=[self.event_key(event.webhook_id), self.webhook_schedule.key],
+            args=[event.to_json(), event.webhook_id, repr(event.next_attempt_at or event.created_at),
+                  self.retention_s],
+        )  # fmt: skip
 
     def get_event(self, webhook_id: str) -> WebhookEvent | None:
         """One event with its delivery state."""
@@ -389,17 +428,41 @@ class JobStore:
         raws = self.redis.mget([self.event_key(str(i)) for i in ids]) if ids else []
         return [WebhookEvent.from_json(r) for r in raws if r is not None]
 
-    def record_attempt(self, event: WebhookEvent, attempt: dict[str, Any]) -> None:
-        """Store an event's new delivery state and the attempt that led to it."""
+    def record_attempt(
+        self, was: WebhookEvent, event: WebhookEvent, attempt: dict[str, Any]
+    ) -> bool:
+        """Store the attempt, and the event's new delivery state (`event`) if the stored event
+        is still `was`, the one attempted. If it changed meanwhile (a redelivery reset it), the
+        reset stands: it is made due as it says, and False is returned."""
+        key = self.event_key(event.webhook_id)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.event_key(event.webhook_id), event.to_json(), ex=self.retention_s)
-            pipe.rpush(self.deliveries_key(event.job_id), json.dumps(attempt))
-            pipe.expire(self.deliveries_key(event.job_id), self.retention_s)
-            if event.next_attempt_at is None:
-                self.webhook_schedule.remove(pipe, event.webhook_id)
-            else:
-                self.webhook_schedule.put(pipe, event.webhook_id, event.next_attempt_at)
-            pipe.execute()
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    stored = WebhookEvent.from_json(raw) if raw is not None else None
+                    pipe.multi()
+                    pipe.rpush(self.deliveries_key(event.job_id), json.dumps(attempt))
+                    pipe.expire(self.deliveries_key(event.job_id), self.retention_s)
+                    kept = stored == was
+                    settled = event if kept else stored
+                    if kept:
+                        pipe.set(key, event.to_json(), ex=self.retention_s)
+                    if settled is None or settled.next_attempt_at is None:
+                        self.webhook_schedule.remove(pipe, event.webhook_id)
+                    else:
+                        self.webhook_schedule.put(pipe, event.webhook_id, settled.next_attempt_at)
+                    pipe.execute()
+                    return kept
+                except redis.WatchError:
+                    continue
+
+    def unschedule_settled_event(self, webhook_id: str) -> None:
+        """Take an event found not pending (or gone) off the schedule — unless a redelivery has
+        made it pending again since it was read."""
+        self._unschedule_settled(
+            keys=[self.event_key(webhook_id), self.webhook_schedule.key], args=[webhook_id]
+        )
 
     def deliveries(self, job_id: str) -> list[dict[str, Any]]:
         """Every delivery attempt for a job, oldest first."""

@@ -133,7 +133,7 @@ class WebhookDelivery:
         try:
             event = self.store.get_event(webhook_id)
             if event is None or event.state != PENDING:
-                self.store.webhook_schedule.remove(self.store.redis, webhook_id)
+                self.store.unschedule_settled_event(webhook_id)
                 receiver = receiver_of(event.client_id, event.url) if event else held_in
                 # It may hold a place or stand in its receiver's line: its turn passes on.
                 return self._leave(receiver, webhook_id, take_next) if receiver else None
@@ -229,10 +229,15 @@ class WebhookDelivery:
             duration_ms=duration_ms,
             next_attempt_at=next_at,
         )
-        self.store.record_attempt(
-            event.after_attempt(state=state, next_attempt_at=next_at), attempt
-        )
         self.counters.add("webhook_attempts")
+        if not self.store.record_attempt(
+            event, event.after_attempt(state=state, next_attempt_at=next_at), attempt
+        ):
+            log.info(  # the attempt is in its deliveries; the redelivery goes on from its reset
+                "webhook event redelivered during an attempt",
+                extra={"job_id": event.job_id, "webhook_id": event.webhook_id},
+            )
+            return
         if state == DELIVERED:
             self.counters.add("webhook_delivered")
         else:
