@@ -71,6 +71,8 @@ def _schedule(text: str) -> tuple[float, ...]:
         raise ValueError("must be comma-separated seconds, e.g. 0,5,300") from exc
     if not delays or not all(0 <= d <= MAX_RETRY_GAP_S for d in delays):  # NaN fails too
         raise ValueError(f"must be a non-empty list of seconds from 0 to {MAX_RETRY_GAP_S}")
+    if delays[0] != 0:  # a job's event is sent when the job ends, and a redelivery at once
+        raise ValueError("must start with 0: the first attempt is made at once")
     return delays
 
 

@@ -66,6 +66,7 @@ def test_secret_from_a_file(env: pytest.MonkeyPatch, tmp_path: pytest.TempPathFa
         ("JOB_RETENTION_S", "10"),
         ("JOB_RETENTION_S", "3600"),  # shorter than the default schedule
         ("WEBHOOK_RETRY_SCHEDULE", "0,nan"),
+        ("WEBHOOK_RETRY_SCHEDULE", "60,300"),  # the first attempt is made at once
         ("WEBHOOK_RETRY_SCHEDULE", "0,inf"),
         ("WEBHOOK_RETRY_SCHEDULE", "0,1e12"),
     ],
