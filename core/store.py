@@ -430,13 +430,15 @@ class JobStore:
 
     def record_attempt(
         self, was: WebhookEvent, event: WebhookEvent, attempt: dict[str, Any]
-    ) -> bool:
+    ) -> tuple[bool, WebhookEvent | None]:
         """Store the attempt, and the event's new delivery state (`event`) if the stored event
-        is still `was`, the one attempted. If it changed meanwhile (a redelivery reset it), the
-        reset stands: it is made due as it says, and False is returned."""
+        is still `was`, the one attempted: (True, event). If it changed meanwhile (a redelivery
+        reset it), the reset stands and its schedule entry is left as the attempt holds it, for
+        the caller to make due once it has let go of its receiver's place: (False, the stored
+        event, None if it is gone)."""
         key = self.event_key(event.webhook_id)
         with self.redis.pipeline(transaction=True) as pipe:
-            while True:
+            for _ in range(DEFAULT_CHANGE_RETRIES):
                 try:
                     pipe.watch(key)
                     raw = pipe.get(key)
@@ -445,17 +447,17 @@ class JobStore:
                     pipe.rpush(self.deliveries_key(event.job_id), json.dumps(attempt))
                     pipe.expire(self.deliveries_key(event.job_id), self.retention_s)
                     kept = stored == was
-                    settled = event if kept else stored
                     if kept:
                         pipe.set(key, event.to_json(), ex=self.retention_s)
-                    if settled is None or settled.next_attempt_at is None:
+                    if kept and event.next_attempt_at is not None:
+                        self.webhook_schedule.put(pipe, event.webhook_id, event.next_attempt_at)
+                    elif kept or stored is None:
                         self.webhook_schedule.remove(pipe, event.webhook_id)
-                    else:
-                        self.webhook_schedule.put(pipe, event.webhook_id, settled.next_attempt_at)
                     pipe.execute()
-                    return kept
+                    return kept, (event if kept else stored)
                 except redis.WatchError:
                     continue
+        raise RuntimeError(f"event {event.webhook_id}: too much contention to record an attempt")
 
     def unschedule_settled_event(self, webhook_id: str) -> None:
         """Take an event found not pending (or gone) off the schedule — unless a redelivery has

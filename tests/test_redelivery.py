@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.integration
 LAST_ATTEMPT = len(Settings().webhook_retry_schedule_s) - 1
 
 
-def final_event(scratch: redis.Redis, **state: object) -> tuple[WebhookDelivery, WebhookEvent]:
+def final_event(scratch: redis.Redis, **state: Any) -> tuple[WebhookDelivery, WebhookEvent]:
     """A succeeded job's final event, stored and scheduled with `state`, and a delivery."""
     store = JobStore(scratch, retention_s=604800)
     client_id = ClientStore(scratch).create("team").client_id
@@ -63,9 +64,16 @@ def test_a_redelivery_during_an_attempt_waits_for_it_and_then_goes(
         seen_during.append(schedule.due_at(sent.webhook_id))
         return AttemptResult(503, "HTTP 503")
 
+    real_leave = delivery._leave
+
+    def leave(receiver: str, webhook_id: str, take_next: object) -> object:
+        seen_during.append(schedule.due_at(webhook_id))  # not due before the place is given up
+        return real_leave(receiver, webhook_id, take_next)  # type: ignore[arg-type]
+
     monkeypatch.setattr(delivery, "_post", redelivered_meanwhile)
+    monkeypatch.setattr(delivery, "_leave", leave)
     delivery.deliver(event.webhook_id)
-    assert seen_during == [lease_end]  # still held: no second dispatch could claim it
+    assert seen_during == [lease_end, lease_end]  # held: no second dispatch could claim it
     stored = delivery.store.get_event(event.webhook_id)
     assert stored is not None and stored.state == PENDING and stored.attempts == 0
     due_at = schedule.due_at(event.webhook_id)
@@ -73,9 +81,19 @@ def test_a_redelivery_during_an_attempt_waits_for_it_and_then_goes(
     assert len(delivery.store.deliveries(event.job_id)) == 1  # the attempt is on record
 
 
-def test_a_redelivery_of_an_event_not_in_flight_is_due_at_once(scratch: redis.Redis) -> None:
-    delivery, event = final_event(scratch, state=DELIVERED, next_attempt_at=None, attempts=1)
-    delivery.store.webhook_schedule.remove(delivery.store.redis, event.webhook_id)
+@pytest.mark.parametrize("was", ["delivered", "waiting for its next attempt"])
+def test_a_redelivery_of_an_event_not_in_flight_is_due_at_once(
+    scratch: redis.Redis, was: str
+) -> None:
+    """Settled, or pending with its next attempt 5 minutes away (scheduled then, not claimed:
+    the schedule's time is the event's own): due now."""
+    if was == "delivered":
+        delivery, event = final_event(scratch, state=DELIVERED, next_attempt_at=None, attempts=1)
+        delivery.store.webhook_schedule.remove(delivery.store.redis, event.webhook_id)
+    else:
+        later = time.time() + 300
+        delivery, event = final_event(scratch, attempts=2, next_attempt_at=later)
+        assert delivery.store.webhook_schedule.due_at(event.webhook_id) == later
     delivery.store.put_event(reset(event), is_new=False)
     due_at = delivery.store.webhook_schedule.due_at(event.webhook_id)
     assert due_at is not None and due_at <= time.time()

@@ -147,19 +147,22 @@ class WebhookDelivery:
             client = self.clients.get(event.client_id)
             if client is None:  # the client record is gone: nobody can verify a signature
                 result = AttemptResult(None, "client no longer exists; cannot sign")
-                self._record(event, result, started, 0, force_state=EXHAUSTED)
+                redelivery_at = self._record(event, result, started, 0, force_state=EXHAUSTED)
             else:
                 headers = signature_headers(event, client.signing_secrets(started), started)
                 began = time.monotonic()
                 result = self._post(event, headers)
                 duration_ms = int((time.monotonic() - began) * 1000)
-                self._record(event, result, started, duration_ms)
+                redelivery_at = self._record(event, result, started, duration_ms)
         except BaseException:
             if holding is not None:  # the place goes back now (if Redis failed: at lease end)
                 with contextlib.suppress(Exception):
                     self._leave(holding, webhook_id, take_next=None)
             raise
-        return self._leave(receiver, webhook_id, take_next)
+        handed = self._leave(receiver, webhook_id, take_next)
+        if redelivery_at is not None:  # only now: a dispatch taking it sooner met our place
+            self.store.webhook_schedule.postpone(webhook_id, redelivery_at)
+        return handed
 
     def _leave(self, receiver: str, webhook_id: str, take_next: TakeNext) -> HeldPlace | None:
         hand_over = take_next is not None and take_next()
@@ -196,7 +199,7 @@ class WebhookDelivery:
                 log.warning(
                     "webhook destination refused",
                     extra={"webhook_id": event.webhook_id, "host": exc.host,
-                           "address": str(exc.address)},
+                           "address": str(exc.address) if exc.address is not None else None},
                 )  # fmt: skip
                 return AttemptResult(None, f"refused destination: {exc}")
             except requests.RequestException as exc:
@@ -217,7 +220,10 @@ class WebhookDelivery:
         duration_ms: int,
         *,
         force_state: str | None = None,
-    ) -> None:
+    ) -> float | None:
+        """Record the attempt; the event's new state too, unless a redelivery reset it
+        meanwhile: then when that is due (for the caller to schedule once it has left its
+        receiver's place), else None."""
         state, next_at = next_state(event, result, self.settings.webhook_retry_schedule_s, at)
         if force_state is not None:
             state, next_at = force_state, None
@@ -229,19 +235,21 @@ class WebhookDelivery:
             duration_ms=duration_ms,
             next_attempt_at=next_at,
         )
-        self.counters.add("webhook_attempts")
-        if not self.store.record_attempt(
+        kept, stored = self.store.record_attempt(
             event, event.after_attempt(state=state, next_attempt_at=next_at), attempt
-        ):
-            log.info(  # the attempt is in its deliveries; the redelivery goes on from its reset
-                "webhook event redelivered during an attempt",
+        )
+        self.counters.add("webhook_attempts")
+        self.counters.add("webhook_delivered" if state == DELIVERED else "webhook_failed_attempts")
+        if not kept:  # the attempt is in its deliveries; the event's state is not this attempt's
+            log.info(
+                "webhook event redelivered during an attempt"
+                if stored is not None
+                else "webhook event gone during an attempt",
                 extra={"job_id": event.job_id, "webhook_id": event.webhook_id},
             )
-            return
-        if state == DELIVERED:
-            self.counters.add("webhook_delivered")
-        else:
-            self.counters.add("webhook_failed_attempts")
+            return (
+                stored.next_attempt_at if stored is not None and stored.state == PENDING else None
+            )
         if state == EXHAUSTED:
             self.counters.add("webhook_exhausted")
         log.info(
@@ -257,3 +265,4 @@ class WebhookDelivery:
                 "state": state,
             },
         )
+        return None
