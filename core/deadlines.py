@@ -161,6 +161,26 @@ def _shut_down(sock: socket.socket | None) -> None:
 DEADLINES = Deadlines()
 
 
+def connect_failure(exc: BaseException) -> ConnectTimeoutError | None:
+    """The connect error (refused, unreachable, no answer in time: urllib3's ConnectTimeoutError,
+    NewConnectionError among them) that an exception from requests comes down to, if any — so
+    no connection was made, and nothing was sent."""
+    seen: object = exc
+    for _ in range(8):  # the chain requests -> urllib3 -> socket is a few links long
+        if isinstance(seen, ConnectTimeoutError):
+            return seen
+        if not isinstance(seen, BaseException):
+            return None
+        reason = getattr(seen, "reason", None)
+        first_arg = seen.args[0] if seen.args else None
+        seen = (
+            seen.__cause__
+            or reason
+            or (first_arg if isinstance(first_arg, BaseException) else None)
+        )
+    return None
+
+
 class _HeldToDeadline:
     """A connection held to the deadline of the exchange using it, from before it connects or
     sends."""

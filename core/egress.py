@@ -9,6 +9,7 @@ the address that was judged, so there is no second DNS lookup to rebind.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import http.cookiejar
 import time
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,7 @@ from core.deadlines import (
     HeldHTTPConnectionPool,
     HeldHTTPSConnection,
     HeldHTTPSConnectionPool,
+    connect_failure,
 )
 from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, NameLookup, ip_literal
 
@@ -205,6 +207,10 @@ class EgressPolicy:
 
     def pick_address(self, host: str, port: int, *, scheme: str = "https") -> IPAddress:
         """Resolve host, check every address it resolves to, and return the first one."""
+        return self.checked_addresses(host, port, scheme=scheme)[0]
+
+    def checked_addresses(self, host: str, port: int, *, scheme: str = "https") -> list[IPAddress]:
+        """Resolve host and check every address it resolves to; all of them, in order."""
         addresses = self.resolve(host, port)
         is_literal = ip_literal(host) is not None
         for address in addresses:
@@ -226,7 +232,7 @@ class EgressPolicy:
                     host=host,
                     address=address,
                 )
-        return addresses[0]
+        return addresses
 
     def check_url(self, url: str) -> None:
         """Raise ValueError for a malformed webhook URL, RefusedDestination for a refused one."""
@@ -293,6 +299,12 @@ class _FreshHTTPSConnectionPool(HeldHTTPSConnectionPool):
     ConnectionCls = _FreshHTTPSConnection
 
 
+# The checked address a PinnedAddressAdapter.send is trying, for the pool it gets to use.
+_PINNED_ADDRESS: contextvars.ContextVar[IPAddress | None] = contextvars.ContextVar(
+    "pinned_address", default=None
+)
+
+
 class PinnedAddressAdapter(DeadlineAdapter):
     """A requests adapter that checks every request's destination and connects to that address;
     its connections are held to their exchange's deadline, and kept ones reused only while
@@ -309,6 +321,33 @@ class PinnedAddressAdapter(DeadlineAdapter):
         self.policy = policy
         super().__init__(**adapter_options)
 
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        """Send to the host's checked addresses in order, until a connection is made: one that
+        refuses, is unreachable or does not answer in time is passed over while the exchange
+        has time left (a dual-stack receiver whose IPv6 address is broken still gets its
+        webhook). A request that reached an address is never sent to another."""
+        parts = urlsplit(request.url or "")  # as requests takes the pool's host from it
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or DEFAULT_PORTS.get(scheme)
+        except ValueError:
+            port = None
+        if parts.hostname is None or port is None:
+            raise requests.exceptions.InvalidURL(f"not an http(s) URL with a host: {request.url}")
+        addresses = self.policy.checked_addresses(parts.hostname, port, scheme=scheme)
+        for n, address in enumerate(addresses):
+            pinned = _PINNED_ADDRESS.set(address)
+            try:
+                return super().send(request, *args, **kwargs)
+            except requests.ConnectionError as exc:
+                left_s = DEADLINES.left_s()
+                out_of_time = left_s is not None and left_s <= 0
+                if n + 1 == len(addresses) or out_of_time or connect_failure(exc) is None:
+                    raise
+            finally:
+                _PINNED_ADDRESS.reset(pinned)
+        raise AssertionError("checked_addresses is never empty")
+
     def build_connection_pool_key_attributes(
         self,
         request: requests.PreparedRequest,
@@ -323,7 +362,10 @@ class PinnedAddressAdapter(DeadlineAdapter):
         host: str = host_params["host"]
         # The stubs say int, but requests passes None when the URL names no port.
         port = cast("int | None", host_params["port"])
-        address = self.policy.pick_address(host, port or DEFAULT_PORTS[scheme], scheme=scheme)
+        # The address send() is trying (checked there); checked here if called on its own.
+        address = _PINNED_ADDRESS.get() or self.policy.pick_address(
+            host, port or DEFAULT_PORTS[scheme], scheme=scheme
+        )
 
         # Copy before writing: callers may share one headers dict between requests.
         request.headers = CaseInsensitiveDict(request.headers or {})

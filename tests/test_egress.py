@@ -461,6 +461,23 @@ def test_a_receivers_cookie_is_not_kept_for_the_next_webhook(receiver: Receiver)
     assert receiver.cookies == [None, None]
 
 
+def test_an_address_that_refuses_is_passed_over_for_the_next_checked_one(
+    receiver: Receiver, fake_dns: FakeDNS
+) -> None:
+    """The receiver's host resolves to two addresses and the first refuses (a dual-stack host
+    whose IPv6 address is broken, say): the webhook goes to the next in the same attempt — it
+    was sent to the first one only, and failed every attempt until exhausted."""
+    fake_dns.answer("dual.test", "127.0.0.3", "127.0.0.1")  # nothing listens on 127.0.0.3
+    url = f"http://dual.test:{receiver.port}/hook"
+    with (
+        egress_session(LOOPBACK_ALLOWED) as session,
+        session.get(url, allow_redirects=False, timeout=TIMEOUT_S) as response,
+    ):
+        assert response.status_code == 200
+    assert receiver.seen == [("/hook", f"dual.test:{receiver.port}")]
+    assert fake_dns.lookups == ["dual.test"]  # checked once, both addresses
+
+
 def test_a_refused_address_is_never_connected_to(receiver: Receiver) -> None:
     with (
         egress_session(NO_ALLOWED_NETWORKS) as session,

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
-from core.deadlines import DEADLINES, DeadlineAdapter
+from core.deadlines import DEADLINES, DeadlineAdapter, connect_failure
 from core.retry_after import parse_retry_after_s
 
 # RunComfy's answers are a few hundred bytes of JSON: one far longer is read no further.
@@ -411,22 +411,12 @@ def _error_fields(body: Any) -> tuple[Any, str]:
 def _connection_not_made(exc: BaseException) -> str | None:
     """Why no connection was made — so the request certainly never reached RunComfy — or None
     if one was (it failed later: RunComfy may have the request)."""
-    seen: object = exc
-    for _ in range(8):  # the chain requests -> urllib3 -> socket is a few links long
-        if isinstance(seen, NewConnectionError):  # urllib3 raises it only while connecting
-            # "<connection>: Failed to resolve 'host' (…)", "…: Failed to establish a new
-            # connection: [Errno 111] Connection refused": the connection's repr left out.
-            return str(seen).partition(": ")[2] or "could not connect"
-        if not isinstance(seen, BaseException):
-            return None
-        reason = getattr(seen, "reason", None)
-        first_arg = seen.args[0] if seen.args else None
-        seen = (
-            seen.__cause__
-            or reason
-            or (first_arg if isinstance(first_arg, BaseException) else None)
-        )
-    return None
+    failure = connect_failure(exc)
+    if not isinstance(failure, NewConnectionError):  # (a connect timeout is told apart earlier)
+        return None
+    # "<connection>: Failed to resolve 'host' (…)", "…: Failed to establish a new connection:
+    # [Errno 111] Connection refused": the connection's repr left out.
+    return str(failure).partition(": ")[2] or "could not connect"
 
 
 def _snippet(value: Any) -> str:
