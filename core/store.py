@@ -387,34 +387,30 @@ class JobStore:
             self.retention_s,
             job.id,
         ]
-        for event in events:  # new events: the same writes as _write_event(is_new=True)
+        for event in events:  # new events: the same writes as put_event(is_new=True)
             keys += [self.event_key(event.webhook_id), self.job_events_key(event.job_id)]
             args += [event.to_json(), event.webhook_id, event.next_attempt_at or event.created_at]
         return bool(self._commit_change(keys=keys, args=args))
 
     # --- webhook outbox ---------------------------------------------------------------------
 
-    def _write_event(self, pipe: Any, event: WebhookEvent, *, is_new: bool = True) -> None:
-        pipe.set(self.event_key(event.webhook_id), event.to_json(), ex=self.retention_s)
-        if is_new:
-            pipe.rpush(self.job_events_key(event.job_id), event.webhook_id)
-            pipe.expire(self.job_events_key(event.job_id), self.retention_s)
-        self.webhook_schedule.put(pipe, event.webhook_id, event.next_attempt_at or event.created_at)
-
     def put_event(self, event: WebhookEvent, *, is_new: bool) -> None:
         """Store an event (new, or reset for redelivery) and make it due — unless an attempt
         of it is under way (its schedule entry claimed under a lease): that attempt then finds
         the event changed when it ends, and makes it due itself (record_attempt), so the two
         never run at once."""
+        due_at = event.next_attempt_at or event.created_at
         if is_new:
             with self.redis.pipeline(transaction=True) as pipe:
-                self._write_event(pipe, event, is_new=True)
+                pipe.set(self.event_key(event.webhook_id), event.to_json(), ex=self.retention_s)
+                pipe.rpush(self.job_events_key(event.job_id), event.webhook_id)
+                pipe.expire(self.job_events_key(event.job_id), self.retention_s)
+                self.webhook_schedule.put(pipe, event.webhook_id, due_at)
                 pipe.execute()
             return
         self._reset_event(
             keys=[self.event_key(event.webhook_id), self.webhook_schedule.key],
-            args=[event.to_json(), event.webhook_id, repr(event.next_attempt_at or event.created_at),
-                  self.retention_s],
+            args=[event.to_json(), event.webhook_id, repr(due_at), self.retention_s],
         )  # fmt: skip
 
     def get_event(self, webhook_id: str) -> WebhookEvent | None:

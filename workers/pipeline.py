@@ -156,7 +156,7 @@ class JobPipeline:
         expected_run_s = self.run_times.expected_s(job.input)
 
         def record_request(j: Job) -> Step | None:
-            if j.status is not Status.QUEUED or j.submit_started_at != now:
+            if not _holds_mark(j, now):
                 return None
             upstream = Upstream(request_id=submitted.request_id, status="in_queue")
             moved = j.moved_to(
@@ -194,7 +194,7 @@ class JobPipeline:
         now = self.clock()
 
         def fail(j: Job) -> Step | None:
-            if j.status is not Status.QUEUED or j.submit_started_at != marked.submit_started_at:
+            if not _holds_mark(j, marked.submit_started_at):
                 return None
             error = JobError(code, message)
             return Step(j.moved_to(Status.FAILED, now, error=error, submit_started_at=None), None)
@@ -207,7 +207,7 @@ class JobPipeline:
         now = self.clock()
 
         def clear_mark(j: Job) -> Step | None:
-            if j.status is not Status.QUEUED or j.submit_started_at != marked.submit_started_at:
+            if not _holds_mark(j, marked.submit_started_at):
                 return None
             failures = j.transient_errors + 1
             changed = j.changed(
@@ -247,7 +247,7 @@ class JobPipeline:
         mark = job.submit_started_at
 
         def settle(j: Job) -> Step | None:
-            if j.status is not Status.QUEUED or j.submit_started_at != mark:
+            if not _holds_mark(j, mark):
                 return None  # stored meanwhile (request id), ended, or marked anew
             unanswered = j.submits_unanswered + (0 if answered else 1)
             if self.settings.submit_unknown == "fail":
@@ -537,6 +537,12 @@ class JobPipeline:
         if committed.events:
             self.on_events()
         return committed
+
+
+def _holds_mark(job: Job, mark: float | None) -> bool:
+    """The job is still queued and marked by the submit that set `mark`: what ends that submit
+    may change it (not a job submitted meanwhile, nor one marked anew by a later submit)."""
+    return job.status is Status.QUEUED and job.submit_started_at == mark
 
 
 def _final_if_live(
