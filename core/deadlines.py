@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import http.client
 import itertools
 import os
 import socket
@@ -27,6 +28,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
+from core.interim import FinalAnswerResponse
 from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, ip_literal
 
 
@@ -183,8 +185,9 @@ def connect_failure(exc: BaseException) -> ConnectTimeoutError | None:
 
 class _HeldToDeadline:
     """A connection held to the deadline of the exchange using it, from before it connects or
-    sends."""
+    sends; its answers read past any interim (1xx) ones."""
 
+    response_class: type[http.client.HTTPResponse] = FinalAnswerResponse
     held_by: Exchange | None = None
     # An answer that ends with its connection (`Connection: close`) is read through the socket
     # after http.client has let go of it (sock None): kept here to be cut off all the same.

@@ -28,6 +28,7 @@ from core.egress import (
     egress_session,
     keep_connection_after_answer,
 )
+from core.interim import MAX_INTERIM_ANSWERS
 from core.names import NAMES, NameLookup
 from tests.conftest import dns_peer, raw_peer
 
@@ -811,3 +812,40 @@ def test_a_body_dripped_in_chunks_is_not_waited_for_nor_its_connection_kept(
         assert took_s[0] <= time.monotonic() - started < took_s[1]
         assert kept_connections(session, url) == 0
     assert dripping.is_set()
+
+
+def test_interim_answers_are_read_past_to_the_final_one_on_a_kept_connection() -> None:
+    """A receiver (or its proxy) may send 102 Processing or 103 Early Hints before its answer:
+    http.client took the first for the answer — every delivery "HTTP 103", sent again until
+    exhausted — and left the real answer on the kept connection for the next attempt."""
+    interim = b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    answers = [
+        interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        interim + b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n\r\nno",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ]
+
+    def answer_each(connection: socket.socket, stop: threading.Event) -> None:
+        reader = connection.makefile("rb")
+        for answer in answers:
+            while reader.readline() not in (b"\r\n", b""):  # the request's head
+                pass
+            reader.read(2)  # its body, b"{}"
+            connection.sendall(answer)
+
+    with raw_peer(answer_each) as port, egress_session(LOOPBACK_ALLOWED) as session:
+        url = f"http://127.0.0.1:{port}/hook"
+        assert [post_as_delivery_does(session, url) for _ in answers] == [200, 500, 204]
+
+
+def test_a_flood_of_interim_answers_is_an_error_not_a_wait() -> None:
+    def flood(connection: socket.socket, stop: threading.Event) -> None:
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 103 Early Hints\r\n\r\n" * (MAX_INTERIM_ANSWERS + 1))
+        stop.wait(5)
+
+    with raw_peer(flood) as port, egress_session(LOOPBACK_ALLOWED) as session:
+        started = time.monotonic()
+        with pytest.raises(requests.ConnectionError, match="interim"):
+            post_as_delivery_does(session, f"http://127.0.0.1:{port}/hook")
+        assert time.monotonic() - started < 2.0

@@ -461,3 +461,22 @@ def test_missing_or_bad_output_is_permanent(body: dict[str, Any]) -> None:
 )  # fmt: skip
 def test_error_shapes_are_readable(error: Any, expected: str | None) -> None:
     assert _readable_error(error) == expected
+
+
+def test_a_submit_answer_after_interim_answers_is_read_as_the_answer() -> None:
+    """An Early Hints (103) from a proxy in RunComfy's place was taken for the answer: "HTTP
+    103", a refusal — the job failed while the run it paid for went on, untracked."""
+    body = b'{"request_id": "req-after-hints"}'
+
+    def hints_then_answer(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preconnect\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    with raw_upstream(hints_then_answer) as base_url:
+        client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
+        assert client.submit({}).request_id == "req-after-hints"
+        client.close()
