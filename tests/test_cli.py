@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +16,7 @@ import requests
 from standardwebhooks.webhooks import Webhook
 
 from cli.processes import ManagedProcess, free_port, venv_script, wait_for_port
-from core.clients import ClientStore
+from core.clients import MAX_RETIRED_SECRETS, SECRET_ROTATION_OVERLAP_S, ClientStore
 from tests.conftest import ApiClient, Stack, wait_until
 from tests.test_end_to_end import job_body, unique
 
@@ -110,6 +113,77 @@ def test_rotated_secret_signs_with_both(stack: Stack, app: Any, redis_client: re
     finally:
         old_rx.stop()
         new_rx.stop()
+
+
+def test_a_second_rotation_within_the_overlap_keeps_the_first_secret_signing(
+    scratch: redis.Redis,
+) -> None:
+    """Each replaced secret signs for its own 24 h: a second rotation (say, the new secret was
+    pasted in the wrong place) used to cut off the team still on the first one at once."""
+    store = ClientStore(scratch)
+    first = store.create("rotating twice")
+    second = store.rotate_webhook_secret(first.client_id)
+    third = store.rotate_webhook_secret(first.client_id)
+    client = store.get(first.client_id)
+    assert client is not None and second is not None and third is not None
+    now = time.time()
+    assert client.signing_secrets(now) == [third, second, first.webhook_secret]
+    (_, second_until), (_, first_until) = client.retired_secrets(now)
+    assert now + SECRET_ROTATION_OVERLAP_S - 60 < first_until < second_until
+    assert client.signing_secrets((first_until + second_until) / 2) == [third, second]
+    assert client.signing_secrets(second_until) == [third]
+
+
+def test_rotations_keep_at_most_max_retired_secrets_signing(scratch: redis.Redis) -> None:
+    store = ClientStore(scratch)
+    creds = store.create("rotating often")
+    issued = [creds.webhook_secret]
+    for _ in range(MAX_RETIRED_SECRETS + 2):
+        secret = store.rotate_webhook_secret(creds.client_id)
+        assert secret is not None
+        issued.append(secret)
+    client = store.get(creds.client_id)
+    assert client is not None
+    assert client.signing_secrets(time.time()) == issued[::-1][: MAX_RETIRED_SECRETS + 1]
+
+
+def test_client_records_stay_readable_across_releases(scratch: redis.Redis) -> None:
+    """The previous release reads a record only if it has no field it does not know: the
+    earlier secrets are stored only when there are some; and a later release's field is passed
+    over when read here."""
+    store = ClientStore(scratch)
+    creds = store.create("mixed releases")
+    store.rotate_webhook_secret(creds.client_id)
+    key = f"igw:apiclient:{creds.client_id}"
+    record = json.loads(scratch.get(key) or "")
+    assert "earlier_webhook_secrets" not in record  # one rotation: as the previous release wrote
+    scratch.set(key, json.dumps(record | {"field_of_a_later_release": 1}))
+    client = store.get(creds.client_id)
+    assert client is not None and client.previous_webhook_secret == creds.webhook_secret
+
+
+def test_rotations_and_a_revoke_at_once_lose_none_of_each_other(scratch: redis.Redis) -> None:
+    """Each change is computed on the record as it is when written: rotations at once each
+    keep their secret signing, and a revoke among them stays a revoke."""
+    store = ClientStore(scratch)
+    creds = store.create("busy operators")
+    start = threading.Barrier(MAX_RETIRED_SECRETS)
+
+    def rotate() -> str | None:
+        start.wait()
+        return store.rotate_webhook_secret(creds.client_id)
+
+    def revoke() -> str | None:
+        start.wait()
+        store.revoke(creds.client_id)
+        return None
+
+    jobs = [rotate] * (MAX_RETIRED_SECRETS - 1) + [revoke]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        issued = {secret for secret in pool.map(lambda job: job(), jobs) if secret}
+    client = store.get(creds.client_id)
+    assert client is not None and client.revoked_at is not None
+    assert set(client.signing_secrets(time.time())) == issued | {creds.webhook_secret}
 
 
 def test_listen_verifies_and_prints(tmp_path: Any) -> None:
