@@ -188,8 +188,8 @@ class EgressPolicy:
             return [unmap_ipv4(literal)]
         if _ends_in_a_number(host):
             raise RefusedDestination(
-                f"webhook host {host} is an IPv4 address in a form other than four decimal "
-                "numbers (a client may read it as octal or hex); write it as a.b.c.d",
+                f"webhook host {host} ends in a number but is not an IPv4 address of four "
+                "decimal numbers 0-255 (other forms a client may read as octal or hex)",
                 host=host,
             )
         left_s = DEADLINES.left_s()
@@ -245,21 +245,23 @@ class EgressPolicy:
 def split_http_url(url: str, what: str) -> SplitResult:
     """`url` split, if it is a well-formed http(s) URL with a host, a valid port and no user name
     or password; else ValueError saying why (`what` names the URL in the message)."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:  # first: the messages below echo the URL, a password with it
+        raise ValueError(f"{what} must not contain a user name or password")
     # Whitespace is non-printable, but for " " (one C-level scan each, not a loop in Python)
     if not url.isprintable() or " " in url or "\\" in url:
         raise ValueError(f"{what} contains characters not allowed in a URL: {url!r}")
-    parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise ValueError(f"{what} must use https (or http), not {scheme or 'no scheme'!r}")
-    if "@" in parts.netloc:
-        raise ValueError(f"{what} must not contain a user name or password")
     if not parts.hostname:
         raise ValueError(f"{what} has no host: {url!r}")
     try:
-        parts.port  # noqa: B018  # urlsplit checks the port only when asked for it
+        port = parts.port  # urlsplit checks the port only when asked for it
     except ValueError as exc:
         raise ValueError(f"{what} has an invalid port: {url!r}") from exc
+    if port == 0:  # no service listens there; the SSRF check would have judged port 443
+        raise ValueError(f"{what} has an invalid port: {url!r}")
     return parts
 
 

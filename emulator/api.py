@@ -145,6 +145,8 @@ def cancel(request_id: str) -> Response:
     found = state.registry.find(request_id, state.faults.current().request_ttl_s)
     if found is None:
         return _not_found()
+    if found.plan.cancel_unavailable:
+        return _internal_error(503, retry_after_s=state.faults.current().retry_after_s)
     outcome = state.registry.cancel(found)
     response = jsonify(
         {
@@ -219,6 +221,7 @@ def _plan(
         no_output=directives.no_output,
         poll_500_count=directives.poll_500_count,
         poll_429_count=directives.poll_429_count,
+        cancel_unavailable=directives.cancel_unavailable,
     )
 
 

@@ -25,6 +25,7 @@ DIRECTIVE_NAMES = (
     "no-output",
     "poll-500",
     "poll-429",
+    "cancel-503",
 )
 ERROR_SHAPE_VALUES = ("string", "object", "list")
 
@@ -49,6 +50,7 @@ class Directives:
     no_output: bool = False
     poll_500_count: int = 0
     poll_429_count: int = 0
+    cancel_unavailable: bool = False  # every cancel of it answers 503
 
 
 def parse_directives(prompt: str) -> Directives:
@@ -82,6 +84,8 @@ def parse_directives(prompt: str) -> Directives:
                 found["submit_status"] = 503
             elif key == "submit-504":  # accepted, then the gateway in front gives up waiting
                 found["submit_status"] = 504
+            elif key == "cancel-503":
+                found["cancel_unavailable"] = True
             else:
                 found[key.replace("-", "_")] = True
     return Directives(**found)

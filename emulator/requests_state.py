@@ -63,6 +63,7 @@ class RequestPlan:
     no_output: bool = False
     poll_500_count: int = 0
     poll_429_count: int = 0
+    cancel_unavailable: bool = False
 
 
 @dataclass

@@ -38,4 +38,4 @@ def readyz() -> tuple[Response, int]:
 @bp.get("/metrics")
 def metrics() -> Response:
     """Prometheus text format; counters are global across all replicas."""
-    return Response(generate_latest(ctx().metrics_registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(ctx().metrics_registry), content_type=CONTENT_TYPE_LATEST)

@@ -7,9 +7,9 @@ from typing import Any
 
 import kombu.exceptions
 import redis
-from flask import Response, json
+from flask import Response, current_app, json
 from flask_smorest import Api
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class ProblemApi(Api):
                 errors = merged
             else:
                 errors = flatten_field_errors(messages)
+        if isinstance(error, RequestEntityTooLarge):  # Werkzeug's text names no size
+            limit_kib = current_app.config["MAX_CONTENT_LENGTH"] // 1024
+            detail = f"The request body is over its limit of {limit_kib} KiB."
         if status == 400 and errors:
             detail = "; ".join(m for ms in errors.values() for m in ms)
             errors = None

@@ -21,6 +21,10 @@ MAX_PROMPT_CHARS = 8000
 MAX_URL_CHARS = 4096
 MAX_LORAS = 3
 MAX_METADATA_BYTES = 4096
+# Objects and arrays within objects and arrays, metadata itself the first: json.loads takes ~1,000
+# levels, yet measuring or storing such metadata (deeper in the stack than the parse) ran out
+# of recursion — a 500.
+MAX_METADATA_DEPTH = 32
 MAX_SEED = 2**53 - 1  # the largest integer every JSON parser holds exactly
 IMAGE_SIZES = (
     "square_hd",
@@ -141,14 +145,20 @@ class JobCreateSchema(InpaintInputSchema):
     metadata = fields.Dict(
         keys=fields.String(),
         load_default=None,
-        metadata={"description": f"any JSON object up to {MAX_METADATA_BYTES} bytes, echoed back"},
+        metadata={
+            "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes and "
+            f"{MAX_METADATA_DEPTH} levels of nesting, echoed back"
+        },
     )
 
     @validates("metadata")
     def _metadata_size(self, value: dict[str, Any] | None, **_: Any) -> None:
+        if value is None:
+            return
+        if _nested_deeper_than(value, MAX_METADATA_DEPTH):
+            raise ValidationError(f"Must not nest more than {MAX_METADATA_DEPTH} levels deep.")
         if (
-            value is not None
-            and len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+            len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
             > MAX_METADATA_BYTES
         ):
             raise ValidationError(f"Must be at most {MAX_METADATA_BYTES} bytes of JSON.")
@@ -157,6 +167,23 @@ class JobCreateSchema(InpaintInputSchema):
     def _unique_events(self, value: list[str], **_: Any) -> None:
         if len(set(value)) != len(value):
             raise ValidationError("Must not repeat an event type.")
+
+
+def _nested_deeper_than(value: Any, depth: int) -> bool:
+    """Whether JSON `value` holds objects or arrays more than `depth` levels deep (itself the
+    first), looked at a level at a time: no recursion."""
+    level = [value]
+    for _ in range(depth):
+        inner = [
+            child
+            for container in level
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, dict | list)
+        ]
+        if not inner:
+            return False
+        level = inner
+    return True
 
 
 class JobListQuerySchema(StrictSchema):

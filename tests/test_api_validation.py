@@ -10,6 +10,7 @@ positive control shows the same check does see a valid request's job and broker 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 from flask import url_for
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from core import egress
 from core.clients import ClientStore, NewClientCredentials
@@ -26,10 +29,12 @@ from core.egress import EgressPolicy
 from core.names import NameLookup
 from core.store import PREFIX, JobStore, connect_redis
 from core.wakeups import JOBS_QUEUE
+from service import MAX_BODY_BYTES
 from service.jobs import job_location
 from service.schemas import (
     INPUT_FIELDS,
     MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_URL_CHARS,
@@ -227,6 +232,16 @@ LONG_URL = "https://images.example.com/" + "a" * MAX_URL_CHARS
 TOO_MANY_LORAS = [{"path": f"owner/lora-{i}"} for i in range(4)]
 BIG_METADATA = {"blob": "x" * MAX_METADATA_BYTES}
 
+
+def nested(depth: int) -> dict[str, Any]:
+    """An object `depth` (2 or more) levels deep, itself the first, an empty list the last."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = {"a": value}
+    assert isinstance(value, dict)
+    return value
+
+
 NAN_CURSOR = base64.urlsafe_b64encode(b"nan|job_x").decode().rstrip("=")  # decodes, floats to NaN
 DEEP_JSON = '{"metadata": {"a": ' + "[" * 20_000 + "]" * 20_000 + "}}"  # well under 64 KiB
 
@@ -380,6 +395,7 @@ BAD_REQUESTS = [
             ("no-scheme", "images.example.com/in.png"),
             ("over-4096-chars", LONG_URL),
             ("port-out-of-range", "https://images.example.com:99999/in.png"),
+            ("port-0", "https://images.example.com:0/in.png"),
             ("nul-at-the-end", "https://images.example.com/in.png\x00"),
             ("newline-inside", "https://images.example.com/in\n.png"),
             ("user-and-password", "https://me:s3cret@images.example.com/in.png"),
@@ -426,6 +442,10 @@ BAD_REQUESTS = [
     pytest.param(invalid(fields("metadata"), body(metadata=[1, 2])), id="metadata-list"),
     pytest.param(invalid(fields("metadata"), body(metadata="order-7")), id="metadata-string"),
     pytest.param(invalid(fields("metadata"), body(metadata=BIG_METADATA)), id="metadata-over-4KiB"),
+    pytest.param(
+        invalid(fields("metadata"), body(metadata=nested(MAX_METADATA_DEPTH + 1))),
+        id="metadata-nested-past-its-depth",
+    ),
     pytest.param(
         Bad(400, data=raw_json('"metadata": {"ratio": NaN}')),
         id="NaN-inside-metadata",
@@ -693,6 +713,7 @@ def test_the_base_body_is_accepted(isolated: Isolated) -> None:
             {"control_start": 1, "control_end": 1, "num_inference_steps": 1, "seed": 0},
             id="lower-and-upper-edges",
         ),
+        pytest.param({"metadata": nested(MAX_METADATA_DEPTH)}, id="metadata-at-its-depth"),
     ],
 )
 def test_a_valid_request_is_stored_and_enqueued(
@@ -736,3 +757,66 @@ def test_location_is_the_path_url_for_builds(app: Any, script_root: str) -> None
     with app.test_request_context(base_url=f"http://api.internal{script_root}/"):
         assert job_location("job_abc") == url_for("jobs.Job", job_id="job_abc")
         assert job_location("job_abc") == f"{script_root}/v1/jobs/job_abc"
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_not_cut_to_it(isolated: Isolated) -> None:
+    """Werkzeug reads a chunked body up to MAX_CONTENT_LENGTH and stops without a word: a JSON
+    body padded to the limit with more behind it was accepted (202), its tail never read."""
+    padded = json.dumps(VALID).encode().ljust(MAX_BODY_BYTES) + b"GARBAGE"
+    at_limit = json.dumps(VALID).encode().ljust(MAX_BODY_BYTES)
+
+    def post_chunked(body: bytes, content_type: str = "application/json") -> Any:
+        return isolated.http.post(
+            "/v1/jobs",
+            input_stream=io.BytesIO(body),
+            headers={"Transfer-Encoding": "chunked"} | isolated.auth("alice"),
+            content_type=content_type,
+            environ_overrides={"wsgi.input_terminated": True},  # as gunicorn says of chunked
+        )
+
+    try:
+        too_large = post_chunked(padded)
+        assert too_large.status_code == 413, too_large.get_data(as_text=True)
+        assert f"{MAX_BODY_BYTES // 1024} KiB" in too_large.get_json()["detail"]
+        accepted = post_chunked(at_limit)
+        assert accepted.status_code == 202, accepted.get_data(as_text=True)
+        assert post_chunked(padded, "text/plain").status_code == 415
+    finally:
+        isolated.forget_wakeups()
+
+
+def test_a_password_in_a_url_is_not_echoed_back(isolated: Isolated) -> None:
+    """A URL both malformed and holding user:password: the error names neither the password
+    (the character check, first before, echoed the whole URL)."""
+    for name in ("image_url", "webhook_url"):
+        resp = isolated.http.post(
+            "/v1/jobs",
+            json=body(**{name: "https://me:s3cret@images.example.com/a b"}),
+            headers=isolated.auth("alice"),
+        )
+        assert resp.status_code == 422
+        assert "s3cret" not in resp.get_data(as_text=True)
+        assert any("user name or password" in m for m in resp.get_json()["errors"][name])
+
+
+def test_metadata_nested_as_deep_as_json_parses_is_a_4xx_never_a_500(isolated: Isolated) -> None:
+    """Nested just shallower than the parse's recursion limit, metadata parsed, then measuring
+    it (deeper in the stack) ran out of recursion: a 500. Where that limit falls depends on the
+    stack, so every depth around it is tried."""
+    statuses = set()
+    for depth in range(600, 1000):
+        data = raw_json('"metadata": {"a": ' + "[" * depth + "]" * depth + "}")
+        resp = send(isolated, Bad(422, data=data))
+        statuses.add(resp.status_code)
+    assert statuses == {400, 422}  # too deep to parse, or parsed and refused: both reached
+
+
+def test_metrics_are_prometheus_text_with_one_charset(isolated: Isolated) -> None:
+    resp = isolated.http.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST  # was given a second charset
+    names = {family.name for family in text_string_to_metric_families(resp.get_data(as_text=True))}
+    assert {
+        "inpaint_gateway_jobs_steps_overdue",
+        "inpaint_gateway_upstream_calls_postponed",
+    } <= names

@@ -186,7 +186,7 @@ def test_a_host_other_clients_read_as_an_ipv4_number_is_refused_unlooked_up(
     """glibc, curl and browsers read 0177.0.0.1 as 127.0.0.1 (octal); c-ares would ask a name
     server, which may answer with anything (177.0.0.1, say): neither is looked up."""
     fake_dns.answer(host, PUBLIC_V4)
-    with pytest.raises(RefusedDestination, match="other than four decimal numbers"):
+    with pytest.raises(RefusedDestination, match="not an IPv4 address of four decimal numbers"):
         NO_ALLOWED_NETWORKS.check_url(f"https://{host}/hook")
     assert fake_dns.lookups == []
 
@@ -321,6 +321,7 @@ def test_an_ipv4_mapped_answer_is_judged_as_ipv4(fake_dns: FakeDNS) -> None:
         "https://",
         "https://:443/hook",
         "https://hooks.example.com:99999/hook",
+        "https://hooks.example.com:0/hook",
         "https://hooks.example.com\\@127.0.0.1/hook",
         "https://hooks.example.com /hook",
         "https://hooks.example.com/\r\nX-Injected: 1",

@@ -21,6 +21,7 @@ from core.store import Committed, JobStore, Record, Step
 from workers.polling import backoff_s, estimated_start, first_poll_at, next_poll_at
 from workers.run_times import RunTimes
 from workers.runcomfy import (
+    FINISHED_STATUSES,
     PermanentUpstreamError,
     RequestState,
     RunComfyClient,
@@ -78,7 +79,7 @@ class JobPipeline:
         elif not self._may_call_upstream(job, now):
             return
         elif job.cancel_requested and not job.cancel_sent:
-            self._cancel_upstream(job)
+            self._cancel_upstream(record)
         else:
             self._poll(record)
 
@@ -168,7 +169,9 @@ class JobPipeline:
                 transient_errors=0,
                 last_seen_queued_at=accepted_at,
             )
-            return Step(moved, first_poll_at(accepted_at, expected_run_s))
+            return Step(
+                moved, _next_step_at(j, accepted_at, first_poll_at(accepted_at, expected_run_s))
+            )
 
         committed = self._commit(job.id, record_request, seen=marked.record)
         if committed is None:
@@ -314,11 +317,13 @@ class JobPipeline:
             )
             return
         except PermanentUpstreamError as exc:
-            self._fail(
+            failed = self._fail(
                 job.id,
                 "upstream_bad_response",
                 f"RunComfy gave an answer we cannot use: {exc.message}",
             )
+            if failed is not None:  # no longer followed: not left running, paid for
+                self._cancel_left_behind(failed.job)
             return
         self._apply_state(record, request_id, state)
 
@@ -366,7 +371,7 @@ class JobPipeline:
                 changed = j.changed(
                     now, upstream=upstream, polls=polls, transient_errors=0, last_seen_queued_at=now
                 )
-                return Step(changed, min(j.deadline_at, next_at))
+                return Step(changed, _next_step_at(j, now, next_at))
             started = j.running_since or estimated_start(
                 last_seen_queued_at=j.last_seen_queued_at or now,
                 first_seen_running_at=now,
@@ -384,9 +389,9 @@ class JobPipeline:
                     running_since=started,
                     transient_errors=0,
                 )
-                return Step(moved, min(j.deadline_at, next_at))
+                return Step(moved, _next_step_at(j, now, next_at))
             changed = j.changed(now, upstream=upstream, polls=polls, transient_errors=0)
-            return Step(changed, min(j.deadline_at, next_at))
+            return Step(changed, _next_step_at(j, now, next_at))
 
         committed = self._commit(job.id, apply, seen=record)
         if committed is None:
@@ -451,7 +456,8 @@ class JobPipeline:
 
     # --- cancel and deadline ----------------------------------------------------------------
 
-    def _cancel_upstream(self, job: Job) -> None:
+    def _cancel_upstream(self, record: Record) -> None:
+        job = record.job
         request_id = job.request_id
         assert request_id is not None
         try:
@@ -459,7 +465,13 @@ class JobPipeline:
             outcome = self.runcomfy.cancel(request_id)
         except TransientUpstreamError as exc:
             self._on_transient(exc)
-            self._retry_poll_later(job, exc)
+            # The run is followed all the same: a cancel RunComfy cannot take now must not stop
+            # the looks that see it end (it went on to the deadline, its output thrown away).
+            # The cancel is tried again at the next step.
+            if exc.http_status != 429 and self._may_call_upstream(job, self.clock()):
+                self._poll(record)
+            elif exc.http_status == 429:
+                self._retry_poll_later(job, exc)
             return
         except UpstreamError as exc:
             outcome = None
@@ -483,18 +495,24 @@ class JobPipeline:
         self._commit(job.id, settle)
 
     def _expire(self, job: Job) -> None:
-        if job.request_id and not (
-            job.upstream and job.upstream.status in ("cancelled", "canceled")
-        ):
-            self._best_effort_cancel(job.request_id)
         now = self.clock()
         message = f"not finished within JOB_DEADLINE_S ({self.settings.job_deadline_s} s)"
-        self._commit(
+        committed = self._commit(
             job.id,
             lambda j: _final_if_live(
                 j, Status.EXPIRED, now, JobError("deadline_exceeded", message)
             ),
         )
+        # The request the expired record holds, not the one this step read: a submit answered
+        # between the two left its run paid for and untracked.
+        if committed is not None:
+            self._cancel_left_behind(committed.job)
+
+    def _cancel_left_behind(self, ended: Job) -> None:
+        """`ended` was ended here while RunComfy may still queue or run its request: cancel it."""
+        upstream = ended.upstream
+        if ended.request_id and not (upstream and upstream.status in FINISHED_STATUSES):
+            self._best_effort_cancel(ended.request_id)
 
     def _best_effort_cancel(self, request_id: str) -> None:
         try:
@@ -508,9 +526,9 @@ class JobPipeline:
 
     # --- commits ----------------------------------------------------------------------------
 
-    def _fail(self, job_id: str, code: str, message: str) -> None:
+    def _fail(self, job_id: str, code: str, message: str) -> Committed | None:
         now = self.clock()
-        self._commit(
+        return self._commit(
             job_id, lambda j: _final_if_live(j, Status.FAILED, now, JobError(code, message))
         )
 
@@ -543,6 +561,15 @@ def _holds_mark(job: Job, mark: float | None) -> bool:
     """The job is still queued and marked by the submit that set `mark`: what ends that submit
     may change it (not a job submitted meanwhile, nor one marked anew by a later submit)."""
     return job.status is Status.QUEUED and job.submit_started_at == mark
+
+
+def _next_step_at(job: Job, now: float, look_at: float) -> float:
+    """When to take the job's next step after a look planned for `look_at`: now if a cancel
+    was asked for meanwhile (while queued at RunComfy it may still spare a paid run), capped
+    at the deadline."""
+    if job.cancel_requested and not job.cancel_sent:
+        return now
+    return min(job.deadline_at, look_at)
 
 
 def _final_if_live(

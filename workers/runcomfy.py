@@ -30,9 +30,8 @@ RUNNING_STATUSES = frozenset({"in_progress", "running"})
 SUCCEEDED_STATUSES = frozenset({"succeeded", "completed"})
 FAILED_STATUSES = frozenset({"failed", "error"})
 CANCELLED_STATUSES = frozenset({"cancelled", "canceled"})
-KNOWN_STATUSES = (
-    QUEUED_STATUSES | RUNNING_STATUSES | SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
-)
+FINISHED_STATUSES = SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
+KNOWN_STATUSES = QUEUED_STATUSES | RUNNING_STATUSES | FINISHED_STATUSES
 MAX_ERROR_TEXT = 500
 MAX_ERROR_DEPTH = 4  # lists within lists RunComfy's error is read into; deeper is shown as is
 # Any answer value as a short line, however deep or long (a plain str() of a value nested 600
@@ -128,7 +127,7 @@ class RequestState:
 
     @property
     def is_finished(self) -> bool:
-        return self.status in SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
+        return self.status in FINISHED_STATUSES
 
 
 @dataclass(frozen=True)
