@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 from types import FrameType
@@ -60,6 +61,21 @@ def _reachable(url: str) -> bool:
         client.close()
 
 
+def _ports_free(**ports: int) -> None:
+    """Stop with one line if a port is taken: the API's would be answered by whatever holds it
+    (the welcome printed, gunicorn restarted every 2 s behind it)."""
+    for name, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                raise SystemExit(
+                    f"[make run] port {port} ({name}) is in use: stop what holds it, or choose "
+                    f"another with `inpaint-gateway up --{name}-port N` (API_PORT for make run)."
+                ) from None
+
+
 def _redis_url(env: dict[str, str]) -> tuple[str, RedisServer | None]:
     """Use REDIS_URL if given; otherwise start a private redis-server with AOF in .run/redis."""
     if "REDIS_URL" in env:
@@ -103,6 +119,8 @@ def run_dev_stack(
     """Start everything, print how to use it, supervise until Ctrl-C; returns the exit code."""
     RUN_DIR.mkdir(exist_ok=True)
     env = dict(os.environ)
+    emulated = {} if env.get("RUNCOMFY_API_TOKEN") else {"emulator": emulator_port}
+    _ports_free(api=api_port, listener=listener_port, **emulated)
     redis_url, own_redis = _redis_url(env)
     env["REDIS_URL"] = redis_url
     env.setdefault("WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
@@ -200,6 +218,7 @@ def _print_welcome(
     say(f"api_key:        {api_key}")
     say(f"webhook secret: {secret}")
     say(f"listener:       {webhook_url}  (verified events are printed below)")
+    say(f"redis:          {env['REDIS_URL']}  (for the CLI: export REDIS_URL={env['REDIS_URL']})")
     say("logs:           .run/*.log      Ctrl-C stops everything")
     print("\nSubmit the sample job:\n", flush=True)
     print(

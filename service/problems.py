@@ -74,7 +74,13 @@ class ProblemApi(Api):
 
     def _register_error_handlers(self) -> None:
         super()._register_error_handlers()
-        for error in (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError):
+        # OutOfMemoryError: Redis at its maxmemory refuses writes (noeviction): nothing stored.
+        for error in (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.exceptions.OutOfMemoryError,
+            kombu.exceptions.OperationalError,
+        ):
             self._app.register_error_handler(error, store_unavailable)
 
     def handle_http_exception(self, error: HTTPException) -> Response:  # type: ignore[override]

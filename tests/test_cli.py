@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -259,3 +260,20 @@ def test_the_listener_keeps_connections_alive_until_it_stops() -> None:
     finally:
         connection.close()
         receiver.stop()
+
+
+def test_up_stops_with_one_line_when_the_api_port_is_taken(tmp_path: Any) -> None:
+    """Something else on the API's port answered the printed curl while gunicorn failed to bind
+    and was restarted every 2 s behind the welcome."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [venv_script("inpaint-gateway"), "up", "--api-port", str(port)],
+            cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"port {port} (api) is in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from cli.processes import RedisServer, free_port, venv_script
 from core.clients import ClientStore
@@ -226,3 +227,32 @@ def test_a_broker_drop_does_not_cut_a_submit_short(tmp_path: Path) -> None:
     finally:
         stack.stop()
         broker.stop()
+
+
+def test_a_full_redis_is_a_503_and_stores_nothing(own_stack: Stack, tmp_path: Path) -> None:
+    """Redis at its maxmemory under noeviction (deploy/redis.yaml) refuses writes: the POST is
+    a retryable 503, as when Redis is down (it was a 500), and the job is not half-stored."""
+    full = RedisServer(tmp_path / "full", appendonly=False).start()
+    try:
+        app = create_app(
+            {
+                "TESTING": True,
+                "SETTINGS": own_stack.settings(REDIS_URL=full.url, CELERY_BROKER_URL=full.url),
+            }
+        )
+        client = redis.Redis.from_url(full.url)
+        creds = ClientStore(client).create("filled up")
+        body = job_body(own_stack, unique("no room"))
+        client.config_set("maxmemory", client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        keys_before = client.dbsize()
+        answer = app.test_client().post(
+            "/v1/jobs", json=body, headers={"Authorization": f"Bearer {creds.api_key}"}
+        )
+        assert answer.status_code == 503, answer.get_data(as_text=True)
+        assert answer.headers["Content-Type"] == "application/problem+json"
+        assert "Retry-After" in answer.headers
+        assert client.dbsize() == keys_before
+        client.close()
+    finally:
+        full.stop()
