@@ -12,7 +12,7 @@ import redis
 
 from core.jobs import Status, new_job
 from core.store import JobStore, Step
-from workers.throttle import PLACE_HELD_S, UpstreamThrottle
+from workers.throttle import PLACE_HELD_S, PLACES_KEY, UpstreamThrottle
 
 pytestmark = pytest.mark.integration
 
@@ -188,6 +188,25 @@ def test_a_waiter_back_early_keeps_its_place(scratch: redis.Redis) -> None:
     time.sleep(0.05)
     assert time.monotonic() + throttle.acquire("waiter") - asked_at == pytest.approx(0.2, abs=0.03)
     assert time.monotonic() + throttle.acquire("next") - asked_at == pytest.approx(0.4, abs=0.03)
+
+
+def test_a_call_a_step_can_do_without_takes_a_free_token_or_none_and_no_place(
+    scratch: redis.Redis,
+) -> None:
+    """acquire_if_free: a token if one is there and no one waits for it; otherwise no, with no
+    place in line taken (the line behind is not pushed back) — and never ahead of a waiter."""
+    throttle = UpstreamThrottle(scratch, rate_per_s=5)
+    assert throttle.acquire_if_free("job0")  # the burst: 5 tokens
+    assert [throttle.acquire(f"job{n}") for n in range(1, 5)] == [0.0] * 4
+    assert not throttle.acquire_if_free("optional")  # none left
+    assert scratch.zscore(PLACES_KEY, "optional") is None
+    asked_at = time.monotonic()
+    wait = throttle.acquire("waiter")
+    assert wait == pytest.approx(0.2, abs=0.03)  # as if "optional" had not asked
+    time.sleep(wait + 0.01)  # a token is back, and it is the waiter's
+    assert not throttle.acquire_if_free("optional")
+    assert throttle.acquire("waiter") == 0.0
+    assert time.monotonic() - asked_at < 0.3
 
 
 def test_waiters_back_late_together_get_no_more_than_the_cap(scratch: redis.Redis) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import redis
 
+from core.jobs import Status
 from core.store import JobStore, connect_redis
 from tests.conftest import ApiClient, Stack, admit
 from tests.test_end_to_end import job_body, unique
@@ -29,6 +31,7 @@ from workers.polling import (
 )
 from workers.run_times import RunTimes, shape_of
 from workers.runcomfy import RequestState, TransientUpstreamError
+from workers.throttle import BUCKET_KEY, PLACES_KEY, UpstreamThrottle
 
 
 def test_first_poll_comes_soon() -> None:
@@ -230,4 +233,50 @@ def test_without_runcomfy_times_a_run_is_learned_as_ending_between_two_looks(
         assert learned <= (last_look_at + after) / 2 - start
         assert learned < before - start - 0.4  # not "until this look"
     finally:
+        stack.worker.signal(signal.SIGCONT)
+
+
+def upstream_calls(stack: Stack) -> int:
+    calls = stack.emulator("/_emulator/stats").json()["calls"]
+    return int(calls.get("status", 0)) + int(calls.get("result", 0))
+
+
+def test_a_looks_second_call_takes_a_token_of_its_own(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, redis_client: redis.Redis
+) -> None:
+    """The rate cap counts calls, not looks: a look's second call (the queue position after
+    /result said queued, the output after /status said done) is made only with a token of its
+    own. The position is left for later; the output is fetched at the next step, due at once.
+    (One token covered up to three calls: the cap could be passed threefold.)"""
+    stack.worker.signal(signal.SIGSTOP)
+    one_token = replace(pipeline, throttle=UpstreamThrottle(redis_client, rate_per_s=0.1))
+
+    def with_one_token(job_id: str) -> int:
+        """One step with a single token in the bucket; the calls it made."""
+        redis_client.delete(BUCKET_KEY, PLACES_KEY)  # a fresh bucket: its burst, 1 token
+        before = upstream_calls(stack)
+        one_token.advance(job_id)
+        return upstream_calls(stack) - before
+
+    try:
+        body = job_body(stack, unique("one token a call [emulator:queue=1.5] [emulator:run=0]"))
+        job_id = api_client.post("/v1/jobs", json=body).get_json()["id"]
+        admit(pipeline)
+        pipeline.advance(job_id)  # the submit
+        assert with_one_token(job_id) == 1  # /result: queued; no token for the position
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.polls == 1 and job.status is Status.SUBMITTED
+        assert redis_client.zscore(PLACES_KEY, job_id) is None  # no place taken for it
+        time.sleep(2.0)  # the run is over
+        assert with_one_token(job_id) == 1  # /status: done; no token for the output
+        seen = pipeline.store.get(job_id)
+        assert seen is not None and not seen.status.is_final
+        assert seen.upstream is not None and seen.upstream.status == "completed"
+        due = pipeline.store.job_schedule.due_at(job_id)
+        assert due is not None and due <= time.time()
+        assert with_one_token(job_id) == 1  # /result: the output
+        done = pipeline.store.get(job_id)
+        assert done is not None and done.status is Status.SUCCEEDED and done.output_images
+    finally:
+        redis_client.delete(BUCKET_KEY, PLACES_KEY)
         stack.worker.signal(signal.SIGCONT)

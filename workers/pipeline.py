@@ -294,15 +294,20 @@ class JobPipeline:
             # /result answers in one call both "not done yet" and the final output; /status adds
             # the queue position, which decides how soon to look again while queued. The first
             # look asks /result (a fast run may well be done by then); a queued one, /status.
+            # A second call in the look takes a token of its own (the rate cap counts calls, not
+            # looks), only if one is free: the position can wait; the output, a next step.
             self.counters.add("upstream_polls")
             ask_status = queued and job.polls > 0
             state = (
                 self.runcomfy.status(request_id) if ask_status else self.runcomfy.result(request_id)
             )
-            if state.is_queued and not ask_status:
+            if state.is_queued and not ask_status and self.throttle.acquire_if_free(job.id):
                 self.counters.add("upstream_polls")
                 ask_status, state = True, self.runcomfy.status(request_id)
             if state.is_finished and ask_status:  # /status never carries the output
+                if not self.throttle.acquire_if_free(job.id):
+                    self._fetch_output_next(job, request_id, state)
+                    return
                 self.counters.add("upstream_polls")
                 state = self.runcomfy.result(request_id)
         except TransientUpstreamError as exc:
@@ -326,6 +331,19 @@ class JobPipeline:
                 self._cancel_left_behind(failed.job)
             return
         self._apply_state(record, request_id, state)
+
+    def _fetch_output_next(self, job: Job, request_id: str, state: RequestState) -> None:
+        """/status says the run is over, and the rate cap has no token for /result now: note
+        what was seen (the next step asks /result) and make that step due at once."""
+        now = self.clock()
+
+        def seen_finished(j: Job) -> Step | None:
+            if j.status.is_final or j.request_id != request_id:
+                return None
+            upstream = Upstream(request_id, state.status, None)
+            return Step(j.changed(now, upstream=upstream, polls=j.polls + 1), now)
+
+        self._commit(job.id, seen_finished)
 
     def _apply_state(self, record: Record, request_id: str, state: RequestState) -> None:
         job = record.job

@@ -55,12 +55,13 @@ end
 # the back of the line: the places of those that came on time stay theirs (each moment is given
 # once). So 2,000 due jobs against a cap of 50/s come back spread over 40 s, in the order they
 # came. A caller back early keeps its place. A token taken up to 1 ms early leaves the bucket
-# below zero: over time the cap holds. Returns the seconds to wait as a string (Redis would
-# truncate a Lua number to an integer); a wait is never 0: that is a grant.
+# below zero: over time the cap holds. A caller that can do without the call (ARGV[6] = 1) is
+# refused without a place. Returns the seconds to wait as a string (Redis would truncate a Lua
+# number to an integer); a wait is never 0: that is a grant.
 _ACQUIRE = (
     _STATE
     + """
-local caller, held_s, kept_s = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local caller, held_s, kept_s, optional = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - kept_s)
 local mine = tonumber(redis.call('ZSCORE', KEYS[2], caller))
 if mine and mine > now + 0.001 then
@@ -71,6 +72,8 @@ local ready = at + (1 - tokens) / rate
 if ready <= now + 0.001 and (mine or redis.call('ZCOUNT', KEYS[2], now - held_s, '+inf') == 0) then
   if mine then redis.call('ZREM', KEYS[2], caller) end
   tokens = tokens - 1
+elseif optional == '1' then
+  wait = math.max(ready - now, 0.000001)
 else
   tail = math.max(tail + 1 / rate, ready)
   wait = math.max(tail - now, 0.000001)
@@ -118,12 +121,23 @@ class UpstreamThrottle:
     def acquire(self, caller: str) -> float:
         """0 if `caller` (a job id) may make a call now (one token taken); else seconds until it
         may — its place in line, which it keeps until it comes back."""
+        return self._call(caller, optional=False)
+
+    def acquire_if_free(self, caller: str) -> bool:
+        """A call now if a token is there and no one waits in line for it (one token taken);
+        else no, and no place taken: for a call a step can do without, or leave to the next."""
+        return self._call(caller, optional=True) <= 0
+
+    def _call(self, caller: str, *, optional: bool) -> float:
         return float(
             self._acquire(
                 keys=[BUCKET_KEY, PLACES_KEY],
-                args=[self.rate_per_s, self.burst, caller, PLACE_HELD_S, PLACE_KEPT_S],
+                args=[
+                    self.rate_per_s, self.burst, caller, PLACE_HELD_S, PLACE_KEPT_S,
+                    "1" if optional else "0",
+                ],
             )
-        )
+        )  # fmt: skip
 
     def cool_down(self, seconds: float | None) -> None:
         """RunComfy said 429: no worker calls it again for `seconds` (default 1 s)."""
