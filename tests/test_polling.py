@@ -29,7 +29,7 @@ from workers.polling import (
     first_poll_at,
     next_poll_at,
 )
-from workers.run_times import RunTimes, shape_of
+from workers.run_times import UNLEARNED_PREFIX, UNLEARNED_TTL_S, RunTimes, shape_of
 from workers.runcomfy import RequestState, TransientUpstreamError
 from workers.throttle import BUCKET_KEY, PLACES_KEY, UpstreamThrottle
 
@@ -280,3 +280,16 @@ def test_a_looks_second_call_takes_a_token_of_its_own(
     finally:
         redis_client.delete(BUCKET_KEY, PLACES_KEY)
         stack.worker.signal(signal.SIGCONT)
+
+
+def test_a_shape_never_learned_keeps_only_the_runs_of_the_last_hour(scratch: redis.Redis) -> None:
+    """Every run of a shape whose runs all fail waits to be re-planned by the first learned
+    one: the set was refreshed on every add and never trimmed — it grew for as long as such
+    jobs came."""
+    run_times = RunTimes(scratch, job_schedule_key="schedule")
+    shape = {"num_inference_steps": 7, "image_size": "square"}
+    now = time.time()
+    for n in range(3):
+        run_times.wait_for_first(shape, f"old{n}", now - UNLEARNED_TTL_S - 10 + n)
+    run_times.wait_for_first(shape, "new", now)
+    assert scratch.zrange(UNLEARNED_PREFIX + shape_of(shape), 0, -1) == ["new"]

@@ -82,6 +82,9 @@ class RunTimes:
         key = UNLEARNED_PREFIX + shape_of(job_input)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(key, {job_id: running_since})
+            # Runs that began over UNLEARNED_TTL_S ago are over (or their jobs expired): a shape
+            # never learned (every run failing) would otherwise keep every job that ever ran.
+            pipe.zremrangebyscore(key, "-inf", running_since - UNLEARNED_TTL_S)
             pipe.expire(key, UNLEARNED_TTL_S)
             pipe.execute()
 
