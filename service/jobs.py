@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from flask import Response, current_app, request
@@ -30,6 +32,30 @@ blp = StrictBlueprint(
     "jobs", __name__, url_prefix="/v1", description="Inpainting jobs of the calling client."
 )
 blp.before_request(authenticate)
+
+
+IDEMPOTENCY_KEY_PARAMETER = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
+    "description": "Same key and body within 24 h: the first job (200); another body: 409.",
+}
+
+
+def documented(
+    *problems: HTTPStatus, parameters: list[dict[str, Any]] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A route's OpenAPI extras: bearer auth, the problems it may answer besides its schema's
+    422 (401 and 503 on every route: a bad key, the job store down), and `parameters`."""
+
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        for status in (HTTPStatus.UNAUTHORIZED, *problems, HTTPStatus.SERVICE_UNAVAILABLE):
+            view = blp.alt_response(status.value, response=status.name)(view)
+        extra = {"parameters": parameters} if parameters else {}  # [] would hide the query's
+        return blp.doc(security=[{"bearer": []}], **extra)(view)
+
+    return decorate
 
 
 def job_response(job: Job, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -69,7 +95,13 @@ def _own_job(job_id: str) -> Job:
 
 @blp.route("/jobs")
 class Jobs(MethodView):
-    @blp.doc(security=[{"bearer": []}])
+    @documented(
+        HTTPStatus.BAD_REQUEST,
+        HTTPStatus.CONFLICT,
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+    )
     @blp.arguments(JobCreateSchema())  # an instance: a class would be built again per request
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotency-Key replay: the first job")
@@ -90,7 +122,7 @@ class Jobs(MethodView):
             abort(409, message=str(exc))
         return job_response(job, 202 if created else 200, {"Location": job_location(job.id)})
 
-    @blp.doc(security=[{"bearer": []}])
+    @documented()
     @blp.arguments(JobListQuerySchema(), location="query")
     @blp.response(200, JobPageSchema)
     def get(self, query: dict[str, Any]) -> dict[str, Any]:
@@ -98,9 +130,9 @@ class Jobs(MethodView):
         try:
             jobs, cursor = ctx().store.list_for_client(
                 current_client().id,
-                status=query["status"],
+                status=query.get("status"),
                 limit=query["limit"],
-                cursor=query["cursor"],
+                cursor=query.get("cursor"),
             )
         except ValueError as exc:
             abort(422, errors={"query": {"cursor": [str(exc)]}})
@@ -109,7 +141,7 @@ class Jobs(MethodView):
 
 @blp.route("/jobs/<job_id>", endpoint="Job")
 class JobView(MethodView):
-    @blp.doc(security=[{"bearer": []}])
+    @documented(HTTPStatus.NOT_FOUND)
     @blp.response(200, JobSchema)
     def get(self, job_id: str) -> Response:
         """One job."""
@@ -118,7 +150,7 @@ class JobView(MethodView):
 
 @blp.route("/jobs/<job_id>/cancel")
 class JobCancel(MethodView):
-    @blp.doc(security=[{"bearer": []}])
+    @documented(HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT)
     @blp.response(202, JobSchema)
     def post(self, job_id: str) -> Response:
         """Cancel: at once if RunComfy does not have it yet, else asked of RunComfy."""
@@ -131,7 +163,7 @@ class JobCancel(MethodView):
 
 @blp.route("/jobs/<job_id>/deliveries")
 class JobDeliveries(MethodView):
-    @blp.doc(security=[{"bearer": []}])
+    @documented(HTTPStatus.NOT_FOUND)
     @blp.response(200, DeliveriesSchema)
     def get(self, job_id: str) -> dict[str, Any]:
         """Every webhook delivery attempt for the job, oldest first."""
@@ -141,7 +173,7 @@ class JobDeliveries(MethodView):
 
 @blp.route("/jobs/<job_id>/webhook/redeliver")
 class JobRedeliver(MethodView):
-    @blp.doc(security=[{"bearer": []}])
+    @documented(HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT)
     @blp.response(202, JobSchema)
     def post(self, job_id: str) -> Response:
         """Send the job's final event again (same webhook-id)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http
 import logging
 from typing import Any
 
@@ -9,11 +10,15 @@ import kombu.exceptions
 import redis
 from flask import Response, current_app, json
 from flask_smorest import Api
+from flask_smorest.utils import prepare_response
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+
+from service.schemas import ProblemSchema
 
 log = logging.getLogger(__name__)
 
 PROBLEM_TYPE_BASE = "https://inpaint-gateway.internal/problems/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 
 def problem(
@@ -32,7 +37,7 @@ def problem(
     }
     if errors is not None:
         body["errors"] = errors
-    response = Response(json.dumps(body), status=status, mimetype="application/problem+json")
+    response = Response(json.dumps(body), status=status, mimetype=PROBLEM_CONTENT_TYPE)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
@@ -70,7 +75,21 @@ def store_unavailable(error: Exception) -> Response:
 
 
 class ProblemApi(Api):
-    """flask-smorest's Api, answering errors as problem+json."""
+    """flask-smorest's Api, answering errors as problem+json — and documenting them so."""
+
+    def _register_responses(self) -> None:
+        """A response component for every status (as flask-smorest registers them), the
+        errors' as they are sent: problem+json, ProblemSchema (flask-smorest's would say
+        application/json with its own {code, status, message} shape, which no answer has)."""
+        for status in http.HTTPStatus:
+            component: dict[str, Any] = {"description": status.phrase}
+            if status >= 400:
+                component["schema"] = ProblemSchema
+            prepare_response(component, self.spec, PROBLEM_CONTENT_TYPE)
+            self.spec.components.response(status.name, component, lazy=True)
+        default = {"description": "Default error response", "schema": ProblemSchema}
+        prepare_response(default, self.spec, PROBLEM_CONTENT_TYPE)
+        self.spec.components.response(self.DEFAULT_ERROR_RESPONSE_NAME, default, lazy=True)
 
     def _register_error_handlers(self) -> None:
         super()._register_error_handlers()

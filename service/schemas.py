@@ -189,14 +189,15 @@ def _nested_deeper_than(value: Any, depth: int) -> bool:
 class JobListQuerySchema(StrictSchema):
     """GET /v1/jobs query."""
 
+    # No load_default: absent is no filter (the view's .get); a None default made the document
+    # offer "null" as a status, which is refused.
     status = fields.String(
-        load_default=None,
         validate=v.OneOf(
             ["queued", "submitted", "running", "succeeded", "failed", "cancelled", "expired"]
         ),
     )
     limit = fields.Integer(load_default=20, validate=v.Range(1, 100))
-    cursor = fields.String(load_default=None, validate=v.Length(max=200))
+    cursor = fields.String(validate=v.Length(max=200))
 
 
 class OutputSchema(Schema):

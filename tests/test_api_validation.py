@@ -15,11 +15,13 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import pytest
 import redis
 from flask import url_for
+from openapi_spec_validator import validate
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -820,3 +822,24 @@ def test_metrics_are_prometheus_text_with_one_charset(isolated: Isolated) -> Non
         "inpaint_gateway_jobs_steps_overdue",
         "inpaint_gateway_upstream_calls_postponed",
     } <= names
+
+
+def test_the_openapi_document_is_valid_and_says_what_is_sent(isolated: Isolated) -> None:
+    """Errors are documented as they are answered (problem+json, the Problem schema; they were
+    documented as flask-smorest's application/json {code, status, message}), each route with
+    the problems it may give, and POST /v1/jobs with its Idempotency-Key header."""
+    doc = isolated.http.get("/openapi.json").get_json()
+    validate(doc)  # OpenAPI 3.1
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    responses = doc["components"]["responses"]
+    for name, component in responses.items():
+        if name == "DEFAULT_ERROR" or int(HTTPStatus[name]) >= 400:
+            assert component["content"] == problem, name
+    post = doc["paths"]["/v1/jobs"]["post"]
+    assert {"400", "401", "409", "413", "415", "422", "503"} <= set(post["responses"])
+    assert [p["name"] for p in post["parameters"] if p["in"] == "header"] == ["Idempotency-Key"]
+    cancel = doc["paths"]["/v1/jobs/{job_id}/cancel"]["post"]
+    assert {"401", "404", "409", "503"} <= set(cancel["responses"])
+    listing = doc["paths"]["/v1/jobs"]["get"]["parameters"]
+    status = next(p for p in listing if p["name"] == "status")["schema"]
+    assert None not in status["enum"] and isinstance(status["type"], str)
