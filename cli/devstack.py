@@ -174,6 +174,10 @@ def run_dev_stack(
         wait_for_port(api_port, timeout_s=30)
         _print_welcome(api_port, env, client_id, api_key, secret, receiver.url)
         while not stopping:
+            if own_redis is not None and not own_redis.running and not stopping:
+                say("redis exited; restarting it on its AOF; see .run/redis.log")
+                time.sleep(RESTART_BACKOFF_S)
+                own_redis.start()
             for process in processes:
                 if not process.running and not stopping:
                     say(

@@ -174,6 +174,11 @@ class RedisServer:
         if self._process is not None:
             self._process.stop()
 
+    @property
+    def running(self) -> bool:
+        """Started and not exited since."""
+        return self._process is not None and self._process.running
+
     def kill(self) -> None:
         """SIGKILL: lose whatever AOF had not synced (at most ~1 s with everysec)."""
         if self._process is not None:
