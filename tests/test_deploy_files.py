@@ -23,7 +23,7 @@ from kubernetes_validate import utils as kubernetes_validate
 
 import service
 from cli.processes import api_argv, beat_argv, worker_argv
-from core.settings import SettingsError, load_settings
+from core.settings import Settings, SettingsError, load_settings
 from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from emulator.__main__ import build_config
 
@@ -221,9 +221,16 @@ def test_compose_redis_is_durable_and_checked() -> None:
         assert service_["restart"] == "unless-stopped", name
 
 
+# The longest a worker's step holds its thread at the defaults: a submit and a cancel (or two
+# calls of a look) at RUNCOMFY_TIMEOUT_S each, a webhook attempt, and slack.
+LONGEST_STEP_S = 2 * Settings.runcomfy_timeout_s + Settings.webhook_timeout_s + 5
+
+
 def test_compose_worker_can_finish_warm_shutdown_and_beat_is_single() -> None:
     services = compose()["services"]
-    assert duration_s(services["worker"]["stop_grace_period"]) >= 30
+    assert duration_s(services["worker"]["stop_grace_period"]) >= LONGEST_STEP_S + 10
+    gunicorn_conf = importlib.import_module("service.gunicorn_conf")
+    assert duration_s(services["api"]["stop_grace_period"]) > gunicorn_conf.graceful_timeout
     assert services["worker"].get("stop_signal", "SIGTERM") == "SIGTERM"
     assert WORKER_PING.replace("$", "$$") in " ".join(services["worker"]["healthcheck"]["test"])
     beat = services["beat"]
@@ -372,7 +379,7 @@ def test_api_deployment_probes_and_replicas() -> None:
 
 def test_worker_deployment_shuts_down_warm_and_is_probed() -> None:
     worker = resource("Deployment", "worker")
-    assert pod_spec(worker)["terminationGracePeriodSeconds"] >= 60
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] >= LONGEST_STEP_S + 10
     probe = only_container(worker)["livenessProbe"]
     command = probe["exec"]["command"]
     assert command[:2] == ["sh", "-c"], "$HOSTNAME needs a shell to expand"
