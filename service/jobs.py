@@ -31,7 +31,17 @@ IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 blp = StrictBlueprint(
     "jobs", __name__, url_prefix="/v1", description="Inpainting jobs of the calling client."
 )
-blp.before_request(authenticate)
+
+
+@blp.before_request
+def _admit_request() -> None:
+    """Every /v1 request: the caller's key first (401); then no query on a route that takes
+    none — a stray `?foo=1` is a 422 as an unknown field anywhere else is (it was ignored)."""
+    authenticate()
+    if request.query_string and not (request.method == "GET" and request.endpoint == "jobs.Jobs"):
+        stray = sorted(request.args)
+        if stray:
+            abort(422, errors={"query": {name: ["Unknown field."] for name in stray}})
 
 
 IDEMPOTENCY_KEY_PARAMETER = {

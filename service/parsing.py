@@ -48,6 +48,9 @@ class StrictJsonParser(FlaskParser):
                     415, message="Send the body as JSON with Content-Type: application/json."
                 )
             return core.missing
+        encoding = req.headers.get("Content-Encoding")
+        if encoding and encoding.lower() != "identity":  # a gzip body was "not UTF-8" (400)
+            flask_smorest.abort(415, message="Send the body uncompressed (no Content-Encoding).")
         raw = req.get_data(cache=True)
         if not raw:
             return core.missing

@@ -10,6 +10,7 @@ positive control shows the same check does see a valid request's job and broker 
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import time
@@ -211,6 +212,7 @@ class Bad:
     data: str | bytes | None = None  # sent verbatim
     content_type: str | None = "application/json"
     auth: str = "alice"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def fields(*names: str) -> frozenset[str]:
@@ -244,6 +246,7 @@ def nested(depth: int) -> dict[str, Any]:
     return value
 
 
+GZIP = (("Content-Encoding", "gzip"),)
 NAN_CURSOR = base64.urlsafe_b64encode(b"nan|job_x").decode().rstrip("=")  # decodes, floats to NaN
 DEEP_JSON = '{"metadata": {"a": ' + "[" * 20_000 + "]" * 20_000 + "}}"  # well under 64 KiB
 
@@ -277,6 +280,23 @@ BAD_REQUESTS = [
         id="content-type-form",
     ),
     pytest.param(Bad(415, data=json.dumps(VALID), content_type=None), id="content-type-missing"),
+    pytest.param(
+        Bad(415, data=gzip.compress(json.dumps(VALID).encode()), headers=GZIP), id="gzip-body"
+    ),
+    pytest.param(  # as if it were compressed: taken as it is, it was accepted
+        Bad(415, data=json.dumps(VALID), headers=(("Content-Encoding", "br"),)), id="br-body"
+    ),
+    pytest.param(Bad(422, fields("foo"), path="/v1/jobs?foo=1", json=VALID), id="post-query-foo"),
+    pytest.param(
+        Bad(
+            422,
+            fields("foo"),
+            method="GET",
+            path="/v1/jobs/{alice_queued}?foo=1",
+            content_type=None,
+        ),
+        id="get-job-query-foo",
+    ),
     pytest.param(
         Bad(413, data=json.dumps(body(metadata={"pad": "x" * 65 * 1024}))), id="body-over-64KiB"
     ),
@@ -584,7 +604,7 @@ BAD_REQUESTS = [
 
 def send(iso: Isolated, bad: Bad) -> Any:
     """Send one Bad request through the app's test client."""
-    kwargs: dict[str, Any] = {"headers": iso.auth(bad.auth)}
+    kwargs: dict[str, Any] = {"headers": iso.auth(bad.auth) | dict(bad.headers)}
     if bad.data is not None:
         kwargs["data"] = bad.data
     elif bad.json is not None:
