@@ -173,3 +173,31 @@ def test_a_job_failed_on_an_answer_it_cannot_use_has_its_run_cancelled(
         assert cancel_calls(stack) == before + 1
     finally:
         stack.worker.signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("finished", ["before the deadline", "after it"])
+def test_at_the_deadline_a_last_look_keeps_a_run_finished_by_then(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, finished: str
+) -> None:
+    """Looks are capped at the deadline, so the last one often comes just as it passes: a run
+    RunComfy finished by then ends the job as it ended (it expired, the paid run's output
+    thrown away); one finished after it still expires."""
+    stack.worker.signal(signal.SIGSTOP)
+    try:
+        prompt = unique("last look [emulator:queue=0] [emulator:run=0.5]")
+        job_id = submitted_job(stack, api_client, pipeline, prompt)
+        deadline_at = time.time() + (2.0 if finished == "before the deadline" else 0.1)
+        pipeline.store.change(
+            job_id, lambda j: Step(j.changed(time.time(), deadline_at=deadline_at), deadline_at)
+        )
+        time.sleep(1.0)  # the run (0.5 s) is over: ended before a 2 s deadline, after a 0.1 s one
+        past_deadline = replace(pipeline, clock=lambda: deadline_at + 0.5)
+        past_deadline.advance(job_id)
+        job = pipeline.store.get(job_id)
+        assert job is not None
+        if finished == "before the deadline":
+            assert job.status is Status.SUCCEEDED and job.output_images
+        else:
+            assert job.status is Status.EXPIRED
+    finally:
+        stack.worker.signal(signal.SIGCONT)

@@ -62,7 +62,7 @@ class JobPipeline:
         job = record.job
         now = self.clock()
         if now >= job.deadline_at:
-            self._expire(job)
+            self._last_look_then_expire(record)
         elif job.status is Status.QUEUED:
             if job.submit_started_at is not None:
                 if now - job.submit_started_at < self.settings.step_lease_s:
@@ -511,6 +511,33 @@ class JobPipeline:
             return Step(noted.changed(now, cancel_sent=True), now)
 
         self._commit(job.id, settle)
+
+    def _last_look_then_expire(self, record: Record) -> None:
+        """At the deadline, one last look if a token is free: a run RunComfy finished by the
+        deadline ends the job as it ended (a look planned for the deadline — looks are capped
+        there — came just too late to see it, and the output of a paid run was thrown away).
+        Anything else expires; a look that fails or has no token changes nothing of that."""
+        job = record.job
+        request_id = job.request_id
+        if (
+            request_id is not None
+            and job.status in (Status.SUBMITTED, Status.RUNNING)
+            and self.throttle.acquire_if_free(job.id)
+        ):
+            self.counters.add("upstream_polls")
+            try:
+                state: RequestState | None = self.runcomfy.result(request_id)
+            except UpstreamError:
+                state = None
+            if (
+                state is not None
+                and state.is_finished
+                and state.finished_at is not None
+                and state.finished_at <= job.deadline_at
+            ):
+                self._apply_state(record, request_id, state)
+                return
+        self._expire(job)
 
     def _expire(self, job: Job) -> None:
         now = self.clock()
