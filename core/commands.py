@@ -80,10 +80,12 @@ class JobCommands:
         now = time.time()
 
         def request_cancel(j: Job) -> Step | None:
-            if j.status.is_final or j.cancel_requested:
-                return None  # asked for before: on its way (again would only force a step)
+            if j.status.is_final:
+                return None
             if j.status is Status.QUEUED and j.submit_started_at is None:
                 return Step(j.moved_to(Status.CANCELLED, now, cancel_requested=True), None)
+            if j.cancel_requested:
+                return None  # asked for before: on its way (again would only force a step)
             return Step(j.changed(now, cancel_requested=True), now)
 
         committed = self.store.change(job.id, request_cancel)

@@ -245,23 +245,26 @@ class EgressPolicy:
 def split_http_url(url: str, what: str) -> SplitResult:
     """`url` split, if it is a well-formed http(s) URL with a host, a valid port and no user name
     or password; else ValueError saying why (`what` names the URL in the message)."""
+    # No message echoes the URL: a password in it (urlsplit ends the host part at the first
+    # "/", "?" or "#", so one holding those passes for a path and is not caught as one) would
+    # go back in the answer — and the caller knows what it sent.
     parts = urlsplit(url)
-    if "@" in parts.netloc:  # first: the messages below echo the URL, a password with it
+    if "@" in parts.netloc:
         raise ValueError(f"{what} must not contain a user name or password")
     # Whitespace is non-printable, but for " " (one C-level scan each, not a loop in Python)
     if not url.isprintable() or " " in url or "\\" in url:
-        raise ValueError(f"{what} contains characters not allowed in a URL: {url!r}")
+        raise ValueError(f"{what} contains a space, a backslash or a control character")
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise ValueError(f"{what} must use https (or http), not {scheme or 'no scheme'!r}")
     if not parts.hostname:
-        raise ValueError(f"{what} has no host: {url!r}")
+        raise ValueError(f"{what} has no host")
     try:
         port = parts.port  # urlsplit checks the port only when asked for it
-    except ValueError as exc:
-        raise ValueError(f"{what} has an invalid port: {url!r}") from exc
-    if port == 0:  # no service listens there; the SSRF check would have judged port 443
-        raise ValueError(f"{what} has an invalid port: {url!r}")
+    except ValueError:
+        port = 0
+    if port == 0:  # 0: no service listens there (the SSRF check would have judged 443)
+        raise ValueError(f"{what} has an invalid port (it must be 1 to 65535)")
     return parts
 
 

@@ -106,6 +106,7 @@ class Job:
     submit_unknown_outcomes: int = 0
     submits_unanswered: int = 0  # of those: no answer at all (timed out, cut off, worker died)
     cancel_sent: bool = False
+    cancel_failures: int = 0  # cancels RunComfy did not take (5xx, 429, timeout), in a row
     polls: int = 0
     running_since: float | None = None  # estimated start of the run (see workers/polling.py)
     last_seen_queued_at: float | None = None
@@ -194,7 +195,7 @@ class Job:
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))
 # Fields added since the previous release, written only when set: a replica still running that
 # release (during a rolling update) reads the record as long as they are 0 — nearly always.
-_LEFT_OUT_WHILE_ZERO = ("submits_unanswered",)
+_LEFT_OUT_WHILE_ZERO = ("submits_unanswered", "cancel_failures")
 
 
 def _plain(value: JobError | Upstream | None) -> dict[str, Any] | None:

@@ -14,7 +14,8 @@ from core.jobs import Status, Upstream
 from core.store import Step
 from tests.conftest import ApiClient, Stack, admit
 from tests.test_end_to_end import job_body, unique
-from workers.pipeline import JobPipeline
+from workers.pipeline import MAX_CANCEL_TRIES, JobPipeline
+from workers.runcomfy import TransientUpstreamError
 
 pytestmark = pytest.mark.integration
 
@@ -93,10 +94,14 @@ def test_a_cancel_runcomfy_cannot_take_does_not_stop_the_run_being_followed(
     prompt = unique("uncancellable [emulator:cancel-503] [emulator:queue=2] [emulator:run=1]")
     job = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()
     api_client.wait_for(job["id"], lambda j: j["status"] in {"submitted", "running"})
+    before = cancel_calls(stack)
     assert api_client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
     final = api_client.wait_final(job["id"], timeout_s=30)
     assert final["status"] == "succeeded", final
     assert final["output"]["images"]
+    # Tried a few times after a backoff, then given up (a first fix tried again at once, for
+    # ever: ~60 cancels a second from one job, the global rate cap spent on them).
+    assert cancel_calls(stack) - before == MAX_CANCEL_TRIES
 
 
 def test_asking_to_cancel_again_forces_no_step(
@@ -199,5 +204,35 @@ def test_at_the_deadline_a_last_look_keeps_a_run_finished_by_then(
             assert job.status is Status.SUCCEEDED and job.output_images
         else:
             assert job.status is Status.EXPIRED
+    finally:
+        stack.worker.signal(signal.SIGCONT)
+
+
+def test_a_cancel_that_lands_during_a_refused_submit_ends_the_job_at_once(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel comes while a submit is out; RunComfy refuses that submit (certainly not
+    taken): the job is due at once, not after the submit's backoff, and a second cancel ends
+    it at once (it was a no-op once a cancel had been asked for)."""
+    stack.worker.signal(signal.SIGSTOP)
+    try:
+        prompt = unique("cancel during a refused submit")
+        job_id = str(api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()["id"])
+        admit(pipeline)
+
+        def cancelled_meanwhile_then_refused(inputs: object) -> None:
+            assert api_client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+            raise TransientUpstreamError("HTTP 503", http_status=503, maybe_processed=False)
+
+        monkeypatch.setattr(pipeline.runcomfy, "submit", cancelled_meanwhile_then_refused)
+        pipeline.advance(job_id)
+        monkeypatch.undo()
+        job = pipeline.store.get(job_id)
+        assert job is not None and job.status is Status.QUEUED and job.cancel_requested
+        assert job.submit_started_at is None
+        due = pipeline.store.job_schedule.due_at(job_id)
+        assert due is not None and due <= time.time()
+        again = api_client.post(f"/v1/jobs/{job_id}/cancel").get_json()
+        assert again["status"] == "cancelled"
     finally:
         stack.worker.signal(signal.SIGCONT)

@@ -35,6 +35,9 @@ from workers.throttle import UpstreamThrottle
 # Submits of one job that may go without any answer (timed out, cut off, the worker died during
 # the call) before it ends failed: each may be a paid run (PRODUCT §7: "submitted once more").
 MAX_UNANSWERED_SUBMITS = 1
+# Tries of a cancel RunComfy does not take (5xx, 429, no answer) before the run is followed to
+# its end without it: a cancel spares a paid run only while it is queued.
+MAX_CANCEL_TRIES = 3
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +222,7 @@ class JobPipeline:
                 transient_errors=failures,
                 last_transient_error=exc.message,
             )
-            return Step(changed, min(j.deadline_at, now + _retry_in_s(failures, exc)))
+            return Step(changed, _next_step_at(j, now, now + _retry_in_s(failures, exc)))
 
         self._commit(marked.id, clear_mark)
 
@@ -270,7 +273,7 @@ class JobPipeline:
                     transient_errors=j.transient_errors + 1,
                 )
                 wait_s = backoff_s(j.transient_errors + 1, retry_after_s=retry_after_s)
-                return Step(changed, min(j.deadline_at, now + wait_s))
+                return Step(changed, _next_step_at(j, now, now + wait_s))
             counted = j.changed(
                 now,
                 submit_unknown_outcomes=j.submit_unknown_outcomes + 1,
@@ -417,8 +420,10 @@ class JobPipeline:
         after = committed.job
         if after.status is Status.SUCCEEDED:
             # The record's last change was the last look, which saw it running — unless that
-            # look failed, or a cancel came since: then when it ended is not known.
-            looked = job.transient_errors == 0 and not job.cancel_requested
+            # look failed, a cancel came since, or it saw the run over (the output was left to
+            # this step): then when it ended is not known.
+            seen_over = job.upstream is not None and job.upstream.status in FINISHED_STATUSES
+            looked = job.transient_errors == 0 and not job.cancel_requested and not seen_over
             self._learn_run_time(after, state, now, last_look_at=job.updated_at if looked else None)
         elif (
             expected_run_s is None
@@ -465,10 +470,7 @@ class JobPipeline:
             changed = j.changed(
                 now, transient_errors=failures, last_transient_error=exc.message, polls=j.polls + 1
             )
-            return Step(
-                changed,
-                min(j.deadline_at, now + _retry_in_s(failures, exc)),
-            )
+            return Step(changed, _next_step_at(j, now, now + _retry_in_s(failures, exc)))
 
         self._commit(job.id, later)
 
@@ -483,13 +485,7 @@ class JobPipeline:
             outcome = self.runcomfy.cancel(request_id)
         except TransientUpstreamError as exc:
             self._on_transient(exc)
-            # The run is followed all the same: a cancel RunComfy cannot take now must not stop
-            # the looks that see it end (it went on to the deadline, its output thrown away).
-            # The cancel is tried again at the next step.
-            if exc.http_status != 429 and self._may_call_upstream(job, self.clock()):
-                self._poll(record)
-            elif exc.http_status == 429:
-                self._retry_poll_later(job, exc)
+            self._cancel_not_taken(job, exc)
             return
         except UpstreamError as exc:
             outcome = None
@@ -512,6 +508,30 @@ class JobPipeline:
 
         self._commit(job.id, settle)
 
+    def _cancel_not_taken(self, job: Job, exc: TransientUpstreamError) -> None:
+        """RunComfy did not take the cancel (5xx, 429, no answer): tried again after a backoff,
+        MAX_CANCEL_TRIES in all; then the run is followed to its end without it. (Tried again
+        at once for ever, the looks that would see the run end never came: the job expired, the
+        output of a finished, paid run thrown away.)"""
+        request_id = job.request_id
+        now = self.clock()
+
+        def count(j: Job) -> Step | None:
+            if j.status.is_final or j.request_id != request_id or j.cancel_sent:
+                return None
+            failures = j.cancel_failures + 1
+            changed = j.changed(now, cancel_failures=failures, last_transient_error=exc.message)
+            if failures >= MAX_CANCEL_TRIES:
+                changed = changed.with_note(
+                    now,
+                    f"RunComfy did not take the cancel ({failures} tries, last: {exc.message}); "
+                    "following the run to its end",
+                ).changed(now, cancel_sent=True)
+                return Step(changed, now)
+            return Step(changed, min(j.deadline_at, now + _retry_in_s(failures, exc)))
+
+        self._commit(job.id, count)
+
     def _last_look_then_expire(self, record: Record) -> None:
         """At the deadline, one last look if a token is free: a run RunComfy finished by the
         deadline ends the job as it ended (a look planned for the deadline — looks are capped
@@ -527,6 +547,9 @@ class JobPipeline:
             self.counters.add("upstream_polls")
             try:
                 state: RequestState | None = self.runcomfy.result(request_id)
+            except TransientUpstreamError as exc:
+                self._on_transient(exc)  # a 429 pauses every worker's calls all the same
+                state = None
             except UpstreamError:
                 state = None
             if (
@@ -540,6 +563,10 @@ class JobPipeline:
         self._expire(job)
 
     def _expire(self, job: Job) -> None:
+        # Cancelled before the final write (a worker dying after it leaves nothing undone), and
+        # after it the request the expired record holds if it is another: a submit answered
+        # between this step's read and its write left that run paid for and untracked.
+        read_id = self._cancel_left_behind(job)
         now = self.clock()
         message = f"not finished within JOB_DEADLINE_S ({self.settings.job_deadline_s} s)"
         committed = self._commit(
@@ -548,16 +575,17 @@ class JobPipeline:
                 j, Status.EXPIRED, now, JobError("deadline_exceeded", message)
             ),
         )
-        # The request the expired record holds, not the one this step read: a submit answered
-        # between the two left its run paid for and untracked.
-        if committed is not None:
+        if committed is not None and committed.job.request_id != read_id:
             self._cancel_left_behind(committed.job)
 
-    def _cancel_left_behind(self, ended: Job) -> None:
-        """`ended` was ended here while RunComfy may still queue or run its request: cancel it."""
+    def _cancel_left_behind(self, ended: Job) -> str | None:
+        """`ended` is ended here while RunComfy may still queue or run its request: cancel it.
+        Returns the request id cancelled, if any."""
         upstream = ended.upstream
         if ended.request_id and not (upstream and upstream.status in FINISHED_STATUSES):
             self._best_effort_cancel(ended.request_id)
+            return ended.request_id
+        return None
 
     def _best_effort_cancel(self, request_id: str) -> None:
         try:
@@ -609,9 +637,9 @@ def _holds_mark(job: Job, mark: float | None) -> bool:
 
 
 def _next_step_at(job: Job, now: float, look_at: float) -> float:
-    """When to take the job's next step after a look planned for `look_at`: now if a cancel
-    was asked for meanwhile (while queued at RunComfy it may still spare a paid run), capped
-    at the deadline."""
+    """When to take the job's next step, planned for `look_at`: now if a cancel was asked for
+    meanwhile and is not sent yet (queued, here or at RunComfy, it may still spare a paid run),
+    capped at the deadline."""
     if job.cancel_requested and not job.cancel_sent:
         return now
     return min(job.deadline_at, look_at)
