@@ -29,6 +29,17 @@ def _finite_float(text: str) -> float:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+# Python refuses to turn longer digit strings into an int (CVE-2020-10735); its message advises
+# the operator (sys.set_int_max_str_digits), not the caller.
+_MAX_INT_DIGITS = 4300
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"a number has more than {_MAX_INT_DIGITS} digits")
+    return int(text)
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -62,7 +73,12 @@ class StrictJsonParser(FlaskParser):
             raise RequestEntityTooLarge()
         try:
             text = raw.decode("utf-8")
-            body = json.loads(text, parse_float=_finite_float, parse_constant=_no_constants)
+            body = json.loads(
+                text,
+                parse_float=_finite_float,
+                parse_int=_bounded_int,
+                parse_constant=_no_constants,
+            )
             if _SURROGATE_ESCAPE.search(raw):  # rare: only then the whole check (a dump)
                 json.dumps(body, ensure_ascii=False).encode("utf-8")
             return body

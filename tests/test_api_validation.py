@@ -867,3 +867,15 @@ def test_the_openapi_document_is_valid_and_says_what_is_sent(isolated: Isolated)
     listing = doc["paths"]["/v1/jobs"]["get"]["parameters"]
     status = next(p for p in listing if p["name"] == "status")["schema"]
     assert None not in status["enum"] and isinstance(status["type"], str)
+
+
+def test_a_number_too_long_for_python_is_a_400_that_speaks_to_the_caller(
+    isolated: Isolated,
+) -> None:
+    """Python's own refusal advised sys.set_int_max_str_digits(): advice for the operator."""
+    for member in ('"seed": ', '"metadata": {"n": '):
+        closing = "" if member.startswith('"seed"') else "}"
+        data = raw_json(member + "9" * 4301 + closing)
+        problem = assert_problem(isolated, send(isolated, Bad(400, data=data)), Bad(400))
+        assert "more than 4300 digits" in problem["detail"], problem
+        assert "sys." not in problem["detail"]
