@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from core.jobs import Status, Upstream
-from core.store import Step
+from core.store import Record, Step
 from tests.conftest import ApiClient, Stack, admit
 from tests.test_end_to_end import job_body, unique
 from workers.pipeline import MAX_CANCEL_TRIES, JobPipeline
@@ -43,6 +43,14 @@ def submitted_job(stack: Stack, api_client: ApiClient, pipeline: JobPipeline, pr
     return job_id
 
 
+def first_read_is(seen: Record | None, pipeline: JobPipeline, mp: pytest.MonkeyPatch) -> None:
+    """The pipeline's next read of a job is `seen` (the record as it was: a step that read it
+    just before another's change); the reads after it, the record as it is."""
+    reads = iter([seen])
+    real_read = pipeline.store.read
+    mp.setattr(pipeline.store, "read", lambda job_id: next(reads, None) or real_read(job_id))
+
+
 def test_an_expiry_cancels_the_request_a_submit_stored_after_the_step_read_the_job(
     stack: Stack, api_client: ApiClient, pipeline: JobPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,9 +80,7 @@ def test_an_expiry_cancels_the_request_a_submit_stored_after_the_step_read_the_j
                 now + 60,
             ),
         )
-        reads = iter([seen])
-        real_read = pipeline.store.read
-        monkeypatch.setattr(pipeline.store, "read", lambda i: next(reads, None) or real_read(i))
+        first_read_is(seen, pipeline, monkeypatch)
         past_deadline = replace(pipeline, clock=lambda: seen.job.deadline_at + 1)
         past_deadline.advance(job_id)
         monkeypatch.undo()
@@ -141,9 +147,7 @@ def test_a_cancel_asked_during_a_look_is_sent_at_the_next_step_at_once(
         )
         seen = pipeline.store.read(job_id)
         assert api_client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
-        reads = iter([seen])  # the poll read the job before the cancel came
-        real_read = pipeline.store.read
-        monkeypatch.setattr(pipeline.store, "read", lambda i: next(reads, None) or real_read(i))
+        first_read_is(seen, pipeline, monkeypatch)  # the look read the job before the cancel
         pipeline.advance(job_id)
         monkeypatch.undo()
         job = pipeline.store.get(job_id)
