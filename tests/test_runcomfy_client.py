@@ -457,7 +457,9 @@ def test_missing_or_bad_output_is_permanent(body: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("error", "expected"),
     [("boom", "boom"), ({"type": "oom", "message": "out of memory"}, "oom: out of memory"),
-     ([{"type": "a", "message": "b"}, "c"], "a: b; c"), (None, None), ("x" * 900, "x" * 500)],
+     ([{"type": "a", "message": "b"}, "c"], "a: b; c"), (None, None), ("x" * 900, "x" * 500),
+     ([{"loc": ["body", "seed"], "msg": "not an integer", "type": "type_error"}],
+      "body.seed: type_error: not an integer")],
 )  # fmt: skip
 def test_error_shapes_are_readable(error: Any, expected: str | None) -> None:
     assert _readable_error(error) == expected
@@ -479,4 +481,36 @@ def test_a_submit_answer_after_interim_answers_is_read_as_the_answer() -> None:
     with raw_upstream(hints_then_answer) as base_url:
         client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
         assert client.submit({}).request_id == "req-after-hints"
+        client.close()
+
+
+def test_a_submit_refused_as_invalid_says_which_field_and_why(client: RunComfyClient) -> None:
+    """The emulator answers 422 as RunComfy does: "invalid input" and a `detail` list of
+    {loc, msg, type}. Only "invalid input" reached the job's error: not which field, nor why."""
+    with pytest.raises(PermanentUpstreamError) as refused:
+        client.submit({"prompt": "a sky", "image_url": 7, "mask_image_url": "https://x/m.png"})
+    message = refused.value.message
+    assert "HTTP 422: invalid input: body.image_url" in message, message
+    assert refused.value.code == 422001
+
+
+@pytest.mark.parametrize("http_status", [200, 400])
+def test_an_unknown_request_code_is_an_unknown_request_whatever_the_status(
+    http_status: int,
+) -> None:
+    """404001 ("request id unknown or expired") in an HTTP 200 or 400 answer, as some RunComfy
+    APIs send it: the request is lost (upstream_request_lost), not "an answer we cannot use"."""
+    body = b'{"error_code": 404001, "error_message": "request not found or expired"}'
+
+    def lost(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(
+            f"HTTP/1.1 {http_status} X\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    with raw_upstream(lost) as base_url:
+        client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
+        with pytest.raises(UnknownRequestError, match="request not found"):
+            client.status("req-gone")
         client.close()

@@ -32,6 +32,7 @@ FAILED_STATUSES = frozenset({"failed", "error"})
 CANCELLED_STATUSES = frozenset({"cancelled", "canceled"})
 FINISHED_STATUSES = SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
 KNOWN_STATUSES = QUEUED_STATUSES | RUNNING_STATUSES | FINISHED_STATUSES
+UNKNOWN_REQUEST_CODE = "404001"  # request id unknown or expired (RUNCOMFY.md)
 MAX_ERROR_TEXT = 500
 MAX_ERROR_DEPTH = 4  # lists within lists RunComfy's error is read into; deeper is shown as is
 # Any answer value as a short line, however deep or long (a plain str() of a value nested 600
@@ -301,10 +302,12 @@ def _interpret(
             retry_after_s=parse_retry_after_s(headers.get("Retry-After")),
             maybe_processed=status not in RETRY_LATER_STATUSES,
         )
-    if status == 404:
+    if status == 404 or _code_of(body) == UNKNOWN_REQUEST_CODE:  # (as HTTP 200 too)
         code, message = _error_fields(body)
         raise UnknownRequestError(
-            f"{where}: HTTP 404{': ' + message if message else ''}", http_status=404, code=code
+            f"{where}: HTTP {status}{': ' + message if message else ''}",
+            http_status=status,
+            code=code,
         )
     if not 200 <= status < 300:
         code, message = _error_fields(body)
@@ -343,6 +346,12 @@ def _timestamp(value: Any) -> float | None:
     except ValueError:
         return None
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _code_of(body: Any) -> str | None:
+    """The answer's `error_code` as text ("404001"), or None."""
+    code = body.get("error_code") if isinstance(body, dict) else None
+    return None if code in (None, 0, "0") else str(code)
 
 
 def _is_retryable_code(code: Any) -> bool:
@@ -387,7 +396,11 @@ def _readable_error(error: Any, depth: int = 0) -> str | None:
     elif depth >= MAX_ERROR_DEPTH:
         text = _snippet(error)
     elif isinstance(error, dict):
-        parts = [_snippet(error[k]) for k in ("type", "code", "message", "detail") if error.get(k)]
+        where = error.get("loc")  # a validation error's field path: ["body", "seed"]
+        parts = [".".join(map(str, where))] if isinstance(where, list) and where else []
+        parts += [
+            _snippet(error[k]) for k in ("type", "code", "message", "msg", "detail") if error.get(k)
+        ]
         text = ": ".join(parts) if parts else _snippet(error)
     elif isinstance(error, list):
         text = "; ".join(filter(None, (_readable_error(e, depth + 1) for e in error)))
@@ -400,11 +413,16 @@ def _error_fields(body: Any) -> tuple[Any, str]:
     if not isinstance(body, dict):
         return None, ""
     code = body.get("error_code")
-    for key in ("error_message", "message", "error", "detail"):
+    for key in ("error_message", "message", "error"):
         text = _readable_error(body.get(key))
         if text:
-            return code, text
-    return code, ""
+            break
+    else:
+        text = ""
+    detail = _readable_error(body.get("detail"))  # what a 422's "invalid input" is about
+    if detail and detail != text:
+        text = f"{text}: {detail}" if text else detail
+    return code, text[:MAX_ERROR_TEXT]
 
 
 def _connection_not_made(exc: BaseException) -> str | None:
