@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -147,6 +148,44 @@ def test_sigterm_finishes_what_the_worker_holds(own_stack: Stack, api: ApiClient
     for i, job_id in enumerate(ids):
         assert api.wait_final(job_id)["status"] == "succeeded"
         assert submits_for(own_stack, f"{tag} {i} [emulator:run=3]") == 1
+
+
+def test_sigterm_during_submits_lets_them_end_and_store_their_request_ids(
+    own_stack: Stack, api: ApiClient
+) -> None:
+    """SIGTERM while submits wait for RunComfy (3 s each): the worker exits 0 only after they
+    end, and before anything restarts every job it submitted holds its request id — no
+    "outcome unknown", one paid submit each. (The test above signals once every job runs
+    upstream, when the worker holds no step: it would pass with a cold shutdown too.)"""
+    ensure_worker(own_stack)
+    store = JobStore(connect_redis(own_stack.redis_server.url), retention_s=3600)
+    own_stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 1.0, "slow_s": 3})
+    tag = unique("sigterm mid-submit")
+    prompts = [f"{tag} {i} [emulator:run=1]" for i in range(4)]
+    try:
+        ids = [post_until_accepted(api, job_body(own_stack, prompt)) for prompt in prompts]
+
+        def submitting() -> list[str]:
+            jobs = [store.get(job_id) for job_id in ids]
+            return [j.id for j in jobs if j and j.submit_started_at and j.request_id is None]
+
+        in_flight = wait_until(submitting, timeout_s=15, what="a submit waiting for RunComfy")
+        worker = own_stack.worker.process
+        assert worker is not None
+        # The main process only, as Kubernetes and Docker (with an init) send it: SIGTERM to the
+        # whole group also kills the pool's children mid-step (systemd: KillMode=mixed).
+        os.kill(worker.pid, signal.SIGTERM)
+        assert worker.wait(40) == 0  # warm: the submits ended first
+        for job_id in in_flight:
+            job = store.get(job_id)
+            assert job is not None and job.request_id is not None, job
+            assert job.submit_unknown_outcomes == 0 and job.submit_started_at is None, job
+    finally:
+        own_stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 0.0})
+        ensure_worker(own_stack)
+    for job_id, prompt in zip(ids, prompts, strict=True):
+        assert api.wait_final(job_id)["status"] == "succeeded"
+        assert submits_for(own_stack, prompt) == 1
 
 
 def test_worker_logs_are_json_lines_with_the_job(own_stack: Stack, api: ApiClient) -> None:
