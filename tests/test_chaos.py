@@ -180,7 +180,7 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             stack.redis_server.start()
             at(16)
             broker = connect_redis(stack.redis_server.url)
-            broker.delete("jobs", "webhooks", "unacked", "unacked_index")  # lost messages
+            lost_queues = broker.delete("jobs", "webhooks", "unacked", "unacked_index")
             broker.close()
             at(20)
             stack.workers[0].kill()  # SIGKILL #2
@@ -234,6 +234,10 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
         ]
         counters = Counters(redis_client).read()
         error_codes = Counter(j.error.code for j in jobs if j is not None and j.error is not None)
+        answers = stats["responses"]
+        refused_attempts = sum(
+            1 for job_id in job_ids for d in store.deliveries(job_id) if d.get("status_code") == 503
+        )
         print(
             f"\nchaos: jobs={JOBS} final={sum(statuses.values())} {dict(sorted(statuses.items()))} "
             f"errors={dict(error_codes)} "
@@ -243,6 +247,9 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             f"double_submitted_jobs={len(doubles)} explained_by_unknown_outcome={len(doubles) - len(unexplained)} "
             f"unknown_outcomes={counters['submit_outcome_unknown']} "
             f"| worker_restarts={supervisor.restarts} post_retries={sum(post_errors.values())} "
+            f"faults: upstream 5xx={sum(n for c, n in answers.items() if c.startswith('5'))} "
+            f"429={answers.get('429', 0)} receiver_refused={refused_attempts} "
+            f"broker_keys_deleted={lost_queues} "
             f"all_final_at={all_final_at:.0f}s all_delivered_at={elapsed:.0f}s"
         )
         assert sum(statuses.values()) == JOBS and set(statuses) <= {
@@ -265,6 +272,10 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             f"double submits with no recorded unknown outcome: {unexplained[:5]}"
         )
         assert supervisor.restarts >= 2
+        # The faults did happen (a run where they did not would prove nothing).
+        assert sum(n for c, n in answers.items() if c.startswith("5")) > 0, answers
+        assert answers.get("429", 0) > 0, answers
+        assert refused_attempts > 0  # the receiver's 30 s of 503s refused attempts
     finally:
         receiver.stop()
         redis_client.close()
