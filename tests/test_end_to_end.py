@@ -15,6 +15,9 @@ import requests
 from PIL import Image
 
 from core.clients import ClientStore
+from core.metrics import Counters
+from core.store import JobStore
+from core.webhooks import EXHAUSTED
 from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, admit, wait_until
 from workers.pipeline import JobPipeline
 from workers.polling import FIRST_POLL_S
@@ -346,6 +349,38 @@ def test_webhook_retries_keep_the_same_webhook_id(
     assert [d["status_code"] for d in deliveries][:2] == [503, 503]
     assert deliveries[-1]["status_code"] == 204
     assert [d["attempt"] for d in deliveries] == list(range(1, len(deliveries) + 1))
+
+
+def test_a_webhook_that_never_succeeds_ends_exhausted_and_changes_nothing_else(
+    stack: Stack, api_client: ApiClient, receiver: Any, redis_client: Any
+) -> None:
+    """Every attempt answered 500: the event is tried on the whole WEBHOOK_RETRY_SCHEDULE, then
+    recorded exhausted (not scheduled again) and counted; the job stays as it ended (§6: a
+    webhook that never succeeds never changes the job's status)."""
+    exhausted_before = Counters(redis_client).read()["webhook_exhausted"]
+    receiver.forced_status = 500
+    job = api_client.post(
+        "/v1/jobs", json=job_body(stack, unique("never delivered"), webhook_url=receiver.url)
+    ).get_json()
+    assert api_client.wait_final(job["id"])["status"] == "succeeded"
+    store = JobStore(redis_client, retention_s=stack.settings().job_retention_s)
+    tries = len(stack.settings().webhook_retry_schedule_s)
+
+    def exhausted() -> list[Any]:
+        return [e for e in store.events_of(job["id"]) if e.state == EXHAUSTED]
+
+    events = wait_until(exhausted, timeout_s=30, what="the event recorded exhausted")
+    deliveries = api_client.get(f"/v1/jobs/{job['id']}/deliveries").get_json()["deliveries"]
+    assert [d["status_code"] for d in deliveries] == [500] * tries
+    assert {d["webhook_id"] for d in deliveries} == {events[0].webhook_id}
+    assert deliveries[-1]["next_attempt_at"] is None
+    assert api_client.get(f"/v1/jobs/{job['id']}").get_json()["status"] == "succeeded"
+    wait_until(
+        lambda: Counters(redis_client).read()["webhook_exhausted"] == exhausted_before + 1,
+        what="webhook_exhausted counted",
+    )
+    time.sleep(1.5)  # the last gap of the schedule: no attempt comes after it
+    assert len(api_client.get(f"/v1/jobs/{job['id']}/deliveries").get_json()["deliveries"]) == tries
 
 
 def test_redeliver_sends_the_final_event_again(
