@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from cli.processes import RedisServer, free_port, venv_script
 from core.clients import ClientStore
@@ -186,6 +187,51 @@ def test_sigterm_during_submits_lets_them_end_and_store_their_request_ids(
     for job_id, prompt in zip(ids, prompts, strict=True):
         assert api.wait_final(job_id)["status"] == "succeeded"
         assert submits_for(own_stack, prompt) == 1
+
+
+def unknown_outcomes_metric(api: ApiClient) -> float:
+    """inpaint_gateway_submit_outcome_unknown_total as GET /metrics shows it."""
+    text = api.get("/metrics").get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        if family.name == "inpaint_gateway_submit_outcome_unknown":
+            return sum(sample.value for sample in family.samples)
+    raise AssertionError("no submit_outcome_unknown metric")
+
+
+def test_a_worker_killed_during_a_submit_leaves_a_job_submitted_once_more(
+    own_stack: Stack, api: ApiClient
+) -> None:
+    """SIGKILL while a submit waits for RunComfy (3 s): nothing is stored of its answer. Once
+    the step's lease ends, the job's submit outcome is unknown — noted, counted (the workers'
+    buffered counter, read through /metrics) — and it is submitted once more (SUBMIT_UNKNOWN=
+    resubmit): it succeeds, with two submits at RunComfy, the killed one among them."""
+    ensure_worker(own_stack)
+    store = JobStore(connect_redis(own_stack.redis_server.url), retention_s=3600)
+    counted_before = unknown_outcomes_metric(api)
+    prompt = f"{unique('killed mid-submit')} [emulator:run=1]"
+    own_stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 1.0, "slow_s": 3})
+    try:
+        job_id = post_until_accepted(api, job_body(own_stack, prompt))
+
+        def submitting() -> bool:
+            job = store.get(job_id)
+            return job is not None and job.submit_started_at is not None and not job.request_id
+
+        wait_until(submitting, timeout_s=15, what="the submit waiting for RunComfy")
+        own_stack.worker.kill()
+    finally:
+        own_stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 0.0})
+        ensure_worker(own_stack)
+    assert api.wait_final(job_id, timeout_s=60)["status"] == "succeeded"
+    job = store.get(job_id)
+    assert job is not None
+    assert job.submit_attempts == 2 and job.submit_unknown_outcomes == 1, job
+    assert any("submit outcome unknown" in note for note in job.notes), job.notes
+    assert submits_for(own_stack, prompt) == 2
+    wait_until(
+        lambda: unknown_outcomes_metric(api) == counted_before + 1,
+        what="the unknown outcome counted",
+    )
 
 
 def test_worker_logs_are_json_lines_with_the_job(own_stack: Stack, api: ApiClient) -> None:
