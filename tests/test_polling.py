@@ -51,6 +51,7 @@ def test_first_poll_comes_when_a_short_run_should_be_done(
 def test_queued_requests_are_polled_like_the_official_clients_and_sooner_when_next() -> None:
     assert next_poll_at(now=10.0, running=False, queue_position=5) == 10.0 + QUEUED_POLL_S
     assert next_poll_at(now=10.0, running=False, queue_position=1) < 10.0 + QUEUED_POLL_S
+    assert next_poll_at(now=10.0, running=False, queue_position=0) < 10.0 + QUEUED_POLL_S
 
 
 def test_without_a_learned_run_time_a_run_is_polled_every_2_s() -> None:

@@ -13,7 +13,9 @@ import random
 FIRST_POLL_S = 1.0  # a turbo model can finish within about a second of leaving the queue
 MIN_FIRST_POLL_S = 0.25  # even a run learned to take no time: give the queue a moment
 QUEUED_POLL_S = 2.0  # RunComfy's own clients poll at a fixed 2 s
-NEXT_IN_LINE_POLL_S = 0.5  # queue_position 1: it starts any moment; its start time matters
+# Queue position 1 — or 0, should RunComfy count from 0 (unconfirmed: fal's API, which this
+# one's shape follows, does): it starts any moment, and its start time matters.
+NEXT_IN_LINE_POLL_S = 0.5
 RUNNING_POLL_S = 2.0
 LATE_POLL_MIN_S = 0.25  # a run past its expected end: look again soon, then back off to 2 s
 TRANSIENT_BACKOFF_BASE_S = 1.0
@@ -39,7 +41,8 @@ def next_poll_at(
 ) -> float:
     """When to look next at a request RunComfy holds."""
     if not running:
-        return now + (NEXT_IN_LINE_POLL_S if queue_position == 1 else QUEUED_POLL_S)
+        next_in_line = queue_position is not None and queue_position <= 1
+        return now + (NEXT_IN_LINE_POLL_S if next_in_line else QUEUED_POLL_S)
     if running_since is None or expected_run_s is None:
         return now + RUNNING_POLL_S
     expected_end = running_since + expected_run_s
