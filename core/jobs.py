@@ -106,7 +106,7 @@ class Job:
     submit_unknown_outcomes: int = 0
     submits_unanswered: int = 0  # of those: no answer at all (timed out, cut off, worker died)
     cancel_sent: bool = False
-    cancel_failures: int = 0  # cancels RunComfy did not take (5xx, 429, timeout), in a row
+    cancel_failures: int = 0  # cancels RunComfy did not take (5xx, 429, no answer)
     polls: int = 0
     running_since: float | None = None  # estimated start of the run (see workers/polling.py)
     last_seen_queued_at: float | None = None

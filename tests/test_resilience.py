@@ -189,6 +189,11 @@ def test_sigterm_during_submits_lets_them_end_and_store_their_request_ids(
         assert submits_for(own_stack, prompt) == 1
 
 
+def submit_calls(stack: Stack) -> int:
+    """Submits the emulator has received (counted on arrival, before any delay)."""
+    return int(stack.emulator("/_emulator/stats").json()["calls"].get("submit", 0))
+
+
 def unknown_outcomes_metric(api: ApiClient) -> float:
     """inpaint_gateway_submit_outcome_unknown_total as GET /metrics shows it."""
     text = api.get("/metrics").get_data(as_text=True)
@@ -209,6 +214,7 @@ def test_a_worker_killed_during_a_submit_leaves_a_job_submitted_once_more(
     store = JobStore(connect_redis(own_stack.redis_server.url), retention_s=3600)
     counted_before = unknown_outcomes_metric(api)
     prompt = f"{unique('killed mid-submit')} [emulator:run=1]"
+    calls_before = submit_calls(own_stack)
     own_stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 1.0, "slow_s": 3})
     try:
         job_id = post_until_accepted(api, job_body(own_stack, prompt))
@@ -218,6 +224,9 @@ def test_a_worker_killed_during_a_submit_leaves_a_job_submitted_once_more(
             return job is not None and job.submit_started_at is not None and not job.request_id
 
         wait_until(submitting, timeout_s=15, what="the submit waiting for RunComfy")
+        wait_until(  # and it has reached RunComfy (the kill must not land before it is sent)
+            lambda: submit_calls(own_stack) > calls_before, timeout_s=10, what="the submit sent"
+        )
         own_stack.worker.kill()
     finally:
         own_stack.emulator("/_emulator/faults", method="POST", json={"rate_slow": 0.0})

@@ -36,8 +36,9 @@ from workers.throttle import UpstreamThrottle
 # the call) before it ends failed: each may be a paid run (PRODUCT §7: "submitted once more").
 MAX_UNANSWERED_SUBMITS = 1
 # Tries of a cancel RunComfy does not take (5xx, 429, no answer) before the run is followed to
-# its end without it: a cancel spares a paid run only while it is queued.
-MAX_CANCEL_TRIES = 3
+# its end without it: a cancel spares a paid run only while it is queued. With the backoff
+# between them (0.5-1 s, doubling), 5 tries span 7.5-15 s of an outage (3 spanned 1.5-3 s).
+MAX_CANCEL_TRIES = 5
 
 log = logging.getLogger(__name__)
 
@@ -638,9 +639,9 @@ def _holds_mark(job: Job, mark: float | None) -> bool:
 
 def _next_step_at(job: Job, now: float, look_at: float) -> float:
     """When to take the job's next step, planned for `look_at`: now if a cancel was asked for
-    meanwhile and is not sent yet (queued, here or at RunComfy, it may still spare a paid run),
-    capped at the deadline."""
-    if job.cancel_requested and not job.cancel_sent:
+    meanwhile and not tried yet (queued, here or at RunComfy, it may still spare a paid run) —
+    not once RunComfy has refused one: its retry keeps its backoff — capped at the deadline."""
+    if job.cancel_requested and not job.cancel_sent and job.cancel_failures == 0:
         return now
     return min(job.deadline_at, look_at)
 
