@@ -305,14 +305,12 @@ class JobPipeline:
             state = (
                 self.runcomfy.status(request_id) if ask_status else self.runcomfy.result(request_id)
             )
-            if state.is_queued and not ask_status and self.throttle.acquire_if_free(job.id):
-                self.counters.add("upstream_polls")
+            if state.is_queued and not ask_status and self._another_call(job):
                 ask_status, state = True, self.runcomfy.status(request_id)
             if state.is_finished and ask_status:  # /status never carries the output
-                if not self.throttle.acquire_if_free(job.id):
+                if not self._another_call(job):
                     self._fetch_output_next(job, request_id, state)
                     return
-                self.counters.add("upstream_polls")
                 state = self.runcomfy.result(request_id)
         except TransientUpstreamError as exc:
             self._on_transient(exc)
@@ -336,13 +334,21 @@ class JobPipeline:
             return
         self._apply_state(record, request_id, state)
 
+    def _another_call(self, job: Job) -> bool:
+        """A further RunComfy call in this step, beside the one its token was taken for: only
+        if the rate cap has a token free for it (no place in line taken); counted as a poll."""
+        if not self.throttle.acquire_if_free(job.id):
+            return False
+        self.counters.add("upstream_polls")
+        return True
+
     def _fetch_output_next(self, job: Job, request_id: str, state: RequestState) -> None:
         """/status says the run is over, and the rate cap has no token for /result now: note
         what was seen (the next step asks /result) and make that step due at once."""
         now = self.clock()
 
         def seen_finished(j: Job) -> Step | None:
-            if j.status.is_final or j.request_id != request_id:
+            if not _follows(j, request_id):
                 return None
             upstream = Upstream(request_id, state.status, None)
             return Step(j.changed(now, upstream=upstream, polls=j.polls + 1), now)
@@ -355,7 +361,7 @@ class JobPipeline:
         expected_run_s = self.run_times.expected_s(job.input)
 
         def apply(j: Job) -> Step | None:
-            if j.status.is_final or j.request_id != request_id:
+            if not _follows(j, request_id):
                 return None
             upstream = Upstream(request_id, state.status, state.queue_position)
             polls = j.polls + 1
@@ -494,7 +500,7 @@ class JobPipeline:
         now = self.clock()
 
         def settle(j: Job) -> Step | None:
-            if j.status.is_final or j.request_id != request_id:
+            if not _follows(j, request_id):
                 return None
             if outcome is not None and outcome.cancelled:
                 upstream = Upstream(request_id, "cancelled", None)
@@ -518,7 +524,7 @@ class JobPipeline:
         now = self.clock()
 
         def count(j: Job) -> Step | None:
-            if j.status.is_final or j.request_id != request_id or j.cancel_sent:
+            if not _follows(j, request_id) or j.cancel_sent:
                 return None
             failures = j.cancel_failures + 1
             changed = j.changed(now, cancel_failures=failures, last_transient_error=exc.message)
@@ -543,9 +549,8 @@ class JobPipeline:
         if (
             request_id is not None
             and job.status in (Status.SUBMITTED, Status.RUNNING)
-            and self.throttle.acquire_if_free(job.id)
+            and self._another_call(job)
         ):
-            self.counters.add("upstream_polls")
             try:
                 state: RequestState | None = self.runcomfy.result(request_id)
             except TransientUpstreamError as exc:
@@ -629,6 +634,12 @@ class JobPipeline:
         if committed.events:
             self.on_events()
         return committed
+
+
+def _follows(job: Job, request_id: str | None) -> bool:
+    """The job is still live and following `request_id`: what a step learnt of that request
+    may change it (not a job ended meanwhile, nor one following another request)."""
+    return not job.status.is_final and job.request_id == request_id
 
 
 def _holds_mark(job: Job, mark: float | None) -> bool:

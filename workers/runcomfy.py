@@ -320,7 +320,7 @@ def _interpret(
     if not isinstance(body, dict):
         what = f"longer than {MAX_ANSWER_BYTES} bytes" if raw is None else "not a JSON object"
         raise UnusableAnswerError(f"{where}: answer is {what}", http_status=status)
-    if body.get("error_code") not in (None, 0, "0"):
+    if _code_of(body) is not None:
         code, message = _error_fields(body)
         error = PermanentUpstreamError if not _is_retryable_code(code) else TransientUpstreamError
         raise error(
