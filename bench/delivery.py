@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Row, Sizes, fmt, per_call, say
-from core.deadlines import DEADLINES
-from core.egress import EgressPolicy, egress_session, keep_connection_after_answer
+from core.http.deadlines import DEADLINES
+from core.http.egress import EgressPolicy, egress_session, keep_connection_after_answer
 
 HOST = "127.0.0.1"  # a literal address: no resolver in the way (the certificate names it)
 

@@ -21,8 +21,21 @@ IN_FLIGHT_KEY = PREFIX + "in_flight"
 WAITING_CLIENTS_KEY = PREFIX + "waiting_clients"
 WAITING_PREFIX = PREFIX + "waiting:"
 ADMISSION_TURN_KEY = PREFIX + "admission_turn"
-ADMIT_BUDGET = 500
-ADMISSION_RECHECK_S = 30.0  # a waiting job checks it is still in line this often  # list entries looked at per call (dead entries of cancelled jobs included)
+ADMIT_BUDGET = 500  # list entries looked at per call (dead entries of cancelled jobs included)
+ADMISSION_RECHECK_S = 30.0  # a waiting job checks it is still in line this often
+
+# The writes admission makes inside JobStore's atomic scripts, kept here so this module is the one
+# owner of its keys. In JobStore's create script a new job joins its client's line and the client
+# the ring: KEYS[3], KEYS[4] = line_keys(client); ARGV[2] job id, ARGV[4] client id.
+JOIN_LINE_LUA = """
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], 'NX', 0, ARGV[4])
+"""
+# In JobStore's commit script, once a job is final it gives back its slot: KEYS[3] = IN_FLIGHT_KEY,
+# ARGV[5] job id.
+RELEASE_SLOT_LUA = """
+redis.call('ZREM', KEYS[3], ARGV[5])
+"""
 
 # KEYS: in_flight, waiting_clients, due_jobs, turn counter
 # ARGV: max_in_flight, now, slot_expires_at, waiting-list prefix, budget
@@ -85,6 +98,11 @@ class FairAdmission:
     @staticmethod
     def waiting_key(client_id: str) -> str:
         return WAITING_PREFIX + client_id
+
+    @classmethod
+    def line_keys(cls, client_id: str) -> list[str]:
+        """The keys JOIN_LINE_LUA writes for a job of `client_id`, in its order."""
+        return [cls.waiting_key(client_id), WAITING_CLIENTS_KEY]
 
     def admit(
         self, *, max_in_flight: int, slot_ttl_s: float, now: float | None = None

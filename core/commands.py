@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from core.egress import EgressPolicy, RefusedDestination
+from core.http.egress import EgressPolicy, RefusedDestination
 from core.jobs import Job, Status, new_job
 from core.metrics import Counters
 from core.settings import Settings
@@ -108,11 +108,11 @@ class JobCommands:
             raise CommandRefused(f"job {job.id} is not final yet")
         if not job.webhook_url:
             raise CommandRefused(f"job {job.id} has no webhook_url")
-        finals = [e for e in self.store.events_of(job.id) if e.type in TERMINAL_EVENT_TYPES]
+        finals = [e for e in self.store.outbox.events_of(job.id) if e.type in TERMINAL_EVENT_TYPES]
         now = time.time()
         if finals:
             event = replace(finals[-1], state=PENDING, next_attempt_at=now, attempts=0)
         else:  # the client did not ask for the final event at submit; send it now on request
             event = build_event(job, f"job.{job.status.value}", now)
-        self.store.put_event(event, is_new=not finals)
+        self.store.outbox.put_event(event, is_new=not finals)
         self.wakeups.webhooks()

@@ -122,8 +122,8 @@ class GatewayCollector(Collector):
         return {
             "jobs_live": self.store.job_schedule.size(),
             "jobs_steps_overdue": self.store.job_schedule.overdue_count(),
-            "webhooks_pending": self.store.webhook_schedule.size(),
-            "webhooks_overdue": self.store.webhook_schedule.overdue_count(),
+            "webhooks_pending": self.store.outbox.schedule.size(),
+            "webhooks_overdue": self.store.outbox.schedule.overdue_count(),
             "jobs_waiting_for_slot": self.store.admission.waiting(),
             "upstream_in_flight": self.store.admission.in_flight(),
         }

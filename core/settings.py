@@ -134,7 +134,8 @@ def _read(env: environs.Env) -> Settings:
         raise SettingsError(f"bad setting WEBHOOK_RETRY_SCHEDULE: {exc}") from None
     listed: list[str] = env.list("WEBHOOK_ALLOWED_NETWORKS", [])
     networks = tuple(n.strip() for n in listed if n.strip())
-    from core.egress import EgressPolicy  # local: egress imports requests, settings stays light
+    # Imported here: egress imports requests, and settings stays light to import.
+    from core.http.egress import EgressPolicy
 
     try:
         EgressPolicy.from_cidrs(list(networks))

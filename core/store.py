@@ -1,8 +1,9 @@
-"""The Redis store: job records (the truth), their indexes, schedules and webhook outbox.
+"""The Redis store of jobs: job records (the truth), each client's index, the job schedule.
 
 Every change to a job is compare-and-set: it is computed from the record as read and committed by
 one Lua call only if the record is still what was read, together with everything that follows from
-it — the next due step, webhook events, the in-flight slot — so they can never disagree.
+it — the next due step, new webhook events (written into the outbox, core/outbox.py), the release
+of the job's upstream slot (core/admission.py owns those writes) — so they can never disagree.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import redis
 from core.admission import (
     ADMISSION_RECHECK_S,
     IN_FLIGHT_KEY,
-    WAITING_CLIENTS_KEY,
+    JOIN_LINE_LUA,
+    RELEASE_SLOT_LUA,
     FairAdmission,
 )
 from core.jobs import Job
 from core.keys import COUNTERS_KEY, PREFIX
+from core.outbox import WebhookOutbox
 from core.schedule import DueSchedule
 from core.wakeups import PendingWakeup
 from core.webhooks import WebhookEvent, events_for_change
@@ -71,7 +74,8 @@ class IdempotencyClaim:
 #       idempotency TTL, wake-up flag TTL ms
 # Returns the idempotency key's existing record (nothing created); else 1 if this call set the
 # wake-up flag (the caller sends the wake-up), or nil.
-_CREATE = """
+_CREATE = (
+    """
 if KEYS[7] ~= '' then
   local first = redis.call('GET', KEYS[7])
   if first then return first end
@@ -80,13 +84,15 @@ end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
-redis.call('RPUSH', KEYS[3], ARGV[2])
-redis.call('ZADD', KEYS[4], 'NX', 0, ARGV[4])
+"""
+    + JOIN_LINE_LUA
+    + """
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[2])
 redis.call('HINCRBY', KEYS[6], 'jobs_accepted', 1)
 if KEYS[8] ~= '' and redis.call('SET', KEYS[8], 1, 'NX', 'PX', ARGV[9]) then return 1 end
 return false
 """
+)
 
 
 # Commit one job change if the record is still the one it was computed from.
@@ -95,12 +101,15 @@ return false
 # ARGV: record as read, new record, next step at ("" once final), retention s, job id, then per
 #       new event: its JSON, webhook id, first attempt at
 # Returns 1 if committed, 0 if the record changed meanwhile (the caller reads it again).
-_COMMIT_CHANGE = """
+_COMMIT_CHANGE = (
+    """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
   redis.call('ZREM', KEYS[2], ARGV[5])
-  redis.call('ZREM', KEYS[3], ARGV[5])
+"""
+    + RELEASE_SLOT_LUA
+    + """
 else
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
@@ -114,6 +123,7 @@ for i = 5, #KEYS, 2 do
 end
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
@@ -151,33 +161,6 @@ class Committed:
     record: Record  # the job as now stored: `seen` for the caller's next change
 
 
-# A redelivery's reset of an event: made due now unless an attempt holds it (its schedule entry
-# claimed: the score is a lease's end, not the stored event's next attempt). That attempt, when
-# it ends, finds the event changed and makes it due (record_attempt).
-# KEYS: the event, the webhook schedule. ARGV: the reset event (JSON), webhook id, due at, TTL.
-_RESET_EVENT = """
-local stored = redis.call('GET', KEYS[1])
-local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
-local claimed = false
-if stored and score then
-  local was = cjson.decode(stored)
-  claimed = was.state == 'pending' and was.next_attempt_at ~= cjson.null
-    and tonumber(score) ~= tonumber(was.next_attempt_at)
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
-if not claimed then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
-return claimed and 1 or 0
-"""
-
-# KEYS: the event, the webhook schedule. ARGV: webhook id.
-_UNSCHEDULE_SETTLED = """
-local stored = redis.call('GET', KEYS[1])
-if stored and cjson.decode(stored).state == 'pending' then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
-
-
 def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
     """A Redis client as every process uses it: text responses, bounded waits, health checks."""
     return redis.Redis.from_url(
@@ -190,18 +173,16 @@ def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
 
 
 class JobStore:
-    """Job records, per-client index, the job and webhook schedules, deliveries."""
+    """Job records, each client's index of them, the job schedule; `outbox` holds their webhooks."""
 
     def __init__(self, client: redis.Redis, *, retention_s: int) -> None:
         self.redis = client
         self.retention_s = retention_s
         self.job_schedule = DueSchedule(client, PREFIX + "due:jobs")
-        self.webhook_schedule = DueSchedule(client, PREFIX + "due:webhooks")
+        self.outbox = WebhookOutbox(client, retention_s=retention_s)
         self.admission = FairAdmission(client, due_jobs_key=self.job_schedule.key)
         self._create = client.register_script(_CREATE)
         self._commit_change = client.register_script(_COMMIT_CHANGE)
-        self._reset_event = client.register_script(_RESET_EVENT)
-        self._unschedule_settled = client.register_script(_UNSCHEDULE_SETTLED)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -212,18 +193,6 @@ class JobStore:
     @staticmethod
     def client_index_key(client_id: str) -> str:
         return f"{PREFIX}client:{client_id}:jobs"
-
-    @staticmethod
-    def event_key(webhook_id: str) -> str:
-        return f"{PREFIX}event:{webhook_id}"
-
-    @staticmethod
-    def job_events_key(job_id: str) -> str:
-        return f"{PREFIX}job:{job_id}:events"
-
-    @staticmethod
-    def deliveries_key(job_id: str) -> str:
-        return f"{PREFIX}job:{job_id}:deliveries"
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -246,8 +215,7 @@ class JobStore:
         keys = [
             self.job_key(job.id),
             self.client_index_key(job.client_id),
-            self.admission.waiting_key(job.client_id),
-            WAITING_CLIENTS_KEY,
+            *self.admission.line_keys(job.client_id),
             self.job_schedule.key,
             COUNTERS_KEY,
             idempotency.redis_key if idempotency is not None else "",
@@ -378,7 +346,7 @@ class JobStore:
             self.job_key(job.id),
             self.job_schedule.key,
             IN_FLIGHT_KEY,
-            self.webhook_schedule.key,
+            self.outbox.schedule.key,
         ]
         args: list[bytes | str | float] = [
             raw_before,
@@ -387,84 +355,13 @@ class JobStore:
             self.retention_s,
             job.id,
         ]
-        for event in events:  # new events: the same writes as put_event(is_new=True)
-            keys += [self.event_key(event.webhook_id), self.job_events_key(event.job_id)]
+        for event in events:  # new events: the same writes as WebhookOutbox.put_event(is_new=True)
+            keys += [
+                self.outbox.event_key(event.webhook_id),
+                self.outbox.job_events_key(event.job_id),
+            ]
             args += [event.to_json(), event.webhook_id, event.next_attempt_at or event.created_at]
         return bool(self._commit_change(keys=keys, args=args))
-
-    # --- webhook outbox ---------------------------------------------------------------------
-
-    def put_event(self, event: WebhookEvent, *, is_new: bool) -> None:
-        """Store an event (new, or reset for redelivery) and make it due — unless an attempt
-        of it is under way (its schedule entry claimed under a lease): that attempt then finds
-        the event changed when it ends, and makes it due itself (record_attempt), so the two
-        never run at once."""
-        due_at = event.next_attempt_at or event.created_at
-        if is_new:
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(self.event_key(event.webhook_id), event.to_json(), ex=self.retention_s)
-                pipe.rpush(self.job_events_key(event.job_id), event.webhook_id)
-                pipe.expire(self.job_events_key(event.job_id), self.retention_s)
-                self.webhook_schedule.put(pipe, event.webhook_id, due_at)
-                pipe.execute()
-            return
-        self._reset_event(
-            keys=[self.event_key(event.webhook_id), self.webhook_schedule.key],
-            args=[event.to_json(), event.webhook_id, repr(due_at), self.retention_s],
-        )  # fmt: skip
-
-    def get_event(self, webhook_id: str) -> WebhookEvent | None:
-        """One event with its delivery state."""
-        raw = self.redis.get(self.event_key(webhook_id))
-        return WebhookEvent.from_json(raw) if raw is not None else None
-
-    def events_of(self, job_id: str) -> list[WebhookEvent]:
-        """Every event emitted for a job, oldest first."""
-        ids = self.redis.lrange(self.job_events_key(job_id), 0, -1)
-        raws = self.redis.mget([self.event_key(str(i)) for i in ids]) if ids else []
-        return [WebhookEvent.from_json(r) for r in raws if r is not None]
-
-    def record_attempt(
-        self, was: WebhookEvent, event: WebhookEvent, attempt: dict[str, Any]
-    ) -> tuple[bool, WebhookEvent | None]:
-        """Store the attempt, and the event's new delivery state (`event`) if the stored event
-        is still `was`, the one attempted: (True, event). If it changed meanwhile (a redelivery
-        reset it), the reset stands and its schedule entry is left as the attempt holds it, for
-        the caller to make due once it has let go of its receiver's place: (False, the stored
-        event, None if it is gone)."""
-        key = self.event_key(event.webhook_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            for _ in range(DEFAULT_CHANGE_RETRIES):
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    stored = WebhookEvent.from_json(raw) if raw is not None else None
-                    pipe.multi()
-                    pipe.rpush(self.deliveries_key(event.job_id), json.dumps(attempt))
-                    pipe.expire(self.deliveries_key(event.job_id), self.retention_s)
-                    kept = stored == was
-                    if kept:
-                        pipe.set(key, event.to_json(), ex=self.retention_s)
-                    if kept and event.next_attempt_at is not None:
-                        self.webhook_schedule.put(pipe, event.webhook_id, event.next_attempt_at)
-                    elif kept or stored is None:
-                        self.webhook_schedule.remove(pipe, event.webhook_id)
-                    pipe.execute()
-                    return kept, (event if kept else stored)
-                except redis.WatchError:
-                    continue
-        raise RuntimeError(f"event {event.webhook_id}: too much contention to record an attempt")
-
-    def unschedule_settled_event(self, webhook_id: str) -> None:
-        """Take an event found not pending (or gone) off the schedule — unless a redelivery has
-        made it pending again since it was read."""
-        self._unschedule_settled(
-            keys=[self.event_key(webhook_id), self.webhook_schedule.key], args=[webhook_id]
-        )
-
-    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
-        """Every delivery attempt for a job, oldest first."""
-        return [json.loads(r) for r in self.redis.lrange(self.deliveries_key(job_id), 0, -1)]
 
 
 def _encode_cursor(score: float, job_id: str) -> str:

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from core.clients import ClientStore
 from core.commands import JobCommands
-from core.egress import EgressPolicy
+from core.http.egress import EgressPolicy
 from core.logs import configure_logging
 from core.metrics import Counters, GatewayCollector
 from core.settings import Settings, load_settings_or_exit

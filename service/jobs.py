@@ -178,7 +178,7 @@ class JobDeliveries(MethodView):
     def get(self, job_id: str) -> dict[str, Any]:
         """Every webhook delivery attempt for the job, oldest first."""
         job = _own_job(job_id)
-        return {"deliveries": ctx().store.deliveries(job.id)}
+        return {"deliveries": ctx().store.outbox.deliveries(job.id)}
 
 
 @blp.route("/jobs/<job_id>/webhook/redeliver")

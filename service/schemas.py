@@ -14,7 +14,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validates, validates_schema
 from marshmallow import validate as v
 
-from core.egress import split_http_url
+from core.http.egress import split_http_url
 from core.webhooks import EVENT_TYPES, TERMINAL_EVENT_TYPES
 
 MAX_PROMPT_CHARS = 8000

@@ -28,9 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core import egress
 from core.clients import ClientStore, NewClientCredentials
-from core.egress import EgressPolicy
-from core.names import NameLookup
-from core.store import PREFIX, JobStore, connect_redis
+from core.http.egress import EgressPolicy
+from core.http.names import NameLookup
+from core.outbox import WebhookOutbox
+from core.store import PREFIX, connect_redis
 from core.wakeups import JOBS_QUEUE
 from service import MAX_BODY_BYTES
 from service.jobs import job_location
@@ -155,8 +156,8 @@ def isolated(stack: Stack, make_app: Callable[..., Any]) -> Iterator[Isolated]:
     assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "cancelled"
     # The lists a job with a webhook has beside its record (its events, their attempts): a path
     # naming one of those keys must find no job.
-    client.rpush(JobStore.job_events_key(job_ids["alice_final"]), "msg_0")
-    client.rpush(JobStore.deliveries_key(job_ids["alice_final"]), "{}")
+    client.rpush(WebhookOutbox.job_events_key(job_ids["alice_final"]), "msg_0")
+    client.rpush(WebhookOutbox.deliveries_key(job_ids["alice_final"]), "{}")
 
     iso = Isolated(client, http, alice, bob, revoked, job_ids)
     iso.forget_wakeups()

@@ -205,7 +205,7 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             all_final_at = time.monotonic() - started
 
             def all_delivered() -> bool:
-                events = [e for job_id in job_ids for e in store.events_of(job_id)]
+                events = [e for job_id in job_ids for e in store.outbox.events_of(job_id)]
                 return len(events) >= JOBS and all(e.state != PENDING for e in events)
 
             wait_until(
@@ -218,7 +218,7 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
         final_events = {
             e.webhook_id: e
             for job_id in job_ids
-            for e in store.events_of(job_id)
+            for e in store.outbox.events_of(job_id)
             if e.type in TERMINAL_EVENT_TYPES
         }
         received = receiver.received()
@@ -236,7 +236,10 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
         error_codes = Counter(j.error.code for j in jobs if j is not None and j.error is not None)
         answers = stats["responses"]
         refused_attempts = sum(
-            1 for job_id in job_ids for d in store.deliveries(job_id) if d.get("status_code") == 503
+            1
+            for job_id in job_ids
+            for d in store.outbox.deliveries(job_id)
+            if d.get("status_code") == 503
         )
         print(
             f"\nchaos: jobs={JOBS} final={sum(statuses.values())} {dict(sorted(statuses.items()))} "

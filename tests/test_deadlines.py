@@ -1,4 +1,4 @@
-"""Tests for core.deadlines: an exchange through an egress session ends by its deadline, however
+"""Tests for core.http.deadlines: an exchange through an egress session ends by its deadline, however
 a receiver drips its answer, and a connection that outlives its exchange is never cut off."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
-import core.deadlines
+import core.http.deadlines
 from core import egress
-from core.deadlines import DEADLINES, DeadlineAdapter, Exchange
-from core.egress import EgressPolicy, egress_session, keep_connection_after_answer
-from core.names import NameLookup
+from core.http.deadlines import DEADLINES, DeadlineAdapter, Exchange
+from core.http.egress import EgressPolicy, egress_session, keep_connection_after_answer
+from core.http.names import NameLookup
 from tests.conftest import dns_peer, raw_peer
 from tests.test_egress import FakeDNS, answering, certificate, fake_dns  # noqa: F401  # fixtures
 
@@ -143,7 +143,7 @@ def test_a_host_lookup_gets_only_the_time_left(monkeypatch: pytest.MonkeyPatch) 
     """The name server answers after 1 s; the exchange has 0.3 s: the lookup gives up then, and
     no connection is made (socket.getaddrinfo would have waited for the answer)."""
     with dns_peer({"late.test": ["127.0.0.1"]}, delay_s=1.0) as peer:
-        monkeypatch.setattr(core.deadlines, "NAMES", NameLookup(servers=(peer.address,)))
+        monkeypatch.setattr(core.http.deadlines, "NAMES", NameLookup(servers=(peer.address,)))
         with requests.Session() as session:
             session.mount("http://", DeadlineAdapter())
             started = time.monotonic()

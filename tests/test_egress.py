@@ -1,4 +1,4 @@
-"""Tests for core.egress: which webhook destinations are refused, and where requests really go."""
+"""Tests for core.http.egress: which webhook destinations are refused, and where requests really go."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ import pytest
 import requests
 
 from core import egress
-from core.deadlines import DEADLINES
-from core.egress import (
+from core.http.deadlines import DEADLINES
+from core.http.egress import (
     EgressPolicy,
     RefusedDestination,
     egress_session,
     keep_connection_after_answer,
 )
-from core.interim import MAX_INTERIM_ANSWERS
-from core.names import NAMES, NameLookup
+from core.http.interim import MAX_INTERIM_ANSWERS
+from core.http.names import NAMES, NameLookup
 from tests.conftest import dns_peer, raw_peer
 
 TIMEOUT_S = 5

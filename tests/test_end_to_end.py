@@ -367,7 +367,7 @@ def test_a_webhook_that_never_succeeds_ends_exhausted_and_changes_nothing_else(
     tries = len(stack.settings().webhook_retry_schedule_s)
 
     def exhausted() -> list[Any]:
-        return [e for e in store.events_of(job["id"]) if e.state == EXHAUSTED]
+        return [e for e in store.outbox.events_of(job["id"]) if e.state == EXHAUSTED]
 
     events = wait_until(exhausted, timeout_s=30, what="the event recorded exhausted")
     deliveries = api_client.get(f"/v1/jobs/{job['id']}/deliveries").get_json()["deliveries"]

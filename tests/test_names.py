@@ -1,4 +1,4 @@
-"""Tests for core.names: host-name lookups that never wait longer than their time limit."""
+"""Tests for core.http.names: host-name lookups that never wait longer than their time limit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from core.names import NAMES, LookupFailed, NameLookup
+from core.http.names import NAMES, LookupFailed, NameLookup
 from tests.conftest import dns_peer
 
 
@@ -52,7 +52,7 @@ def test_a_lost_query_is_asked_again_in_time() -> None:
 def test_a_name_server_that_never_answers_holds_a_lookup_only_its_time_limit(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with dns_peer(silent=True) as peer, caplog.at_level(logging.WARNING, logger="core.names"):
+    with dns_peer(silent=True) as peer, caplog.at_level(logging.WARNING, logger="core.http.names"):
         lookup = NameLookup(servers=(peer.address,))
         started = time.monotonic()
         with pytest.raises(LookupFailed, match=r"^did not resolve within 0\.3 s$"):

@@ -217,7 +217,7 @@ def handed_place(scratch: redis.Redis) -> tuple[WebhookDelivery, HeldPlace]:
     )
     receiver = receiver_of("cli_1", "https://hooks.example.com/a")
     now = time.time()
-    scratch.zadd(store.webhook_schedule.key, {"w1": now + LEASE_S, "w2": now + LEASE_S})
+    scratch.zadd(store.outbox.schedule.key, {"w1": now + LEASE_S, "w2": now + LEASE_S})
     assert delivery.lines.enter(receiver, "w1", now) is None
     assert delivery.lines.enter(receiver, "w2", now) is not None
     handed = delivery.lines.leave(receiver, "w1", now, hand_over=True).handed_over
@@ -240,7 +240,7 @@ def test_a_handed_place_is_freed_when_its_attempt_fails_early(
     def broken(webhook_id: str) -> None:
         raise redis.ConnectionError("a blip")
 
-    monkeypatch.setattr(delivery.store, "get_event", broken)
+    monkeypatch.setattr(delivery.store.outbox, "get_event", broken)
     with pytest.raises(redis.ConnectionError):
         delivery.deliver_held(place, take_next=lambda: True)
     assert delivery.lines.in_flight(place.receiver) == 0

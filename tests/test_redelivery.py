@@ -34,7 +34,7 @@ def final_event(scratch: redis.Redis, **state: Any) -> tuple[WebhookDelivery, We
         deadline_s=900,
     ).moved_to(Status.SUCCEEDED, time.time(), output_images=("https://x/1.png",))
     event = replace(build_event(job, "job.succeeded", time.time()), **state)
-    store.put_event(event, is_new=True)
+    store.outbox.put_event(event, is_new=True)
     delivery = WebhookDelivery(
         store, ClientStore(scratch), Settings(), Counters(scratch), on_place_freed=lambda: None
     )
@@ -54,13 +54,13 @@ def test_a_redelivery_during_an_attempt_waits_for_it_and_then_goes(
     time), and the attempt's answer (503: out of attempts) does not overwrite the reset — which
     ended the event exhausted and unscheduled after the API had answered 202."""
     delivery, event = final_event(scratch, attempts=LAST_ATTEMPT)
-    schedule = delivery.store.webhook_schedule
+    schedule = delivery.store.outbox.schedule
     assert schedule.claim(limit=10, lease_s=40) == [event.webhook_id]
     lease_end = schedule.due_at(event.webhook_id)
     seen_during: list[float | None] = []
 
     def redelivered_meanwhile(sent: WebhookEvent, headers: dict[str, str]) -> AttemptResult:
-        delivery.store.put_event(reset(sent), is_new=False)
+        delivery.store.outbox.put_event(reset(sent), is_new=False)
         seen_during.append(schedule.due_at(sent.webhook_id))
         return AttemptResult(503, "HTTP 503")
 
@@ -74,11 +74,11 @@ def test_a_redelivery_during_an_attempt_waits_for_it_and_then_goes(
     monkeypatch.setattr(delivery, "_leave", leave)
     delivery.deliver(event.webhook_id)
     assert seen_during == [lease_end, lease_end]  # held: no second dispatch could claim it
-    stored = delivery.store.get_event(event.webhook_id)
+    stored = delivery.store.outbox.get_event(event.webhook_id)
     assert stored is not None and stored.state == PENDING and stored.attempts == 0
     due_at = schedule.due_at(event.webhook_id)
     assert due_at is not None and due_at <= time.time()  # due now: the redelivery goes
-    assert len(delivery.store.deliveries(event.job_id)) == 1  # the attempt is on record
+    assert len(delivery.store.outbox.deliveries(event.job_id)) == 1  # the attempt is on record
 
 
 @pytest.mark.parametrize("was", ["delivered", "waiting for its next attempt"])
@@ -89,13 +89,13 @@ def test_a_redelivery_of_an_event_not_in_flight_is_due_at_once(
     the schedule's time is the event's own): due now."""
     if was == "delivered":
         delivery, event = final_event(scratch, state=DELIVERED, next_attempt_at=None, attempts=1)
-        delivery.store.webhook_schedule.remove(delivery.store.redis, event.webhook_id)
+        delivery.store.outbox.schedule.remove(delivery.store.redis, event.webhook_id)
     else:
         later = time.time() + 300
         delivery, event = final_event(scratch, attempts=2, next_attempt_at=later)
-        assert delivery.store.webhook_schedule.due_at(event.webhook_id) == later
-    delivery.store.put_event(reset(event), is_new=False)
-    due_at = delivery.store.webhook_schedule.due_at(event.webhook_id)
+        assert delivery.store.outbox.schedule.due_at(event.webhook_id) == later
+    delivery.store.outbox.put_event(reset(event), is_new=False)
+    due_at = delivery.store.outbox.schedule.due_at(event.webhook_id)
     assert due_at is not None and due_at <= time.time()
 
 
@@ -106,15 +106,15 @@ def test_a_redelivery_is_not_unscheduled_by_an_attempt_that_found_the_event_sett
     reset it just after that read. Taking the entry off the schedule then would leave the
     event pending and never due."""
     delivery, event = final_event(scratch, state=DELIVERED, next_attempt_at=None, attempts=1)
-    settled = delivery.store.get_event(event.webhook_id)
-    real_get = delivery.store.get_event
+    settled = delivery.store.outbox.get_event(event.webhook_id)
+    real_get = delivery.store.outbox.get_event
 
     def read_then_redelivered(webhook_id: str) -> WebhookEvent | None:
-        delivery.store.put_event(reset(event), is_new=False)
-        monkeypatch.setattr(delivery.store, "get_event", real_get)
+        delivery.store.outbox.put_event(reset(event), is_new=False)
+        monkeypatch.setattr(delivery.store.outbox, "get_event", real_get)
         return settled
 
-    monkeypatch.setattr(delivery.store, "get_event", read_then_redelivered)
+    monkeypatch.setattr(delivery.store.outbox, "get_event", read_then_redelivered)
     delivery.deliver(event.webhook_id)
-    due_at = delivery.store.webhook_schedule.due_at(event.webhook_id)
+    due_at = delivery.store.outbox.schedule.due_at(event.webhook_id)
     assert due_at is not None and due_at <= time.time()

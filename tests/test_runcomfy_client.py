@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-import core.deadlines
+import core.http.deadlines
 from cli.processes import free_port
-from core.names import NameLookup
+from core.http.names import NameLookup
 from tests.conftest import EMULATOR_TOKEN, DnsPeer, Stack, dns_peer, raw_peer, wait_until
 from workers.runcomfy import (
     MAX_ANSWER_BYTES,
@@ -318,7 +318,7 @@ def names_from(monkeypatch: pytest.MonkeyPatch) -> Callable[[DnsPeer], None]:
     """Have RunComfy's host looked up at a test name server (as resolv.conf's would be)."""
 
     def use(peer: DnsPeer) -> None:
-        monkeypatch.setattr(core.deadlines, "NAMES", NameLookup(servers=(peer.address,)))
+        monkeypatch.setattr(core.http.deadlines, "NAMES", NameLookup(servers=(peer.address,)))
 
     return use
 

@@ -24,9 +24,9 @@ import redis
 
 from cli.listener import WebhookReceiver
 from core.clients import ClientStore
-from core.egress import EgressPolicy, egress_session
+from core.http.egress import EgressPolicy, egress_session
+from core.http.names import LOOKUP_TIMEOUT_S, NameLookup
 from core.metrics import Counters
-from core.names import LOOKUP_TIMEOUT_S, NameLookup
 from core.settings import Settings
 from core.store import JobStore, connect_redis
 from core.webhooks import WebhookEvent

@@ -68,10 +68,10 @@ def test_a_final_change_frees_the_slot_and_queues_its_webhook_in_one_write(
     event = committed.events[0]
     assert scratch.zscore(IN_FLIGHT_KEY, job.id) is None  # slot released
     assert scratch.zscore(store.job_schedule.key, job.id) is None  # nothing more due
-    assert scratch.zscore(store.webhook_schedule.key, event.webhook_id) is not None
-    assert [e.webhook_id for e in store.events_of(job.id)] == [event.webhook_id]
+    assert scratch.zscore(store.outbox.schedule.key, event.webhook_id) is not None
+    assert [e.webhook_id for e in store.outbox.events_of(job.id)] == [event.webhook_id]
     assert 0 < scratch.ttl(store.job_key(job.id)) <= 3600  # kept for the retention only
-    assert 0 < scratch.ttl(store.event_key(event.webhook_id)) <= 3600
+    assert 0 < scratch.ttl(store.outbox.event_key(event.webhook_id)) <= 3600
 
 
 class CountingReads:

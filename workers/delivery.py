@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import requests
 
 from core.clients import ClientStore
-from core.deadlines import DEADLINES
-from core.egress import (
+from core.http.deadlines import DEADLINES
+from core.http.egress import (
     EgressPolicy,
     RefusedDestination,
     egress_session,
@@ -101,7 +101,7 @@ class WebhookDelivery:
         )
         self.lines = ReceiverLines(
             self.store.redis,
-            schedule_key=self.store.webhook_schedule.key,
+            schedule_key=self.store.outbox.schedule.key,
             concurrency=self.settings.webhook_receiver_concurrency,
             lease_s=self.lease_s,
         )
@@ -131,9 +131,9 @@ class WebhookDelivery:
     ) -> HeldPlace | None:
         holding = held_in  # the receiver whose place this call holds, if any
         try:
-            event = self.store.get_event(webhook_id)
+            event = self.store.outbox.get_event(webhook_id)
             if event is None or event.state != PENDING:
-                self.store.unschedule_settled_event(webhook_id)
+                self.store.outbox.unschedule_settled_event(webhook_id)
                 receiver = receiver_of(event.client_id, event.url) if event else held_in
                 # It may hold a place or stand in its receiver's line: its turn passes on.
                 return self._leave(receiver, webhook_id, take_next) if receiver else None
@@ -161,7 +161,7 @@ class WebhookDelivery:
             raise
         handed = self._leave(receiver, webhook_id, take_next)
         if redelivery_at is not None:  # only now: a dispatch taking it sooner met our place
-            self.store.webhook_schedule.postpone(webhook_id, redelivery_at)
+            self.store.outbox.schedule.postpone(webhook_id, redelivery_at)
         return handed
 
     def _leave(self, receiver: str, webhook_id: str, take_next: TakeNext) -> HeldPlace | None:
@@ -235,7 +235,7 @@ class WebhookDelivery:
             duration_ms=duration_ms,
             next_attempt_at=next_at,
         )
-        kept, stored = self.store.record_attempt(
+        kept, stored = self.store.outbox.record_attempt(
             event, event.after_attempt(state=state, next_attempt_at=next_at), attempt
         )
         self.counters.add("webhook_attempts")

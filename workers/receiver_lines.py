@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from core.egress import DEFAULT_PORTS
+from core.http.egress import DEFAULT_PORTS
 from core.keys import PREFIX
 
 LINE_PREFIX = PREFIX + "receiver:"

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
-from core.deadlines import DEADLINES, DeadlineAdapter, connect_failure
+from core.http.deadlines import DEADLINES, DeadlineAdapter, connect_failure
 from core.retry_after import parse_retry_after_s
 
 # RunComfy's answers are a few hundred bytes of JSON: one far longer is read no further.

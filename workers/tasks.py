@@ -119,7 +119,7 @@ def dispatch_webhooks() -> int:
     limit = min(batch, _ATTEMPTS.room())
     if limit == 0:
         return 0  # every thread is on a slow receiver: the beat's next tick tries again
-    schedule = rt.store.webhook_schedule
+    schedule = rt.store.outbox.schedule
     members = schedule.claim(limit=limit, lease_s=rt.delivery.lease_s)
     dispatch_gone = threading.Event()
     attempts = [_ATTEMPTS.start(functools.partial(_attempt, m, dispatch_gone)) for m in members]

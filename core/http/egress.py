@@ -26,7 +26,7 @@ from requests.utils import select_proxy
 from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool
 from urllib3.response import HTTPResponse
 
-from core.deadlines import (
+from core.http.deadlines import (
     DEADLINES,
     DeadlineAdapter,
     HeldHTTPConnection,
@@ -35,7 +35,7 @@ from core.deadlines import (
     HeldHTTPSConnectionPool,
     connect_failure,
 )
-from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, NameLookup, ip_literal
+from core.http.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, NameLookup, ip_literal
 
 if TYPE_CHECKING:
     # Typing-only names from types-requests, for the hook that requests lets adapters override.

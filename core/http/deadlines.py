@@ -28,8 +28,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
-from core.interim import FinalAnswerResponse
-from core.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, ip_literal
+from core.http.interim import FinalAnswerResponse
+from core.http.names import LOOKUP_TIMEOUT_S, NAMES, LookupFailed, ip_literal
 
 
 class HeldConnection(Protocol):
