@@ -127,20 +127,8 @@ def _read(env: environs.Env) -> Settings:
         "RUNCOMFY_BASE_URL", RUNCOMFY_PUBLIC_BASE_URL, validate=_url_scheme("http", "https")
     ).rstrip("/")
     token = env.str("RUNCOMFY_API_TOKEN", "")
-    schedule_text = env.str("WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE)
-    try:
-        schedule = _schedule(schedule_text)
-    except ValueError as exc:
-        raise SettingsError(f"bad setting WEBHOOK_RETRY_SCHEDULE: {exc}") from None
-    listed: list[str] = env.list("WEBHOOK_ALLOWED_NETWORKS", [])
-    networks = tuple(n.strip() for n in listed if n.strip())
-    # Imported here: egress imports requests, and settings stays light to import.
-    from core.http.egress import EgressPolicy
-
-    try:
-        EgressPolicy.from_cidrs(list(networks))
-    except ValueError as exc:
-        raise SettingsError(f"bad setting {exc}") from None
+    schedule = _webhook_retry_schedule(env)
+    networks = _webhook_allowed_networks(env)
     settings = Settings(
         redis_url=redis_url,
         celery_broker_url=broker,
@@ -174,6 +162,32 @@ def _read(env: environs.Env) -> Settings:
             "LOG_LEVEL", "INFO", validate=mv.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
         ),
     )
+    _check_together(settings)
+    return settings
+
+
+def _webhook_retry_schedule(env: environs.Env) -> tuple[float, ...]:
+    try:
+        return _schedule(env.str("WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE))
+    except ValueError as exc:
+        raise SettingsError(f"bad setting WEBHOOK_RETRY_SCHEDULE: {exc}") from None
+
+
+def _webhook_allowed_networks(env: environs.Env) -> tuple[str, ...]:
+    listed: list[str] = env.list("WEBHOOK_ALLOWED_NETWORKS", [])
+    networks = tuple(n.strip() for n in listed if n.strip())
+    # Imported here: egress imports requests, and settings stays light to import.
+    from core.http.egress import EgressPolicy
+
+    try:
+        EgressPolicy.from_cidrs(list(networks))
+    except ValueError as exc:
+        raise SettingsError(f"bad setting {exc}") from None
+    return networks
+
+
+def _check_together(settings: Settings) -> None:
+    """The rules that tie one setting to another."""
     if settings.uses_public_runcomfy and not settings.runcomfy_api_token:
         raise SettingsError(
             "bad setting RUNCOMFY_API_TOKEN: required when RUNCOMFY_BASE_URL is RunComfy's "
@@ -189,7 +203,6 @@ def _read(env: environs.Env) -> Settings:
         )
     if settings.step_lease_s <= settings.runcomfy_timeout_s * 2:
         raise SettingsError("bad setting STEP_LEASE_S: must exceed twice RUNCOMFY_TIMEOUT_S")
-    return settings
 
 
 def _url_scheme(*schemes: str) -> mv.Validator:
