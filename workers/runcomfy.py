@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,11 +35,15 @@ FINISHED_STATUSES = SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
 KNOWN_STATUSES = QUEUED_STATUSES | RUNNING_STATUSES | FINISHED_STATUSES
 UNKNOWN_REQUEST_CODE = "404001"  # request id unknown or expired (RUNCOMFY.md)
 MAX_ERROR_TEXT = 500
+MAX_SNIPPET_TEXT = 200
+CUT_MARK = "…"
 MAX_ERROR_DEPTH = 4  # lists within lists RunComfy's error is read into; deeper is shown as is
 # Any answer value as a short line, however deep or long (a plain str() of a value nested 600
 # deep raised RecursionError: the step crashed on every try until the job's deadline).
 _SNIPPETS = reprlib.Repr()
-_SNIPPETS.maxlevel, _SNIPPETS.maxstring, _SNIPPETS.maxother = 3, 200, 200
+_PARTIAL_LAST_WORD = re.compile(r"(?<=\s)\S+\Z")
+_TRAILING_SEPARATORS = re.compile(r"[\s,;:]+\Z")
+_SNIPPETS.maxlevel, _SNIPPETS.maxstring, _SNIPPETS.maxother = 3, MAX_SNIPPET_TEXT, MAX_SNIPPET_TEXT
 
 
 class UpstreamError(Exception):
@@ -383,7 +388,9 @@ def _images_of(body: dict[str, Any]) -> tuple[str, ...]:
         raise PermanentUpstreamError(f"finished result has no image URLs: {_snippet(output)}")
     bad = [u for u in found if not u.startswith(("https://", "http://"))]
     if bad:
-        raise PermanentUpstreamError(f"finished result has a non-URL image: {bad[0][:100]!r}")
+        raise PermanentUpstreamError(
+            f"finished result has a non-URL image: {shortened(bad[0], 100)!r}"
+        )
     return tuple(found)
 
 
@@ -406,7 +413,7 @@ def _readable_error(error: Any, depth: int = 0) -> str | None:
         text = "; ".join(filter(None, (_readable_error(e, depth + 1) for e in error)))
     else:
         text = _snippet(error)
-    return text[:MAX_ERROR_TEXT]
+    return shortened(text, MAX_ERROR_TEXT)
 
 
 def _error_fields(body: Any) -> tuple[Any, str]:
@@ -422,7 +429,7 @@ def _error_fields(body: Any) -> tuple[Any, str]:
     detail = _readable_error(body.get("detail"))  # what a 422's "invalid input" is about
     if detail and detail != text:
         text = f"{text}: {detail}" if text else detail
-    return code, text[:MAX_ERROR_TEXT]
+    return code, shortened(text, MAX_ERROR_TEXT)
 
 
 def _connection_not_made(exc: BaseException) -> str | None:
@@ -437,4 +444,18 @@ def _connection_not_made(exc: BaseException) -> str | None:
 
 
 def _snippet(value: Any) -> str:
-    return value[:200] if isinstance(value, str) else _SNIPPETS.repr(value)
+    """Any answer value as a short line (reprlib marks its own cuts inside a nested value)."""
+    return shortened(value, MAX_SNIPPET_TEXT) if isinstance(value, str) else _SNIPPETS.repr(value)
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters: cut after the last whole word that fits, the cut
+    marked with CUT_MARK. A first word longer than that is cut inside it (marked all the same)."""
+    if len(text) <= limit:
+        return text
+    kept = text[: limit - len(CUT_MARK)]
+    if not text[len(kept)].isspace():  # the cut falls inside a word: leave that word out
+        partial = _PARTIAL_LAST_WORD.search(kept)
+        if partial is not None and kept[: partial.start()].strip():
+            kept = kept[: partial.start()]
+    return _TRAILING_SEPARATORS.sub("", kept) + CUT_MARK
