@@ -15,6 +15,7 @@ from workers.polling import (
     FIRST_POLL_S,
     QUEUED_POLL_S,
     RUNNING_POLL_S,
+    UNKNOWN_STATUS_MAX_POLL_S,
     backoff_s,
     first_poll_at,
 )
@@ -293,9 +294,50 @@ def test_the_first_look_that_sees_the_run_makes_the_job_running_from_its_estimat
     assert unlearned.next_step_at == T0 + 4 + RUNNING_POLL_S
 
 
+@pytest.mark.parametrize(
+    ("word", "status"),
+    [
+        ("pending", Status.SUBMITTED),
+        ("waiting", Status.SUBMITTED),
+        ("starting", Status.RUNNING),
+        ("processing", Status.RUNNING),
+    ],
+)
+def test_runcomfys_other_words_for_a_request_still_going_are_known(
+    word: str, status: Status
+) -> None:
+    step = apply(submitted(), looked(word), T0 + 3)
+    assert step.job.status is status and step.job.unknown_status_looks == 0
+    assert step.job.upstream is not None and step.job.upstream.status == word
+
+
 def test_a_running_job_told_queued_again_never_goes_back() -> None:
     step = apply(running(), looked("in_queue", queue_position=2), T0 + 5)
     assert step.job.status is Status.RUNNING
+
+
+@pytest.mark.parametrize("job", [submitted(), running()])
+def test_a_status_word_not_known_is_no_failure_the_request_is_followed_on(job: Job) -> None:
+    step = apply(job, looked("thinking"), T0 + 10)
+    assert step.job.status is job.status and step.job.error is None
+    assert step.job.unknown_status_looks == 1 and step.job.polls == job.polls + 1
+    assert step.job.upstream == Upstream(REQUEST, "thinking")
+    assert "'thinking'" in step.job.notes[-1]
+    assert step.next_step_at is not None and T0 + 10.5 <= step.next_step_at <= T0 + 11
+
+
+def test_looks_at_a_word_not_known_back_off_to_a_cap_and_to_the_deadline() -> None:
+    many = apply(running(unknown_status_looks=8), looked("thinking"), T0 + 10)
+    assert many.job.unknown_status_looks == 9 and len(many.job.notes) == 0  # noted once
+    assert many.next_step_at == T0 + 10 + UNKNOWN_STATUS_MAX_POLL_S
+    near_the_end = running(unknown_status_looks=8)
+    late = apply(near_the_end, looked("thinking"), near_the_end.deadline_at - 1)
+    assert late.next_step_at == near_the_end.deadline_at
+
+
+def test_a_known_word_after_words_not_known_starts_the_backoff_over() -> None:
+    step = apply(submitted(unknown_status_looks=4), looked("in_progress"), T0 + 10)
+    assert step.job.status is Status.RUNNING and step.job.unknown_status_looks == 0
 
 
 @pytest.mark.parametrize(
@@ -354,6 +396,7 @@ def test_a_run_without_runcomfys_end_is_learned_as_ending_between_two_looks() ->
     "last_look",
     [
         {"transient_errors": 1},  # it failed
+        {"unknown_status_looks": 1, "upstream": Upstream(REQUEST, "thinking")},
         {"upstream": Upstream(REQUEST, "completed")},  # it saw the run over
         {"cancel_requested": True},  # a cancel came since
     ],
@@ -435,6 +478,7 @@ def test_a_last_look_keeps_only_a_run_runcomfy_finished_by_the_deadline() -> Non
     [
         (None, None),
         (Upstream(REQUEST, "in_queue"), REQUEST),
+        (Upstream(REQUEST, "thinking"), REQUEST),  # a word not known: may well be running
         (Upstream(REQUEST, "completed"), None),
         (Upstream(REQUEST, "cancelled"), None),
     ],

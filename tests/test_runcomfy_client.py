@@ -20,12 +20,14 @@ from tests.conftest import EMULATOR_TOKEN, DnsPeer, Stack, dns_peer, raw_peer, w
 from workers.runcomfy import (
     MAX_ANSWER_BYTES,
     MAX_ERROR_TEXT,
+    MAX_STATUS_WORD,
     PermanentUpstreamError,
     RunComfyClient,
     TransientUpstreamError,
     UnknownRequestError,
     _images_of,
     _readable_error,
+    _status_of,
     shortened,
 )
 
@@ -134,10 +136,38 @@ def test_wrong_model_is_permanent(stack: Stack) -> None:
     bad.close()
 
 
-def test_unknown_status_value_is_a_bad_payload(stack: Stack, client: RunComfyClient) -> None:
+def test_a_status_word_not_known_is_reported_as_is_not_an_error(
+    stack: Stack, client: RunComfyClient
+) -> None:
+    """Deciding what a word not known means is the pipeline's (it follows the request on): the
+    client reports it, neither queued, running nor finished, without output or error."""
     rid = client.submit(inputs(stack, "[emulator:bad-status] [emulator:queue=0]")).request_id
-    with pytest.raises(PermanentUpstreamError, match="unknown status"):
-        wait_until(lambda: client.result(rid).is_finished)
+    state = wait_until(lambda: (s := client.result(rid)).status == "exploded" and s)
+    assert not state.is_known and not (state.is_queued or state.is_running or state.is_finished)
+    assert state.images is None and state.error is None
+
+
+@pytest.mark.parametrize(
+    ("directive", "word", "queued"),
+    [
+        ("[emulator:queued-word=pending] [emulator:queue=30]", "pending", True),
+        ("[emulator:queued-word=waiting] [emulator:queue=30]", "waiting", True),
+        ("[emulator:running-word=starting] [emulator:queue=0] [emulator:run=30]", "starting", False),
+        ("[emulator:running-word=processing] [emulator:queue=0] [emulator:run=30]", "processing", False),
+    ],
+)  # fmt: skip
+def test_runcomfys_other_words_for_a_request_still_going_are_known(
+    stack: Stack, client: RunComfyClient, directive: str, word: str, queued: bool
+) -> None:
+    rid = client.submit(inputs(stack, directive)).request_id
+    for state in (client.status(rid), client.result(rid)):
+        assert state.status == word and state.is_known
+        assert (state.is_queued, state.is_running) == (queued, not queued)
+
+
+def test_a_status_word_of_any_length_is_kept_short() -> None:
+    word = _status_of({"status": " Thinking" + "-hard" * 2000})
+    assert len(word) == MAX_STATUS_WORD and word.startswith("thinking-hard") and word[-1] == "…"
 
 
 @pytest.mark.parametrize(

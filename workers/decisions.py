@@ -14,7 +14,13 @@ from enum import Enum
 
 from core.jobs import Job, JobError, Status, Upstream
 from core.store import Step
-from workers.polling import backoff_s, estimated_start, first_poll_at, next_poll_at
+from workers.polling import (
+    backoff_s,
+    estimated_start,
+    first_poll_at,
+    next_poll_at,
+    unknown_status_poll_at,
+)
 from workers.runcomfy import FINISHED_STATUSES, RequestState, TransientUpstreamError
 
 # Submits of one job that may go without any answer (timed out, cut off, the worker died during
@@ -267,7 +273,8 @@ def apply_look(
     expected_run_s: float | None,
     rng: random.Random | None = None,
 ) -> Step | None:
-    """What one look at the job's request (`state`) changes: an end, running, or queued."""
+    """What one look at the job's request (`state`) changes: an end, queued, running, or a
+    status word not known — followed on, never a failure, until a known end or the deadline."""
     if not follows(job, request_id):
         return None
     upstream = Upstream(request_id, state.status, state.queue_position)
@@ -287,13 +294,20 @@ def apply_look(
         return Step(
             job.moved_to(Status.CANCELLED, now, upstream=upstream, error=why, polls=polls), None
         )
+    if state.is_queued:
+        next_at = next_poll_at(now=now, running=False, queue_position=state.queue_position)
+        changed = job.changed(
+            now,
+            upstream=upstream,
+            polls=polls,
+            transient_errors=0,
+            unknown_status_looks=0,
+            last_seen_queued_at=now,
+        )
+        return Step(changed, step_due_at(job, now, next_at))
     if state.is_running:
         return _seen_running(job, upstream, polls, now, expected_run_s)
-    next_at = next_poll_at(now=now, running=False, queue_position=state.queue_position)
-    changed = job.changed(
-        now, upstream=upstream, polls=polls, transient_errors=0, last_seen_queued_at=now
-    )
-    return Step(changed, step_due_at(job, now, next_at))
+    return _seen_unknown_word(job, upstream, polls, now, rng)
 
 
 def _seen_running(
@@ -308,12 +322,29 @@ def _seen_running(
     next_at = next_poll_at(
         now=now, running=True, running_since=started, expected_run_s=expected_run_s
     )
-    seen = {"upstream": upstream, "polls": polls, "transient_errors": 0}
+    seen = {"upstream": upstream, "polls": polls, "transient_errors": 0, "unknown_status_looks": 0}
     if job.status is Status.SUBMITTED:
         changed = job.moved_to(Status.RUNNING, now, running_since=started, **seen)
     else:
         changed = job.changed(now, **seen)
     return Step(changed, step_due_at(job, now, next_at))
+
+
+def _seen_unknown_word(
+    job: Job, upstream: Upstream, polls: int, now: float, rng: random.Random | None
+) -> Step:
+    """A status word not known: the job stays where it is and looks again, backing off with
+    each such look in a row (a vocabulary change at RunComfy must not fail every job)."""
+    looks = job.unknown_status_looks + 1
+    seen = job
+    if looks == 1:
+        seen = job.with_note(
+            now, f"RunComfy answered a status not known, {upstream.status!r}; following it on"
+        )
+    changed = seen.changed(
+        now, upstream=upstream, polls=polls, transient_errors=0, unknown_status_looks=looks
+    )
+    return Step(changed, step_due_at(job, now, unknown_status_poll_at(now, looks, rng=rng)))
 
 
 def retry_look_later(
@@ -336,7 +367,7 @@ def observed_run_s(before: Job, after: Job, state: RequestState, now: float) -> 
     created/finished times (queue + run: an upper bound, on one clock). Without RunComfy's
     finished_at, the run ended between the last look (when it was still running) and this one:
     the middle is taken. That last look is known only if it saw the run going — not if it
-    failed, saw the run over, or a cancel came since. (Taking this
+    failed, saw a status word not known, saw the run over, or a cancel came since. (Taking this
     look's time only ever grew the estimate: the look comes when a run is expected to be done.)
     """
     if after.running_since is None:
@@ -348,7 +379,10 @@ def observed_run_s(before: Job, after: Job, state: RequestState, now: float) -> 
         return finished - after.running_since
     seen_over = before.upstream is not None and before.upstream.status in FINISHED_STATUSES
     last_look_saw_it_going = (
-        before.transient_errors == 0 and not before.cancel_requested and not seen_over
+        before.transient_errors == 0
+        and before.unknown_status_looks == 0
+        and not before.cancel_requested
+        and not seen_over
     )
     if not last_look_saw_it_going:
         return None

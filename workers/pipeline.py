@@ -230,6 +230,11 @@ class JobPipeline:
             seeing = partial(decisions.note_seen_finished, request_id=request_id)
             self._commit(job.id, partial(seeing, status=state.status, now=self.clock()))
             return
+        if not state.is_known:
+            self.counters.add_labelled("upstream_unknown_statuses", state.status)
+            if job.unknown_status_looks == 0:
+                ids = {"job_id": job.id, "upstream_request_id": request_id}
+                log.warning("RunComfy answered a status not known; following it on", extra=ids)
         self._apply_state(record, request_id, state)
 
     def _ask(self, job: Job, request_id: str) -> tuple[RequestState, bool]:

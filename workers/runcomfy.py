@@ -25,9 +25,12 @@ from core.retry_after import parse_retry_after_s
 # RunComfy's answers are a few hundred bytes of JSON: one far longer is read no further.
 MAX_ANSWER_BYTES = 1024 * 1024
 
-# Statuses RunComfy (or its own clients) have been seen to report, by meaning.
-QUEUED_STATUSES = frozenset({"in_queue", "queued"})
-RUNNING_STATUSES = frozenset({"in_progress", "running"})
+# Statuses RunComfy (or its own clients) have been seen to report, by meaning. RunComfy's own
+# nodes treat pending, waiting, starting and processing as still going: the first two are taken
+# for a place in the queue, the last two for a run under way. Any other word is returned as is:
+# a status not known is followed on (workers/decisions.py), not a failure.
+QUEUED_STATUSES = frozenset({"in_queue", "queued", "pending", "waiting"})
+RUNNING_STATUSES = frozenset({"in_progress", "running", "starting", "processing"})
 SUCCEEDED_STATUSES = frozenset({"succeeded", "completed"})
 FAILED_STATUSES = frozenset({"failed", "error"})
 CANCELLED_STATUSES = frozenset({"cancelled", "canceled"})
@@ -36,6 +39,7 @@ KNOWN_STATUSES = QUEUED_STATUSES | RUNNING_STATUSES | FINISHED_STATUSES
 UNKNOWN_REQUEST_CODE = "404001"  # request id unknown or expired (RUNCOMFY.md)
 MAX_ERROR_TEXT = 500
 MAX_SNIPPET_TEXT = 200
+MAX_STATUS_WORD = 40  # a status word not known is kept (on the job, in a log) this long at most
 CUT_MARK = "…"
 MAX_ERROR_DEPTH = 4  # lists within lists RunComfy's error is read into; deeper is shown as is
 # Any answer value as a short line, however deep or long (a plain str() of a value nested 600
@@ -134,6 +138,11 @@ class RequestState:
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED_STATUSES
+
+    @property
+    def is_known(self) -> bool:
+        """The status word is one RunComfy (or its own clients) is known to use."""
+        return self.status in KNOWN_STATUSES
 
 
 @dataclass(frozen=True)
@@ -364,13 +373,11 @@ def _is_retryable_code(code: Any) -> bool:
 
 
 def _status_of(body: dict[str, Any]) -> str:
+    """The answer's status word, lower case (one not known too: the caller decides)."""
     status = body.get("status")
     if not isinstance(status, str) or not status:
         raise PermanentUpstreamError(f"answer has no status: {_snippet(body)}")
-    status = status.strip().lower()
-    if status not in KNOWN_STATUSES | {"completed"}:
-        raise PermanentUpstreamError(f"RunComfy reported an unknown status {status!r}")
-    return status
+    return shortened(status.strip().lower(), MAX_STATUS_WORD)
 
 
 def _images_of(body: dict[str, Any]) -> tuple[str, ...]:
