@@ -111,6 +111,7 @@ class Job:
     running_since: float | None = None  # estimated start of the run (see workers/polling.py)
     last_seen_queued_at: float | None = None
     transient_errors: int = 0
+    unknown_status_looks: int = 0  # looks in a row that saw a RunComfy status word not known
     last_transient_error: str | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -195,7 +196,7 @@ class Job:
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))
 # Fields added since the previous release, written only when set: a replica still running that
 # release (during a rolling update) reads the record as long as they are 0 — nearly always.
-_LEFT_OUT_WHILE_ZERO = ("submits_unanswered", "cancel_failures")
+_LEFT_OUT_WHILE_ZERO = ("submits_unanswered", "cancel_failures", "unknown_status_looks")
 
 
 def _plain(value: JobError | Upstream | None) -> dict[str, Any] | None:

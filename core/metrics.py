@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import threading
 from collections.abc import Iterator
 
@@ -43,6 +44,46 @@ COUNTER_HELP = {
 }
 
 
+# Counters split by one label whose values come from outside (RunComfy's words): name -> (label,
+# help text). Each keeps at most MAX_LABEL_VALUES distinct values; the rest are counted under
+# OTHER_LABEL_VALUE, so an upstream answering a new word every time cannot grow the metric (and
+# every scrape) without end.
+LABELLED_COUNTER_HELP = {
+    "upstream_unknown_statuses": (
+        "word",
+        "Looks at a RunComfy request that answered a status word the gateway does not know; the "
+        "request is followed on until a known end or the job's deadline.",
+    ),
+}
+MAX_LABEL_VALUES = 20
+MAX_LABEL_VALUE_CHARS = 32
+OTHER_LABEL_VALUE = "other"
+_LABEL_VALUE_UNSAFE = re.compile(r"[^a-z0-9_]")
+
+# Count one label value in a labelled counter's hash, under `other` once the hash holds
+# MAX_LABEL_VALUES values besides it (one call: concurrent flushes cannot pass the cap).
+# KEYS: the counter's hash. ARGV: label value, amount, MAX_LABEL_VALUES, OTHER_LABEL_VALUE.
+_ADD_LABELLED = """
+local value = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], value) == 0 then
+  local kept = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], ARGV[4])
+  if kept >= tonumber(ARGV[3]) then value = ARGV[4] end
+end
+return redis.call('HINCRBY', KEYS[1], value, ARGV[2])
+"""
+
+
+def label_value(word: str) -> str:
+    """`word` as a label value: lower case, [a-z0-9_] only, at most MAX_LABEL_VALUE_CHARS."""
+    value = _LABEL_VALUE_UNSAFE.sub("_", word.strip().lower())[:MAX_LABEL_VALUE_CHARS]
+    return value or OTHER_LABEL_VALUE
+
+
+def labelled_counter_key(name: str) -> str:
+    """The Redis hash of one labelled counter: label value -> count."""
+    return f"{COUNTERS_KEY}:{name}"
+
+
 class Counters:
     """Increment-only counters in one Redis hash (global across workers and API replicas).
 
@@ -54,7 +95,9 @@ class Counters:
         self.redis = client
         self.buffered = buffered
         self._pending: collections.Counter[str] = collections.Counter()
+        self._pending_labelled: collections.Counter[tuple[str, str]] = collections.Counter()
         self._lock = threading.Lock()
+        self._add_labelled = client.register_script(_ADD_LABELLED)
 
     def add(self, name: str, amount: int = 1) -> None:
         """Count `amount` more of `name` (a key of COUNTER_HELP)."""
@@ -66,21 +109,46 @@ class Counters:
         with self._lock:
             self._pending[name] += amount
 
+    def add_labelled(self, name: str, word: str, amount: int = 1) -> None:
+        """Count `amount` more of `name` (a key of LABELLED_COUNTER_HELP) for `word`."""
+        if name not in LABELLED_COUNTER_HELP:
+            raise KeyError(f"unknown labelled counter {name!r}")
+        value = label_value(word)
+        if not self.buffered:
+            self._count_labelled(self.redis, name, value, amount)
+            return
+        with self._lock:
+            self._pending_labelled[name, value] += amount
+
     def flush(self) -> None:
         """Write buffered increments (one round trip)."""
         with self._lock:
             pending, self._pending = self._pending, collections.Counter()
-        if pending:
+            labelled, self._pending_labelled = self._pending_labelled, collections.Counter()
+        if pending or labelled:
             with self.redis.pipeline(transaction=False) as pipe:
                 for name, amount in pending.items():
                     pipe.hincrby(COUNTERS_KEY, name, amount)
+                for (name, value), amount in labelled.items():
+                    self._count_labelled(pipe, name, value, amount)
                 pipe.execute()
+
+    def _count_labelled(self, client: redis.Redis, name: str, value: str, amount: int) -> None:
+        keys = [labelled_counter_key(name)]
+        self._add_labelled(
+            keys=keys, args=[value, amount, MAX_LABEL_VALUES, OTHER_LABEL_VALUE], client=client
+        )
 
     def read(self) -> dict[str, int]:
         """Every counter's current value (0 for those never counted)."""
         raw = self.redis.hgetall(COUNTERS_KEY)
         values = {str(k): int(v) for k, v in raw.items()}
         return {name: values.get(name, 0) for name in COUNTER_HELP}
+
+    def read_labelled(self, name: str) -> dict[str, int]:
+        """One labelled counter's values: label value -> count (values never counted left out)."""
+        raw = self.redis.hgetall(labelled_counter_key(name))
+        return {str(k): int(v) for k, v in raw.items()}
 
 
 GAUGE_HELP = {
@@ -104,6 +172,8 @@ class GatewayCollector(Collector):
         """The metrics without their values: registering needs no Redis (it may be down)."""
         for name, help_text in COUNTER_HELP.items():
             yield CounterMetricFamily(f"inpaint_gateway_{name}", help_text)
+        for name, (label, help_text) in LABELLED_COUNTER_HELP.items():
+            yield CounterMetricFamily(f"inpaint_gateway_{name}", help_text, labels=[label])
         for name, help_text in GAUGE_HELP.items():
             yield GaugeMetricFamily(f"inpaint_gateway_{name}", help_text)
 
@@ -113,6 +183,11 @@ class GatewayCollector(Collector):
             family = CounterMetricFamily(f"inpaint_gateway_{name}", COUNTER_HELP[name])
             family.add_metric([], value)
             yield family
+        for name, (label, help_text) in LABELLED_COUNTER_HELP.items():
+            labelled = CounterMetricFamily(f"inpaint_gateway_{name}", help_text, labels=[label])
+            for word, count in sorted(self.counters.read_labelled(name).items()):
+                labelled.add_metric([word], count)
+            yield labelled
         for name, value in self._gauges().items():
             gauge = GaugeMetricFamily(f"inpaint_gateway_{name}", GAUGE_HELP[name])
             gauge.add_metric([], value)

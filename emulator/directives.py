@@ -22,12 +22,18 @@ DIRECTIVE_NAMES = (
     "submit-no-id",
     "submit-504",
     "bad-status",
+    "no-status",
+    "queued-word",
+    "running-word",
     "no-output",
     "poll-500",
     "poll-429",
     "cancel-503",
 )
 ERROR_SHAPE_VALUES = ("string", "object", "list")
+# A status word the emulator may answer in place of in_queue / in_progress: RunComfy's other
+# words (pending, waiting, starting, processing) or one no client knows.
+STATUS_WORD_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 class DirectiveError(ValueError):
@@ -47,6 +53,9 @@ class Directives:
     submit_status: int | None = None
     submit_no_id: bool = False  # accepted (and billed), but the answer lacks request_id
     bad_status: bool = False
+    no_status: bool = False  # every answer about it leaves out `status`
+    queued_word: str | None = None  # the status word while queued, in place of in_queue
+    running_word: str | None = None  # the status word while running, in place of in_progress
     no_output: bool = False
     poll_500_count: int = 0
     poll_429_count: int = 0
@@ -67,6 +76,8 @@ def parse_directives(prompt: str) -> Directives:
             found[f"{key}_s"] = _seconds(key, value)
         elif key in ("poll-500", "poll-429"):
             found[f"poll_{key[-3:]}_count"] = _count(key, value)
+        elif key in ("queued-word", "running-word"):
+            found[key.replace("-", "_")] = status_word(key, value)
         elif key == "error":
             if value not in ERROR_SHAPE_VALUES:
                 raise DirectiveError(f"error= must be one of {', '.join(ERROR_SHAPE_VALUES)}")
@@ -105,3 +116,10 @@ def _count(key: str, value: str | None) -> int:
     if value is None or not value.isdigit():
         raise DirectiveError(f"{key}= needs a whole number >= 0")
     return int(value)
+
+
+def status_word(name: str, value: object) -> str:
+    """`value` checked as a status word to answer (lower case, [a-z0-9_], at most 40 long)."""
+    if not isinstance(value, str) or not STATUS_WORD_PATTERN.fullmatch(value):
+        raise DirectiveError(f"{name}= needs a status word: {STATUS_WORD_PATTERN.pattern}")
+    return value

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from emulator.directives import DirectiveError, status_word
+
 OUTPUT_STYLES = ("images", "image", "alternate")
 ERROR_SHAPES = ("string", "object", "list", "rotate")
 
@@ -40,6 +42,8 @@ class Faults:
     output_style: str = "images"
     error_shape: str = "rotate"
     request_ttl_s: float = 3600.0
+    queued_word: str | None = None  # answered while queued, in place of in_queue
+    running_word: str | None = None  # answered while running, in place of in_progress
     seed: int | None = None
 
     def merged(self, changes: Mapping[str, Any]) -> Faults:
@@ -99,6 +103,15 @@ def _optional_int(name: str, value: object) -> int | None:
     return value
 
 
+def _optional_status_word(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        return status_word(name, value)
+    except DirectiveError as exc:
+        raise FaultKnobError(str(exc)) from None
+
+
 def _one_of(choices: Sequence[str]) -> Callable[[str, object], str]:
     def check(name: str, value: object) -> str:
         if value not in choices:
@@ -125,6 +138,8 @@ _KNOB_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "output_style": _one_of(OUTPUT_STYLES),
     "error_shape": _one_of(ERROR_SHAPES),
     "request_ttl_s": _seconds,
+    "queued_word": _optional_status_word,
+    "running_word": _optional_status_word,
     "seed": _optional_int,
 }
 assert set(_KNOB_CHECKS) == {f.name for f in dataclasses.fields(Faults)}

@@ -54,6 +54,8 @@ def status_body(emulated: EmulatedRequest, now_monotonic: float, base_url: str) 
     }
     if phase is Phase.IN_QUEUE:
         body["queue_position"] = emulated.queue_position(now_monotonic)
+    if emulated.plan.no_status:
+        del body["status"]
     return body
 
 
@@ -79,4 +81,6 @@ def result_body(emulated: EmulatedRequest, phase: Phase, base_url: str) -> dict[
             body["output"] = {"image": output_url}
         else:
             body["output"] = {"images": [output_url]}
+    if emulated.plan.no_status:
+        del body["status"]
     return body

@@ -60,6 +60,9 @@ class RequestPlan:
     error_shape: str | None = None
     planned_failure: Failure | None = None
     bad_status: bool = False
+    no_status: bool = False
+    queued_word: str | None = None
+    running_word: str | None = None
     no_output: bool = False
     poll_500_count: int = 0
     poll_429_count: int = 0
@@ -102,17 +105,25 @@ class EmulatedRequest:
         """Return the `status` that /status shows in `phase` (failures show as completed)."""
         if self.plan.bad_status and phase in (Phase.IN_PROGRESS, Phase.DONE):
             return "exploded"
-        return "completed" if phase is Phase.DONE else str(phase)
+        return "completed" if phase is Phase.DONE else self._going_word(phase)
 
     def result_status(self, phase: Phase) -> str:
         """Return the `status` that /result shows in `phase` (`completed` = not yet settled)."""
         if self.plan.bad_status and phase in (Phase.IN_PROGRESS, Phase.DONE):
             return "exploded"
         if phase is not Phase.DONE:
-            return str(phase)
+            return self._going_word(phase)
         if not self.settled:
             return "completed"
         return "failed" if self.failure is not None else "succeeded"
+
+    def _going_word(self, phase: Phase) -> str:
+        """The word for a phase before the end: the plan's own word for it, if it has one."""
+        if phase is Phase.IN_QUEUE and self.plan.queued_word:
+            return self.plan.queued_word
+        if phase is Phase.IN_PROGRESS and self.plan.running_word:
+            return self.plan.running_word
+        return str(phase)
 
     def queue_position(self, now_monotonic: float) -> int:
         """Return a position that falls from the start position to 1 over the queue time."""

@@ -167,7 +167,7 @@ def test_a_cancel_asked_during_a_look_is_sent_at_the_next_step_at_once(
 def test_a_job_failed_on_an_answer_it_cannot_use_has_its_run_cancelled(
     stack: Stack, api_client: ApiClient, pipeline: JobPipeline
 ) -> None:
-    """An unknown status word fails the job (upstream_bad_response); the run it no longer
+    """An answer without a status fails the job (upstream_bad_response); the run it no longer
     follows is cancelled, not left running, paid for, past RUNCOMFY_MAX_IN_FLIGHT."""
     stack.worker.signal(signal.SIGSTOP)
     try:
@@ -175,7 +175,7 @@ def test_a_job_failed_on_an_answer_it_cannot_use_has_its_run_cancelled(
             stack,
             api_client,
             pipeline,
-            unique("odd word [emulator:bad-status] [emulator:queue=0] [emulator:run=30]"),
+            unique("no status [emulator:no-status] [emulator:queue=0] [emulator:run=30]"),
         )
         before = cancel_calls(stack)
         pipeline.advance(job_id)

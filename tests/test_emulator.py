@@ -522,6 +522,57 @@ def test_bad_status_directive_reports_an_unknown_status(
     assert http.get(accepted["result_url"]).json()["status"] == "exploded"
 
 
+@pytest.mark.parametrize(
+    ("directive", "queued", "running"),
+    [
+        ("[emulator:queued-word=pending]", "pending", "in_progress"),
+        ("[emulator:queued-word=waiting][emulator:running-word=starting]", "waiting", "starting"),
+        ("[emulator:running-word=processing]", "in_queue", "processing"),
+        ("[emulator:queued-word=mulling][emulator:running-word=thinking]", "mulling", "thinking"),
+    ],
+)
+def test_status_word_directives_answer_other_words_until_the_real_end(
+    http: requests.Session, base_url: str, directive: str, queued: str, running: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"{directive}[emulator:queue=1][emulator:run=1]")
+    assert http.get(accepted["status_url"]).json()["status"] == queued
+    assert http.get(accepted["result_url"]).json()["status"] == queued
+    time.sleep(1.1)
+    assert http.get(accepted["status_url"]).json()["status"] == running
+    assert http.get(accepted["result_url"]).json()["status"] == running
+    time.sleep(1.0)
+    assert wait_for_result(http, accepted["result_url"])["status"] == "succeeded"
+
+
+def test_status_word_knobs_switch_the_words_of_every_new_request(
+    http: requests.Session, base_url: str
+) -> None:
+    set_faults(http, base_url, queued_word="pending", running_word="thinking")
+    accepted = submit_ok(http, base_url, "[emulator:queue=0.4][emulator:run=30]")
+    assert http.get(accepted["status_url"]).json()["status"] == "pending"
+    time.sleep(0.5)
+    assert http.get(accepted["result_url"]).json()["status"] == "thinking"
+    refused = http.post(f"{base_url}/_emulator/faults", json={"running_word": "Not A Word!"})
+    assert refused.status_code == 400 and "running_word" in refused.json()["error_message"]
+
+
+def test_a_bad_status_word_directive_is_refused_as_invalid_input(
+    http: requests.Session, base_url: str
+) -> None:
+    response = submit(http, base_url, "[emulator:running-word=]")
+    assert response.status_code == 422
+    assert "running-word" in response.json()["detail"][0]["msg"]
+
+
+def test_no_status_directive_leaves_the_status_out_of_every_answer(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"{QUICK}[emulator:no-status]")
+    assert "status" not in http.get(accepted["status_url"]).json()
+    result = http.get(accepted["result_url"]).json()
+    assert "status" not in result and result["request_id"] == accepted["request_id"]
+
+
 def test_no_output_directive_succeeds_without_output(http: requests.Session, base_url: str) -> None:
     result = wait_for_result(
         http, submit_ok(http, base_url, f"{QUICK}[emulator:no-output]")["result_url"]

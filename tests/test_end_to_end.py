@@ -11,11 +11,12 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+import redis
 import requests
 from PIL import Image
 
 from core.clients import ClientStore
-from core.metrics import Counters
+from core.metrics import MAX_LABEL_VALUES, OTHER_LABEL_VALUE, Counters, label_value
 from core.store import JobStore
 from core.webhooks import EXHAUSTED
 from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, admit, wait_until
@@ -142,7 +143,7 @@ def test_a_submit_accepted_without_a_request_id_fails_the_job_and_is_not_sent_ag
 @pytest.mark.parametrize(
     ("directive", "code"),
     [
-        ("[emulator:bad-status]", "upstream_bad_response"),
+        ("[emulator:no-status]", "upstream_bad_response"),
         ("[emulator:no-output]", "upstream_bad_response"),
     ],
 )
@@ -153,6 +154,67 @@ def test_bad_upstream_answers_become_readable_failures(
     final = api_client.wait_final(job["id"])
     assert final["status"] == "failed"
     assert final["error"]["code"] == code and final["error"]["message"]
+
+
+def unknown_status_count(redis_client: redis.Redis, word: str) -> int:
+    return Counters(redis_client).read_labelled("upstream_unknown_statuses").get(word, 0)
+
+
+def test_a_status_word_not_known_is_followed_on_until_the_real_end(
+    stack: Stack, api_client: ApiClient, redis_client: redis.Redis
+) -> None:
+    """RunComfy answers a word no one knows while it runs, then the real end: the job succeeds
+    (a vocabulary change at RunComfy must not fail the jobs in flight), and the word is counted
+    in /metrics."""
+    before = unknown_status_count(redis_client, "thinking")
+    prompt = unique("[emulator:queue=0] [emulator:run=2] [emulator:running-word=thinking]")
+    job = api_client.post("/v1/jobs", json=job_body(stack, prompt)).get_json()
+    final = api_client.wait_final(job["id"])
+    assert final["status"] == "succeeded" and final["output"]["images"], final
+    assert wait_until(lambda: unknown_status_count(redis_client, "thinking") > before)
+    metrics = api_client.http.get("/metrics").get_data(as_text=True)
+    assert 'inpaint_gateway_upstream_unknown_statuses_total{word="thinking"}' in metrics
+
+
+def test_a_status_word_not_known_for_good_ends_the_job_expired_with_its_run_cancelled(
+    stack: Stack, make_app: Any, api_client: ApiClient, redis_client: redis.Redis
+) -> None:
+    """The word never changes: the request is followed until the job's deadline, then the job
+    ends expired (not failed) and the run, still queued at RunComfy, is cancelled."""
+    before = unknown_status_count(redis_client, "mulling")
+    short = ApiClient(api_client.creds, make_app(JOB_DEADLINE_S="3").test_client())
+    prompt = unique("[emulator:queue=30] [emulator:queued-word=mulling]")
+    job = short.post("/v1/jobs", json=job_body(stack, prompt)).get_json()
+    final = short.wait_final(job["id"], timeout_s=15)
+    assert final["status"] == "expired" and final["error"]["code"] == "deadline_exceeded"
+    assert final["upstream"]["status"] == "mulling"
+    assert wait_until(lambda: unknown_status_count(redis_client, "mulling") > before)
+    status = requests.get(
+        f"{stack.emulator_url}/v1/requests/{final['upstream']['request_id']}/status",
+        headers={"Authorization": f"Bearer {EMULATOR_TOKEN}"},
+        timeout=5,
+    ).json()
+    assert status["status"] == "cancelled"
+
+
+def test_status_words_from_a_hostile_upstream_keep_the_metric_small(
+    scratch: redis.Redis,
+) -> None:
+    """Every word a new one: at most MAX_LABEL_VALUES words are kept as labels, the rest counted
+    as "other"; a word is made safe as a label value first."""
+    counters = Counters(scratch, buffered=True)
+    for n in range(MAX_LABEL_VALUES + 10):
+        counters.add_labelled("upstream_unknown_statuses", f"word_{n}")
+    counters.add_labelled("upstream_unknown_statuses", "word_0")  # a word already kept
+    counters.flush()
+    counters.add_labelled("upstream_unknown_statuses", 'Bad "Word"} ' + "x" * 100)
+    counters.flush()
+    counted = counters.read_labelled("upstream_unknown_statuses")
+    assert len(counted) == MAX_LABEL_VALUES + 1 and counted["word_0"] == 2
+    assert counted[OTHER_LABEL_VALUE] == 11
+    assert sum(counted.values()) == MAX_LABEL_VALUES + 12
+    assert label_value('Bad "Word"} ' + "x" * 100) == "bad__word___" + "x" * 20
+    assert label_value("  ") == OTHER_LABEL_VALUE
 
 
 def test_transient_poll_errors_are_retried(stack: Stack, api_client: ApiClient) -> None:

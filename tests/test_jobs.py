@@ -79,6 +79,9 @@ def test_records_read_across_a_rolling_update() -> None:
     read the record meanwhile), and a field from a newer release is skipped, not a crash."""
     job = a_job()
     assert "submits_unanswered" not in json.loads(job.to_json())
+    assert "unknown_status_looks" not in json.loads(job.to_json())
+    puzzled = job.changed(2.0, unknown_status_looks=3)
+    assert Job.from_json(puzzled.to_json()).unknown_status_looks == 3
     unanswered = job.changed(2.0, submits_unanswered=1)
     assert json.loads(unanswered.to_json())["submits_unanswered"] == 1
     assert Job.from_json(unanswered.to_json()) == unanswered

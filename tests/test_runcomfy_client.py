@@ -19,12 +19,16 @@ from core.http.names import NameLookup
 from tests.conftest import EMULATOR_TOKEN, DnsPeer, Stack, dns_peer, raw_peer, wait_until
 from workers.runcomfy import (
     MAX_ANSWER_BYTES,
+    MAX_ERROR_TEXT,
+    MAX_STATUS_WORD,
     PermanentUpstreamError,
     RunComfyClient,
     TransientUpstreamError,
     UnknownRequestError,
     _images_of,
     _readable_error,
+    _status_of,
+    shortened,
 )
 
 MODEL = "tongyi-mai/z-image/turbo/inpainting/lora"
@@ -132,10 +136,63 @@ def test_wrong_model_is_permanent(stack: Stack) -> None:
     bad.close()
 
 
-def test_unknown_status_value_is_a_bad_payload(stack: Stack, client: RunComfyClient) -> None:
+def test_a_status_word_not_known_is_reported_as_is_not_an_error(
+    stack: Stack, client: RunComfyClient
+) -> None:
+    """Deciding what a word not known means is the pipeline's (it follows the request on): the
+    client reports it, neither queued, running nor finished, without output or error."""
     rid = client.submit(inputs(stack, "[emulator:bad-status] [emulator:queue=0]")).request_id
-    with pytest.raises(PermanentUpstreamError, match="unknown status"):
-        wait_until(lambda: client.result(rid).is_finished)
+    state = wait_until(lambda: (s := client.result(rid)).status == "exploded" and s)
+    assert not state.is_known and not (state.is_queued or state.is_running or state.is_finished)
+    assert state.images is None and state.error is None
+
+
+@pytest.mark.parametrize(
+    ("directive", "word", "queued"),
+    [
+        ("[emulator:queued-word=pending] [emulator:queue=30]", "pending", True),
+        ("[emulator:queued-word=waiting] [emulator:queue=30]", "waiting", True),
+        ("[emulator:running-word=starting] [emulator:queue=0] [emulator:run=30]", "starting", False),
+        ("[emulator:running-word=processing] [emulator:queue=0] [emulator:run=30]", "processing", False),
+    ],
+)  # fmt: skip
+def test_runcomfys_other_words_for_a_request_still_going_are_known(
+    stack: Stack, client: RunComfyClient, directive: str, word: str, queued: bool
+) -> None:
+    rid = client.submit(inputs(stack, directive)).request_id
+    for state in (client.status(rid), client.result(rid)):
+        assert state.status == word and state.is_known
+        assert (state.is_queued, state.is_running) == (queued, not queued)
+
+
+def test_a_status_word_of_any_length_is_kept_short() -> None:
+    word = _status_of({"status": " Thinking" + "-hard" * 2000})
+    assert len(word) == MAX_STATUS_WORD and word.startswith("thinking-hard") and word[-1] == "…"
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "expected"),
+    [
+        ("the model ran out of memory", 100, "the model ran out of memory"),
+        ("the model ran out of memory", 17, "the model ran…"),  # not "the model ran ou…"
+        ("the model ran out of memory", 15, "the model ran…"),  # the cut falls on a space
+        ("sampling failed: out of memory", 19, "sampling failed…"),  # no dangling colon
+        ("https://storage.example.com/very/long/path", 20, "https://storage.exa…"),  # one word
+    ],
+)
+def test_error_text_is_cut_after_a_whole_word_and_the_cut_marked(
+    text: str, limit: int, expected: str
+) -> None:
+    assert shortened(text, limit) == expected
+    assert len(shortened(text, limit)) <= limit
+
+
+def test_a_long_upstream_error_is_cut_between_words() -> None:
+    words = " ".join(f"word{n}" for n in range(200))  # 1,289 characters
+    readable = _readable_error({"type": "model_error", "message": words})
+    assert readable is not None and len(readable) <= MAX_ERROR_TEXT and readable.endswith("…")
+    last = readable.removesuffix("…").split()[-1]
+    assert re.fullmatch(r"word\d+", last) and last in words.split(), last
 
 
 def test_slow_answer_times_out_as_transient(stack: Stack, faults: Any) -> None:
@@ -457,7 +514,7 @@ def test_missing_or_bad_output_is_permanent(body: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("error", "expected"),
     [("boom", "boom"), ({"type": "oom", "message": "out of memory"}, "oom: out of memory"),
-     ([{"type": "a", "message": "b"}, "c"], "a: b; c"), (None, None), ("x" * 900, "x" * 500),
+     ([{"type": "a", "message": "b"}, "c"], "a: b; c"), (None, None), ("x" * 900, "x" * 499 + "…"),
      ([{"loc": ["body", "seed"], "msg": "not an integer", "type": "type_error"}],
       "body.seed: type_error: not an integer")],
 )  # fmt: skip

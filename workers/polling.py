@@ -21,6 +21,9 @@ LATE_POLL_MIN_S = 0.25  # a run past its expected end: look again soon, then bac
 TRANSIENT_BACKOFF_BASE_S = 1.0
 TRANSIENT_BACKOFF_MAX_S = 60.0
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is taken as this: the job deadline decides
+# A status word not known may be RunComfy's new word for "running": its end should not wait out
+# a minute's backoff.
+UNKNOWN_STATUS_MAX_POLL_S = 10.0
 
 
 def first_poll_at(submitted_at: float, expected_run_s: float | None = None) -> float:
@@ -89,3 +92,9 @@ def backoff_s(
         return max(told, TRANSIENT_BACKOFF_BASE_S) + uniform(0, TRANSIENT_BACKOFF_BASE_S)
     ceiling = min(TRANSIENT_BACKOFF_MAX_S, TRANSIENT_BACKOFF_BASE_S * 2 ** max(0, failures - 1))
     return max(uniform(ceiling / 2, ceiling), told or 0.0)
+
+
+def unknown_status_poll_at(now: float, looks: int, *, rng: random.Random | None = None) -> float:
+    """When to look again at a request that answered a status word not known `looks` times in
+    a row: backing off as after failures, up to UNKNOWN_STATUS_MAX_POLL_S."""
+    return now + min(UNKNOWN_STATUS_MAX_POLL_S, backoff_s(looks, rng=rng))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,9 +25,12 @@ from core.retry_after import parse_retry_after_s
 # RunComfy's answers are a few hundred bytes of JSON: one far longer is read no further.
 MAX_ANSWER_BYTES = 1024 * 1024
 
-# Statuses RunComfy (or its own clients) have been seen to report, by meaning.
-QUEUED_STATUSES = frozenset({"in_queue", "queued"})
-RUNNING_STATUSES = frozenset({"in_progress", "running"})
+# Statuses RunComfy (or its own clients) have been seen to report, by meaning. RunComfy's own
+# nodes treat pending, waiting, starting and processing as still going: the first two are taken
+# for a place in the queue, the last two for a run under way. Any other word is returned as is:
+# a status not known is followed on (workers/decisions.py), not a failure.
+QUEUED_STATUSES = frozenset({"in_queue", "queued", "pending", "waiting"})
+RUNNING_STATUSES = frozenset({"in_progress", "running", "starting", "processing"})
 SUCCEEDED_STATUSES = frozenset({"succeeded", "completed"})
 FAILED_STATUSES = frozenset({"failed", "error"})
 CANCELLED_STATUSES = frozenset({"cancelled", "canceled"})
@@ -34,11 +38,16 @@ FINISHED_STATUSES = SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
 KNOWN_STATUSES = QUEUED_STATUSES | RUNNING_STATUSES | FINISHED_STATUSES
 UNKNOWN_REQUEST_CODE = "404001"  # request id unknown or expired (RUNCOMFY.md)
 MAX_ERROR_TEXT = 500
+MAX_SNIPPET_TEXT = 200
+MAX_STATUS_WORD = 40  # a status word not known is kept (on the job, in a log) this long at most
+CUT_MARK = "…"
 MAX_ERROR_DEPTH = 4  # lists within lists RunComfy's error is read into; deeper is shown as is
 # Any answer value as a short line, however deep or long (a plain str() of a value nested 600
 # deep raised RecursionError: the step crashed on every try until the job's deadline).
 _SNIPPETS = reprlib.Repr()
-_SNIPPETS.maxlevel, _SNIPPETS.maxstring, _SNIPPETS.maxother = 3, 200, 200
+_PARTIAL_LAST_WORD = re.compile(r"(?<=\s)\S+\Z")
+_TRAILING_SEPARATORS = re.compile(r"[\s,;:]+\Z")
+_SNIPPETS.maxlevel, _SNIPPETS.maxstring, _SNIPPETS.maxother = 3, MAX_SNIPPET_TEXT, MAX_SNIPPET_TEXT
 
 
 class UpstreamError(Exception):
@@ -129,6 +138,11 @@ class RequestState:
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED_STATUSES
+
+    @property
+    def is_known(self) -> bool:
+        """The status word is one RunComfy (or its own clients) is known to use."""
+        return self.status in KNOWN_STATUSES
 
 
 @dataclass(frozen=True)
@@ -359,13 +373,11 @@ def _is_retryable_code(code: Any) -> bool:
 
 
 def _status_of(body: dict[str, Any]) -> str:
+    """The answer's status word, lower case (one not known too: the caller decides)."""
     status = body.get("status")
     if not isinstance(status, str) or not status:
         raise PermanentUpstreamError(f"answer has no status: {_snippet(body)}")
-    status = status.strip().lower()
-    if status not in KNOWN_STATUSES | {"completed"}:
-        raise PermanentUpstreamError(f"RunComfy reported an unknown status {status!r}")
-    return status
+    return shortened(status.strip().lower(), MAX_STATUS_WORD)
 
 
 def _images_of(body: dict[str, Any]) -> tuple[str, ...]:
@@ -383,7 +395,9 @@ def _images_of(body: dict[str, Any]) -> tuple[str, ...]:
         raise PermanentUpstreamError(f"finished result has no image URLs: {_snippet(output)}")
     bad = [u for u in found if not u.startswith(("https://", "http://"))]
     if bad:
-        raise PermanentUpstreamError(f"finished result has a non-URL image: {bad[0][:100]!r}")
+        raise PermanentUpstreamError(
+            f"finished result has a non-URL image: {shortened(bad[0], 100)!r}"
+        )
     return tuple(found)
 
 
@@ -406,7 +420,7 @@ def _readable_error(error: Any, depth: int = 0) -> str | None:
         text = "; ".join(filter(None, (_readable_error(e, depth + 1) for e in error)))
     else:
         text = _snippet(error)
-    return text[:MAX_ERROR_TEXT]
+    return shortened(text, MAX_ERROR_TEXT)
 
 
 def _error_fields(body: Any) -> tuple[Any, str]:
@@ -422,7 +436,7 @@ def _error_fields(body: Any) -> tuple[Any, str]:
     detail = _readable_error(body.get("detail"))  # what a 422's "invalid input" is about
     if detail and detail != text:
         text = f"{text}: {detail}" if text else detail
-    return code, text[:MAX_ERROR_TEXT]
+    return code, shortened(text, MAX_ERROR_TEXT)
 
 
 def _connection_not_made(exc: BaseException) -> str | None:
@@ -437,4 +451,18 @@ def _connection_not_made(exc: BaseException) -> str | None:
 
 
 def _snippet(value: Any) -> str:
-    return value[:200] if isinstance(value, str) else _SNIPPETS.repr(value)
+    """Any answer value as a short line (reprlib marks its own cuts inside a nested value)."""
+    return shortened(value, MAX_SNIPPET_TEXT) if isinstance(value, str) else _SNIPPETS.repr(value)
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters: cut after the last whole word that fits, the cut
+    marked with CUT_MARK. A first word longer than that is cut inside it (marked all the same)."""
+    if len(text) <= limit:
+        return text
+    kept = text[: limit - len(CUT_MARK)]
+    if not text[len(kept)].isspace():  # the cut falls inside a word: leave that word out
+        partial = _PARTIAL_LAST_WORD.search(kept)
+        if partial is not None and kept[: partial.start()].strip():
+            kept = kept[: partial.start()]
+    return _TRAILING_SEPARATORS.sub("", kept) + CUT_MARK

@@ -1,0 +1,499 @@
+"""What a step decides, from the job and what RunComfy said: no Redis, no HTTP, no processes."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from core.jobs import Job, JobError, Status, Upstream, new_job
+from core.store import Step
+from workers import decisions
+from workers.decisions import MAX_CANCEL_TRIES, MAX_UNANSWERED_SUBMITS, Move
+from workers.polling import (
+    FIRST_POLL_S,
+    QUEUED_POLL_S,
+    RUNNING_POLL_S,
+    UNKNOWN_STATUS_MAX_POLL_S,
+    backoff_s,
+    first_poll_at,
+)
+from workers.runcomfy import RequestState, TransientUpstreamError
+
+T0 = 1_700_000_000.0
+LEASE_S = 30.0
+DEADLINE_S = 900
+REQUEST = "req-1"
+
+
+def a_job(**changes: object) -> Job:
+    """A queued job accepted at T0."""
+    job = new_job(
+        client_id="cli_1",
+        input={"prompt": "p"},
+        webhook_url=None,
+        webhook_events=(),
+        metadata=None,
+        deadline_s=DEADLINE_S,
+        now=T0,
+    )
+    return replace(job, **changes) if changes else job
+
+
+def submitted(at: float = T0 + 1, **changes: object) -> Job:
+    """A job RunComfy accepted at `at`, not looked at yet."""
+    job = a_job().moved_to(
+        Status.SUBMITTED, at, upstream=Upstream(REQUEST, "in_queue"), last_seen_queued_at=at
+    )
+    return replace(job, **changes) if changes else job
+
+
+def running(since: float = T0 + 2, **changes: object) -> Job:
+    """A job seen running since `since`, last looked at then."""
+    job = submitted().moved_to(
+        Status.RUNNING, since, upstream=Upstream(REQUEST, "in_progress"), running_since=since
+    )
+    job = replace(job, polls=1)
+    return replace(job, **changes) if changes else job
+
+
+def looked(status: str, **fields: object) -> RequestState:
+    return RequestState(request_id=REQUEST, status=status, **fields)
+
+
+def decided(step: Step | None) -> Step:
+    assert step is not None, "the decision declined to change the job"
+    return step
+
+
+def seeded() -> random.Random:
+    return random.Random(7)
+
+
+def apply(job: Job, state: RequestState, now: float, expected_run_s: float | None = None) -> Step:
+    return decided(
+        decisions.apply_look(
+            job,
+            request_id=REQUEST,
+            state=state,
+            now=now,
+            expected_run_s=expected_run_s,
+            rng=seeded(),
+        )
+    )
+
+
+# --- which step -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job", [a_job(), submitted(), running()])
+def test_a_job_at_its_deadline_expires_whatever_it_was_doing(job: Job) -> None:
+    assert decisions.next_move(job, job.deadline_at, step_lease_s=LEASE_S) is Move.EXPIRE
+
+
+def test_a_submit_within_its_lease_is_left_to_the_worker_making_it_and_settled_after() -> None:
+    marked = a_job(submit_started_at=T0 + 5)
+    assert decisions.next_move(marked, T0 + 5 + LEASE_S - 1, step_lease_s=LEASE_S) is (
+        Move.LEAVE_TO_SUBMITTER
+    )
+    assert decisions.next_move(marked, T0 + 5 + LEASE_S, step_lease_s=LEASE_S) is (
+        Move.SETTLE_INTERRUPTED_SUBMIT
+    )
+
+
+def test_a_queued_job_is_submitted_unless_a_cancel_was_asked_for_then_cancelled_here() -> None:
+    assert decisions.next_move(a_job(), T0, step_lease_s=LEASE_S) is Move.SUBMIT
+    asked = a_job(cancel_requested=True)
+    assert decisions.next_move(asked, T0, step_lease_s=LEASE_S) is Move.CANCEL_HERE
+
+
+def test_a_job_at_runcomfy_is_looked_at_and_its_cancel_sent_once() -> None:
+    assert decisions.next_move(running(), T0 + 3, step_lease_s=LEASE_S) is Move.LOOK
+    asked = running(cancel_requested=True)
+    assert decisions.next_move(asked, T0 + 3, step_lease_s=LEASE_S) is Move.CANCEL_UPSTREAM
+    sent = running(cancel_requested=True, cancel_sent=True)
+    assert decisions.next_move(sent, T0 + 3, step_lease_s=LEASE_S) is Move.LOOK
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+
+def test_marking_a_submit_counts_it_and_makes_the_job_due_when_the_lease_ends() -> None:
+    step = decided(decisions.mark_submitting(a_job(), T0 + 1, lease_s=LEASE_S))
+    assert step.job.submit_started_at == T0 + 1 and step.job.submit_attempts == 1
+    assert step.job.status is Status.QUEUED
+    assert step.next_step_at == T0 + 1 + LEASE_S
+
+
+@pytest.mark.parametrize(
+    "job", [a_job(submit_started_at=T0), a_job(cancel_requested=True), submitted()]
+)
+def test_a_job_already_marked_cancelled_or_submitted_is_not_marked_again(job: Job) -> None:
+    assert decisions.mark_submitting(job, T0 + 1, lease_s=LEASE_S) is None
+
+
+def test_an_accepted_submit_makes_the_job_submitted_with_its_first_look_planned() -> None:
+    marked = a_job(submit_started_at=T0 + 1, transient_errors=2)
+    step = decided(
+        decisions.record_request(
+            marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=None
+        )
+    )
+    assert step.job.status is Status.SUBMITTED and step.job.request_id == REQUEST
+    assert step.job.submit_started_at is None and step.job.transient_errors == 0
+    assert step.next_step_at == T0 + 2 + FIRST_POLL_S
+    fast = decisions.record_request(
+        marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=0.5
+    )
+    assert decided(fast).next_step_at == first_poll_at(T0 + 2, 0.5) < T0 + 2 + FIRST_POLL_S
+
+
+@pytest.mark.parametrize(
+    "now_the_job",
+    [
+        a_job(submit_started_at=T0 + 9),  # marked anew by a later submit
+        a_job(),  # the mark was settled as interrupted
+        submitted(),  # another worker's submit was stored
+        a_job(submit_started_at=T0 + 1).moved_to(Status.EXPIRED, T0 + 3),
+    ],
+)
+def test_an_answer_to_a_submit_whose_mark_is_gone_changes_nothing(now_the_job: Job) -> None:
+    recorded = decisions.record_request(
+        now_the_job, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=None
+    )
+    assert recorded is None
+    error = JobError("upstream_rejected", "no")
+    assert decisions.fail_submit(now_the_job, mark=T0 + 1, error=error, now=T0 + 2) is None
+
+
+def test_a_cancel_asked_during_the_submit_makes_the_first_look_due_at_once() -> None:
+    marked = a_job(submit_started_at=T0 + 1, cancel_requested=True)
+    step = decided(
+        decisions.record_request(
+            marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=None
+        )
+    )
+    assert step.job.status is Status.SUBMITTED and step.next_step_at == T0 + 2
+
+
+def test_a_refused_submit_fails_the_job_with_its_readable_error() -> None:
+    marked = a_job(submit_started_at=T0 + 1)
+    error = JobError("upstream_rejected", "RunComfy refused the job: HTTP 400: bad seed")
+    step = decided(decisions.fail_submit(marked, mark=T0 + 1, error=error, now=T0 + 2))
+    assert step.job.status is Status.FAILED and step.job.error == error
+    assert step.next_step_at is None and step.job.finished_at == T0 + 2
+
+
+def test_a_submit_certainly_not_taken_is_made_again_after_its_backoff() -> None:
+    marked = a_job(submit_started_at=T0 + 1, transient_errors=2)
+    refused = TransientUpstreamError("HTTP 429", http_status=429, retry_after_s=7)
+    step = decided(
+        decisions.retry_submit_later(marked, mark=T0 + 1, now=T0 + 2, error=refused, rng=seeded())
+    )
+    assert step.job.status is Status.QUEUED and step.job.submit_started_at is None
+    assert step.job.transient_errors == 3 and step.job.last_transient_error == "HTTP 429"
+    assert step.next_step_at is not None and T0 + 2 + 7 <= step.next_step_at <= T0 + 2 + 8
+
+
+def test_a_submit_whose_outcome_is_unknown_is_made_once_more_with_a_note() -> None:
+    marked = a_job(submit_started_at=T0 + 1)
+    step = decided(
+        decisions.settle_unknown_submit(
+            marked,
+            mark=T0 + 1,
+            now=T0 + 40,
+            reason="timed out",
+            answered=False,
+            rule="resubmit",
+            rng=seeded(),
+        )
+    )
+    job = step.job
+    assert job.status is Status.QUEUED and job.submit_started_at is None
+    assert job.submit_unknown_outcomes == 1 and job.submits_unanswered == 1
+    assert "submitting again" in job.notes[-1]
+    assert step.next_step_at == T0 + 40 + backoff_s(1, rng=seeded())
+
+
+def test_a_job_whose_submits_go_unanswered_twice_ends_failed_not_submitted_again() -> None:
+    marked = a_job(submit_started_at=T0 + 50, submits_unanswered=MAX_UNANSWERED_SUBMITS)
+    step = decided(
+        decisions.settle_unknown_submit(
+            marked, mark=T0 + 50, now=T0 + 90, reason="timed out", answered=False, rule="resubmit"
+        )
+    )
+    assert step.job.status is Status.FAILED and step.next_step_at is None
+    assert step.job.error is not None and step.job.error.code == "submit_outcome_unknown"
+    assert "none of 2 submits" in step.job.error.message
+
+
+def test_submits_answered_with_a_5xx_are_made_again_however_many() -> None:
+    marked = a_job(submit_started_at=T0 + 1, submit_unknown_outcomes=6, submits_unanswered=1)
+    step = decided(
+        decisions.settle_unknown_submit(
+            marked, mark=T0 + 1, now=T0 + 2, reason="HTTP 502", answered=True, rule="resubmit"
+        )
+    )
+    assert step.job.status is Status.QUEUED and step.job.submits_unanswered == 1
+
+
+def test_submit_unknown_fail_ends_the_job_failed_at_the_first_unknown_outcome() -> None:
+    marked = a_job(submit_started_at=T0 + 1)
+    step = decided(
+        decisions.settle_unknown_submit(
+            marked, mark=T0 + 1, now=T0 + 2, reason="HTTP 502", answered=True, rule="fail"
+        )
+    )
+    assert step.job.status is Status.FAILED and step.job.error is not None
+    assert step.job.error.message.startswith("whether RunComfy accepted the job is unknown")
+
+
+# --- look -----------------------------------------------------------------------------------
+
+
+def test_a_look_with_images_ends_the_job_succeeded_with_them() -> None:
+    step = apply(running(), looked("succeeded", images=("https://x/1.png",)), T0 + 5)
+    assert step.job.status is Status.SUCCEEDED and step.job.output_images == ("https://x/1.png",)
+    assert step.next_step_at is None and step.job.polls == 2
+    assert step.job.upstream == Upstream(REQUEST, "succeeded")
+
+
+def test_a_look_at_a_failed_run_ends_the_job_failed_with_runcomfys_words() -> None:
+    step = apply(running(), looked("failed", error="model_error: out of memory"), T0 + 5)
+    assert step.job.status is Status.FAILED and step.next_step_at is None
+    assert step.job.error == JobError("upstream_failed", "model_error: out of memory")
+
+
+def test_a_request_cancelled_at_runcomfy_ends_the_job_cancelled_with_why_unless_asked() -> None:
+    by_runcomfy = apply(submitted(), looked("cancelled"), T0 + 5).job
+    assert by_runcomfy.status is Status.CANCELLED and by_runcomfy.error is not None
+    assert by_runcomfy.error.code == "upstream_cancelled"
+    asked = apply(submitted(cancel_requested=True), looked("cancelled"), T0 + 5).job
+    assert asked.status is Status.CANCELLED and asked.error is None
+
+
+@pytest.mark.parametrize(("position", "in_s"), [(5, QUEUED_POLL_S), (1, 0.5)])
+def test_a_queued_request_is_looked_at_again_by_its_place_in_the_queue(
+    position: int, in_s: float
+) -> None:
+    step = apply(submitted(transient_errors=2), looked("in_queue", queue_position=position), T0 + 3)
+    assert step.job.status is Status.SUBMITTED and step.job.transient_errors == 0
+    assert step.job.last_seen_queued_at == T0 + 3
+    assert step.job.upstream == Upstream(REQUEST, "in_queue", position)
+    assert step.next_step_at == pytest.approx(T0 + 3 + in_s)
+
+
+def test_the_first_look_that_sees_the_run_makes_the_job_running_from_its_estimated_start() -> None:
+    seen_queued = submitted(polls=1, last_seen_queued_at=T0 + 2)
+    step = apply(seen_queued, looked("in_progress"), T0 + 4, expected_run_s=10.0)
+    assert step.job.status is Status.RUNNING
+    assert step.job.running_since == T0 + 3  # midway between queued at +2 and running at +4
+    assert step.next_step_at == T0 + 3 + 10.0  # when it should be done
+    unlearned = apply(seen_queued, looked("in_progress"), T0 + 4)
+    assert unlearned.next_step_at == T0 + 4 + RUNNING_POLL_S
+
+
+@pytest.mark.parametrize(
+    ("word", "status"),
+    [
+        ("pending", Status.SUBMITTED),
+        ("waiting", Status.SUBMITTED),
+        ("starting", Status.RUNNING),
+        ("processing", Status.RUNNING),
+    ],
+)
+def test_runcomfys_other_words_for_a_request_still_going_are_known(
+    word: str, status: Status
+) -> None:
+    step = apply(submitted(), looked(word), T0 + 3)
+    assert step.job.status is status and step.job.unknown_status_looks == 0
+    assert step.job.upstream is not None and step.job.upstream.status == word
+
+
+def test_a_running_job_told_queued_again_never_goes_back() -> None:
+    step = apply(running(), looked("in_queue", queue_position=2), T0 + 5)
+    assert step.job.status is Status.RUNNING
+
+
+@pytest.mark.parametrize("job", [submitted(), running()])
+def test_a_status_word_not_known_is_no_failure_the_request_is_followed_on(job: Job) -> None:
+    step = apply(job, looked("thinking"), T0 + 10)
+    assert step.job.status is job.status and step.job.error is None
+    assert step.job.unknown_status_looks == 1 and step.job.polls == job.polls + 1
+    assert step.job.upstream == Upstream(REQUEST, "thinking")
+    assert "'thinking'" in step.job.notes[-1]
+    assert step.next_step_at is not None and T0 + 10.5 <= step.next_step_at <= T0 + 11
+
+
+def test_looks_at_a_word_not_known_back_off_to_a_cap_and_to_the_deadline() -> None:
+    many = apply(running(unknown_status_looks=8), looked("thinking"), T0 + 10)
+    assert many.job.unknown_status_looks == 9 and len(many.job.notes) == 0  # noted once
+    assert many.next_step_at == T0 + 10 + UNKNOWN_STATUS_MAX_POLL_S
+    near_the_end = running(unknown_status_looks=8)
+    late = apply(near_the_end, looked("thinking"), near_the_end.deadline_at - 1)
+    assert late.next_step_at == near_the_end.deadline_at
+
+
+def test_a_known_word_after_words_not_known_starts_the_backoff_over() -> None:
+    step = apply(submitted(unknown_status_looks=4), looked("in_progress"), T0 + 10)
+    assert step.job.status is Status.RUNNING and step.job.unknown_status_looks == 0
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        running().moved_to(Status.CANCELLED, T0 + 4),
+        running(upstream=Upstream("req-other", "in_progress")),
+    ],
+)
+def test_a_look_at_a_job_ended_meanwhile_or_following_another_request_changes_nothing(
+    job: Job,
+) -> None:
+    done = looked("succeeded", images=("https://x/1.png",))
+    assert (
+        decisions.apply_look(job, request_id=REQUEST, state=done, now=T0 + 5, expected_run_s=None)
+        is None
+    )
+
+
+def test_a_failed_look_is_counted_and_made_again_after_its_backoff() -> None:
+    error = TransientUpstreamError("GET /result: HTTP 503", http_status=503)
+    step = decided(decisions.retry_look_later(running(transient_errors=1), now=T0 + 5, error=error))
+    assert step.job.status is Status.RUNNING and step.job.transient_errors == 2
+    assert step.job.last_transient_error == "GET /result: HTTP 503"
+    assert step.next_step_at is not None and T0 + 6 <= step.next_step_at <= T0 + 7
+    final = running().moved_to(Status.SUCCEEDED, T0 + 4)
+    assert decisions.retry_look_later(final, now=T0 + 5, error=error) is None
+
+
+def test_a_run_over_by_its_status_has_its_output_fetched_at_once() -> None:
+    step = decided(
+        decisions.note_seen_finished(running(), request_id=REQUEST, status="completed", now=T0 + 5)
+    )
+    assert step.job.status is Status.RUNNING and step.next_step_at == T0 + 5
+    assert step.job.upstream == Upstream(REQUEST, "completed")
+
+
+# --- what a finished run taught -------------------------------------------------------------
+
+
+def test_a_run_done_at_the_first_look_is_learned_from_runcomfys_times() -> None:
+    before = submitted()
+    state = looked("succeeded", images=("u",), created_at=T0 + 1, finished_at=T0 + 3.5)
+    after = apply(before, state, T0 + 5).job
+    assert decisions.observed_run_s(before, after, state, T0 + 5) == 2.5
+
+
+def test_a_run_without_runcomfys_end_is_learned_as_ending_between_two_looks() -> None:
+    before = running(since=T0 + 2)  # last looked at (and seen running) at T0 + 2
+    state = looked("succeeded", images=("u",))
+    after = apply(before, state, T0 + 6).job
+    assert decisions.observed_run_s(before, after, state, T0 + 6) == 2.0  # ended at T0 + 4
+
+
+@pytest.mark.parametrize(
+    "last_look",
+    [
+        {"transient_errors": 1},  # it failed
+        {"unknown_status_looks": 1, "upstream": Upstream(REQUEST, "thinking")},
+        {"upstream": Upstream(REQUEST, "completed")},  # it saw the run over
+        {"cancel_requested": True},  # a cancel came since
+    ],
+)
+def test_nothing_is_learned_when_the_last_look_did_not_see_the_run_going(
+    last_look: dict[str, object],
+) -> None:
+    before = running(since=T0 + 2, **last_look)
+    state = looked("succeeded", images=("u",))
+    after = apply(before, state, T0 + 6).job
+    assert decisions.observed_run_s(before, after, state, T0 + 6) is None
+
+
+# --- cancel and deadline --------------------------------------------------------------------
+
+
+def test_a_cancel_runcomfy_takes_ends_the_job_cancelled() -> None:
+    asked = submitted(cancel_requested=True)
+    step = decided(
+        decisions.settle_cancel(
+            asked, request_id=REQUEST, cancelled=True, answer="cancelled", now=T0 + 3
+        )
+    )
+    assert step.job.status is Status.CANCELLED and step.job.cancel_sent
+    assert step.next_step_at is None and step.job.error is None
+
+
+def test_a_cancel_runcomfy_cannot_take_has_the_run_followed_to_its_end() -> None:
+    asked = running(cancel_requested=True)
+    step = decided(
+        decisions.settle_cancel(
+            asked, request_id=REQUEST, cancelled=False, answer="not_cancellable", now=T0 + 3
+        )
+    )
+    assert step.job.status is Status.RUNNING and step.job.cancel_sent
+    assert "not_cancellable" in step.job.notes[-1] and step.next_step_at == T0 + 3
+
+
+def test_a_cancel_not_taken_is_tried_again_then_given_up_after_max_tries() -> None:
+    error = TransientUpstreamError("POST /cancel: HTTP 503", http_status=503)
+    job = running(cancel_requested=True)
+    now = T0 + 3
+    for tries in range(1, MAX_CANCEL_TRIES + 1):
+        step = decided(
+            decisions.count_cancel_not_taken(job, request_id=REQUEST, now=now, error=error)
+        )
+        job = step.job
+        assert job.cancel_failures == tries
+        if tries < MAX_CANCEL_TRIES:
+            assert not job.cancel_sent
+            assert step.next_step_at is not None and step.next_step_at > now
+    assert job.cancel_sent and step.next_step_at == now and "5 tries" in job.notes[-1]
+    again = decisions.count_cancel_not_taken(job, request_id=REQUEST, now=now, error=error)
+    assert again is None
+
+
+def test_expiry_ends_a_live_job_with_a_readable_error_and_leaves_a_final_one_alone() -> None:
+    step = decided(decisions.expire(running(), T0 + DEADLINE_S, deadline_s=DEADLINE_S))
+    assert step.job.status is Status.EXPIRED and step.next_step_at is None
+    assert step.job.error == JobError(
+        "deadline_exceeded", f"not finished within JOB_DEADLINE_S ({DEADLINE_S} s)"
+    )
+    ended = running().moved_to(Status.SUCCEEDED, T0 + 5)
+    assert decisions.expire(ended, T0 + DEADLINE_S, deadline_s=DEADLINE_S) is None
+
+
+def test_a_last_look_keeps_only_a_run_runcomfy_finished_by_the_deadline() -> None:
+    job = running()
+    by_then = looked("succeeded", images=("u",), finished_at=job.deadline_at - 1)
+    after = looked("succeeded", images=("u",), finished_at=job.deadline_at + 1)
+    assert decisions.finished_by_deadline(job, by_then)
+    assert not decisions.finished_by_deadline(job, after)
+    assert not decisions.finished_by_deadline(job, looked("in_progress"))
+    assert not decisions.finished_by_deadline(job, looked("succeeded", images=("u",)))
+
+
+@pytest.mark.parametrize(
+    ("upstream", "left"),
+    [
+        (None, None),
+        (Upstream(REQUEST, "in_queue"), REQUEST),
+        (Upstream(REQUEST, "thinking"), REQUEST),  # a word not known: may well be running
+        (Upstream(REQUEST, "completed"), None),
+        (Upstream(REQUEST, "cancelled"), None),
+    ],
+)
+def test_an_ended_job_leaves_its_request_to_cancel_unless_runcomfy_ended_it(
+    upstream: Upstream | None, left: str | None
+) -> None:
+    ended = a_job(upstream=upstream).moved_to(Status.EXPIRED, T0 + DEADLINE_S)
+    assert decisions.request_left_running(ended) == left
+
+
+def test_a_next_step_is_capped_at_the_deadline_and_brought_forward_for_an_untried_cancel() -> None:
+    job = running()
+    assert decisions.step_due_at(job, T0 + 5, job.deadline_at + 60) == job.deadline_at
+    asked = running(cancel_requested=True)
+    assert decisions.step_due_at(asked, T0 + 5, T0 + 20) == T0 + 5
+    refused_once = running(cancel_requested=True, cancel_failures=1)
+    assert decisions.step_due_at(refused_once, T0 + 5, T0 + 20) == T0 + 20
