@@ -13,7 +13,7 @@ from typing import Any
 
 
 class Status(StrEnum):
-    """Where a job is; see README 'Job lifecycle'."""
+    """Where a job is (docs/api.md, "The job resource")."""
 
     QUEUED = "queued"
     SUBMITTED = "submitted"
@@ -112,6 +112,14 @@ class Job:
     last_seen_queued_at: float | None = None
     transient_errors: int = 0
     unknown_status_looks: int = 0  # looks in a row that saw a RunComfy status word not known
+    # What the job cost (USD), once known: RunComfy's own figure ("upstream") or the list price
+    # times the images ("list_price"); set in the change that makes the job final.
+    cost_usd: float | None = None
+    cost_source: str | None = None
+    # The budget reservation made at accept (the estimated cost) and the budget period it was
+    # made in ("day:2026-12-07", "month:2026-12"); settled against the cost when the job ends.
+    reserved_usd: float = 0.0
+    reserved_in: str | None = None
     last_transient_error: str | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -133,6 +141,11 @@ class Job:
         stamped = f"{iso(now)} {text}"
         return replace(self, updated_at=now, notes=(*self.notes, stamped)[-20:])
 
+    def with_cost(self, usd: float, source: str) -> Job:
+        """This job with its cost known (`source`: one of COST_SOURCES)."""
+        assert source in COST_SOURCES, source
+        return replace(self, cost_usd=round(usd, 6), cost_source=source)
+
     @property
     def request_id(self) -> str | None:
         """RunComfy's request id once the submit was accepted."""
@@ -143,12 +156,15 @@ class Job:
     def to_json(self) -> str:
         """The stored form."""
         # Not dataclasses.asdict: it deep-copies every nested value, and this runs on every
-        # change of every job (it was the largest single cost of a POST).
+        # change of every job (on the accept path, a large share of a POST's time).
         data = dict(self.__dict__)
         data["error"] = _plain(self.error)
         data["upstream"] = _plain(self.upstream)
         for name in _LEFT_OUT_WHILE_ZERO:
             if not data[name]:
+                del data[name]
+        for name in _LEFT_OUT_WHILE_NONE:
+            if data[name] is None:
                 del data[name]
         return json.dumps(data, separators=(",", ":"))
 
@@ -190,13 +206,25 @@ class Job:
             "webhook_events": list(self.webhook_events),
             "metadata": self.metadata,
             "cancel_requested": self.cancel_requested,
+            "cost": (
+                {"usd": self.cost_usd, "source": self.cost_source}
+                if self.cost_usd is not None
+                else None
+            ),
         }
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))
 # Fields added since the previous release, written only when set: a replica still running that
 # release (during a rolling update) reads the record as long as they are 0 — nearly always.
-_LEFT_OUT_WHILE_ZERO = ("submits_unanswered", "cancel_failures", "unknown_status_looks")
+_LEFT_OUT_WHILE_ZERO = (
+    "submits_unanswered",
+    "cancel_failures",
+    "unknown_status_looks",
+    "reserved_usd",
+)
+_LEFT_OUT_WHILE_NONE = ("cost_usd", "cost_source", "reserved_in")
+COST_SOURCES = ("upstream", "list_price")
 
 
 def _plain(value: JobError | Upstream | None) -> dict[str, Any] | None:
