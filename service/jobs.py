@@ -66,6 +66,14 @@ JOB_ID_PARAMETER = {
     "schema": {"type": "string", "pattern": f"^{JOB_ID_PATTERN.pattern}$"},
     "description": "A job id as POST /v1/jobs answered it; any other string is a 404.",
 }
+JOB_EXAMPLE = {
+    "prompt": "a red sky at dusk",
+    "image_url": "https://images.example.com/street.png",
+    "mask_image_url": "https://images.example.com/street-sky-mask.png",
+    "num_inference_steps": 20,
+    "output_format": "webp",
+    "metadata": {"order": "7"},
+}
 LOCATION_HEADER = {"description": "The job's path.", "schema": {"type": "string"}}
 # From the accepted job to what can be done with it: `$response.body#/id` is its id.
 JOB_LINKS = {
@@ -171,7 +179,7 @@ class Jobs(MethodView):
             for status in (202, 200)
         },
     )
-    @blp.arguments(JobCreateSchema())  # an instance: a class would be built again per request
+    @blp.arguments(JobCreateSchema(), example=JOB_EXAMPLE)  # an instance: built once
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotency-Key replay: the first job")
     def post(self, body: dict[str, Any]) -> Response:

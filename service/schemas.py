@@ -145,12 +145,15 @@ class StrictFloat(fields.Float):
 
 
 class StrictInteger(fields.Integer):
-    """A JSON integer, never a string, a boolean or a number with a fraction."""
+    """A JSON number without a fraction (7 or 7.0, as JSON Schema's `integer` has it), never a
+    string or a boolean; taken as an int."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=True, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, float) and value.is_integer():  # finite: the parser refuses others
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValidationError("Must be an integer.")
         return super()._deserialize(value, attr, data, **kwargs)
