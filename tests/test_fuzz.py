@@ -36,17 +36,16 @@ def test_schemathesis_finds_no_answer_that_breaks_the_document(stack: Stack) -> 
 def test_schemathesis_would_see_a_rule_the_document_does_not_state(stack: Stack) -> None:
     """Control: without the control-window hook (a rule JSON Schema cannot state), the same run
     reports schema-valid bodies refused — the checks do look at the answers."""
-    with live_api(redis_db(stack)) as api:
-        with pytest.raises(subprocess.CalledProcessError) as failed:
-            run_schemathesis(
-                api,
-                "--phases",
-                "coverage",
-                "--include-path",
-                "/v1/jobs",
-                "--include-method",
-                "POST",
-                timeout_s=150,
-                hooks=False,
-            )
+    with live_api(redis_db(stack)) as api, pytest.raises(subprocess.CalledProcessError) as failed:
+        run_schemathesis(
+            api,
+            "--phases",
+            "coverage",
+            "--include-path",
+            "/v1/jobs",
+            "--include-method",
+            "POST",
+            timeout_s=150,
+            hooks=False,
+        )
     assert "Must not exceed control_end." in failed.value.output, failed.value.output[-3000:]
