@@ -159,10 +159,10 @@ class StrictInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
-def _http_url(**kwargs: Any) -> fields.String:
+def _http_url(more: str = "", **kwargs: Any) -> fields.String:
     return fields.String(
         validate=[v.Length(max=MAX_URL_CHARS), HttpUrl()],
-        metadata={"description": URL_RULE},
+        metadata={"description": f"{URL_RULE} {more}".strip()},
         **kwargs,
     )
 
@@ -230,7 +230,11 @@ INPUT_FIELDS = tuple(InpaintInputSchema().fields)
 class JobCreateSchema(InpaintInputSchema):
     """POST /v1/jobs: the model input, flat, plus how to call back."""
 
-    webhook_url = _http_url(load_default=None)
+    webhook_url = _http_url(
+        "Its host must resolve, at submit, to public addresses only (or ones in the operator's "
+        "WEBHOOK_ALLOWED_NETWORKS); else a 422.",
+        load_default=None,
+    )
     webhook_events = fields.List(
         fields.String(validate=v.OneOf(EVENT_TYPES)),
         load_default=lambda: list(TERMINAL_EVENT_TYPES),
