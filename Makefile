@@ -6,7 +6,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do command 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench fuzz clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11+ is required (none found on PATH)"; exit 1; }
@@ -31,6 +31,11 @@ bench: $(STAMP)
 	      || echo "make bench: could not install wrk; using the Python load generator"; \
 	  else echo "make bench: wrk not found (apt-get install wrk); using the Python load generator"; fi; }
 	$(BIN)/python -m bench.run
+
+# schemathesis, every phase, against a live API on a redis-server of its own (tests/fuzzing.py).
+FUZZ_EXAMPLES ?= 200
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzzing --max-examples $(FUZZ_EXAMPLES) $(FUZZ_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

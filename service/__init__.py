@@ -17,6 +17,7 @@ from core.store import JobStore, connect_redis
 from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
 from service.auth import RecentKeys
 from service.context import ServiceContext
+from service.docs import SWAGGER_UI_ASSETS_PATH
 from service.problems import ProblemApi
 
 MAX_BODY_BYTES = 64 * 1024
@@ -33,7 +34,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL=SWAGGER_UI_ASSETS_PATH,  # served by service/docs.py
+        # Swagger UI would show a badge image from swagger.io's online validator: a request to
+        # the internet on every visit, from a page that must work without it.
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # resources read in contract order
     if test_config:
@@ -69,7 +73,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         recent_keys=RecentKeys(),
     )
 
-    from service import health, jobs
+    from service import docs, health, jobs
 
     api = ProblemApi(
         app,
@@ -78,6 +82,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     api.register_blueprint(jobs.blp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(docs.bp)
     return app
 
 

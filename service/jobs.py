@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from http import HTTPStatus
 from typing import Any
 
@@ -48,22 +50,62 @@ IDEMPOTENCY_KEY_PARAMETER = {
     "in": "header",
     "name": "Idempotency-Key",
     "required": False,
-    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
-    "description": "Same key and body within 24 h: the first job (200); another body: 409.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": f"^{IDEMPOTENCY_KEY_PATTERN.pattern}$",
+    },
+    "description": "1-255 printable ASCII characters, no space (else a 400). Same key and body "
+    "within 24 h: the first job (200); another body: 409.",
+}
+JOB_ID_PARAMETER = {
+    "in": "path",
+    "name": "job_id",
+    "required": True,
+    "schema": {"type": "string", "pattern": f"^{JOB_ID_PATTERN.pattern}$"},
+    "description": "A job id as POST /v1/jobs answered it; any other string is a 404.",
+}
+JOB_EXAMPLE = {
+    "prompt": "a red sky at dusk",
+    "image_url": "https://images.example.com/street.png",
+    "mask_image_url": "https://images.example.com/street-sky-mask.png",
+    "num_inference_steps": 20,
+    "output_format": "webp",
+    "metadata": {"order": "7"},
+}
+LOCATION_HEADER = {"description": "The job's path.", "schema": {"type": "string"}}
+# From the accepted job to what can be done with it: `$response.body#/id` is its id.
+JOB_LINKS = {
+    name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
+    for name, operation in (
+        ("GetJob", "getJob"),
+        ("CancelJob", "cancelJob"),
+        ("GetDeliveries", "getJobDeliveries"),
+        ("RedeliverWebhook", "redeliverJobWebhook"),
+    )
 }
 
 
 def documented(
-    *problems: HTTPStatus, parameters: list[dict[str, Any]] | None = None
+    operation_id: str,
+    *problems: HTTPStatus,
+    parameters: list[dict[str, Any]] | None = None,
+    responses: dict[int, Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A route's OpenAPI extras: bearer auth, the problems it may answer besides its schema's
-    422 (401 and 503 on every route: a bad key, the job store down), and `parameters`."""
+    """A route's OpenAPI extras: its operationId (what links name), bearer auth, the problems
+    it may answer besides its schema's 422 (401 and 503 on every route: a bad key, the job
+    store down), `parameters`, and more of its `responses` (links, headers)."""
 
     def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
         for status in (HTTPStatus.UNAUTHORIZED, *problems, HTTPStatus.SERVICE_UNAVAILABLE):
             view = blp.alt_response(status.value, response=status.name)(view)
-        extra = {"parameters": parameters} if parameters else {}  # [] would hide the query's
-        return blp.doc(security=[{"bearer": []}], **extra)(view)
+        extra: dict[str, Any] = (
+            {"parameters": parameters} if parameters else {}
+        )  # [] hid the query's
+        if responses:
+            extra["responses"] = responses
+        return blp.doc(operationId=operation_id, security=[{"bearer": []}], **extra)(view)
 
     return decorate
 
@@ -90,6 +132,26 @@ def job_location(job_id: str) -> str:
     return f"{request.script_root}{blp.url_prefix}/jobs/{job_id}"
 
 
+# JobStore's cursor is base64url("<created_at>|<job id>"): opaque, so no document can say which
+# strings are cursors, and any other base64 was a 422. The API's is the same position in plain
+# text, "<created_at>_<job id>" (CURSOR_PATTERN): every string of that shape is a place to
+# start a page from, so the document states the whole rule.
+
+
+def public_cursor(cursor: str) -> str:
+    """JobStore's cursor as the API shows it."""
+    text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    created_at, _, job_id = text.partition("|")
+    # Positional, exactly the same float: repr writes 1e-05 for what a timestamp never is.
+    return f"{Decimal(created_at):f}_{job_id}"
+
+
+def store_cursor(cursor: str) -> str:
+    """A cursor matching CURSOR_PATTERN as JobStore takes it."""
+    created_at, _, job_id = cursor.partition("_")
+    return base64.urlsafe_b64encode(f"{created_at}|{job_id}".encode()).decode().rstrip("=")
+
+
 def _own_job(job_id: str) -> Job:
     # Not a job id, no job: never a Redis key of another kind ("job_…:events" was a 500).
     job = (
@@ -106,13 +168,18 @@ def _own_job(job_id: str) -> Job:
 @blp.route("/jobs")
 class Jobs(MethodView):
     @documented(
+        "createJob",
         HTTPStatus.BAD_REQUEST,
         HTTPStatus.CONFLICT,
         HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={  # int keys: flask-smorest's own (alt_response's 200) are ints, and merge
+            status: {"links": JOB_LINKS, "headers": {"Location": LOCATION_HEADER}}
+            for status in (202, 200)
+        },
     )
-    @blp.arguments(JobCreateSchema())  # an instance: a class would be built again per request
+    @blp.arguments(JobCreateSchema(), example=JOB_EXAMPLE)  # an instance: built once
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotency-Key replay: the first job")
     def post(self, body: dict[str, Any]) -> Response:
@@ -132,35 +199,36 @@ class Jobs(MethodView):
             abort(409, message=str(exc))
         return job_response(job, 202 if created else 200, {"Location": job_location(job.id)})
 
-    @documented()
+    @documented("listJobs")
     @blp.arguments(JobListQuerySchema(), location="query")
     @blp.response(200, JobPageSchema)
     def get(self, query: dict[str, Any]) -> dict[str, Any]:
         """The client's jobs, newest first; pass next_cursor back as cursor for more."""
-        try:
-            jobs, cursor = ctx().store.list_for_client(
-                current_client().id,
-                status=query.get("status"),
-                limit=query["limit"],
-                cursor=query.get("cursor"),
-            )
-        except ValueError as exc:
-            abort(422, errors={"query": {"cursor": [str(exc)]}})
-        return {"jobs": [j.to_resource() for j in jobs], "next_cursor": cursor}
+        cursor = query.get("cursor")
+        jobs, next_cursor = ctx().store.list_for_client(
+            current_client().id,
+            status=query.get("status"),
+            limit=query["limit"],
+            cursor=store_cursor(cursor) if cursor is not None else None,
+        )
+        return {
+            "jobs": [j.to_resource() for j in jobs],
+            "next_cursor": public_cursor(next_cursor) if next_cursor is not None else None,
+        }
 
 
-@blp.route("/jobs/<job_id>", endpoint="Job")
+@blp.route("/jobs/<job_id>", endpoint="Job", parameters=[JOB_ID_PARAMETER])
 class JobView(MethodView):
-    @documented(HTTPStatus.NOT_FOUND)
+    @documented("getJob", HTTPStatus.NOT_FOUND)
     @blp.response(200, JobSchema)
     def get(self, job_id: str) -> Response:
         """One job."""
         return job_response(_own_job(job_id), 200)
 
 
-@blp.route("/jobs/<job_id>/cancel")
+@blp.route("/jobs/<job_id>/cancel", parameters=[JOB_ID_PARAMETER])
 class JobCancel(MethodView):
-    @documented(HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT)
+    @documented("cancelJob", HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT)
     @blp.response(202, JobSchema)
     def post(self, job_id: str) -> Response:
         """Cancel: at once if RunComfy does not have it yet, else asked of RunComfy."""
@@ -171,9 +239,9 @@ class JobCancel(MethodView):
         return job_response(job, 202)
 
 
-@blp.route("/jobs/<job_id>/deliveries")
+@blp.route("/jobs/<job_id>/deliveries", parameters=[JOB_ID_PARAMETER])
 class JobDeliveries(MethodView):
-    @documented(HTTPStatus.NOT_FOUND)
+    @documented("getJobDeliveries", HTTPStatus.NOT_FOUND)
     @blp.response(200, DeliveriesSchema)
     def get(self, job_id: str) -> dict[str, Any]:
         """Every webhook delivery attempt for the job, oldest first."""
@@ -181,9 +249,9 @@ class JobDeliveries(MethodView):
         return {"deliveries": ctx().store.outbox.deliveries(job.id)}
 
 
-@blp.route("/jobs/<job_id>/webhook/redeliver")
+@blp.route("/jobs/<job_id>/webhook/redeliver", parameters=[JOB_ID_PARAMETER])
 class JobRedeliver(MethodView):
-    @documented(HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT)
+    @documented("redeliverJobWebhook", HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT)
     @blp.response(202, JobSchema)
     def post(self, job_id: str) -> Response:
         """Send the job's final event again (same webhook-id)."""

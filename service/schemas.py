@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validates, validates_schema
 from marshmallow import validate as v
 
 from core.http.egress import split_http_url
+from core.jobs import Status
 from core.webhooks import EVENT_TYPES, TERMINAL_EVENT_TYPES
 
 MAX_PROMPT_CHARS = 8000
@@ -36,7 +38,101 @@ IMAGE_SIZES = (
     "auto",
 )
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
-HTTP_SCHEMES = {"http", "https"}
+JOB_STATUSES = tuple(status.value for status in Status)
+
+# The patterns below are both the validator and the OpenAPI `pattern` (apispec copies a
+# validator's regex into the document), so they are written in the syntax Python's `re` and
+# ECMA-262 (JSON Schema's dialect) read alike: no \d, \s or \w (Unicode in Python, ASCII in
+# ECMA), no inline flags, no lookarounds; ^ and $ anchor them for JSON Schema, whose patterns
+# are unanchored, and Python matches them whole (a $ there would let a final newline through).
+
+
+def _ipv6_pattern() -> str:
+    """RFC 3986's IPv6address: eight 16-bit groups, one run of them elided as "::", the last
+    two possibly written as an IPv4 address."""
+    h16 = "[0-9A-Fa-f]{1,4}"
+    ls32 = f"(?:{h16}:{h16}|{_IPV4})"
+
+    def groups(n: int) -> str:  # n groups, each followed by ":"
+        return f"(?:{h16}:){{{n}}}" if n else ""
+
+    def upto(n: int) -> str:  # at most n+1 groups before "::"
+        return f"(?:(?:{h16}:){{0,{n}}}{h16})?" if n else f"(?:{h16})?"
+
+    forms = [f"{groups(6)}{ls32}", f"::{groups(5)}{ls32}"]
+    forms += [f"{upto(i)}::{groups(4 - i)}{ls32}" for i in range(4)]
+    forms += [f"{upto(4)}::{ls32}", f"{upto(5)}::{h16}", f"{upto(6)}::"]
+    return "(?:" + "|".join(forms) + ")"
+
+
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# The last label starts with a letter: one of digits (or 0x-hex) makes the name an IPv4 address
+# to some parsers (0177.0.0.1, 2130706433), which the webhook check refuses.
+_TOP_LABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"(?:{_IPV4}|(?:{_LABEL}\.)*{_TOP_LABEL}|\[{_ipv6_pattern()}\])"
+_PORT = "(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+# RFC 3986's path, query and fragment characters; anything else percent-encoded.
+_URL_CHAR = "(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})"
+HTTP_URL_PATTERN = (
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://{_HOST}(?::{_PORT})?"
+    rf"(?:/{_URL_CHAR}*)?(?:\?(?:{_URL_CHAR}|\?)*)?(?:#(?:{_URL_CHAR}|\?)*)?$"
+)
+URL_RULE = (
+    f"An http or https URL (RFC 3986, ASCII, anything else percent-encoded) of at most "
+    f"{MAX_URL_CHARS} characters: a host name whose last label starts with a letter, a "
+    "dotted-decimal IPv4 address or a bracketed IPv6 address; no user name or password; a port, "
+    "if any, 1-65535."
+)
+# Python's str.isspace() characters: a prompt needs one character that is not one of them.
+_SPACE_CHARS = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK_PATTERN = f"[^{_SPACE_CHARS}]"
+# A page's cursor: the created_at (epoch seconds, as Python writes a float) and the id of the
+# last job the page examined; the next page starts after it. Any such position is a valid cursor.
+CURSOR_PATTERN = r"^[0-9]{1,16}\.[0-9]{1,20}_job_[0-9a-f]{24}$"
+MAX_CURSOR_CHARS = 16 + 1 + 20 + 1 + 28
+
+
+class WholeMatch(v.Validator):
+    """The whole value matches `pattern`. apispec documents any validator with a `regex` as
+    its field's `pattern` (v.Regexp's match would let a final newline pass)."""
+
+    def __init__(self, pattern: str, *, error: str) -> None:
+        self.regex = re.compile(pattern)
+        self.message = error
+
+    def found(self, value: str) -> bool:
+        return self.regex.fullmatch(value) is not None
+
+    def __call__(self, value: str) -> str:
+        if not self.found(value):
+            raise ValidationError(self.message)
+        return value
+
+
+class Contains(WholeMatch):
+    """`pattern` is found somewhere in the value, as JSON Schema reads `pattern`."""
+
+    def found(self, value: str) -> bool:
+        return self.regex.search(value) is not None
+
+
+class HttpUrl(WholeMatch):
+    """HTTP_URL_PATTERN, saying what is wrong where split_http_url can tell."""
+
+    def __init__(self) -> None:
+        super().__init__(HTTP_URL_PATTERN, error=URL_RULE)
+
+    def __call__(self, value: str) -> str:
+        if not self.found(value):
+            # No message echoes the URL: a password in it would go back in the answer.
+            try:
+                split_http_url(value, "URL")
+            except ValueError as exc:
+                raise ValidationError(f"{exc}. {URL_RULE}") from None
+            raise ValidationError(URL_RULE)
+        return value
 
 
 class StrictFloat(fields.Float):
@@ -49,39 +145,33 @@ class StrictFloat(fields.Float):
 
 
 class StrictInteger(fields.Integer):
-    """A JSON integer, never a string, a boolean or a number with a fraction."""
+    """A JSON number without a fraction (7 or 7.0, as JSON Schema's `integer` has it), never a
+    string or a boolean; taken as an int."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=True, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, float) and value.is_integer():  # finite: the parser refuses others
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValidationError("Must be an integer.")
         return super()._deserialize(value, attr, data, **kwargs)
 
 
-def _well_formed(url: str) -> None:
-    """What marshmallow's URL check lets through: a port out of range, control characters,
-    a user name or password (a secret that every job resource and webhook would carry)."""
-    try:
-        split_http_url(url, "URL")
-    except ValueError as exc:
-        raise ValidationError(str(exc)) from None
-
-
-def _http_url(**kwargs: Any) -> fields.Url:
-    return fields.Url(
-        schemes=HTTP_SCHEMES,
-        require_tld=False,
-        validate=[v.Length(max=MAX_URL_CHARS), _well_formed],
-        metadata={"description": f"http(s) URL, at most {MAX_URL_CHARS} characters"},
+def _http_url(more: str = "", **kwargs: Any) -> fields.String:
+    return fields.String(
+        validate=[v.Length(max=MAX_URL_CHARS), HttpUrl()],
+        metadata={"description": f"{URL_RULE} {more}".strip()},
         **kwargs,
     )
 
 
-def _unit_interval(default: float) -> StrictFloat:
+def _unit_interval(default: float, description: str | None = None) -> StrictFloat:
     return StrictFloat(
-        load_default=default, validate=v.Range(0, 1), metadata={"minimum": 0, "maximum": 1}
+        load_default=default,
+        validate=v.Range(0, 1),
+        metadata={"description": description} if description else {},
     )
 
 
@@ -100,12 +190,22 @@ class LoraSchema(StrictSchema):
 
 
 class InpaintInputSchema(StrictSchema):
-    """The model's input fields, exactly as RunComfy takes them."""
+    """The model's input fields, exactly as RunComfy takes them.
 
-    prompt = fields.String(required=True, validate=v.Length(min=1, max=MAX_PROMPT_CHARS))
+    control_start must not exceed control_end (given or default): a 422 naming control_start.
+    """
+
+    prompt = fields.String(
+        required=True,
+        validate=[
+            v.Length(min=1, max=MAX_PROMPT_CHARS),
+            Contains(NOT_BLANK_PATTERN, error="Must not be blank."),
+        ],
+        metadata={"description": "Not blank: at least one character that is not white space."},
+    )
     image_url = _http_url(required=True)
     mask_image_url = _http_url(required=True)
-    control_start = _unit_interval(0.0)
+    control_start = _unit_interval(0.0, "Must not exceed control_end (given or its default).")
     control_end = _unit_interval(0.6)
     control_scale = _unit_interval(0.75)
     strength = _unit_interval(1.0)
@@ -116,11 +216,6 @@ class InpaintInputSchema(StrictSchema):
     num_inference_steps = StrictInteger(load_default=20, validate=v.Range(1, 30))
     seed = StrictInteger(load_default=0, validate=v.Range(0, MAX_SEED))
     output_format = fields.String(load_default="png", validate=v.OneOf(OUTPUT_FORMATS))
-
-    @validates("prompt")
-    def _prompt_has_text(self, value: str, **_: Any) -> None:
-        if not value.strip():
-            raise ValidationError("Must not be blank.")
 
     @validates_schema
     def _control_window(self, data: dict[str, Any], **_: Any) -> None:
@@ -135,19 +230,30 @@ INPUT_FIELDS = tuple(InpaintInputSchema().fields)
 class JobCreateSchema(InpaintInputSchema):
     """POST /v1/jobs: the model input, flat, plus how to call back."""
 
-    webhook_url = _http_url(load_default=None)
+    webhook_url = _http_url(
+        "Its host must resolve, at submit, to public addresses only (or ones in the operator's "
+        "WEBHOOK_ALLOWED_NETWORKS); else a 422.",
+        load_default=None,
+    )
     webhook_events = fields.List(
         fields.String(validate=v.OneOf(EVENT_TYPES)),
         load_default=lambda: list(TERMINAL_EVENT_TYPES),
         validate=v.Length(min=1, max=len(EVENT_TYPES)),
-        metadata={"description": "default: the four terminal events"},
+        metadata={
+            "description": "Each event type once; default: the four terminal events.",
+            "uniqueItems": True,
+        },
     )
     metadata = fields.Dict(
         keys=fields.String(),
         load_default=None,
         metadata={
-            "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes and "
-            f"{MAX_METADATA_DEPTH} levels of nesting, echoed back"
+            "description": f"Any JSON object, echoed back: at most {MAX_METADATA_BYTES} bytes "
+            f"written as compact UTF-8 JSON, at most {MAX_METADATA_DEPTH} levels of objects and "
+            "arrays (itself the first).",
+            # JSON Schema has no keyword for either limit: stated for tools as extensions.
+            "x-max-bytes": MAX_METADATA_BYTES,
+            "x-max-depth": MAX_METADATA_DEPTH,
         },
     )
 
@@ -186,18 +292,33 @@ def _nested_deeper_than(value: Any, depth: int) -> bool:
     return True
 
 
+class QueryInteger(fields.Integer):
+    """An integer in a query string: ASCII digits (int() also takes " 5", "+5", "5_0" and
+    other scripts' digits, none of which the document's `integer` allows)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if not isinstance(value, str) or not _QUERY_INTEGER.fullmatch(value):
+            raise ValidationError("Must be an integer (ASCII digits).")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+_QUERY_INTEGER = re.compile("-?[0-9]+")
+
+
 class JobListQuerySchema(StrictSchema):
     """GET /v1/jobs query."""
 
     # No load_default: absent is no filter (the view's .get); a None default made the document
     # offer "null" as a status, which is refused.
-    status = fields.String(
-        validate=v.OneOf(
-            ["queued", "submitted", "running", "succeeded", "failed", "cancelled", "expired"]
-        ),
+    status = fields.String(validate=v.OneOf(JOB_STATUSES))
+    limit = QueryInteger(load_default=20, validate=v.Range(1, 100))
+    cursor = fields.String(
+        validate=[
+            v.Length(max=MAX_CURSOR_CHARS),
+            WholeMatch(CURSOR_PATTERN, error="Must be a next_cursor this API returned."),
+        ],
+        metadata={"description": "A next_cursor from an earlier page."},
     )
-    limit = fields.Integer(load_default=20, validate=v.Range(1, 100))
-    cursor = fields.String(validate=v.Length(max=200))
 
 
 class OutputSchema(Schema):

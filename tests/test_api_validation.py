@@ -331,7 +331,7 @@ BAD_REQUESTS = [
     pytest.param(
         invalid(fields("num_inference_steps"), body(num_inference_steps="20")), id="string-for-int"
     ),
-    pytest.param(invalid(fields("seed"), body(seed=7.0)), id="integral-float-for-seed"),
+    pytest.param(invalid(fields("seed"), body(seed=7.5)), id="fraction-for-seed"),
     pytest.param(invalid(fields("prompt"), body(prompt={"text": "sky"})), id="object-for-prompt"),
     pytest.param(invalid(fields("prompt"), body(prompt=["sky"])), id="list-for-prompt"),
     pytest.param(invalid(fields("loras"), body(loras="owner/lora")), id="string-for-loras"),
@@ -737,6 +737,9 @@ def test_the_base_body_is_accepted(isolated: Isolated) -> None:
             id="lower-and-upper-edges",
         ),
         pytest.param({"metadata": nested(MAX_METADATA_DEPTH)}, id="metadata-at-its-depth"),
+        pytest.param(  # JSON Schema's integer: a number without a fraction, however written
+            {"seed": 7.0, "num_inference_steps": 2e1}, id="integers-written-with-a-point"
+        ),
     ],
 )
 def test_a_valid_request_is_stored_and_enqueued(
@@ -763,6 +766,8 @@ def test_a_valid_request_is_stored_and_enqueued(
         if name in job["input"]:
             expected = [{"scale": 1.0, **lora} for lora in value] if name == "loras" else value
             assert job["input"][name] == expected, name
+            if name in ("seed", "num_inference_steps"):  # 7.0 is taken, as the int RunComfy wants
+                assert type(job["input"][name]) is int, (name, job["input"][name])
     assert job["metadata"] == payload.get("metadata")
     assert job["webhook_events"] == payload.get("webhook_events", job["webhook_events"])
     diff = changes(before, after)
