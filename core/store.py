@@ -8,13 +8,13 @@ of the job's upstream slot (core/admission.py owns those writes) — so they can
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import redis
@@ -269,7 +269,7 @@ class JobStore:
         in descending id order, so the next page skips those at or above the cursor's id.
         """
         index = self.client_index_key(client_id)
-        after: tuple[float, str] | None = _decode_cursor(cursor) if cursor else None
+        after: tuple[float, str] | None = decode_cursor(cursor) if cursor else None
         max_score: float | str = after[0] if after else "+inf"
         jobs: list[Job] = []
         last: tuple[float, str] | None = None
@@ -297,7 +297,7 @@ class JobStore:
                         break
             if exhausted:
                 break
-        next_cursor = _encode_cursor(*last) if last is not None and not exhausted else None
+        next_cursor = encode_cursor(*last) if last is not None and not exhausted else None
         return jobs, next_cursor
 
     def change(
@@ -364,17 +364,19 @@ class JobStore:
         return bool(self._commit_change(keys=keys, args=args))
 
 
-def _encode_cursor(score: float, job_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{score!r}|{job_id}".encode()).decode().rstrip("=")
+def encode_cursor(score: float, job_id: str) -> str:
+    """A page's position as "<created_at>_<job id>": plain text, so the API's document can state
+    its whole shape, and every string of that shape is a place to start a page from."""
+    # Positional, exactly the same float: repr would write 1e-05 for what a timestamp never is.
+    return f"{Decimal(repr(score)):f}_{job_id}"
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str]:
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    created_text, separator, job_id = cursor.partition("_")
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        score, job_id = text.split("|", 1)
-        created_at = float(score)
-        if not math.isfinite(created_at):
-            raise ValueError(score)
-        return created_at, job_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("cursor is not one this API returned") from exc
+        created_at = float(created_text)
+    except ValueError:
+        created_at = math.nan
+    if not separator or not job_id or not math.isfinite(created_at):
+        raise ValueError("cursor is not one this API returned")
+    return created_at, job_id

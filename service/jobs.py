@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Callable
-from decimal import Decimal
 from http import HTTPStatus
 from typing import Any
 
@@ -132,26 +130,6 @@ def job_location(job_id: str) -> str:
     return f"{request.script_root}{blp.url_prefix}/jobs/{job_id}"
 
 
-# JobStore's cursor is base64url("<created_at>|<job id>"): opaque, so no document can say which
-# strings are cursors, and any other base64 was a 422. The API's is the same position in plain
-# text, "<created_at>_<job id>" (CURSOR_PATTERN): every string of that shape is a place to
-# start a page from, so the document states the whole rule.
-
-
-def public_cursor(cursor: str) -> str:
-    """JobStore's cursor as the API shows it."""
-    text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    created_at, _, job_id = text.partition("|")
-    # Positional, exactly the same float: repr writes 1e-05 for what a timestamp never is.
-    return f"{Decimal(created_at):f}_{job_id}"
-
-
-def store_cursor(cursor: str) -> str:
-    """A cursor matching CURSOR_PATTERN as JobStore takes it."""
-    created_at, _, job_id = cursor.partition("_")
-    return base64.urlsafe_b64encode(f"{created_at}|{job_id}".encode()).decode().rstrip("=")
-
-
 def _own_job(job_id: str) -> Job:
     # Not a job id, no job: never a Redis key of another kind ("job_…:events" was a 500).
     job = (
@@ -209,11 +187,11 @@ class Jobs(MethodView):
             current_client().id,
             status=query.get("status"),
             limit=query["limit"],
-            cursor=store_cursor(cursor) if cursor is not None else None,
+            cursor=cursor,
         )
         return {
             "jobs": [j.to_resource() for j in jobs],
-            "next_cursor": public_cursor(next_cursor) if next_cursor is not None else None,
+            "next_cursor": next_cursor,
         }
 
 

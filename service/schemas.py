@@ -16,7 +16,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validates, valid
 from marshmallow import validate as v
 
 from core.http.egress import split_http_url
-from core.jobs import Status
+from core.jobs import COST_SOURCES, Status
 from core.webhooks import EVENT_TYPES, TERMINAL_EVENT_TYPES
 
 MAX_PROMPT_CHARS = 8000
@@ -336,6 +336,19 @@ class UpstreamSchema(Schema):
     queue_position = fields.Integer(allow_none=True)
 
 
+class CostSchema(Schema):
+    """What a job cost, once known (null until then)."""
+
+    usd = fields.Float(metadata={"description": "USD; 0 for a job that never ran at RunComfy."})
+    source = fields.String(
+        validate=v.OneOf(COST_SOURCES),
+        metadata={
+            "description": "upstream: RunComfy's own figure; list_price: the model's list "
+            "price times the images."
+        },
+    )
+
+
 class JobSchema(Schema):
     """The job resource (also the `data` of every webhook)."""
 
@@ -352,6 +365,7 @@ class JobSchema(Schema):
     webhook_events = fields.List(fields.String())
     metadata = fields.Dict(allow_none=True)
     cancel_requested = fields.Boolean()
+    cost = fields.Nested(CostSchema, allow_none=True)
 
 
 class JobPageSchema(Schema):

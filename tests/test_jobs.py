@@ -99,8 +99,14 @@ def test_resource_shows_the_contract_and_no_internals() -> None:
     resource = job.to_resource()
     assert set(resource) == {
         "id", "status", "created_at", "updated_at", "finished_at", "input", "output", "error",
-        "upstream", "webhook_url", "webhook_events", "metadata", "cancel_requested",
+        "upstream", "webhook_url", "webhook_events", "metadata", "cancel_requested", "cost",
     }  # fmt: skip
+    assert resource["cost"] is None  # not known until the job ends
+    assert job.with_cost(0.0125, "upstream").to_resource()["cost"] == {
+        "usd": 0.0125,
+        "source": "upstream",
+    }
+    assert Job.from_json(job.with_cost(0.0, "list_price").to_json()).cost_usd == 0.0
     assert resource["output"] == {"images": ["https://x/1.png"]}
     assert resource["upstream"] == {
         "request_id": "r",
