@@ -21,6 +21,8 @@ IN_FLIGHT_KEY = PREFIX + "in_flight"
 WAITING_CLIENTS_KEY = PREFIX + "waiting_clients"
 WAITING_PREFIX = PREFIX + "waiting:"
 ADMISSION_TURN_KEY = PREFIX + "admission_turn"
+CLIENT_SLOTS_PREFIX = PREFIX + "in_flight:"  # each client's slots held, for its cap
+CLIENT_CAPS_KEY = PREFIX + "client_caps"  # client id -> its max in flight
 ADMIT_BUDGET = 500  # list entries looked at per call (dead entries of cancelled jobs included)
 ADMISSION_RECHECK_S = 30.0  # a waiting job checks it is still in line this often
 
@@ -32,39 +34,59 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[4], 'NX', 0, ARGV[4])
 """
 # In JobStore's commit script, once a job is final it gives back its slot: KEYS[3] = IN_FLIGHT_KEY,
-# ARGV[5] job id.
+# KEYS[10] = client_slots_key(client), ARGV[5] job id.
 RELEASE_SLOT_LUA = """
 redis.call('ZREM', KEYS[3], ARGV[5])
+redis.call('ZREM', KEYS[10], ARGV[5])
 """
 
-# KEYS: in_flight, waiting_clients, due_jobs, turn counter
-# ARGV: max_in_flight, now, slot_expires_at, waiting-list prefix, budget
+# KEYS: in_flight, waiting_clients, due_jobs, turn counter, clients' caps
+# ARGV: max_in_flight, now, slot_expires_at, waiting-list prefix, budget, client-slots prefix
 # A served client goes to the back of the ring: its score becomes the next turn number, which
-# only ever grows (a clock could tie or step back between two calls).
+# only ever grows (a clock could tie or step back between two calls). A client holding as many
+# slots as its cap (`clients set-limits --max-in-flight`) yields its turn the same way, its jobs
+# left in its line, so nobody waits behind it; once every client in the ring has yielded in a row,
+# the call ends.
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
 local admitted = {}
 local budget = tonumber(ARGV[5])
+local yielded_in_a_row = 0
 while free > 0 and budget > 0 do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)
   if #head == 0 then break end
   local client = head[1]
-  local list = ARGV[4] .. client
-  local job = redis.call('LPOP', list)
   budget = budget - 1
-  if redis.call('LLEN', list) == 0 then
-    redis.call('ZREM', KEYS[2], client)
-  else
-    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), client)
+  local slots = ARGV[6] .. client
+  local cap = tonumber(redis.call('HGET', KEYS[5], client) or '0')
+  local at_cap = false
+  if cap > 0 then
+    redis.call('ZREMRANGEBYSCORE', slots, '-inf', ARGV[2])
+    at_cap = redis.call('ZCARD', slots) >= cap
   end
-  -- Only a live job (still scheduled) that holds no slot yet is admitted; cancelled or expired
-  -- jobs left in the list are dropped here.
-  if job and redis.call('ZSCORE', KEYS[3], job) and not redis.call('ZSCORE', KEYS[1], job) then
-    redis.call('ZADD', KEYS[1], ARGV[3], job)
-    redis.call('ZADD', KEYS[3], ARGV[2], job)
-    admitted[#admitted + 1] = job
-    free = free - 1
+  if at_cap then
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), client)
+    yielded_in_a_row = yielded_in_a_row + 1
+    if yielded_in_a_row >= redis.call('ZCARD', KEYS[2]) then break end
+  else
+    yielded_in_a_row = 0
+    local list = ARGV[4] .. client
+    local job = redis.call('LPOP', list)
+    if redis.call('LLEN', list) == 0 then
+      redis.call('ZREM', KEYS[2], client)
+    else
+      redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), client)
+    end
+    -- Only a live job (still scheduled) that holds no slot yet is admitted; cancelled or expired
+    -- jobs left in the list are dropped here.
+    if job and redis.call('ZSCORE', KEYS[3], job) and not redis.call('ZSCORE', KEYS[1], job) then
+      redis.call('ZADD', KEYS[1], ARGV[3], job)
+      redis.call('ZADD', slots, ARGV[3], job)
+      redis.call('ZADD', KEYS[3], ARGV[2], job)
+      admitted[#admitted + 1] = job
+      free = free - 1
+    end
   end
 end
 return admitted
@@ -99,6 +121,23 @@ class FairAdmission:
     def waiting_key(client_id: str) -> str:
         return WAITING_PREFIX + client_id
 
+    @staticmethod
+    def client_slots_key(client_id: str) -> str:
+        return CLIENT_SLOTS_PREFIX + client_id
+
+    @staticmethod
+    def write_cap(pipe: redis.client.Pipeline, client_id: str, max_in_flight: int | None) -> None:
+        """Queue the write of a client's cap on slots held at once (None: no cap)."""
+        if max_in_flight is None:
+            pipe.hdel(CLIENT_CAPS_KEY, client_id)
+        else:
+            pipe.hset(CLIENT_CAPS_KEY, client_id, max_in_flight)
+
+    def client_in_flight(self, client_id: str, now: float | None = None) -> int:
+        """Slots the client holds now."""
+        at = time.time() if now is None else now
+        return int(self.redis.zcount(self.client_slots_key(client_id), at, "+inf"))
+
     @classmethod
     def line_keys(cls, client_id: str) -> list[str]:
         """The keys JOIN_LINE_LUA writes for a job of `client_id`, in its order."""
@@ -110,8 +149,21 @@ class FairAdmission:
         """Hand free slots to waiting jobs, fairly; the admitted jobs become due now."""
         at = time.time() if now is None else now
         jobs = self._admit(
-            keys=[IN_FLIGHT_KEY, WAITING_CLIENTS_KEY, self._due_jobs_key, ADMISSION_TURN_KEY],
-            args=[max_in_flight, at, at + slot_ttl_s, WAITING_PREFIX, ADMIT_BUDGET],
+            keys=[
+                IN_FLIGHT_KEY,
+                WAITING_CLIENTS_KEY,
+                self._due_jobs_key,
+                ADMISSION_TURN_KEY,
+                CLIENT_CAPS_KEY,
+            ],
+            args=[
+                max_in_flight,
+                at,
+                at + slot_ttl_s,
+                WAITING_PREFIX,
+                ADMIT_BUDGET,
+                CLIENT_SLOTS_PREFIX,
+            ],
         )
         return [str(j) for j in jobs]
 

@@ -13,13 +13,17 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import redis
 
+from core.admission import FairAdmission
 from core.keys import PREFIX
+from core.limits import NO_LIMITS, ClientLimits
 
 API_KEY_PREFIX = "igw_"
 SECRET_ROTATION_OVERLAP_S = 24 * 3600
+API_KEY_ROTATION_OVERLAP_S = 24 * 3600  # the replaced key keeps working this long by default
 # Secrets signing beside the current one at most: rotations within one overlap beyond this
 # cut the oldest off early (each one adds a signature to every webhook).
 MAX_RETIRED_SECRETS = 4
@@ -55,6 +59,10 @@ class Client:
     # Secrets replaced before the previous one and still within their overlap, newest first:
     # (secret, until). Stored only when there are some (the release before cannot read them).
     earlier_webhook_secrets: tuple[tuple[str, float], ...] = ()
+    # API keys replaced by a rotation and still working until their overlap ends: (hash, until).
+    # Their index entries in Redis expire then by themselves; kept here so a revoke finds them.
+    retired_api_keys: tuple[tuple[str, float], ...] = ()
+    limits: ClientLimits = NO_LIMITS
 
     def retired_secrets(self, now: float) -> list[tuple[str, float]]:
         """Replaced secrets still within their overlap, newest first: (secret, until)."""
@@ -80,10 +88,15 @@ class Client:
         )
 
     def to_record(self) -> str:
-        """The stored JSON."""
+        """The stored JSON; fields still empty are left out (the release before cannot read
+        them)."""
         record = asdict(self)
-        if not self.earlier_webhook_secrets:
-            del record["earlier_webhook_secrets"]
+        record["limits"] = self.limits.to_dict()
+        for name in ("earlier_webhook_secrets", "retired_api_keys"):
+            if not record[name]:
+                del record[name]
+        if self.limits.is_empty:
+            del record["limits"]
         return json.dumps(record)
 
     @classmethod
@@ -91,8 +104,16 @@ class Client:
         """A client from its stored JSON; fields a later release added are passed over."""
         record = json.loads(raw)
         client = cls(**{name: value for name, value in record.items() if name in _CLIENT_FIELDS})
-        earlier = tuple((str(s), float(until)) for s, until in client.earlier_webhook_secrets)
-        return replace(client, earlier_webhook_secrets=earlier)
+        return replace(
+            client,
+            earlier_webhook_secrets=_pairs(client.earlier_webhook_secrets),
+            retired_api_keys=_pairs(client.retired_api_keys),
+            limits=ClientLimits.from_dict(record.get("limits")),
+        )
+
+    def api_key_hashes(self) -> list[str]:
+        """Every key hash indexed for this client: the current one and any retired ones."""
+        return [self.api_key_hash, *(key_hash for key_hash, _ in self.retired_api_keys)]
 
     def summary(self) -> dict[str, object]:
         """What `clients list` shows (no secrets)."""
@@ -101,10 +122,16 @@ class Client:
             "name": self.name,
             "created_at": self.created_at,
             "revoked": self.revoked_at is not None,
+            "limits": self.limits.to_dict(),
         }
 
 
 _CLIENT_FIELDS = frozenset(field.name for field in fields(Client))
+
+
+def _pairs(stored: Any) -> tuple[tuple[str, float], ...]:
+    """(text, until) pairs as JSON gives them back (lists) as tuples."""
+    return tuple((str(text), float(until)) for text, until in stored)
 
 
 @dataclass(frozen=True)
@@ -170,7 +197,7 @@ class ClientStore:
         return sorted(clients, key=lambda c: c.created_at)
 
     def revoke(self, client_id: str) -> bool:
-        """Stop a client's key from working (its jobs still finish and call back)."""
+        """Stop a client's keys from working (its jobs still finish and call back)."""
         revoked = self._change(
             client_id, lambda c: replace(c, revoked_at=c.revoked_at or time.time())
         )
@@ -182,9 +209,33 @@ class ClientStore:
         rotated = self._change(client_id, lambda c: c.rotated(secret, time.time()))
         return rotated.webhook_secret if rotated is not None else None
 
-    def _change(self, client_id: str, change: Callable[[Client], Client]) -> Client | None:
+    def rotate_api_key(
+        self, client_id: str, *, overlap_s: float = API_KEY_ROTATION_OVERLAP_S
+    ) -> str | None:
+        """A new API key; the replaced one keeps working for `overlap_s` (0: not at all), then
+        is refused. Returns the new key, or None (no such client, or revoked)."""
+        api_key = new_api_key()
+        now = time.time()
+
+        def rotated(c: Client) -> Client | None:
+            if c.revoked_at is not None:
+                return None
+            retired = [(h, until) for h, until in c.retired_api_keys if until > now]
+            if overlap_s > 0:
+                retired.insert(0, (c.api_key_hash, now + overlap_s))
+            return replace(c, api_key_hash=hash_api_key(api_key), retired_api_keys=tuple(retired))
+
+        changed = self._change(client_id, rotated)
+        return api_key if changed is not None else None
+
+    def set_limits(self, client_id: str, limits: ClientLimits) -> Client | None:
+        """Replace the client's limits (NO_LIMITS clears them); None: no such client."""
+        return self._change(client_id, lambda c: replace(c, limits=limits))
+
+    def _change(self, client_id: str, change: Callable[[Client], Client | None]) -> Client | None:
         """Write `change` of the stored client, computed again if the record changed meanwhile
-        (a rotation and a revoke at once: neither undoes the other). None: no such client."""
+        (a rotation and a revoke at once: neither undoes the other), with the index entries of
+        its keys and its admission cap. None: no such client, or `change` declined."""
         key = self._key(client_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -193,12 +244,32 @@ class ClientStore:
                     raw = pipe.get(key)
                     if raw is None:
                         return None
-                    changed = change(Client.from_record(raw))
+                    before = Client.from_record(raw)
+                    changed = change(before)
+                    if changed is None:
+                        return None
                     pipe.multi()
                     pipe.set(key, changed.to_record())
-                    if changed.revoked_at is not None:
-                        pipe.delete(self._api_key_index(changed.api_key_hash))
+                    self._write_key_index(pipe, before, changed)
+                    FairAdmission.write_cap(pipe, client_id, changed.limits.max_in_flight)
                     pipe.execute()
                     return changed
                 except redis.WatchError:
                     continue
+
+    def _write_key_index(self, pipe: redis.client.Pipeline, before: Client, after: Client) -> None:
+        """The key index as `after` needs it: nothing for a revoked client; else its key, and
+        each retired key until its overlap ends."""
+        if after.revoked_at is not None:
+            pipe.delete(*(self._api_key_index(h) for h in before.api_key_hashes()))
+            return
+        if after.api_key_hash == before.api_key_hash:
+            return
+        pipe.set(self._api_key_index(after.api_key_hash), after.id)
+        retired = dict(after.retired_api_keys)
+        for key_hash in before.api_key_hashes():
+            until = retired.get(key_hash)
+            if until is None:
+                pipe.delete(self._api_key_index(key_hash))
+            else:
+                pipe.pexpireat(self._api_key_index(key_hash), round(until * 1000))

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from core.clients import Client
 from core.http.egress import EgressPolicy, RefusedDestination
 from core.jobs import Job, Status, new_job
+from core.limits import budget_window, to_micro
 from core.metrics import Counters
 from core.settings import Settings
 from core.store import IdempotencyClaim, JobStore, Step
+from core.usage import AcceptLimits
 from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
 from core.webhooks import PENDING, TERMINAL_EVENT_TYPES, build_event
+
+# The model makes one picture per job (it has no field asking for more): a job's estimated cost
+# is the list price of one output image.
+IMAGES_PER_JOB = 1
 
 
 class CommandRefused(Exception):
@@ -21,6 +29,20 @@ class CommandRefused(Exception):
 
 class WebhookUrlRefused(ValueError):
     """The webhook URL may not be called (HTTP 422 on `webhook_url`)."""
+
+
+class PriceUnknown(Exception):
+    """A budget needs the job's estimated cost, and the list price is not known (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What an accept did."""
+
+    job: Job
+    is_new: bool  # False: the Idempotency-Key's first job
+    rate_remaining: int | None  # POSTs left in the client's rate window, if it has one
+    rate_reset_s: int = 0  # until that window is whole again
 
 
 @dataclass
@@ -32,22 +54,27 @@ class JobCommands:
     counters: Counters
     wakeups: Wakeups
     egress: EgressPolicy
+    # The model's list price per output image (USD), or None while unknown: a budget reserves
+    # a job's estimated cost at accept.
+    list_price_usd: Callable[[], float | None]
 
     def accept(
         self,
-        client_id: str,
+        client: Client,
         body: dict[str, Any],
         input_fields: tuple[str, ...],
         idempotency_key: str | None = None,
-    ) -> tuple[Job, bool]:
+    ) -> Accepted:
         """Store a validated job request as a queued job and wake the workers.
 
-        Returns the job and whether it is new (False: the Idempotency-Key's first job).
-        Raises IdempotencyMismatch if the key came before with another body.
+        Raises IdempotencyMismatch if the key came before with another body, LimitRefused if
+        one of the client's limits would be passed, PriceUnknown if its budget cannot be
+        checked; nothing is stored then.
         """
         webhook_url = body.get("webhook_url")
         if webhook_url is not None:
             self.check_webhook_url(webhook_url)
+        client_id = client.id
         job = new_job(
             client_id=client_id,
             input={name: body[name] for name in input_fields},
@@ -56,17 +83,33 @@ class JobCommands:
             metadata=body.get("metadata"),
             deadline_s=self.settings.job_deadline_s,
         )
+        job, limits = self._limits_for(client, job)
         claim = IdempotencyClaim(client_id, idempotency_key, body) if idempotency_key else None
         wakeup = self.wakeups.pending(DISPATCH_JOBS_TASK)
-        created = self.store.create(job, idempotency=claim, wakeup=wakeup)
+        created = self.store.create(job, idempotency=claim, wakeup=wakeup, limits=limits)
         if not created.is_new:
             first = self.store.get_for_client(client_id, created.job_id)
             if first is None:
                 raise CommandRefused(f"the Idempotency-Key's job {created.job_id} no longer exists")
-            return first, False
+            return Accepted(first, is_new=False, rate_remaining=None)
         if created.wakeup_claimed:
             self.wakeups.send(wakeup.task_name)
-        return job, True
+        return Accepted(job, True, created.rate_remaining, created.rate_reset_s)
+
+    def _limits_for(self, client: Client, job: Job) -> tuple[Job, AcceptLimits]:
+        """The job with its budget reservation, and the limits its accept is checked against."""
+        limits = client.limits
+        if limits.budget_period is None:
+            return job, AcceptLimits(client.id, limits, None, 0)
+        price = self.list_price_usd()
+        if price is None:
+            raise PriceUnknown(
+                "the model's list price is not known yet, so the budget cannot be checked"
+            )
+        estimate = price * IMAGES_PER_JOB
+        window = budget_window(limits.budget_period, job.created_at)
+        reserved = replace(job, reserved_usd=estimate, reserved_in=window.id)
+        return reserved, AcceptLimits(client.id, limits, window, to_micro(estimate))
 
     def check_webhook_url(self, url: str) -> None:
         """Refuse a webhook URL we would not deliver to (checked again at every attempt)."""

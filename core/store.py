@@ -28,8 +28,16 @@ from core.admission import (
 )
 from core.jobs import Job
 from core.keys import COUNTERS_KEY, PREFIX
+from core.limits import NO_LIMITS, LimitRefused
 from core.outbox import WebhookOutbox
 from core.schedule import DueSchedule
+from core.usage import (
+    CHECK_AND_COUNT_ACCEPT_LUA,
+    RECORD_FINAL_LUA,
+    AcceptLimits,
+    final_args,
+    final_keys,
+)
 from core.wakeups import PendingWakeup
 from core.webhooks import WebhookEvent, events_for_change
 
@@ -69,18 +77,22 @@ class IdempotencyClaim:
 
 
 # KEYS: job, client index, client's waiting line, waiting clients, job schedule, counters,
-#       idempotency key or "", wake-up flag or ""
+#       idempotency key or "", wake-up flag or "", then the limits' keys (AcceptLimits.keys)
 # ARGV: job json, job id, created_at, client id, first due, index trim bound, idempotency record,
-#       idempotency TTL, wake-up flag TTL ms
-# Returns the idempotency key's existing record (nothing created); else 1 if this call set the
-# wake-up flag (the caller sends the wake-up), or nil.
+#       idempotency TTL, wake-up flag TTL ms, then the limits' arguments (AcceptLimits.args)
+# Returns the idempotency key's existing record (nothing created); a refusal by a limit
+# {kind, …} (nothing created); else {1 if this call set the wake-up flag (the caller sends the
+# wake-up) or 0, the rate slots remaining or -1, ms until the rate window is whole again}.
 _CREATE = (
     """
 if KEYS[7] ~= '' then
   local first = redis.call('GET', KEYS[7])
   if first then return first end
-  redis.call('SET', KEYS[7], ARGV[7], 'EX', ARGV[8])
 end
+"""
+    + CHECK_AND_COUNT_ACCEPT_LUA
+    + """
+if KEYS[7] ~= '' then redis.call('SET', KEYS[7], ARGV[7], 'EX', ARGV[8]) end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
@@ -89,17 +101,20 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
     + """
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[2])
 redis.call('HINCRBY', KEYS[6], 'jobs_accepted', 1)
-if KEYS[8] ~= '' and redis.call('SET', KEYS[8], 1, 'NX', 'PX', ARGV[9]) then return 1 end
-return false
+local woke = 0
+if KEYS[8] ~= '' and redis.call('SET', KEYS[8], 1, 'NX', 'PX', ARGV[9]) then woke = 1 end
+return {woke, remaining, reset_ms}
 """
 )
 
 
 # Commit one job change if the record is still the one it was computed from.
-# KEYS: job, job schedule, in-flight slots, webhook schedule, then per new event: its key, the
-#       job's event list
-# ARGV: record as read, new record, next step at ("" once final), retention s, job id, then per
-#       new event: its JSON, webhook id, first attempt at
+# KEYS: job, job schedule, in-flight slots, webhook schedule, then — used once the job is final,
+#       "" before — its usage keys (usage.final_keys: KEYS[5..9]) and its client's in-flight
+#       slots (KEYS[10]), then per new event: its key, the job's event list
+# ARGV: record as read, new record, next step at ("" once final), retention s, job id, then the
+#       usage arguments (usage.final_args: ARGV[6..12]), then per new event: its JSON,
+#       webhook id, first attempt at
 # Returns 1 if committed, 0 if the record changed meanwhile (the caller reads it again).
 _COMMIT_CHANGE = (
     """
@@ -109,13 +124,14 @@ if ARGV[3] == '' then
   redis.call('ZREM', KEYS[2], ARGV[5])
 """
     + RELEASE_SLOT_LUA
+    + RECORD_FINAL_LUA
     + """
 else
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
 end
-for i = 5, #KEYS, 2 do
-  local a = 6 + (i - 5) / 2 * 3
+for i = 11, #KEYS, 2 do
+  local a = 13 + (i - 11) / 2 * 3
   redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[4])
   redis.call('RPUSH', KEYS[i + 1], ARGV[a + 1])
   redis.call('EXPIRE', KEYS[i + 1], ARGV[4])
@@ -124,6 +140,8 @@ end
 return 1
 """
 )
+_NOT_FINAL_KEYS: list[str] = ["", "", "", "", "", ""]
+_NOT_FINAL_ARGS: list[str | float] = ["", 0, 0, 0, "", "", 0]
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,8 @@ class Created:
     job_id: str
     is_new: bool
     wakeup_claimed: bool  # the caller must send the wake-up whose flag this call set
+    rate_remaining: int | None = None  # POSTs left in the client's rate window, if it has one
+    rate_reset_s: int = 0  # until that window is whole again
 
 
 @dataclass(frozen=True)
@@ -202,6 +222,7 @@ class JobStore:
         *,
         idempotency: IdempotencyClaim | None = None,
         wakeup: PendingWakeup | None = None,
+        limits: AcceptLimits | None = None,
     ) -> Created:
         """Store a new job, index it, and put it in line for an upstream slot.
 
@@ -211,7 +232,10 @@ class JobStore:
         identical requests make one job. Admission makes the job due; the schedule entry
         written here is only the safety net. With `wakeup`, the same call claims its pending
         flag (one round trip per accepted job instead of two); the caller sends the wake-up.
+        With `limits`, the same call checks the client's limits and raises LimitRefused
+        (nothing stored) if one would be passed; the job is counted unfinished either way.
         """
+        checked = limits or AcceptLimits(job.client_id, NO_LIMITS, None, 0)
         keys = [
             self.job_key(job.id),
             self.client_index_key(job.client_id),
@@ -220,6 +244,7 @@ class JobStore:
             COUNTERS_KEY,
             idempotency.redis_key if idempotency is not None else "",
             wakeup.flag_key if wakeup is not None else "",
+            *checked.keys(),
         ]
         idempotency_record = ""
         if idempotency is not None:
@@ -236,10 +261,20 @@ class JobStore:
                 idempotency_record,
                 IDEMPOTENCY_TTL_S,
                 wakeup.ttl_ms if wakeup is not None else 0,
+                *checked.args(job.created_at),
             ],
         )
+        if isinstance(answer, list) and isinstance(answer[0], str):
+            raise LimitRefused(checked.refusal(answer))
         if not isinstance(answer, str):
-            return Created(job.id, is_new=True, wakeup_claimed=answer == 1)
+            woke, remaining, reset_ms = answer
+            return Created(
+                job.id,
+                is_new=True,
+                wakeup_claimed=woke == 1,
+                rate_remaining=None if remaining < 0 else int(remaining),
+                rate_reset_s=math.ceil(int(reset_ms) / 1000),
+            )
         record = json.loads(answer)
         if idempotency is None or record["body"] != idempotency.body_hash:
             raise IdempotencyMismatch(record["job_id"])
@@ -355,6 +390,12 @@ class JobStore:
             self.retention_s,
             job.id,
         ]
+        if job.status.is_final:
+            keys += [*final_keys(job), FairAdmission.client_slots_key(job.client_id)]
+            args += final_args(job)
+        else:
+            keys += _NOT_FINAL_KEYS
+            args += _NOT_FINAL_ARGS
         for event in events:  # new events: the same writes as WebhookOutbox.put_event(is_new=True)
             keys += [
                 self.outbox.event_key(event.webhook_id),

@@ -67,13 +67,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             counters=counters,
             wakeups=wakeups,
             egress=EgressPolicy.from_cidrs(list(settings.webhook_allowed_networks)),
+            list_price_usd=lambda: None,
         ),
         celery=celery,
         metrics_registry=registry,
         recent_keys=RecentKeys(),
     )
 
-    from service import docs, health, jobs
+    from service import docs, health, jobs, usage
 
     api = ProblemApi(
         app,
@@ -81,6 +82,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     api.register_blueprint(jobs.blp)
+    api.register_blueprint(usage.blp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
     return app

@@ -21,10 +21,11 @@ class MissingOrBadApiKey(Unauthorized):
 
 
 class RecentKeys:
-    """API keys seen in the last few seconds, so each request does not read Redis twice for
-    them; a revocation takes effect within CACHE_S. Keyed by the key's hash, never the key."""
+    """API keys seen in the last moment, so a burst of requests does not read Redis twice each
+    for them; a revoked key, or one whose rotation overlap has ended, is refused within CACHE_S
+    on every API process (PRODUCT §9: within 1 s). Keyed by the key's hash, never the key."""
 
-    CACHE_S = 5.0
+    CACHE_S = 0.5
     MAX_ENTRIES = 10_000
 
     def __init__(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -11,12 +10,15 @@ from flask import Response, current_app, request
 from flask.views import MethodView
 from flask_smorest import abort
 
-from core.commands import CommandRefused, WebhookUrlRefused
+from core.commands import CommandRefused, PriceUnknown, WebhookUrlRefused
 from core.jobs import JOB_ID_PATTERN, Job
+from core.limits import LimitRefused
 from core.store import IdempotencyMismatch
 from service.auth import authenticate, current_client
 from service.context import ctx
 from service.parsing import StrictBlueprint
+from service.problems import limit_refused, problem, rate_limit_headers
+from service.routes import documenter, refuse_stray_query
 from service.schemas import (
     INPUT_FIELDS,
     DeliveriesSchema,
@@ -35,13 +37,11 @@ blp = StrictBlueprint(
 
 @blp.before_request
 def _admit_request() -> None:
-    """Every /v1 request: the caller's key first (401); then no query on a route that takes
-    none — a stray `?foo=1` is a 422 as an unknown field anywhere else is (it was ignored)."""
+    """Every /v1/jobs request: the caller's key first (401); then no query on a route that
+    takes none."""
     authenticate()
-    if request.query_string and not (request.method == "GET" and request.endpoint == "jobs.Jobs"):
-        stray = sorted(request.args)
-        if stray:
-            abort(422, errors={"query": {name: ["Unknown field."] for name in stray}})
+    if not (request.method == "GET" and request.endpoint == "jobs.Jobs"):
+        refuse_stray_query()
 
 
 IDEMPOTENCY_KEY_PARAMETER = {
@@ -85,27 +85,7 @@ JOB_LINKS = {
 }
 
 
-def documented(
-    operation_id: str,
-    *problems: HTTPStatus,
-    parameters: list[dict[str, Any]] | None = None,
-    responses: dict[int, Any] | None = None,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A route's OpenAPI extras: its operationId (what links name), bearer auth, the problems
-    it may answer besides its schema's 422 (401 and 503 on every route: a bad key, the job
-    store down), `parameters`, and more of its `responses` (links, headers)."""
-
-    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
-        for status in (HTTPStatus.UNAUTHORIZED, *problems, HTTPStatus.SERVICE_UNAVAILABLE):
-            view = blp.alt_response(status.value, response=status.name)(view)
-        extra: dict[str, Any] = (
-            {"parameters": parameters} if parameters else {}
-        )  # [] hid the query's
-        if responses:
-            extra["responses"] = responses
-        return blp.doc(operationId=operation_id, security=[{"bearer": []}], **extra)(view)
-
-    return decorate
+documented = documenter(blp)
 
 
 def job_response(job: Job, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -151,6 +131,8 @@ class Jobs(MethodView):
         HTTPStatus.CONFLICT,
         HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        HTTPStatus.PAYMENT_REQUIRED,
+        HTTPStatus.TOO_MANY_REQUESTS,
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={  # int keys: flask-smorest's own (alt_response's 200) are ints, and merge
             status: {"links": JOB_LINKS, "headers": {"Location": LOCATION_HEADER}}
@@ -169,13 +151,23 @@ class Jobs(MethodView):
         key = request.headers.get("Idempotency-Key")
         if key is not None and not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
             abort(400, message="Idempotency-Key must be 1-255 printable ASCII characters.")
+        client = current_client()
         try:
-            job, created = ctx().commands.accept(current_client().id, body, INPUT_FIELDS, key)
+            accepted = ctx().commands.accept(client, body, INPUT_FIELDS, key)
         except WebhookUrlRefused as exc:
             abort(422, errors={"json": {"webhook_url": [str(exc)]}})
         except (IdempotencyMismatch, CommandRefused) as exc:
             abort(409, message=str(exc))
-        return job_response(job, 202 if created else 200, {"Location": job_location(job.id)})
+        except LimitRefused as exc:
+            return limit_refused(exc.refusal)
+        except PriceUnknown as exc:
+            return problem(503, "Service Unavailable", str(exc), headers={"Retry-After": "5"})
+        job = accepted.job
+        headers = {"Location": job_location(job.id)}
+        per_min = client.limits.rate_per_min
+        if per_min and accepted.rate_remaining is not None:
+            headers |= rate_limit_headers(per_min, accepted.rate_remaining, accepted.rate_reset_s)
+        return job_response(job, 202 if accepted.is_new else 200, headers)
 
     @documented("listJobs")
     @blp.arguments(JobListQuerySchema(), location="query")

@@ -13,6 +13,7 @@ from flask_smorest import Api
 from flask_smorest.utils import prepare_response
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
+from core.limits import RATE_WINDOW_S, Refusal
 from service.schemas import ProblemSchema
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,9 @@ def problem(
     detail: str,
     errors: dict[str, list[str]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> Response:
-    """A problem+json response."""
+    """A problem+json response; `extensions`: members beside the standard ones (RFC 9457 §3.2)."""
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE_BASE + title.lower().replace(" ", "-"),
         "title": title,
@@ -37,6 +39,7 @@ def problem(
     }
     if errors is not None:
         body["errors"] = errors
+    body.update(extensions or {})
     response = Response(json.dumps(body), status=status, mimetype=PROBLEM_CONTENT_TYPE)
     for name, value in (headers or {}).items():
         response.headers[name] = value
@@ -71,6 +74,49 @@ def store_unavailable(error: Exception) -> Response:
         "The job store is briefly unavailable. Retry; send an Idempotency-Key so that a retry "
         "can never make a second job.",
         headers={"Retry-After": STORE_RETRY_AFTER_S},
+    )
+
+
+RATE_POLICY_NAME = "per-minute"
+
+
+def rate_limit_headers(per_min: int, remaining: int, reset_s: int) -> dict[str, str]:
+    """IETF RateLimit-Policy / RateLimit fields (draft-ietf-httpapi-ratelimit-headers) for a
+    client's POSTs-a-minute limit: its quota, what is left, and seconds until it is whole."""
+    return {
+        "RateLimit-Policy": f'"{RATE_POLICY_NAME}";q={per_min};w={int(RATE_WINDOW_S)}',
+        "RateLimit": f'"{RATE_POLICY_NAME}";r={max(0, remaining)};t={max(0, reset_s)}',
+    }
+
+
+def limit_refused(refusal: Refusal) -> Response:
+    """The answer to an accept refused by a client's limit: 429 or 402, nothing stored."""
+    if refusal.kind == "too_many_jobs":
+        return problem(
+            429,
+            "Too Many Jobs",
+            f"This client has {refusal.limit} unfinished jobs, its limit (max-queued); retry "
+            "once some have ended.",
+            headers={"Retry-After": str(refusal.retry_after_s)},
+        )
+    if refusal.kind == "rate_limited":
+        assert refusal.limit is not None and refusal.retry_after_s is not None
+        headers = {"Retry-After": str(refusal.retry_after_s)}
+        headers |= rate_limit_headers(refusal.limit, 0, refusal.retry_after_s)
+        return problem(
+            429,
+            "Rate Limited",
+            f"This client may submit {refusal.limit} jobs a minute; retry after "
+            f"{refusal.retry_after_s} s.",
+            headers=headers,
+        )
+    budget = refusal.budget or {}
+    return problem(
+        402,
+        "Budget Exceeded",
+        f"This job's estimated cost would pass the client's {budget.get('period')} budget of "
+        f"{budget.get('limit_usd')} USD ({budget.get('remaining_usd')} USD remaining).",
+        extensions={"budget": budget},
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 import re
+from datetime import date
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validates, validates_schema
@@ -17,6 +18,7 @@ from marshmallow import validate as v
 
 from core.http.egress import split_http_url
 from core.jobs import COST_SOURCES, Status
+from core.limits import BUDGET_PERIODS
 from core.webhooks import EVENT_TYPES, TERMINAL_EVENT_TYPES
 
 MAX_PROMPT_CHARS = 8000
@@ -388,6 +390,21 @@ class DeliveriesSchema(Schema):
     deliveries = fields.List(fields.Nested(DeliverySchema))
 
 
+class BudgetSchema(Schema):
+    """A client's budget in its current period (USD)."""
+
+    period = fields.String(validate=v.OneOf(BUDGET_PERIODS))
+    period_id = fields.String(
+        metadata={"description": "The UTC day (YYYY-MM-DD) or month (YYYY-MM)."}
+    )
+    limit_usd = fields.Float()
+    spent_usd = fields.Float(metadata={"description": "Cost of the jobs ended in the period."})
+    reserved_usd = fields.Float(
+        metadata={"description": "Estimated cost of the jobs accepted in it and not ended yet."}
+    )
+    remaining_usd = fields.Float()
+
+
 class ProblemSchema(Schema):
     """application/problem+json (RFC 9457)."""
 
@@ -396,3 +413,76 @@ class ProblemSchema(Schema):
     status = fields.Integer()
     detail = fields.String()
     errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    budget = fields.Nested(
+        BudgetSchema, metadata={"description": "With budget-exceeded: the budget refused."}
+    )
+
+
+DAY_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+MAX_USAGE_DAYS = 366
+
+
+class UsageQuerySchema(StrictSchema):
+    """GET /v1/usage query: UTC days, inclusive, at most MAX_USAGE_DAYS; `from` alone runs to
+    today, `to` alone from the first of its month, neither: the current month."""
+
+    from_ = fields.String(
+        data_key="from",
+        validate=WholeMatch(DAY_PATTERN, error="Must be a day, YYYY-MM-DD."),
+        metadata={"description": "First UTC day, YYYY-MM-DD (default: the month's first)."},
+    )
+    to = fields.String(
+        validate=WholeMatch(DAY_PATTERN, error="Must be a day, YYYY-MM-DD."),
+        metadata={"description": "Last UTC day, inclusive (default: the month's last)."},
+    )
+
+    @validates_schema
+    def _calendar_days(self, data: dict[str, Any], **_: Any) -> None:
+        for name, key in (("from", "from_"), ("to", "to")):
+            if key in data:
+                try:
+                    date.fromisoformat(data[key])
+                except ValueError:
+                    raise ValidationError("Not a calendar day.", name) from None
+
+
+class UsageJobsSchema(Schema):
+    """Jobs by the status they ended in."""
+
+    succeeded = fields.Integer()
+    failed = fields.Integer()
+    cancelled = fields.Integer()
+    expired = fields.Integer()
+
+
+class UsageDaySchema(Schema):
+    date = fields.String(metadata={"description": "UTC day, YYYY-MM-DD."})
+    jobs = fields.Nested(UsageJobsSchema, metadata={"description": "Jobs that ended that day."})
+    cost_usd = fields.Float(metadata={"description": "What the jobs that ended that day cost."})
+
+
+class UsageTotalSchema(Schema):
+    jobs = fields.Nested(UsageJobsSchema)
+    cost_usd = fields.Float()
+
+
+class LimitsSchema(Schema):
+    """The limits the operator set on the client; null: none of that kind."""
+
+    max_in_flight = fields.Integer(allow_none=True)
+    max_queued = fields.Integer(allow_none=True)
+    rate_per_min = fields.Integer(allow_none=True)
+    budget_usd = fields.Float(allow_none=True)
+    budget_period = fields.String(allow_none=True, validate=v.OneOf(BUDGET_PERIODS))
+
+
+class UsageSchema(Schema):
+    """A client's usage per UTC day, its limits and its budget."""
+
+    client_id = fields.String()
+    from_ = fields.String(data_key="from")
+    to = fields.String()
+    days = fields.List(fields.Nested(UsageDaySchema))
+    total = fields.Nested(UsageTotalSchema)
+    limits = fields.Nested(LimitsSchema)
+    budget = fields.Nested(BudgetSchema, allow_none=True)
