@@ -8,11 +8,24 @@ import threading
 from collections.abc import Iterator
 
 import redis
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from core.jobs import FINAL_STATUSES
 from core.keys import COUNTERS_KEY
+from core.limits import from_micro
 from core.store import JobStore
+from core.usage import (
+    REFUSAL_KINDS,
+    TIME_TO_RESULT_BUCKETS_S,
+    UsageBook,
+    time_to_result_bucket,
+)
 
 # Every counter the gateway keeps, with its help text: one place, so names cannot drift.
 COUNTER_HELP = {
@@ -177,7 +190,7 @@ class GatewayCollector(Collector):
         for name, help_text in GAUGE_HELP.items():
             yield GaugeMetricFamily(f"inpaint_gateway_{name}", help_text)
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         """One sample per counter, plus live backlog gauges."""
         for name, value in self.counters.read().items():
             family = CounterMetricFamily(f"inpaint_gateway_{name}", COUNTER_HELP[name])
@@ -192,6 +205,42 @@ class GatewayCollector(Collector):
             gauge = GaugeMetricFamily(f"inpaint_gateway_{name}", GAUGE_HELP[name])
             gauge.add_metric([], value)
             yield gauge
+        yield from self._client_families()
+
+    def _client_families(self) -> Iterator[Metric]:
+        """Each client's figures, labelled by client id (clients are few: an operator makes
+        each one)."""
+        jobs = CounterMetricFamily(
+            "inpaint_gateway_client_jobs", "Jobs that ended, by client and status.",
+            labels=["client_id", "status"],
+        )  # fmt: skip
+        spend = CounterMetricFamily(
+            "inpaint_gateway_client_spend_usd", "What the client's ended jobs cost (USD).",
+            labels=["client_id"],
+        )  # fmt: skip
+        refusals = CounterMetricFamily(
+            "inpaint_gateway_client_refusals",
+            "POSTs refused by the client's limits, by kind.",
+            labels=["client_id", "kind"],
+        )
+        ttr = HistogramMetricFamily(
+            "inpaint_gateway_client_time_to_result_seconds",
+            "Seconds from accept to final status, by client.",
+            labels=["client_id"],
+        )
+        for client_id, figures in sorted(UsageBook(self.store.redis).client_metrics().items()):
+            for status in sorted(s.value for s in FINAL_STATUSES):
+                jobs.add_metric([client_id, status], figures.get(f"jobs_{status}", 0))
+            spend.add_metric([client_id], from_micro(figures.get("spend", 0)))
+            for kind in REFUSAL_KINDS:
+                refusals.add_metric([client_id, kind], figures.get(f"refused_{kind}", 0))
+            buckets, running = [], 0
+            for bound in TIME_TO_RESULT_BUCKETS_S:
+                label = time_to_result_bucket(bound)
+                running += figures.get(f"ttr_{label}", 0)
+                buckets.append((label, running))
+            ttr.add_metric([client_id], buckets, figures.get("ttr_ms", 0) / 1000)
+        yield from (jobs, spend, refusals, ttr)
 
     def _gauges(self) -> dict[str, int]:
         return {
