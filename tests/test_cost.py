@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -194,3 +196,15 @@ def test_a_job_cancelled_while_queued_at_runcomfy_costs_nothing(
     final = api_client.wait_final(job["id"])
     assert final["status"] == "cancelled"
     assert final["cost"] is not None and final["cost"]["usd"] == 0.0
+
+
+def test_the_api_can_fetch_the_list_price_without_loading_celery() -> None:
+    """The API builds the same fetch as the workers (RunComfyClient.list_price_usd)."""
+    probe = (
+        "import sys, core.pricing, core.account, workers.runcomfy; "
+        "print(sorted(m for m in sys.modules if m == 'celery' or m.startswith('celery.')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert loaded.stdout.strip() == "[]"
