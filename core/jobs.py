@@ -112,6 +112,7 @@ class Job:
     last_seen_queued_at: float | None = None
     transient_errors: int = 0
     unknown_status_looks: int = 0  # looks in a row that saw a RunComfy status word not known
+    account_waits: int = 0  # steps in a row RunComfy refused for the account (core/account.py)
     # What the job cost (USD), once known: RunComfy's own figure ("upstream") or the list price
     # times the images ("list_price"); set in the change that makes the job final.
     cost_usd: float | None = None
@@ -221,6 +222,7 @@ _LEFT_OUT_WHILE_ZERO = (
     "submits_unanswered",
     "cancel_failures",
     "unknown_status_looks",
+    "account_waits",
     "reserved_usd",
 )
 _LEFT_OUT_WHILE_NONE = ("cost_usd", "cost_source", "reserved_in")

@@ -16,6 +16,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from core.account import KINDS as ACCOUNT_TROUBLE_KINDS
+from core.account import AccountState
 from core.jobs import FINAL_STATUSES
 from core.keys import COUNTERS_KEY
 from core.limits import from_micro
@@ -43,6 +45,14 @@ COUNTER_HELP = {
         "429's cool-down."
     ),
     "submit_outcome_unknown": "Submits whose outcome was unknown (possible duplicate generation).",
+    "account_refusals_out_of_balance": (
+        "RunComfy calls refused because the account is out of balance (402, 400002); the jobs "
+        "wait, none fails for it."
+    ),
+    "account_refusals_token_refused": (
+        "RunComfy calls refused because the account's token is refused (401/403, 400004); the "
+        "jobs wait, none fails for it."
+    ),
     "webhook_attempts": "Webhook delivery attempts.",
     "webhook_delivered": "Webhook events delivered (2xx).",
     "webhook_failed_attempts": "Webhook attempts that did not get a 2xx.",
@@ -171,6 +181,8 @@ GAUGE_HELP = {
     "webhooks_overdue": "Webhook attempts due now and not yet taken.",
     "jobs_waiting_for_slot": "Queued jobs waiting for an upstream slot.",
     "upstream_in_flight": "Upstream slots held (cap RUNCOMFY_MAX_IN_FLIGHT).",
+    "account_out_of_balance": "1 while RunComfy answers that the account is out of balance.",
+    "account_token_refused": "1 while RunComfy refuses the account's token.",
 }
 
 
@@ -243,7 +255,12 @@ class GatewayCollector(Collector):
         yield from (jobs, spend, refusals, ttr)
 
     def _gauges(self) -> dict[str, int]:
+        trouble = AccountState(self.store.redis).current()
         return {
+            **{
+                f"account_{kind}": int(trouble is not None and trouble.kind == kind)
+                for kind in ACCOUNT_TROUBLE_KINDS
+            },
             "jobs_live": self.store.job_schedule.size(),
             "jobs_steps_overdue": self.store.job_schedule.overdue_count(),
             "webhooks_pending": self.store.outbox.schedule.size(),

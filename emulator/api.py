@@ -27,7 +27,9 @@ _CALL_KIND_BY_ENDPOINT = {
     "upstream_api.status": "status",
     "upstream_api.result": "result",
     "upstream_api.cancel": "cancel",
+    "upstream_api.model_price": "price",
 }
+PRICING_NOTE = "emulated list price: per output image (set with the base_price_usd knob)"
 
 
 @upstream_api.before_request
@@ -38,7 +40,9 @@ def count_and_authenticate() -> Response | None:
     if kind is not None:
         state.stats.record_call(kind)
     if not _token_accepted(state.config.token, request.headers.get("Authorization", "")):
-        return error_response(401, 400004, "token missing, revoked or account inactive")
+        return _token_refused()
+    if state.faults.current().account == "token_refused":  # revoked, or the account inactive
+        return _token_refused()
     return None
 
 
@@ -77,7 +81,10 @@ def submit(model_id: str) -> Response:
     if fault is not None:
         return fault
     if model_id != MODEL_ID:
-        return error_response(400, 400001, f"model {model_id!r} not found or not available")
+        return _unknown_model(model_id)
+    knobs = state.faults.current()
+    if knobs.account == "out_of_balance":  # checked before anything is queued: nothing is paid
+        return error_response(402, 400002, "insufficient balance: top up the account to continue")
     try:
         body = json.loads(request.get_data())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -89,9 +96,8 @@ def submit(model_id: str) -> Response:
         directives = parse_directives(body["prompt"])
     except DirectiveError as exc:
         return _invalid_input([{"loc": ["body", "prompt"], "msg": str(exc), "type": "value_error"}])
-    knobs = state.faults.current()
     if directives.submit_200_error:
-        return error_response(200, 400002, "out of balance")
+        return error_response(200, 400001, "model not available for this account")
     if directives.submit_status == 429:
         return _too_many_requests(knobs)
     if directives.submit_status == 500:
@@ -109,6 +115,25 @@ def submit(model_id: str) -> Response:
         return Response(page, status=504, mimetype="text/html")
     return jsonify(
         {"request_id": created.request_id, **request_urls(_base_url(state), created.request_id)}
+    )
+
+
+@upstream_api.get("/models/<path:model_id>")
+def model_price(model_id: str) -> Response:
+    """The model's list price, as RunComfy's own clients read it (per output image)."""
+    state = current_state()
+    fault = _transport_fault(state)
+    if fault is not None:
+        return fault
+    if model_id != MODEL_ID:
+        return _unknown_model(model_id)
+    return jsonify(
+        {
+            "model_id": model_id,
+            "base_price_usd": state.faults.current().base_price_usd,
+            "price_unit": "output",
+            "pricing_note": PRICING_NOTE,
+        }
     )
 
 
@@ -132,7 +157,11 @@ def result(request_id: str) -> Response:
     phase = found.phase(time.monotonic())
     if phase is Phase.DONE and not found.plan.bad_status:
         _settle(state, found)
-    return jsonify(result_body(found, phase, _base_url(state)))
+    with_cost = (
+        request.args.get("include_cost", "").lower() == "true"
+        and state.faults.current().include_cost
+    )
+    return jsonify(result_body(found, phase, _base_url(state), with_cost=with_cost))
 
 
 @upstream_api.post("/requests/<request_id>/cancel")
@@ -225,6 +254,7 @@ def _plan(
         poll_500_count=directives.poll_500_count,
         poll_429_count=directives.poll_429_count,
         cancel_unavailable=directives.cancel_unavailable,
+        price_usd=knobs.base_price_usd,
     )
 
 
@@ -265,6 +295,14 @@ def _internal_error(http_status: int, retry_after_s: int | None = None) -> Respo
 
 def _retry_after_header(seconds: int | None) -> dict[str, str]:
     return {} if seconds is None else {"Retry-After": str(seconds)}
+
+
+def _token_refused() -> Response:
+    return error_response(401, 400004, "token missing, revoked or account inactive")
+
+
+def _unknown_model(model_id: str) -> Response:
+    return error_response(400, 400001, f"model {model_id!r} not found or not available")
 
 
 def _not_found() -> Response:

@@ -14,6 +14,10 @@ from emulator.directives import DirectiveError, status_word
 
 OUTPUT_STYLES = ("images", "image", "alternate")
 ERROR_SHAPES = ("string", "object", "list", "rotate")
+# How the paid account stands: `out_of_balance` answers every submit 402 (400002), while
+# requests already accepted go on (they are paid for); `token_refused` answers every call 401
+# (400004).
+ACCOUNT_STATES = ("ok", "out_of_balance", "token_refused")
 
 T = TypeVar("T")
 
@@ -44,6 +48,9 @@ class Faults:
     request_ttl_s: float = 3600.0
     queued_word: str | None = None  # answered while queued, in place of in_queue
     running_word: str | None = None  # answered while running, in place of in_progress
+    base_price_usd: float = 0.0125  # the list price per output image (GET /v1/models/{id})
+    include_cost: bool = True  # False: /result never carries `cost`, even when asked
+    account: str = "ok"
     seed: int | None = None
 
     def merged(self, changes: Mapping[str, Any]) -> Faults:
@@ -79,6 +86,19 @@ def _seconds(name: str, value: object) -> float:
     if number < 0:
         raise FaultKnobError(f"{name} must be a number of seconds >= 0")
     return number
+
+
+def _price(name: str, value: object) -> float:
+    number = _number(name, value)
+    if number < 0:
+        raise FaultKnobError(f"{name} must be a price in USD >= 0")
+    return number
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise FaultKnobError(f"{name} must be true or false")
+    return value
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -140,6 +160,9 @@ _KNOB_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "request_ttl_s": _seconds,
     "queued_word": _optional_status_word,
     "running_word": _optional_status_word,
+    "base_price_usd": _price,
+    "include_cost": _bool,
+    "account": _one_of(ACCOUNT_STATES),
     "seed": _optional_int,
 }
 assert set(_KNOB_CHECKS) == {f.name for f in dataclasses.fields(Faults)}

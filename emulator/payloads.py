@@ -59,8 +59,11 @@ def status_body(emulated: EmulatedRequest, now_monotonic: float, base_url: str) 
     return body
 
 
-def result_body(emulated: EmulatedRequest, phase: Phase, base_url: str) -> dict[str, Any]:
-    """Return the /result body for a request in `phase` (settled first when done)."""
+def result_body(
+    emulated: EmulatedRequest, phase: Phase, base_url: str, *, with_cost: bool = False
+) -> dict[str, Any]:
+    """Return the /result body for a request in `phase` (settled first when done); with
+    `with_cost` (`?include_cost=true`), a finished one carries its `cost` in USD."""
     status = emulated.result_status(phase)
     finished_at: datetime | None = None
     if phase is Phase.CANCELLED:
@@ -81,6 +84,9 @@ def result_body(emulated: EmulatedRequest, phase: Phase, base_url: str) -> dict[
             body["output"] = {"image": output_url}
         else:
             body["output"] = {"images": [output_url]}
+    cost = emulated.cost_usd(status)
+    if with_cost and cost is not None:
+        body["cost"] = cost
     if emulated.plan.no_status:
         del body["status"]
     return body

@@ -67,6 +67,7 @@ class RequestPlan:
     poll_500_count: int = 0
     poll_429_count: int = 0
     cancel_unavailable: bool = False
+    price_usd: float = 0.0  # the list price per output image when the request was accepted
 
 
 @dataclass
@@ -116,6 +117,15 @@ class EmulatedRequest:
         if not self.settled:
             return "completed"
         return "failed" if self.failure is not None else "succeeded"
+
+    def cost_usd(self, result_status: str) -> float | None:
+        """What the request is billed once over (None before its end): the price of each output
+        image of a success; nothing for a failure (no output) or a cancel while queued."""
+        if result_status == "succeeded":
+            return round(self.plan.price_usd * (1 if self.output_name is not None else 0), 6)
+        if result_status in ("failed", "cancelled"):
+            return 0.0
+        return None
 
     def _going_word(self, phase: Phase) -> str:
         """The word for a phase before the end: the plan's own word for it, if it has one."""

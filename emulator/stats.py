@@ -16,7 +16,7 @@ class CallStats:
         self._submits_by_prompt: Counter[str] = Counter()
 
     def record_call(self, kind: str) -> None:
-        """Count one call of `kind` (submit, status, result, cancel)."""
+        """Count one call of `kind` (submit, status, result, cancel, price)."""
         with self._lock:
             self._calls[kind] += 1
 
@@ -44,7 +44,8 @@ class CallStats:
                 "submits": sum(self._submits_by_prompt.values()),
                 "submits_by_prompt": dict(self._submits_by_prompt),
                 "calls": {
-                    kind: self._calls[kind] for kind in ("submit", "status", "result", "cancel")
+                    kind: self._calls[kind]
+                    for kind in ("submit", "status", "result", "cancel", "price")
                 },
                 "responses": dict(self._responses),
             }

@@ -497,3 +497,227 @@ def test_a_next_step_is_capped_at_the_deadline_and_brought_forward_for_an_untrie
     assert decisions.step_due_at(asked, T0 + 5, T0 + 20) == T0 + 5
     refused_once = running(cancel_requested=True, cancel_failures=1)
     assert decisions.step_due_at(refused_once, T0 + 5, T0 + 20) == T0 + 20
+
+
+# --- cost -----------------------------------------------------------------------------------
+
+PRICE = 0.0125
+
+
+def cost_of(step: Step) -> tuple[float | None, str | None]:
+    return step.job.cost_usd, step.job.cost_source
+
+
+def test_a_success_costs_what_runcomfy_says_it_cost() -> None:
+    state = looked("succeeded", images=("https://x/1.png",), cost_usd=0.031)
+    step = decided(
+        decisions.apply_look(
+            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run_s=None,
+            list_price_usd=PRICE,
+        )
+    )  # fmt: skip
+    assert cost_of(step) == (0.031, "upstream")
+
+
+def test_a_success_runcomfy_gave_no_cost_for_costs_the_list_price_times_its_images() -> None:
+    state = looked("succeeded", images=("https://x/1.png", "https://x/2.png"))
+    step = decided(
+        decisions.apply_look(
+            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run_s=None,
+            list_price_usd=PRICE,
+        )
+    )  # fmt: skip
+    assert cost_of(step) == (0.025, "list_price") and not step.job.notes
+
+
+def test_a_success_with_no_price_known_still_ends_with_a_cost_of_0_and_a_note() -> None:
+    step = apply(running(), looked("succeeded", images=("https://x/1.png",)), T0 + 5)
+    assert step.job.status is Status.SUCCEEDED and step.next_step_at is None
+    assert cost_of(step) == (0.0, "list_price")
+    assert "list price was unknown" in step.job.notes[-1]
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (looked("failed", error="out of memory"), (0.0, "list_price")),  # no output: 0
+        (looked("failed", error="out of memory", cost_usd=0.01), (0.01, "upstream")),
+        (looked("cancelled"), (0.0, "list_price")),
+        (looked("cancelled", cost_usd=0.0), (0.0, "upstream")),
+    ],
+)
+def test_a_failed_or_cancelled_run_costs_runcomfys_figure_or_nothing(
+    state: RequestState, expected: tuple[float, str]
+) -> None:
+    step = decided(
+        decisions.apply_look(
+            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run_s=None,
+            list_price_usd=PRICE,
+        )
+    )  # fmt: skip
+    assert step.job.status.is_final and cost_of(step) == expected
+
+
+def test_a_look_that_does_not_end_the_job_sets_no_cost() -> None:
+    for state in (looked("in_queue", queue_position=2), looked("in_progress"), looked("mulling")):
+        assert apply(submitted(), state, T0 + 3).job.cost_usd is None
+
+
+def test_a_job_cancelled_before_or_while_queued_at_runcomfy_costs_nothing() -> None:
+    here = decided(decisions.end_if_live(a_job(cancel_requested=True), Status.CANCELLED, T0 + 1))
+    assert cost_of(here) == (0.0, "list_price")
+    there = decided(
+        decisions.settle_cancel(
+            submitted(cancel_requested=True),
+            request_id=REQUEST,
+            cancelled=True,
+            answer="cancelled",
+            now=T0 + 3,
+        )
+    )
+    assert cost_of(there) == (0.0, "list_price")
+
+
+def test_a_submit_refused_costs_nothing_one_most_likely_running_costs_one_run() -> None:
+    marked = a_job(submit_started_at=T0 + 1)
+    refused = JobError("upstream_rejected", "HTTP 422")
+    step = decided(
+        decisions.fail_submit(marked, mark=T0 + 1, error=refused, now=T0 + 2, list_price_usd=PRICE)
+    )
+    assert cost_of(step) == (0.0, "list_price")
+    unusable = JobError("upstream_bad_response", "no request id")
+    step = decided(
+        decisions.fail_submit(
+            marked, mark=T0 + 1, error=unusable, now=T0 + 2, runs_charged=1, list_price_usd=PRICE
+        )
+    )
+    assert cost_of(step) == (PRICE, "list_price")
+
+
+def test_a_job_failed_for_an_unknown_submit_outcome_costs_one_run() -> None:
+    marked = a_job(submit_started_at=T0 + 1)
+    step = decided(
+        decisions.settle_unknown_submit(
+            marked,
+            mark=T0 + 1,
+            now=T0 + 2,
+            reason="HTTP 502",
+            answered=True,
+            rule="fail",
+            list_price_usd=PRICE,
+        )
+    )
+    assert step.job.status is Status.FAILED and cost_of(step) == (PRICE, "list_price")
+
+
+def test_expiry_costs_one_run_unless_runcomfy_never_had_it_or_cancelled_it() -> None:
+    def expired(job: Job, cancelled: str | None) -> tuple[float | None, str | None]:
+        return cost_of(
+            decided(
+                decisions.expire(
+                    job,
+                    T0 + DEADLINE_S,
+                    deadline_s=DEADLINE_S,
+                    cancelled_request=cancelled,
+                    list_price_usd=PRICE,
+                )
+            )
+        )
+
+    assert expired(a_job(), None) == (0.0, "list_price")  # never reached RunComfy
+    assert expired(submitted(), REQUEST) == (0.0, "list_price")  # cancelled while queued
+    assert expired(running(), None) == (PRICE, "list_price")  # ran on, billed
+    assert expired(running(), "another-request") == (PRICE, "list_price")
+
+
+def test_a_job_ended_here_after_its_request_was_lost_costs_one_run() -> None:
+    step = decided(
+        decisions.end_if_live(
+            running(),
+            Status.FAILED,
+            T0 + 9,
+            JobError("upstream_request_lost", "gone"),
+            runs_charged=1,
+            list_price_usd=PRICE,
+        )
+    )
+    assert cost_of(step) == (PRICE, "list_price")
+
+
+# --- the account's own trouble ----------------------------------------------------------------
+
+
+def test_a_submit_refused_for_the_account_leaves_the_job_queued_to_probe_again_soon() -> None:
+    marked = a_job(submit_started_at=T0 + 1, submit_attempts=1)
+    step = decided(
+        decisions.wait_for_account(
+            marked, mark=T0 + 1, now=T0 + 2, kind="out_of_balance", rng=seeded()
+        )
+    )
+    job = step.job
+    assert job.status is Status.QUEUED and job.submit_started_at is None
+    assert job.cost_usd is None and job.error is None and job.account_waits == 1
+    assert "out of balance" in job.notes[-1] and "not failing" in job.notes[-1]
+    assert step.next_step_at is not None
+    assert T0 + 2 + 10 <= step.next_step_at <= T0 + 2 + 12
+
+
+def test_a_job_waiting_for_the_account_without_calling_comes_back_within_30_s() -> None:
+    seen = set()
+    for seed in range(50):
+        step = decided(
+            decisions.wait_for_account(
+                a_job(account_waits=3, notes=("n",)),
+                mark=None,
+                now=T0 + 5,
+                kind="token_refused",
+                rng=random.Random(seed),
+            )
+        )
+        assert step.next_step_at is not None and T0 + 25 <= step.next_step_at <= T0 + 35
+        seen.add(round(step.next_step_at))
+        assert step.job.account_waits == 4 and step.job.notes == ("n",)  # noted once a spell
+    assert len(seen) > 3  # spread out, not all at one moment
+
+
+def test_waiting_for_the_account_ends_at_the_deadline_and_leaves_other_jobs_alone() -> None:
+    near_the_end = a_job(deadline_at=T0 + 10)
+    step = decided(
+        decisions.wait_for_account(near_the_end, mark=None, now=T0 + 5, kind="out_of_balance")
+    )
+    assert step.next_step_at == T0 + 10
+    assert (
+        decisions.wait_for_account(submitted(), mark=None, now=T0 + 5, kind="out_of_balance")
+        is None
+    )
+    marked_anew = a_job(submit_started_at=T0 + 4)
+    assert (
+        decisions.wait_for_account(marked_anew, mark=T0 + 1, now=T0 + 5, kind="out_of_balance")
+        is None
+    )
+
+
+def test_a_look_or_cancel_refused_for_the_account_keeps_the_job_following_its_request() -> None:
+    asked = running(cancel_requested=True)
+    step = decided(
+        decisions.follow_through_account_trouble(
+            asked, request_id=REQUEST, now=T0 + 5, kind="token_refused", rng=seeded()
+        )
+    )
+    job = step.job
+    assert job.status is Status.RUNNING and not job.cancel_sent and job.error is None
+    assert job.account_waits == 1 and "token" in job.notes[-1]
+    assert step.next_step_at is not None and T0 + 25 <= step.next_step_at <= T0 + 35
+    assert decisions.next_move(job, step.next_step_at, step_lease_s=LEASE_S) is Move.CANCEL_UPSTREAM
+    seen_again = apply(replace(job, cancel_requested=False), looked("in_progress"), T0 + 40)
+    assert seen_again.job.account_waits == 0
+
+
+def test_an_accepted_submit_ends_the_jobs_wait_for_the_account() -> None:
+    waited = a_job(submit_started_at=T0 + 30, account_waits=2)
+    step = decided(
+        decisions.record_request(
+            waited, mark=T0 + 30, request_id=REQUEST, accepted_at=T0 + 31, expected_run_s=None
+        )
+    )
+    assert step.job.status is Status.SUBMITTED and step.job.account_waits == 0

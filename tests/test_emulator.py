@@ -496,7 +496,7 @@ def test_seeded_faults_are_reproducible(http: requests.Session, base_url: str) -
 @pytest.mark.parametrize(
     ("directive", "http_status", "error_code"),
     [
-        ("submit-200-error", 200, 400002),
+        ("submit-200-error", 200, 400001),
         ("submit-500", 500, 500001),
         ("submit-429", 429, 429001),
         ("submit-503", 503, 500001),
@@ -600,6 +600,97 @@ def test_poll_429_directive_answers_429_with_the_retry_after_knob_first(
     assert http.get(accepted["result_url"]).json()["status"] == "succeeded"
 
 
+# --- price, cost and the account ------------------------------------------------------
+
+
+def test_the_model_route_answers_the_list_price_per_output(
+    http: requests.Session, base_url: str
+) -> None:
+    answer = http.get(f"{base_url}{MODEL_PATH}")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["model_id"] == "tongyi-mai/z-image/turbo/inpainting/lora"
+    assert (body["base_price_usd"], body["price_unit"]) == (0.0125, "output")
+    assert body["pricing_note"]
+    set_faults(http, base_url, base_price_usd=0.02)
+    assert http.get(f"{base_url}{MODEL_PATH}").json()["base_price_usd"] == 0.02
+    assert http.get(f"{base_url}/v1/models/some/other").json()["error_code"] == 400001
+    refused = requests.get(f"{base_url}{MODEL_PATH}", headers={"Authorization": "Bearer nope"})
+    assert refused.status_code == 401 and refused.json()["error_code"] == 400004
+    assert stats(http, base_url)["calls"]["price"] == 4
+
+
+def test_a_result_carries_its_cost_only_when_asked(http: requests.Session, base_url: str) -> None:
+    set_faults(http, base_url, base_price_usd=0.03)
+    accepted = submit_ok(http, base_url, f"costed {QUICK}")
+    set_faults(http, base_url, base_price_usd=0.5)  # the price when accepted is what is billed
+    plain = wait_for_result(http, accepted["result_url"])
+    assert plain["status"] == "succeeded" and "cost" not in plain
+    costed = http.get(accepted["result_url"], params={"include_cost": "true"}).json()
+    assert costed["cost"] == 0.03 and costed["output"] == plain["output"]
+    set_faults(http, base_url, include_cost=False)
+    assert "cost" not in http.get(accepted["result_url"], params={"include_cost": "true"}).json()
+
+
+def test_a_run_not_finished_has_no_cost_yet_and_failures_and_cancels_cost_nothing(
+    http: requests.Session, base_url: str
+) -> None:
+    going = submit_ok(http, base_url, "going [emulator:queue=30]")
+    assert "cost" not in http.get(going["result_url"], params={"include_cost": "true"}).json()
+    assert http.post(going["cancel_url"]).json()["outcome"] == "cancelled"
+    cancelled = http.get(going["result_url"], params={"include_cost": "true"}).json()
+    assert (cancelled["status"], cancelled["cost"]) == ("cancelled", 0.0)
+    failed = submit_ok(http, base_url, f"failing {QUICK}[emulator:fail]")
+    wait_for_result(http, failed["result_url"])
+    ended = http.get(failed["result_url"], params={"include_cost": "true"}).json()
+    assert (ended["status"], ended["cost"]) == ("failed", 0.0)
+
+
+def test_out_of_balance_refuses_submits_while_accepted_requests_go_on(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, "paid before [emulator:queue=0.2][emulator:run=0.2]")
+    set_faults(http, base_url, account="out_of_balance")
+    refused = submit(http, base_url, "refused for the balance")
+    assert refused.status_code == 402
+    assert refused.json()["error_code"] == 400002 and refused.json()["error_message"]
+    assert "refused for the balance" not in stats(http, base_url)["submits_by_prompt"]
+    assert http.get(accepted["status_url"]).status_code == 200
+    assert wait_for_result(http, accepted["result_url"])["status"] == "succeeded"
+    assert http.get(f"{base_url}{MODEL_PATH}").status_code == 200
+    set_faults(http, base_url, account="ok")
+    assert submit(http, base_url, "after the top-up").status_code == 200
+
+
+def test_token_refused_refuses_every_call_until_switched_back(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"before the token went {QUICK}")
+    set_faults(http, base_url, account="token_refused")
+    for method, url in (
+        ("POST", f"{base_url}{MODEL_PATH}"),
+        ("GET", accepted["status_url"]),
+        ("GET", accepted["result_url"]),
+        ("POST", accepted["cancel_url"]),
+        ("GET", f"{base_url}{MODEL_PATH}"),
+    ):
+        answer = http.request(method, url, json=sample_input(base_url, "x"))
+        assert answer.status_code == 401, (method, url)
+        assert answer.json()["error_code"] == 400004
+    set_faults(http, base_url, account="ok")
+    assert wait_for_result(http, accepted["result_url"])["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [{"account": "broke"}, {"include_cost": 1}, {"base_price_usd": -1}, {"base_price_usd": "1"}],
+)
+def test_bad_price_and_account_knobs_are_refused(
+    http: requests.Session, base_url: str, knobs: dict[str, Any]
+) -> None:
+    assert http.post(f"{base_url}/_emulator/faults", json=knobs).status_code == 400
+
+
 # --- control API and command line -----------------------------------------------------
 
 
@@ -622,7 +713,7 @@ def test_control_endpoints(http: requests.Session, base_url: str) -> None:
     assert restored["rate_fail"] == 0.0
     cleared = stats(http, base_url)
     assert cleared["submits"] == 0
-    assert cleared["calls"] == {"submit": 0, "status": 0, "result": 0, "cancel": 0}
+    assert cleared["calls"] == {"submit": 0, "status": 0, "result": 0, "cancel": 0, "price": 0}
     assert sum(cleared["requests"].values()) >= 1
 
 

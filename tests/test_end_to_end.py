@@ -121,7 +121,8 @@ def test_http_200_with_error_code_on_submit_fails_the_job(
     final = api_client.wait_final(job["id"])
     assert final["status"] == "failed"
     assert final["error"]["code"] == "upstream_rejected"
-    assert "400002" in final["error"]["message"]
+    assert "400001" in final["error"]["message"]
+    assert final["cost"] == {"usd": 0.0, "source": "list_price"}  # refused: nothing ran
     assert wait_until(receiver.received)[0].payload["type"] == "job.failed"
 
 

@@ -21,11 +21,17 @@ from workers.runcomfy import (
     MAX_ANSWER_BYTES,
     MAX_ERROR_TEXT,
     MAX_STATUS_WORD,
+    OUT_OF_BALANCE,
+    TOKEN_REFUSED,
+    AccountRefusedError,
     PermanentUpstreamError,
     RunComfyClient,
     TransientUpstreamError,
     UnknownRequestError,
+    UnusableAnswerError,
+    _cost,
     _images_of,
+    _interpret,
     _readable_error,
     _status_of,
     shortened,
@@ -86,7 +92,7 @@ def test_failed_result_carries_a_readable_error(stack: Stack, client: RunComfyCl
 
 
 def test_http_200_with_error_code_is_permanent(stack: Stack, client: RunComfyClient) -> None:
-    with pytest.raises(PermanentUpstreamError, match="400002"):
+    with pytest.raises(PermanentUpstreamError, match="400001"):
         client.submit(inputs(stack, "[emulator:submit-200-error]"))
 
 
@@ -120,11 +126,145 @@ def test_unknown_request_id(client: RunComfyClient) -> None:
         client.status("no-such-request")
 
 
-def test_bad_token_is_permanent(stack: Stack) -> None:
+def test_a_bad_token_is_the_accounts_refusal_not_the_jobs(stack: Stack) -> None:
     bad = RunComfyClient(base_url=stack.emulator_url, token="wrong", model_id=MODEL, timeout_s=5)
-    with pytest.raises(PermanentUpstreamError, match="401"):
+    with pytest.raises(AccountRefusedError, match="401") as caught:
         bad.submit(inputs(stack, "x"))
+    assert caught.value.kind == TOKEN_REFUSED and caught.value.code == 400004
+    assert not isinstance(caught.value, PermanentUpstreamError)  # no job fails for it
     bad.close()
+
+
+def test_out_of_balance_refuses_the_submit_for_the_account_and_looks_go_on(
+    stack: Stack, client: RunComfyClient, faults: Any
+) -> None:
+    accepted = client.submit(inputs(stack, "[emulator:queue=30]")).request_id
+    faults(account="out_of_balance")
+    with pytest.raises(AccountRefusedError, match="402") as caught:
+        client.submit(inputs(stack, "x"))
+    assert (caught.value.kind, caught.value.http_status, caught.value.code) == (
+        OUT_OF_BALANCE,
+        402,
+        400002,
+    )
+    assert client.status(accepted).is_queued
+    assert client.cancel(accepted).cancelled
+
+
+def test_a_refused_token_refuses_every_call_for_the_account(
+    stack: Stack, client: RunComfyClient, faults: Any
+) -> None:
+    accepted = client.submit(inputs(stack, "[emulator:queue=30]")).request_id
+    faults(account="token_refused")
+    calls: list[Callable[[], Any]] = [
+        lambda: client.submit(inputs(stack, "x")),
+        lambda: client.status(accepted),
+        lambda: client.result(accepted),
+        lambda: client.cancel(accepted),
+        client.list_price_usd,
+    ]
+    for call in calls:
+        with pytest.raises(AccountRefusedError) as caught:
+            call()
+        assert caught.value.kind == TOKEN_REFUSED
+
+
+@pytest.mark.parametrize(
+    ("http_status", "body", "kind"),
+    [
+        (402, b"", OUT_OF_BALANCE),
+        (402, b'{"error_code": 400002, "error_message": "insufficient balance"}', OUT_OF_BALANCE),
+        (200, b'{"error_code": 400002, "error_message": "out of balance"}', OUT_OF_BALANCE),
+        (401, b'{"error_code": 400004, "error_message": "token revoked"}', TOKEN_REFUSED),
+        (401, b'{"error_code": 401001, "message": "unauthorized"}', TOKEN_REFUSED),
+        (403, b'{"error_code": 400004, "error_message": "account inactive"}', TOKEN_REFUSED),
+        (403, b"<html>Forbidden</html>", TOKEN_REFUSED),
+        (200, b'{"error_code": "400004", "error_message": "token missing"}', TOKEN_REFUSED),
+        (403, b'{"error_code": 403001, "error_message": "not your request"}', None),
+        (400, b'{"error_code": 400001, "error_message": "no such model"}', None),
+    ],
+)
+def test_answers_that_refuse_the_account_are_told_apart(
+    http_status: int, body: bytes, kind: str | None
+) -> None:
+    with pytest.raises((AccountRefusedError, PermanentUpstreamError)) as caught:
+        _interpret("POST", "/v1/models/m", http_status, {}, body)
+    if kind is None:
+        assert isinstance(caught.value, PermanentUpstreamError)
+    else:
+        assert isinstance(caught.value, AccountRefusedError) and caught.value.kind == kind
+
+
+def test_a_finished_result_carries_runcomfys_cost(
+    stack: Stack, client: RunComfyClient, faults: Any
+) -> None:
+    faults(base_price_usd=0.04)
+    rid = client.submit(inputs(stack, "[emulator:queue=0] [emulator:run=0]")).request_id
+    done = wait_until(lambda: (r := client.result(rid)).is_finished and r)
+    assert done.status == "succeeded" and done.cost_usd == 0.04
+    faults(include_cost=False)
+    assert client.result(rid).cost_usd is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0.0125, 0.0125),
+        (0, 0.0),
+        (3, 3.0),
+        ("0.0125", None),
+        (-0.01, None),
+        (True, None),
+        (None, None),
+        (float("inf"), None),
+        (10**400, None),
+        ({"usd": 1}, None),
+    ],
+)
+def test_a_cost_that_is_not_a_number_of_usd_is_ignored(value: Any, expected: float | None) -> None:
+    assert _cost(value) == expected
+
+
+def test_a_result_with_a_cost_not_a_number_is_read_without_it() -> None:
+    body = b'{"request_id": "r", "status": "succeeded", "output": {"image": "https://x/1.png"}, "cost": "lots"}'
+
+    def answer(connection: socket.socket, _stop: threading.Event) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        connection.sendall(head.encode() + body)
+
+    with raw_upstream(answer) as base_url:
+        client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
+        state = client.result("r")
+        client.close()
+    assert state.images == ("https://x/1.png",) and state.cost_usd is None
+
+
+def test_the_list_price_is_read_from_the_model_route(
+    stack: Stack, client: RunComfyClient, faults: Any
+) -> None:
+    assert client.list_price_usd() == 0.0125
+    faults(base_price_usd=0.02)
+    assert client.list_price_usd() == 0.02
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model_id": "m", "price_unit": "output"}',
+        b'{"model_id": "m", "base_price_usd": "0.01", "price_unit": "output"}',
+        b'{"model_id": "m", "base_price_usd": 0.001, "price_unit": "second"}',
+    ],
+)
+def test_a_list_price_that_is_not_per_image_in_usd_is_an_unusable_answer(body: bytes) -> None:
+    def answer(connection: socket.socket, _stop: threading.Event) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        connection.sendall(head.encode() + body)
+
+    with raw_upstream(answer) as base_url:
+        client = RunComfyClient(base_url=base_url, token="t", model_id=MODEL, timeout_s=5.0)
+        with pytest.raises(UnusableAnswerError):
+            client.list_price_usd()
+        client.close()
 
 
 def test_wrong_model_is_permanent(stack: Stack) -> None:

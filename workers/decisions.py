@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from enum import Enum
 
+from core import account
 from core.jobs import Job, JobError, Status, Upstream
 from core.store import Step
 from workers.polling import (
@@ -32,6 +33,17 @@ MAX_UNANSWERED_SUBMITS = 1
 MAX_CANCEL_TRIES = 5
 INTERRUPTED_SUBMIT = "a submit was interrupted before its answer was stored"
 CANCELLED_UPSTREAM = "RunComfy cancelled the request"
+PRICE_UNKNOWN = (
+    "the list price was unknown when the job ended (none fetched yet and RunComfy's price "
+    "route failing): its cost is recorded as 0"
+)
+ACCOUNT_TROUBLE = {
+    account.OUT_OF_BALANCE: "the RunComfy account is out of balance",
+    account.TOKEN_REFUSED: "RunComfy refuses the account's token",
+}
+# A job whose submit RunComfy refused for the account comes back after the probe interval
+# (plus up to this), when it may be the one to try again.
+PROBE_JITTER_S = 2.0
 
 
 class Move(Enum):
@@ -97,20 +109,71 @@ def retry_in_s(
     )
 
 
+# --- cost ---------------------------------------------------------------------------------------
+
+
+def costed(
+    job: Job,
+    now: float,
+    *,
+    upstream_usd: float | None = None,
+    images: int = 0,
+    list_price_usd: float | None = None,
+) -> Job:
+    """`job` (ending now) with its cost: RunComfy's own figure when it gave one; else the list
+    price times the `images` it is charged for — 0 for none (never ran, cancelled while queued,
+    a failed run: no output). With the price unknown, the cost is recorded as 0 and the job
+    says so in a note: a final result is never held back for the price."""
+    if upstream_usd is not None:
+        return job.with_cost(upstream_usd, "upstream")
+    if images == 0:
+        return job.with_cost(0.0, "list_price")
+    if list_price_usd is None:
+        return job.with_note(now, PRICE_UNKNOWN).with_cost(0.0, "list_price")
+    return job.with_cost(list_price_usd * images, "list_price")
+
+
 # --- ends ---------------------------------------------------------------------------------------
 
 
-def end_if_live(job: Job, status: Status, now: float, error: JobError | None = None) -> Step | None:
-    """Move a live job to a final status; leave a final one alone."""
+def end_if_live(
+    job: Job,
+    status: Status,
+    now: float,
+    error: JobError | None = None,
+    *,
+    runs_charged: int = 0,
+    list_price_usd: float | None = None,
+) -> Step | None:
+    """Move a live job to a final status; leave a final one alone. `runs_charged`: runs it
+    may have been billed for at RunComfy (one image each, at the list price)."""
     if job.status.is_final:
         return None
-    return Step(job.moved_to(status, now, error=error, submit_started_at=None), None)
+    ended = job.moved_to(status, now, error=error, submit_started_at=None)
+    return Step(costed(ended, now, images=runs_charged, list_price_usd=list_price_usd), None)
 
 
-def expire(job: Job, now: float, *, deadline_s: float) -> Step | None:
-    """The job's deadline has passed: it ends expired (a final one is left alone)."""
+def expire(
+    job: Job,
+    now: float,
+    *,
+    deadline_s: float,
+    cancelled_request: str | None = None,
+    list_price_usd: float | None = None,
+) -> Step | None:
+    """The job's deadline has passed: it ends expired (a final one is left alone). Its cost is
+    0 if RunComfy never had it or cancelled it (`cancelled_request`, the request whose cancel
+    was taken); else its run went on and was billed: the list price of one image."""
     message = f"not finished within JOB_DEADLINE_S ({deadline_s} s)"
-    return end_if_live(job, Status.EXPIRED, now, JobError("deadline_exceeded", message))
+    billed = job.request_id is not None and job.request_id != cancelled_request
+    return end_if_live(
+        job,
+        Status.EXPIRED,
+        now,
+        JobError("deadline_exceeded", message),
+        runs_charged=1 if billed else 0,
+        list_price_usd=list_price_usd,
+    )
 
 
 def finished_by_deadline(job: Job, state: RequestState) -> bool:
@@ -158,18 +221,77 @@ def record_request(
         submit_started_at=None,
         polls=0,
         transient_errors=0,
+        account_waits=0,
         last_seen_queued_at=accepted_at,
     )
     first_look_at = first_poll_at(accepted_at, expected_run_s)
     return Step(moved, step_due_at(job, accepted_at, first_look_at))
 
 
-def fail_submit(job: Job, *, mark: float | None, error: JobError, now: float) -> Step | None:
+def fail_submit(
+    job: Job,
+    *,
+    mark: float | None,
+    error: JobError,
+    now: float,
+    runs_charged: int = 0,
+    list_price_usd: float | None = None,
+) -> Step | None:
     """The submit that set `mark` failed for good: so does the job, if it still holds that mark
-    (a stale step must not fail a job submitted meanwhile)."""
+    (a stale step must not fail a job submitted meanwhile). `runs_charged`: 1 when RunComfy
+    most likely runs it all the same (billed, untracked); a refused submit costs nothing."""
     if not holds_mark(job, mark):
         return None
-    return Step(job.moved_to(Status.FAILED, now, error=error, submit_started_at=None), None)
+    return end_if_live(
+        job, Status.FAILED, now, error, runs_charged=runs_charged, list_price_usd=list_price_usd
+    )
+
+
+def wait_for_account(
+    job: Job,
+    *,
+    mark: float | None,
+    now: float,
+    kind: str,
+    rng: random.Random | None = None,
+) -> Step | None:
+    """RunComfy refuses submits for the account (`kind`): the job stays queued, its mark (if
+    its own submit was refused: `mark`) cleared — nothing was queued or paid — and comes back
+    when it may be the one to try again (after the probe interval), or, if it did not call,
+    within account.RECHECK_S. Never failed for it; its deadline still ends it."""
+    if mark is not None:
+        if not holds_mark(job, mark):
+            return None
+    elif job.status is not Status.QUEUED or job.submit_started_at is not None:
+        return None
+    draw = (rng or random).random()
+    if mark is not None:
+        back_in_s = account.PROBE_INTERVAL_S + PROBE_JITTER_S * draw
+    else:
+        back_in_s = account.WAIT_MIN_S + (account.RECHECK_S - account.WAIT_MIN_S) * draw
+    waiting = job if job.account_waits else job.with_note(now, _account_note(kind, "submit"))
+    changed = waiting.changed(now, submit_started_at=None, account_waits=job.account_waits + 1)
+    return Step(changed, step_due_at(job, now, now + back_in_s))
+
+
+def follow_through_account_trouble(
+    job: Job, *, request_id: str, now: float, kind: str, rng: random.Random | None = None
+) -> Step | None:
+    """RunComfy refused a look or a cancel for the account (`kind`): the job keeps following
+    its request — it may be running, paid for — and asks again within account.RECHECK_S
+    (a cancel not taken stays to be sent)."""
+    if not follows(job, request_id):
+        return None
+    draw = (rng or random).random()
+    back_in_s = account.WAIT_MIN_S + (account.RECHECK_S - account.WAIT_MIN_S) * draw
+    waiting = job if job.account_waits else job.with_note(now, _account_note(kind, "look"))
+    changed = waiting.changed(now, account_waits=job.account_waits + 1)
+    return Step(changed, min(job.deadline_at, now + back_in_s))
+
+
+def _account_note(kind: str, call: str) -> str:
+    trouble = ACCOUNT_TROUBLE.get(kind, kind)
+    return f"RunComfy refused the {call}: {trouble}; waiting for the account, not failing the job"
 
 
 def retry_submit_later(
@@ -200,10 +322,12 @@ def settle_unknown_submit(
     answered: bool,
     rule: str,
     retry_after_s: float | None = None,
+    list_price_usd: float | None = None,
     rng: random.Random | None = None,
 ) -> Step | None:
     """Whether RunComfy accepted the submit that set `mark` is unknown: apply SUBMIT_UNKNOWN
-    (`rule`), if the job still holds that mark.
+    (`rule`), if the job still holds that mark. A job failed so is charged one run at the list
+    price: RunComfy may well be running it.
 
     `answered`: RunComfy answered, with a 5xx. Otherwise no answer came at all (timed out, cut
     off, or the worker died during the call), and RunComfy may well be running the job: such a
@@ -228,7 +352,9 @@ def settle_unknown_submit(
         now, submit_unknown_outcomes=job.submit_unknown_outcomes + 1, submits_unanswered=unanswered
     )
     error = JobError("submit_outcome_unknown", why)
-    return Step(counted.moved_to(Status.FAILED, now, error=error, submit_started_at=None), None)
+    return end_if_live(
+        counted, Status.FAILED, now, error, runs_charged=1, list_price_usd=list_price_usd
+    )
 
 
 def _resubmit(
@@ -271,10 +397,14 @@ def apply_look(
     state: RequestState,
     now: float,
     expected_run_s: float | None,
+    list_price_usd: float | None = None,
     rng: random.Random | None = None,
 ) -> Step | None:
     """What one look at the job's request (`state`) changes: an end, queued, running, or a
-    status word not known — followed on, never a failure, until a known end or the deadline."""
+    status word not known — followed on, never a failure, until a known end or the deadline.
+
+    An end costs what RunComfy says it cost; without that, the list price times the images
+    (none for a failed run, which has no output, or a cancelled one: 0)."""
     if not follows(job, request_id):
         return None
     upstream = Upstream(request_id, state.status, state.queue_position)
@@ -283,17 +413,33 @@ def apply_look(
         moved = job.moved_to(
             Status.SUCCEEDED, now, upstream=upstream, output_images=state.images, polls=polls
         )
-        return Step(moved, None)
-    if state.error is not None:
+        images = len(state.images)
+    elif state.error is not None:
         failure = JobError("upstream_failed", state.error)
-        return Step(
-            job.moved_to(Status.FAILED, now, upstream=upstream, error=failure, polls=polls), None
-        )
-    if state.is_finished:  # cancelled upstream: the caller's cancel, or RunComfy's own
+        moved = job.moved_to(Status.FAILED, now, upstream=upstream, error=failure, polls=polls)
+        images = 0
+    elif state.is_finished:  # cancelled upstream: the caller's cancel, or RunComfy's own
         why = None if job.cancel_requested else JobError("upstream_cancelled", CANCELLED_UPSTREAM)
-        return Step(
-            job.moved_to(Status.CANCELLED, now, upstream=upstream, error=why, polls=polls), None
-        )
+        moved = job.moved_to(Status.CANCELLED, now, upstream=upstream, error=why, polls=polls)
+        images = 0
+    else:
+        return _still_going(job, upstream, polls, state, now, expected_run_s, rng)
+    ended = costed(
+        moved, now, upstream_usd=state.cost_usd, images=images, list_price_usd=list_price_usd
+    )
+    return Step(ended, None)
+
+
+def _still_going(
+    job: Job,
+    upstream: Upstream,
+    polls: int,
+    state: RequestState,
+    now: float,
+    expected_run_s: float | None,
+    rng: random.Random | None,
+) -> Step:
+    """A look saw the request queued, running, or in a status word not known."""
     if state.is_queued:
         next_at = next_poll_at(now=now, running=False, queue_position=state.queue_position)
         changed = job.changed(
@@ -302,6 +448,7 @@ def apply_look(
             polls=polls,
             transient_errors=0,
             unknown_status_looks=0,
+            account_waits=0,
             last_seen_queued_at=now,
         )
         return Step(changed, step_due_at(job, now, next_at))
@@ -322,7 +469,13 @@ def _seen_running(
     next_at = next_poll_at(
         now=now, running=True, running_since=started, expected_run_s=expected_run_s
     )
-    seen = {"upstream": upstream, "polls": polls, "transient_errors": 0, "unknown_status_looks": 0}
+    seen = {
+        "upstream": upstream,
+        "polls": polls,
+        "transient_errors": 0,
+        "unknown_status_looks": 0,
+        "account_waits": 0,
+    }
     if job.status is Status.SUBMITTED:
         changed = job.moved_to(Status.RUNNING, now, running_since=started, **seen)
     else:
@@ -342,7 +495,12 @@ def _seen_unknown_word(
             now, f"RunComfy answered a status not known, {upstream.status!r}; following it on"
         )
     changed = seen.changed(
-        now, upstream=upstream, polls=polls, transient_errors=0, unknown_status_looks=looks
+        now,
+        upstream=upstream,
+        polls=polls,
+        transient_errors=0,
+        unknown_status_looks=looks,
+        account_waits=0,
     )
     return Step(changed, step_due_at(job, now, unknown_status_poll_at(now, looks, rng=rng)))
 
@@ -399,9 +557,10 @@ def settle_cancel(
     followed to its end, looked at once more now."""
     if not follows(job, request_id):
         return None
-    if cancelled:
+    if cancelled:  # while queued at RunComfy: nothing ran, nothing is billed
         upstream = Upstream(request_id, "cancelled", None)
-        return Step(job.moved_to(Status.CANCELLED, now, upstream=upstream, cancel_sent=True), None)
+        moved = job.moved_to(Status.CANCELLED, now, upstream=upstream, cancel_sent=True)
+        return Step(costed(moved, now), None)
     noted = job.with_note(
         now, f"cancel requested but RunComfy answered {answer}; following the run to its end"
     )

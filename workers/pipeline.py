@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from core.account import TOKEN_REFUSED, AccountState
 from core.admission import ADMISSION_RECHECK_S
 from core.jobs import Job, JobError, Status
 from core.metrics import Counters
+from core.pricing import ListPrice
 from core.settings import Settings
 from core.store import Committed, JobStore, Record, Step
 from workers import decisions
@@ -32,6 +34,7 @@ from workers.decisions import Move
 from workers.run_times import RunTimes
 from workers.runcomfy import (
     QUEUED_STATUSES,
+    AccountRefusedError,
     PermanentUpstreamError,
     RequestState,
     RunComfyClient,
@@ -43,6 +46,8 @@ from workers.runcomfy import (
 from workers.throttle import UpstreamThrottle
 
 log = logging.getLogger(__name__)
+
+SUBMIT, PROBE = "submit", "probe"  # how a job may submit (JobPipeline._submit_permit)
 
 
 @dataclass
@@ -58,6 +63,15 @@ class JobPipeline:
     on_events: Callable[[], None]  # new webhook events are waiting: wake the delivery side
     on_slot_freed: Callable[[], None]  # a job ended: wake admission for the next in line
     clock: Callable[[], float] = time.time
+    # Built on the store's Redis and the RunComfy client unless given.
+    account: AccountState | None = None
+    list_price: ListPrice | None = None
+
+    def __post_init__(self) -> None:
+        if self.account is None:
+            self.account = AccountState(self.store.redis)
+        if self.list_price is None:
+            self.list_price = ListPrice(self.store.redis, fetch=self.runcomfy.list_price_usd)
 
     def advance(self, job_id: str) -> None:
         """Take the next step the job record calls for."""
@@ -77,8 +91,10 @@ class JobPipeline:
         elif move is Move.SUBMIT:
             if not self.store.admission.holds_slot(job.id):
                 self._wait_for_slot(job, now)
-            elif self._may_call_upstream(job, now):
-                self._submit(record)
+            else:
+                permit = self._submit_permit(job, now)
+                if permit is not None and self._may_call_upstream(job, now):
+                    self._submit(record, probing=permit == PROBE)
         elif move is not Move.LEAVE_TO_SUBMITTER and self._may_call_upstream(job, now):
             if move is Move.CANCEL_UPSTREAM:
                 self._cancel_upstream(record)
@@ -90,6 +106,50 @@ class JobPipeline:
         self.counters.add("upstream_transient_errors")
         if exc.http_status == 429:
             self.throttle.cool_down(exc.retry_after_s)
+
+    # --- the account's own trouble -----------------------------------------------------------
+
+    def _submit_permit(self, job: Job, now: float) -> str | None:
+        """SUBMIT, or PROBE while RunComfy refuses the account — the one submit per
+        account.PROBE_INTERVAL_S that tries whether that is over — or None: the job waits for
+        the account (queued, never failed)."""
+        assert self.account is not None
+        trouble = self.account.current()
+        if trouble is None:
+            return SUBMIT
+        if self.account.take_probe():
+            log.info("probing whether the account's trouble is over", extra={"job_id": job.id})
+            return PROBE
+        waiting = partial(decisions.wait_for_account, mark=None, now=now, kind=trouble.kind)
+        if self._commit(job.id, waiting) is not None:
+            self.account.note_waiting(job.id, now)
+        return None
+
+    def _on_account_refused(self, job: Job, exc: AccountRefusedError) -> None:
+        """Report the refusal where every replica sees it; count it."""
+        assert self.account is not None
+        self.counters.add(f"account_refusals_{exc.kind}")
+        if self.account.report(exc.kind, exc.message, self.clock()):
+            log.error(
+                "RunComfy refuses the account; queued jobs wait for it",
+                extra={"job_id": job.id, "kind": exc.kind, "error": exc.message},
+            )
+
+    def _account_fine_again(self, kind: str | None = None) -> None:
+        """RunComfy took a call again: clear the trouble (of `kind`, if given) and make the
+        jobs that waited on it due now."""
+        assert self.account is not None
+        if not self.account.clear(kind):
+            return
+        log.warning("RunComfy takes the account's calls again")
+        now = self.clock()
+        for job_id in self.account.take_waiting():
+            self.store.job_schedule.postpone(job_id, now)
+        self.on_slot_freed()  # wakes the job dispatch, as for a freed slot
+
+    def _list_price(self) -> float | None:
+        assert self.list_price is not None
+        return self.list_price.usd_per_image()
 
     def _wait_for_slot(self, job: Job, now: float) -> None:
         """Not admitted yet: stay in line (admission makes the job due when a slot is free)."""
@@ -116,8 +176,9 @@ class JobPipeline:
 
     # --- submit -----------------------------------------------------------------------------
 
-    def _submit(self, record: Record) -> None:
-        """Mark the job, submit it, and store the request id RunComfy answers with."""
+    def _submit(self, record: Record, *, probing: bool = False) -> None:
+        """Mark the job, submit it, and store the request id RunComfy answers with. `probing`:
+        the account was in trouble; an accepted submit shows it is over."""
         job = record.job
         now = self.clock()
         marking = partial(decisions.mark_submitting, now=now, lease_s=self.settings.step_lease_s)
@@ -130,6 +191,8 @@ class JobPipeline:
         except UpstreamError as exc:
             self._submit_refused(marked.job, exc)
             return
+        if probing:
+            self._account_fine_again()
         recording = partial(
             decisions.record_request,
             mark=now,
@@ -149,6 +212,18 @@ class JobPipeline:
 
     def _submit_refused(self, marked: Job, exc: UpstreamError) -> None:
         """The submit `marked` (the job as marked for it) made got no usable answer."""
+        if isinstance(exc, AccountRefusedError):  # nothing queued or paid: wait, do not fail
+            self._on_account_refused(marked, exc)
+            waiting = partial(
+                decisions.wait_for_account,
+                mark=marked.submit_started_at,
+                now=self.clock(),
+                kind=exc.kind,
+            )
+            if self._commit(marked.id, waiting) is not None:
+                assert self.account is not None
+                self.account.note_waiting(marked.id, self.clock())
+            return
         if isinstance(exc, TransientUpstreamError):
             self._on_transient(exc)
             if exc.maybe_processed:
@@ -167,6 +242,7 @@ class JobPipeline:
             )
             self._commit(marked.id, retrying)
             return
+        runs_charged, price = 0, None
         if isinstance(exc, UnusableAnswerError):  # accepted, most likely, but not to be followed
             self.counters.add("submit_outcome_unknown")
             error = JobError(
@@ -174,10 +250,16 @@ class JobPipeline:
                 f"RunComfy's answer to the submit cannot be used ({exc.message}); it may be "
                 "running the job, untracked; not submitting it again",
             )
+            runs_charged, price = 1, self._list_price()
         else:
             error = JobError("upstream_rejected", f"RunComfy refused the job: {exc.message}")
         failing = partial(
-            decisions.fail_submit, mark=marked.submit_started_at, error=error, now=self.clock()
+            decisions.fail_submit,
+            mark=marked.submit_started_at,
+            error=error,
+            now=self.clock(),
+            runs_charged=runs_charged,
+            list_price_usd=price,
         )
         self._commit(marked.id, failing)
 
@@ -200,6 +282,7 @@ class JobPipeline:
             answered=answered,
             rule=rule,
             retry_after_s=retry_after_s,
+            list_price_usd=self._list_price(),
         )
         self._commit(job.id, settling)
 
@@ -216,16 +299,22 @@ class JobPipeline:
             self._on_transient(exc)
             self._commit(job.id, partial(decisions.retry_look_later, now=self.clock(), error=exc))
             return
+        except AccountRefusedError as exc:
+            self._follow_through_account_trouble(job, request_id, exc)
+            return
+        # The request reached RunComfy and may have run: charged one run at the list price.
         except UnknownRequestError as exc:
             message = f"RunComfy no longer knows the request: {exc.message}"
-            self._fail(job.id, "upstream_request_lost", message)
+            self._fail(job.id, "upstream_request_lost", message, runs_charged=1)
             return
         except PermanentUpstreamError as exc:
             message = f"RunComfy gave an answer we cannot use: {exc.message}"
-            failed = self._fail(job.id, "upstream_bad_response", message)
+            failed = self._fail(job.id, "upstream_bad_response", message, runs_charged=1)
             if failed is not None:  # no longer followed: not left running, paid for
                 self._cancel_left_behind(failed.job)
             return
+        if job.account_waits:  # looks were refused for the account: the token is taken again
+            self._account_fine_again(TOKEN_REFUSED)
         if output_pending:  # over, by /status: the next step, due now, fetches the output
             seeing = partial(decisions.note_seen_finished, request_id=request_id)
             self._commit(job.id, partial(seeing, status=state.status, now=self.clock()))
@@ -236,6 +325,22 @@ class JobPipeline:
                 ids = {"job_id": job.id, "upstream_request_id": request_id}
                 log.warning("RunComfy answered a status not known; following it on", extra=ids)
         self._apply_state(record, request_id, state)
+
+    def _follow_through_account_trouble(
+        self, job: Job, request_id: str, exc: AccountRefusedError
+    ) -> None:
+        """A look or cancel refused for the account: keep following the request (it may be
+        running, paid for), asked again within account.RECHECK_S."""
+        self._on_account_refused(job, exc)
+        following = partial(
+            decisions.follow_through_account_trouble,
+            request_id=request_id,
+            now=self.clock(),
+            kind=exc.kind,
+        )
+        if self._commit(job.id, following) is not None:
+            assert self.account is not None
+            self.account.note_waiting(job.id, self.clock())
 
     def _ask(self, job: Job, request_id: str) -> tuple[RequestState, bool]:
         """One look's calls: what RunComfy says of the request, and whether /status says the
@@ -264,12 +369,15 @@ class JobPipeline:
         job = record.job
         now = self.clock()
         expected_run_s = self.run_times.expected_s(job.input)
+        # Only a success RunComfy gave no cost for is charged at the list price.
+        needs_price = state.images is not None and state.cost_usd is None
         applying = partial(
             decisions.apply_look,
             request_id=request_id,
             state=state,
             now=now,
             expected_run_s=expected_run_s,
+            list_price_usd=self._list_price() if needs_price else None,
         )
         committed = self._commit(job.id, applying, seen=record)
         if committed is None:
@@ -306,6 +414,9 @@ class JobPipeline:
                 error=exc,
             )
             self._commit(job.id, counting)
+            return
+        except AccountRefusedError as exc:  # not "not cancellable": sent again when it can be
+            self._follow_through_account_trouble(job, request_id, exc)
             return
         except UpstreamError as exc:
             cancelled, answer = False, exc.message
@@ -349,9 +460,14 @@ class JobPipeline:
         # Cancelled before the final write (a worker dying after it leaves nothing undone), and
         # after it the request the expired record holds if it is another: a submit answered
         # between this step's read and its write left that run paid for and untracked.
-        read_id = self._cancel_left_behind(job)
+        read_id = decisions.request_left_running(job)
+        cancelled = read_id is not None and self._best_effort_cancel(read_id)
         expiring = partial(
-            decisions.expire, now=self.clock(), deadline_s=self.settings.job_deadline_s
+            decisions.expire,
+            now=self.clock(),
+            deadline_s=self.settings.job_deadline_s,
+            cancelled_request=read_id if cancelled else None,
+            list_price_usd=self._list_price(),
         )
         committed = self._commit(job.id, expiring)
         if committed is not None and committed.job.request_id != read_id:
@@ -365,22 +481,29 @@ class JobPipeline:
             self._best_effort_cancel(request_id)
         return request_id
 
-    def _best_effort_cancel(self, request_id: str) -> None:
+    def _best_effort_cancel(self, request_id: str) -> bool:
+        """Ask RunComfy once to cancel `request_id`; True if it did (it was still queued)."""
         try:
             self.counters.add("upstream_cancels")
-            self.runcomfy.cancel(request_id)
+            return self.runcomfy.cancel(request_id).cancelled
         except UpstreamError as exc:
             log.info(
                 "cancel on the way out failed",
                 extra={"upstream_request_id": request_id, "error": exc.message},
             )
+            return False
 
     # --- commits ----------------------------------------------------------------------------
 
-    def _fail(self, job_id: str, code: str, message: str) -> Committed | None:
+    def _fail(self, job_id: str, code: str, message: str, *, runs_charged: int) -> Committed | None:
         error = JobError(code, message)
         failing = partial(
-            decisions.end_if_live, status=Status.FAILED, now=self.clock(), error=error
+            decisions.end_if_live,
+            status=Status.FAILED,
+            now=self.clock(),
+            error=error,
+            runs_charged=runs_charged,
+            list_price_usd=self._list_price() if runs_charged else None,
         )
         return self._commit(job_id, failing)
 
@@ -403,6 +526,8 @@ class JobPipeline:
                     "upstream_request_id": job.request_id,
                     "status": job.status.value,
                     "error_code": job.error.code if job.error else None,
+                    "cost_usd": job.cost_usd,
+                    "cost_source": job.cost_source,
                 },
             )
         if committed.events:

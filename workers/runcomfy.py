@@ -19,6 +19,7 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
+from core.account import OUT_OF_BALANCE, TOKEN_REFUSED
 from core.http.deadlines import DEADLINES, DeadlineAdapter, connect_failure
 from core.retry_after import parse_retry_after_s
 
@@ -37,6 +38,11 @@ CANCELLED_STATUSES = frozenset({"cancelled", "canceled"})
 FINISHED_STATUSES = SUCCEEDED_STATUSES | FAILED_STATUSES | CANCELLED_STATUSES
 KNOWN_STATUSES = QUEUED_STATUSES | RUNNING_STATUSES | FINISHED_STATUSES
 UNKNOWN_REQUEST_CODE = "404001"  # request id unknown or expired (RUNCOMFY.md)
+OUT_OF_BALANCE_CODES = frozenset({"400002"})
+TOKEN_REFUSED_CODES = frozenset({"400004", "401001"})
+OTHER_ACCOUNTS_REQUEST_CODE = "403001"  # the request belongs to another account: not ours to wait
+# What `price_unit` may say for a price per output image (RunComfy's nodes: `output`).
+PER_IMAGE_PRICE_UNITS = frozenset({"output", "outputs", "image", "images", "per_output"})
 MAX_ERROR_TEXT = 500
 MAX_SNIPPET_TEXT = 200
 MAX_STATUS_WORD = 40  # a status word not known is kept (on the job, in a log) this long at most
@@ -99,6 +105,19 @@ class PermanentUpstreamError(UpstreamError):
     """The call cannot succeed as made: rejected input, auth, balance, bad payload."""
 
 
+class AccountRefusedError(UpstreamError):
+    """RunComfy refused the call for the account, not for the job: out of balance (402,
+    `400002`) or the token refused (401/403, `400004`). Nothing was queued or paid; the same
+    call succeeds once the account is put right, so the job waits — never fails — for it.
+
+    Not a PermanentUpstreamError on purpose: code that does not know this error must not take
+    it for the job's own failure."""
+
+    def __init__(self, message: str, *, kind: str, http_status: int | None, code: Any) -> None:
+        super().__init__(message, http_status=http_status, code=code)
+        self.kind = kind  # OUT_OF_BALANCE or TOKEN_REFUSED
+
+
 class UnusableAnswerError(PermanentUpstreamError):
     """A 2xx answer without an error that cannot be used (not a JSON object, too long, a submit
     answer without a request id): RunComfy most likely did what was asked."""
@@ -126,6 +145,7 @@ class RequestState:
     error: str | None = None
     created_at: float | None = None  # RunComfy's clock, when it says (on /result)
     finished_at: float | None = None
+    cost_usd: float | None = None  # what RunComfy billed for the run, when it says
 
     @property
     def is_queued(self) -> bool:
@@ -206,8 +226,9 @@ class RunComfyClient:
         )
 
     def result(self, request_id: str) -> RequestState:
-        """GET /result: the status, and the output images or error once finished."""
-        body = self._call("GET", f"/v1/requests/{quote(request_id, safe='')}/result")
+        """GET /result: the status, and the output images or error and the cost once finished."""
+        path = f"/v1/requests/{quote(request_id, safe='')}/result?include_cost=true"
+        body = self._call("GET", path)
         status = _status_of(body)
         if status == "completed":  # a /status word; /result should say succeeded or failed
             status = "failed" if body.get("error") and not body.get("output") else "succeeded"
@@ -224,6 +245,7 @@ class RunComfyClient:
             error=error,
             created_at=_timestamp(body.get("created_at")),
             finished_at=_timestamp(body.get("finished_at")),
+            cost_usd=_cost(body.get("cost")),
         )
 
     def cancel(self, request_id: str) -> CancelOutcome:
@@ -233,6 +255,20 @@ class RunComfyClient:
         if outcome not in {"cancelled", "canceled", "not_cancellable"}:
             raise PermanentUpstreamError(f"cancel answer has no known outcome: {_snippet(body)}")
         return CancelOutcome(request_id, outcome in {"cancelled", "canceled"}, outcome)
+
+    def list_price_usd(self) -> float:
+        """GET /v1/models/{model_id}: the model's list price per output image, in USD."""
+        body = self._call("GET", f"/v1/models/{quote(self.model_id, safe='/')}")
+        price = _cost(body.get("base_price_usd"))
+        if price is None:
+            raise UnusableAnswerError(
+                f"model answer has no usable base_price_usd: {_snippet(body)}"
+            )
+        unit = body.get("price_unit")
+        if unit is not None and str(unit).strip().lower() not in PER_IMAGE_PRICE_UNITS:
+            # A price per second or per run is not a price per image: guessing would misbill.
+            raise UnusableAnswerError(f"model price is not per output image: {_snippet(unit)}")
+        return price
 
     # --- one HTTP exchange -----------------------------------------------------------------
 
@@ -316,6 +352,16 @@ def _interpret(
             retry_after_s=parse_retry_after_s(headers.get("Retry-After")),
             maybe_processed=status not in RETRY_LATER_STATUSES,
         )
+    account_kind = _account_refusal(status, _code_of(body))
+    if account_kind is not None:  # (as HTTP 200 with the code too)
+        code, message = _error_fields(body)
+        raise AccountRefusedError(
+            f"{where}: HTTP {status}{': ' + message if message else ''}"
+            + (f" (error_code {code})" if code is not None else ""),
+            kind=account_kind,
+            http_status=status,
+            code=code,
+        )
     if status == 404 or _code_of(body) == UNKNOWN_REQUEST_CODE:  # (as HTTP 200 too)
         code, message = _error_fields(body)
         raise UnknownRequestError(
@@ -343,6 +389,28 @@ def _interpret(
             code=code,
         )
     return body
+
+
+def _account_refusal(status: int, code: str | None) -> str | None:
+    """OUT_OF_BALANCE or TOKEN_REFUSED when an answer refuses the account, else None."""
+    if code in OUT_OF_BALANCE_CODES or status == 402:
+        return OUT_OF_BALANCE
+    if code in TOKEN_REFUSED_CODES or status == 401:
+        return TOKEN_REFUSED
+    if status == 403 and code != OTHER_ACCOUNTS_REQUEST_CODE:  # no access to the model
+        return TOKEN_REFUSED
+    return None
+
+
+def _cost(value: Any) -> float | None:
+    """A USD amount RunComfy gave: a finite number >= 0, else None (ignored, not an error)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        amount = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return amount if math.isfinite(amount) and amount >= 0 else None
 
 
 def _timestamp(value: Any) -> float | None:
