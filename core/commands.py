@@ -126,7 +126,8 @@ class JobCommands:
             if j.status.is_final:
                 return None
             if j.status is Status.QUEUED and j.submit_started_at is None:
-                return Step(j.moved_to(Status.CANCELLED, now, cancel_requested=True), None)
+                cancelled = j.moved_to(Status.CANCELLED, now, cancel_requested=True)
+                return Step(cancelled.with_cost(0.0, "list_price"), None)  # never at RunComfy
             if j.cancel_requested:
                 return None  # asked for before: on its way (again would only force a step)
             return Step(j.changed(now, cancel_requested=True), now)

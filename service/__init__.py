@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flask import Flask
@@ -12,6 +13,7 @@ from core.commands import JobCommands
 from core.http.egress import EgressPolicy
 from core.logs import configure_logging
 from core.metrics import Counters, GatewayCollector
+from core.pricing import ListPrice
 from core.settings import Settings, load_settings_or_exit
 from core.store import JobStore, connect_redis
 from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
@@ -19,8 +21,10 @@ from service.auth import RecentKeys
 from service.context import ServiceContext
 from service.docs import SWAGGER_UI_ASSETS_PATH
 from service.problems import ProblemApi
+from workers.runcomfy import RunComfyClient
 
 MAX_BODY_BYTES = 64 * 1024
+PRICE_FETCH_TIMEOUT_S = 3.0  # on the accept path, once per ten minutes at most
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -53,6 +57,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     counters = Counters(client)
     celery = create_celery_app(settings)
     wakeups = Wakeups(client, celery)
+    # A budget's reservation needs the list price: cached in Redis for every replica; this
+    # client fetches it only when the cache is stale and no one else is fetching.
+    list_price = ListPrice(
+        client,
+        fetch=RunComfyClient(
+            base_url=settings.runcomfy_base_url,
+            token=settings.runcomfy_api_token,
+            model_id=settings.runcomfy_model_id,
+            timeout_s=PRICE_FETCH_TIMEOUT_S,
+        ).list_price_usd,
+    )
     registry = CollectorRegistry(auto_describe=True)
     registry.register(GatewayCollector(store, counters))
     app.extensions["celery"] = celery
@@ -67,7 +82,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             counters=counters,
             wakeups=wakeups,
             egress=EgressPolicy.from_cidrs(list(settings.webhook_allowed_networks)),
-            list_price_usd=lambda: None,
+            list_price_usd=functools.partial(list_price.usd_per_image, wait_s=2.0),
         ),
         celery=celery,
         metrics_registry=registry,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core.account import AccountState
+from core.jobs import iso
 from service.context import ctx
 
 bp = Blueprint("health", __name__)
@@ -18,11 +20,16 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Redis and the broker answer."""
+    """Redis and the broker answer. RunComfy refusing the account (out of balance, token
+    refused) is said too, but leaves the API ready: jobs are still accepted and wait."""
     checks: dict[str, str] = {}
     try:
         ctx().redis.ping()
         checks["redis"] = "ok"
+        trouble = AccountState(ctx().redis).current()
+        checks["runcomfy_account"] = (
+            "ok" if trouble is None else f"{trouble.kind} since {iso(trouble.since)}"
+        )
     except Exception as exc:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
     try:
@@ -31,7 +38,7 @@ def readyz() -> tuple[Response, int]:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unreachable: {type(exc).__name__}"
-    ready = all(v == "ok" for v in checks.values())
+    ready = checks["redis"] == "ok" and checks["broker"] == "ok"
     return jsonify(status="ready" if ready else "not ready", checks=checks), 200 if ready else 503
 
 
