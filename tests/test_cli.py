@@ -16,9 +16,9 @@ import redis
 import requests
 from standardwebhooks.webhooks import Webhook
 
-from cli.processes import ManagedProcess, free_port, venv_script, wait_for_port
+from cli.stack import ManagedProcess, Stack, free_port, venv_script, wait_for_port, wait_until
 from core.clients import MAX_RETIRED_SECRETS, SECRET_ROTATION_OVERLAP_S, ClientStore
-from tests.conftest import ApiClient, Stack, wait_until
+from tests.support.api import ApiClient
 from tests.test_end_to_end import job_body, unique
 
 pytestmark = pytest.mark.integration
