@@ -45,6 +45,11 @@ class _Server(ThreadingHTTPServer):
             self._open.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A sender that goes away mid-request (a gateway timing out) is no error of ours."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """End the kept-alive connections too: a stopped receiver answers nothing more."""
         with self._open_lock:
