@@ -66,8 +66,10 @@ def _ports_free(**ports: int) -> None:
                 ) from None
 
 
-def _choose_redis(stack: Stack) -> None:
-    """REDIS_URL if given; otherwise a private redis-server with AOF in .run/redis."""
+def _existing_redis() -> str | None:
+    """The Redis to use if `make run` should not start its own: REDIS_URL if given, a previous
+    run's server still up, or (without redis-server) one on localhost:6379. Stops with one line
+    when there is none to use and none to start."""
     given = os.environ.get("REDIS_URL")
     if given:
         if not _reachable(given):
@@ -75,23 +77,18 @@ def _choose_redis(stack: Stack) -> None:
                 f"[make run] Redis is not reachable at REDIS_URL={given}: start it, "
                 "or unset REDIS_URL to let `make run` start its own (needs redis-server installed)."
             )
-        stack.use_redis(given)
-        return
+        return given
     if shutil.which("redis-server") is None:
         fallback = "redis://localhost:6379/0"
         if _reachable(fallback):
             say(f"redis-server not installed; using the Redis at {fallback} (is AOF on there?)")
-            stack.use_redis(fallback)
-            return
+            return fallback
         raise SystemExit(
             "[make run] No Redis: redis-server is not installed and nothing answers on localhost:6379. "
             "Fix: apt-get install redis-server (or brew install redis), or set REDIS_URL."
         )
     previous_run = f"redis://127.0.0.1:{DEV_REDIS_PORT}/0"
-    if _reachable(previous_run):  # a previous run's server is still up: reuse it
-        stack.use_redis(previous_run)
-    else:
-        stack.start_redis(port=DEV_REDIS_PORT)
+    return previous_run if _reachable(previous_run) else None
 
 
 def _local_client(store: ClientStore) -> tuple[str, str, str]:
@@ -164,6 +161,7 @@ def run_dev_stack(
     _ports_free(
         api=api_port, listener=listener_port, **({"emulator": emulator_port} if emulated else {})
     )
+    existing_redis = _existing_redis()
     stack = Stack(RUN_DIR, log_dir=RUN_DIR, name="make run")
     stopping = False
 
@@ -175,7 +173,10 @@ def run_dev_stack(
     signal.signal(signal.SIGTERM, stop)
     receiver: WebhookReceiver | None = None
     try:
-        _choose_redis(stack)
+        if existing_redis is not None:
+            stack.use_redis(existing_redis)
+        else:
+            stack.start_redis(port=DEV_REDIS_PORT)
         if emulated:
             say(f"RUNCOMFY_API_TOKEN is unset: using the bundled emulator on port {emulator_port}")
             stack.start_emulator(port=emulator_port)
@@ -188,10 +189,10 @@ def run_dev_stack(
             secret=secret, port=listener_port, on_event=print_event, on_refusal=print_refusal
         ).start()
         stack.start_api(port=api_port)
-        worker = stack.start_worker(concurrency=worker_concurrency, queues=None)
+        # Before the worker starts: its first failed attempts are news too.
+        failed_attempts = FailedAttemptReporter(stack.logs / "worker.log", say)
+        stack.start_worker(concurrency=worker_concurrency, queues=None)
         stack.start_beat()
-        assert worker.log_path is not None
-        failed_attempts = FailedAttemptReporter(worker.log_path, say)
         _print_welcome(stack, client_id, api_key, secret, receiver.url)
         while not stopping:
             stack.restart_exited(say)

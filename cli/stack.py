@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import redis
 import requests
+from celery import Celery
 
 from core.settings import Settings, load_settings
 from core.store import connect_redis
@@ -355,7 +356,8 @@ class Stack:
     def start_redis(self, port: int = 0) -> str:
         """A private redis-server with AOF, its data in base/redis; returns its URL."""
         server = RedisServer(self.base / "redis", port=port, log_path=self.logs / "redis.log")
-        self._own_redis = server.start()
+        self._own_redis = server  # before it starts: a failed start is stopped too
+        server.start()
         self.redis_url = server.url
         return self.redis_url
 
@@ -426,8 +428,6 @@ class Stack:
 
     def wait_for_worker(self, process: ManagedProcess, timeout_s: float = 60) -> None:
         """Block until a worker answers a remote-control ping (it consumes from then on)."""
-        from celery import Celery
-
         env = self.env
         app = Celery("stack-ping", broker=env.get("CELERY_BROKER_URL") or self.redis_url)
         app.conf.broker_connection_retry_on_startup = True
