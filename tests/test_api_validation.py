@@ -27,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.stack import EMULATOR_TOKEN, Stack
-from core import egress
 from core.clients import ClientStore, NewClientCredentials
+from core.http import egress
 from core.http.egress import EgressPolicy
 from core.http.names import NameLookup
 from core.outbox import WebhookOutbox

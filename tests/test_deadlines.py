@@ -16,7 +16,7 @@ import pytest
 import requests
 
 import core.http.deadlines
-from core import egress
+from core.http import egress
 from core.http.deadlines import DEADLINES, DeadlineAdapter, Exchange
 from core.http.egress import EgressPolicy, egress_session, keep_connection_after_answer
 from core.http.names import NameLookup

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from core import egress
+from core.http import egress
 from core.http.deadlines import DEADLINES
 from core.http.egress import (
     EgressPolicy,
