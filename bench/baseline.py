@@ -18,30 +18,33 @@ from bench.common import (
     InFlightSampler,
     Row,
     Sizes,
-    Stack,
     fmt,
-    job_body,
+    phase_stack,
     say,
     start_receiver,
 )
 from bench.scale import ScaleOutcome
+from cli.stack import sample_job_body
 from core.clients import new_webhook_secret
 
 
 def run(sizes: Sizes, base: Path, gateway: ScaleOutcome | None) -> list[Row]:
     n, conc, window = sizes.scale_jobs, sizes.scale_concurrency, sizes.baseline_window_s
     secret = new_webhook_secret()
-    with Stack("baseline", base) as stack:
-        broker_url = stack.start_redis()
-        stack.start_emulator(0, sizes.scale_run_s)
-        stack.make_env(NAIVE_WEBHOOK_SECRET=secret)
-        worker = stack.start_worker("bench.naive", conc)
+    with phase_stack(
+        "baseline", base, run_s=sizes.scale_run_s, NAIVE_WEBHOOK_SECRET=secret
+    ) as stack:
+        broker_url = stack.redis_url
+        worker = stack.start_worker(
+            app="bench.naive", concurrency=conc, queues=None, log_level=None
+        )
+        stack.wait_for_worker(worker)
         collector = Collector()
         receiver = start_receiver(secret, collector)
         celery = naive.create_app(broker_url)
         try:
-            body = job_body(stack.emulator_url)
-            stack.emulator("POST", "/_emulator/reset")
+            body = sample_job_body(stack.emulator_url)
+            stack.emulator("/_emulator/reset", method="POST")
             say(f"baseline: enqueue {n} naive jobs, worker -c {conc}, window {window:.0f} s")
             with InFlightSampler(stack) as sampler:
                 started = time.time()

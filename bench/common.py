@@ -1,7 +1,7 @@
-"""What every phase shares: the processes of a stack, /proc readings, HTTP helpers, result rows.
+"""What every phase shares: /proc readings, HTTP helpers, result rows.
 
-Each phase starts its own private processes with the production commands (README "Operating it")
-and stops them all when it ends, also on an error or Ctrl-C (`Stack` is a context manager).
+Each phase starts its own private processes with cli.stack.Stack (the production commands) and
+stops them all when it ends, also on an error or Ctrl-C (`Stack` is a context manager).
 """
 
 from __future__ import annotations
@@ -18,29 +18,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 import requests
-from celery import Celery
 
-from cli.processes import (
-    ManagedProcess,
-    RedisServer,
-    api_argv,
-    beat_argv,
-    emulator_argv,
-    free_port,
-    wait_for_port,
-    worker_argv,
-)
+from cli.stack import ManagedProcess, Stack
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EMULATOR_TOKEN = "bench-emulator-token"
-PROMPT = "Turn the sky into a vivid red sunset"
 _STARTED = time.monotonic()
 
 
@@ -209,173 +196,37 @@ def group_size(process: ManagedProcess) -> int:
     return len(group_pids(process.process.pid)) if process.process else 0
 
 
-# --- the stack -----------------------------------------------------------------------------------
+# --- the stack's CPU ------------------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    """Private processes of one phase; `with Stack(...) as stack:` stops them all at the end."""
-
-    name: str
-    base: Path
-    processes: list[ManagedProcess] = field(default_factory=list)
-    redis_server: RedisServer | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    emulator_url: str = ""
-    api_url: str = ""
-
-    def __enter__(self) -> Stack:
-        (self.base / "logs").mkdir(parents=True, exist_ok=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def logs(self) -> Path:
-        return self.base / "logs"
-
-    def stop(self) -> None:
-        """Stop every process, newest first (Redis last); each is tried even if one fails."""
-        interrupted: BaseException | None = None
-        while self.processes:
-            process = self.processes.pop()
-            try:
-                process.stop(timeout_s=10)
-            except Exception as exc:
-                say(f"{self.name}: stopping {process.name} failed: {exc}")
-            except BaseException as exc:  # Ctrl-C while stopping: stop the rest all the same
-                interrupted = interrupted or exc
-                process.kill()
-        if self.redis_server is not None:
-            with contextlib.suppress(Exception):
-                self.redis_server.stop()
-            self.redis_server = None
-        if interrupted is not None:
-            raise interrupted
-
-    def stop_process(self, name: str) -> None:
-        """Stop one process of the stack before the others."""
-        process = self.process(name)
-        self.processes.remove(process)
-        process.stop(timeout_s=10)
-
-    def process(self, name: str) -> ManagedProcess:
-        return next(p for p in self.processes if p.name == name)
-
-    def cpu_meter(self) -> CpuMeter:
-        """CPU of every process of the stack (gateway and harness alike) and of this one."""
-        readers: dict[str, Callable[[], float]] = {
-            p.name: functools.partial(group_cpu_s, p) for p in self.processes
-        }
-        client = self.redis()
-        redis_pid = int(client.info("server")["process_id"])
-        client.close()
-        readers["redis"] = lambda: pid_cpu_s(redis_pid)
-        readers["bench"] = self_cpu_s
-        return CpuMeter(readers)
-
-    def start_redis(self) -> str:
-        self.redis_server = RedisServer(
-            self.base / "redis", log_path=self.logs / "redis.log"
-        ).start()
-        return self.redis_server.url
-
-    def start_emulator(self, queue_s: float, run_s: float) -> str:
-        port = free_port()
-        argv = emulator_argv(
-            port, EMULATOR_TOKEN, "--queue-s", str(queue_s), "--run-s", str(run_s), "--quiet"
-        )
-        process = self._start("emulator", argv, dict(os.environ))
-        wait_for_port(port, process=process.process)
-        self.emulator_url = f"http://127.0.0.1:{port}"
-        return self.emulator_url
-
-    def make_env(self, **extra: str) -> dict[str, str]:
-        """The environment every gateway process gets (after Redis and the emulator started)."""
-        assert self.redis_server is not None and self.emulator_url
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
-            "PYTHONUNBUFFERED": "1",
-            "REDIS_URL": self.redis_server.url,
-            "RUNCOMFY_BASE_URL": self.emulator_url,
-            "RUNCOMFY_API_TOKEN": EMULATOR_TOKEN,
-            "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
-            "LOG_LEVEL": "WARNING",
-            **extra,
-        }
-        return self.env
-
-    def start_api(self, name: str = "api", app: str = "service:create_app()") -> ManagedProcess:
-        """gunicorn with the production settings (service/gunicorn_conf.py), on a free port."""
-        port = free_port()
-        process = self._start(name, api_argv(f"127.0.0.1:{port}", app), self.env)
-        wait_for_port(port, process=process.process, timeout_s=30)
-        self.api_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:  # every gunicorn worker process booted and answering
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(self.api_url + "/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("gunicorn did not answer /healthz within 30 s")
-            time.sleep(0.1)
-        return process
-
-    def start_worker(self, app: str, concurrency: int, queues: str | None = None) -> ManagedProcess:
-        """`celery -A app worker -c N`; returns once it answers a remote-control ping."""
-        argv = worker_argv(
-            concurrency=concurrency, name=f"bench-{self.name}", queues=queues, app=app,
-            log_level=None,
-        )  # fmt: skip
-        process = self._start("worker", argv, self.env)
-        wait_for_celery_worker(self.env["REDIS_URL"], process)
-        return process
-
-    def start_beat(self) -> ManagedProcess:
-        return self._start("beat", beat_argv(self.base / "beat-schedule", None), self.env)
-
-    def emulator(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Call the emulator (control API without a token; /v1 with it); the JSON answer."""
-        headers = {"Authorization": f"Bearer {EMULATOR_TOKEN}"}
-        response = requests.request(
-            method, self.emulator_url + path, headers=headers, timeout=10, **kwargs
-        )
-        response.raise_for_status()
-        return response.json()
-
-    def redis(self) -> redis.Redis:
-        assert self.redis_server is not None
-        from core.store import connect_redis
-
-        return connect_redis(self.redis_server.url)
-
-    def _start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> ManagedProcess:
-        process = ManagedProcess(
-            name, argv, env=env, log_path=self.logs / f"{name}.log", cwd=REPO_ROOT
-        )
-        self.processes.append(process)
-        process.start()
-        return process
+# A phase's processes log warnings only: their INFO lines would cost CPU the figures count.
+BENCH_SETTINGS = {"LOG_LEVEL": "WARNING", "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8"}
 
 
-def wait_for_celery_worker(broker_url: str, process: ManagedProcess, timeout_s: float = 60) -> None:
-    """Block until a worker answers a remote-control ping (it consumes from then on)."""
-    app = Celery("bench-ping", broker=broker_url)
-    app.conf.broker_connection_retry_on_startup = True
-    deadline = time.monotonic() + timeout_s
+def phase_stack(name: str, base: Path, *, run_s: float, **settings: str) -> Stack:
+    """A phase's stack, its Redis and emulator (runs of `run_s`, no queue) running; use it as
+    `with phase_stack(...) as stack:`, so that every process stops with the phase."""
+    stack = Stack(base, settings_env=BENCH_SETTINGS | settings, name=name)
     try:
-        while time.monotonic() < deadline:
-            if not process.running:
-                raise RuntimeError(f"the celery worker exited; see {process.log_path}")
-            if app.control.ping(timeout=0.5):
-                return
-        raise TimeoutError(f"the celery worker did not answer a ping within {timeout_s} s")
-    finally:
-        app.close()
+        stack.start_redis()
+        stack.start_emulator("--queue-s", "0", "--run-s", str(run_s), "--quiet")
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def cpu_meter(stack: Stack) -> CpuMeter:
+    """CPU of every process of the stack (gateway and harness alike) and of this one."""
+    readers: dict[str, Callable[[], float]] = {
+        p.name: functools.partial(group_cpu_s, p) for p in stack.processes
+    }
+    client = stack.redis()
+    redis_pid = int(client.info("server")["process_id"])
+    client.close()
+    readers["redis"] = lambda: pid_cpu_s(redis_pid)
+    readers["bench"] = self_cpu_s
+    return CpuMeter(readers)
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
@@ -446,18 +297,6 @@ def post_jobs(
         return list(pool.map(one, enumerate(bodies)))
 
 
-def job_body(emulator_url: str, webhook_url: str | None = None, prompt: str = PROMPT) -> dict:
-    """A valid POST /v1/jobs body on the emulator's sample images."""
-    body: dict[str, Any] = {
-        "prompt": prompt,
-        "image_url": f"{emulator_url}/samples/image.png",
-        "mask_image_url": f"{emulator_url}/samples/mask.png",
-    }
-    if webhook_url is not None:
-        body["webhook_url"] = webhook_url
-    return body
-
-
 class InFlightSampler:
     """Samples the emulator's live requests every `interval_s` in a thread; keeps the peaks."""
 
@@ -480,22 +319,13 @@ class InFlightSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             with contextlib.suppress(requests.RequestException):
-                states = self.stack.emulator("GET", "/_emulator/stats")["requests"]
+                states = self.stack.emulator("/_emulator/stats").json()["requests"]
                 in_progress = int(states.get("in_progress", 0))
                 self.peak_in_progress = max(self.peak_in_progress, in_progress)
                 self.peak_in_flight = max(
                     self.peak_in_flight, in_progress + int(states.get("in_queue", 0))
                 )
                 self.samples += 1
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every_s)
-    return predicate()
 
 
 def used_memory(client: redis.Redis) -> tuple[int, int]:

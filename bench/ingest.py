@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import ingest_inprocess, ingest_probe
-from bench.common import Row, Sizes, Stack, fmt, job_body, judged, say
+from bench.common import Row, Sizes, cpu_meter, fmt, judged, phase_stack, say
 from bench.loadgen import LoadResult, max_throughput, run_python
+from cli.stack import Stack, sample_job_body
 from core.clients import ClientStore
 from service import gunicorn_conf
 
@@ -38,15 +39,12 @@ TARGET_HALF_RATE_P99_MS = 25.0
 
 
 def run(sizes: Sizes, base: Path) -> list[Row]:
-    with Stack("ingest", base) as stack:
-        stack.start_redis()
-        stack.start_emulator(0, 0)
-        stack.make_env()
+    with phase_stack("ingest", base, run_s=0) as stack:
         stack.start_api()
         client = stack.redis()
         creds = ClientStore(client).create("bench-ingest")
         client.close()
-        body = json.dumps(job_body(stack.emulator_url))
+        body = json.dumps(sample_job_body(stack.emulator_url))
         auth = {"Authorization": f"Bearer {creds.api_key}", "Content-Type": "application/json"}
         load = functools.partial(
             max_throughput,
@@ -58,7 +56,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
 
         log = stack.logs / "api.log"
         _wait_for_boots(log, gunicorn_conf.workers)
-        cpu = stack.cpu_meter()
+        cpu = cpu_meter(stack)
         cpu.start()
         boots = [_boots(log)]
         metered_trivial: list[MeteredRound] = []
@@ -147,7 +145,7 @@ def _post_steps(
 ) -> list[list[MeteredRound]]:
     """Where a POST's throughput goes: each of bench/ingest_probe.py's steps, in alternating
     rounds (every round, per step)."""
-    stack.start_api("api-probe", "bench.ingest_probe:create_app()")
+    stack.start_api(name="api-probe", app="bench.ingest_probe:create_app()")
     _wait_for_boots(stack.logs / "api-probe.log", gunicorn_conf.workers)
     rounds: list[list[MeteredRound]] = [[] for _ in POST_STEPS]
     for round_no in range(1, sizes.ingest_rounds + 1):
@@ -180,7 +178,7 @@ class MeteredRound:
 
 
 def _metered(stack: Stack, api: str, run: Callable[[], LoadResult]) -> MeteredRound:
-    meter = stack.cpu_meter()
+    meter = cpu_meter(stack)
     meter.start()
     result = run()
     meter.stop()

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import EMULATOR_TOKEN, Row, Sizes, fmt, per_call
+from bench.common import Row, Sizes, fmt, per_call
+from cli.stack import EMULATOR_TOKEN
 from core.jobs import new_job
 from core.settings import Settings
 from core.wakeups import DISPATCH_JOBS_TASK

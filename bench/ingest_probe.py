@@ -19,8 +19,10 @@ from flask import Blueprint, Flask, Response, request
 from marshmallow import missing
 
 import service
+from core.commands import JobCommands
 from core.jobs import Job
 from core.store import Created, IdempotencyClaim, JobStore
+from core.usage import AcceptLimits
 from core.wakeups import PendingWakeup
 from service.auth import authenticate, current_client
 from service.context import ServiceContext
@@ -39,6 +41,7 @@ class UnstoredJobs(JobStore):
         *,
         idempotency: IdempotencyClaim | None = None,
         wakeup: PendingWakeup | None = None,
+        limits: AcceptLimits | None = None,
     ) -> Created:
         """Nothing is written and no wake-up is claimed."""
         return Created(job.id, is_new=True, wakeup_claimed=False)
@@ -67,9 +70,8 @@ def create_app() -> Flask:
     @probe.post(UNVALIDATED_PATH)
     def unvalidated() -> Response:
         body = defaults | json.loads(request.get_data())
-        job, _ = app.extensions["inpaint_gateway"].commands.accept(
-            current_client().id, body, INPUT_FIELDS
-        )
+        commands: JobCommands = app.extensions["inpaint_gateway"].commands
+        job = commands.accept(current_client(), body, INPUT_FIELDS).job
         return job_response(job, 202, {"Location": job_location(job.id)})
 
     app.register_blueprint(probe)

@@ -17,31 +17,32 @@ from bench.common import (
     Poster,
     Row,
     Sizes,
-    Stack,
+    cpu_meter,
     cpu_rows,
     explain_missing,
     fmt,
-    job_body,
     judged,
+    phase_stack,
     post_jobs,
     say,
     start_receiver,
 )
+from cli.stack import sample_job_body
 from core.clients import ClientStore
 
 
 def run(sizes: Sizes, base: Path) -> list[Row]:
     n = sizes.pipeline_jobs
-    with Stack("pipeline", base) as stack:
-        stack.start_redis()
-        stack.start_emulator(0, 0)
-        # The caps toward RunComfy (defaults: 32 in flight, 50 calls/s) are operator settings
-        # that would be the figure here (~25 jobs/s at two calls a job); out of the way, as in
-        # the scale phase, this measures the gateway itself.
-        stack.make_env(RUNCOMFY_MAX_IN_FLIGHT="3000", RUNCOMFY_MAX_RPS="3000")
+    # The caps toward RunComfy (defaults: 32 in flight, 50 calls/s) are operator settings
+    # that would be the figure here (~25 jobs/s at two calls a job); out of the way, as in
+    # the scale phase, this measures the gateway itself.
+    with phase_stack(
+        "pipeline", base, run_s=0, RUNCOMFY_MAX_IN_FLIGHT="3000", RUNCOMFY_MAX_RPS="3000"
+    ) as stack:
         stack.start_api()
         stack.start_beat()  # boots while the worker does: its start-up is not counted
-        stack.start_worker("workers", sizes.pipeline_concurrency, "jobs,webhooks")
+        worker = stack.start_worker(concurrency=sizes.pipeline_concurrency, log_level=None)
+        stack.wait_for_worker(worker)
         client = stack.redis()
         creds = ClientStore(client).create("bench-pipeline")
         client.close()
@@ -49,8 +50,8 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         receiver = start_receiver(creds.webhook_secret, collector)
         try:
             poster = Poster(stack.api_url, {"Authorization": f"Bearer {creds.api_key}"})
-            bodies = [job_body(stack.emulator_url, receiver.url) for _ in range(n)]
-            cpu = stack.cpu_meter()
+            bodies = [sample_job_body(stack.emulator_url, receiver.url) for _ in range(n)]
+            cpu = cpu_meter(stack)
             cpu.start()
             say(f"pipeline: POST {n} jobs (worker -c {sizes.pipeline_concurrency}, run 0 s)")
             started = time.time()
@@ -60,7 +61,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
             all_came = collector.wait_for(job_ids, sizes.pipeline_cap_s)
             events = collector.events(job_ids)
             cpu.stop()
-            calls: dict[str, int] = stack.emulator("GET", "/_emulator/stats")["calls"]
+            calls: dict[str, int] = stack.emulator("/_emulator/stats").json()["calls"]
             last = max((e.received_at for e in events), default=time.time())
             rejected = len(receiver.rejected)
             if not all_came:

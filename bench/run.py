@@ -20,8 +20,9 @@ from pathlib import Path
 from types import FrameType
 
 from bench import baseline, delivery, ingest, pipeline, scale
-from bench.common import FULL, REPO_ROOT, SMOKE, Row, machine_line, say
+from bench.common import FULL, SMOKE, Row, machine_line, say
 from bench.loadgen import WRK_INSTALL_HINT, wrk_available
+from cli.stack import REPO_ROOT
 
 PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery")
 RESULTS = REPO_ROOT / "bench" / "results"

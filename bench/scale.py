@@ -36,20 +36,21 @@ from bench.common import (
     Poster,
     Row,
     Sizes,
-    Stack,
+    cpu_meter,
     cpu_rows,
     explain_missing,
     fmt,
     group_rss_bytes,
     group_size,
-    job_body,
     judged,
     percentile,
+    phase_stack,
     post_jobs,
     say,
     start_receiver,
     used_memory,
 )
+from cli.stack import Stack, sample_job_body
 from core.clients import ClientStore
 from core.metrics import Counters
 from core.settings import Settings
@@ -95,8 +96,8 @@ def _upstream_results(stack: Stack, events: list[Any]) -> list[dict[str, Any]]:
         return list(
             pool.map(
                 lambda e: stack.emulator(
-                    "GET", f"/v1/requests/{e.payload['data']['upstream']['request_id']}/result"
-                ),
+                    f"/v1/requests/{e.payload['data']['upstream']['request_id']}/result"
+                ).json(),
                 events,
             )
         )
@@ -110,13 +111,14 @@ def _after_finish(stack: Stack, events: list[Any]) -> list[float]:
 
 def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
     n, conc = sizes.scale_jobs, sizes.scale_concurrency
-    with Stack("scale", base) as stack:
-        stack.start_redis()
-        stack.start_emulator(0, sizes.scale_run_s)
-        stack.make_env(RUNCOMFY_MAX_IN_FLIGHT="3000", RUNCOMFY_MAX_RPS="3000")
+    with phase_stack(
+        "scale", base, run_s=sizes.scale_run_s,
+        RUNCOMFY_MAX_IN_FLIGHT="3000", RUNCOMFY_MAX_RPS="3000",
+    ) as stack:  # fmt: skip
         stack.start_api()
         stack.start_beat()  # boots while the worker does: its start-up is not counted
-        worker = stack.start_worker("workers", conc, "jobs,webhooks")
+        worker = stack.start_worker(concurrency=conc, log_level=None)
+        stack.wait_for_worker(worker)
         client = stack.redis()
         creds = ClientStore(client).create("bench-scale")
         collector = Collector()
@@ -125,7 +127,7 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             poster = Poster(stack.api_url, {"Authorization": f"Bearer {creds.api_key}"})
 
             def bodies(count: int) -> list[dict[str, Any]]:
-                return [job_body(stack.emulator_url, receiver.url) for _ in range(count)]
+                return [sample_job_body(stack.emulator_url, receiver.url) for _ in range(count)]
 
             warmup = post_jobs(poster, bodies(sizes.scale_warmup_jobs), threads=4)
             say(f"scale: warm-up, {len(warmup)} jobs to the end (learns the run time)")
@@ -135,7 +137,7 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             cold = _after_finish(stack, collector.events(warmup_ids))
 
             memory_before = used_memory(client)
-            cpu = stack.cpu_meter()
+            cpu = cpu_meter(stack)
             cpu.start()
             say(f"scale: steady, {n} jobs POSTed over {sizes.scale_post_s:.0f} s, each "
                 f"{sizes.scale_run_s:.0f} s upstream, worker -c {conc}")  # fmt: skip
@@ -227,7 +229,7 @@ def _run_batch(
     over_s: float | None,
 ) -> Batch:
     """POST `bodies` (evenly over `over_s`, or as fast as taken), wait for every webhook."""
-    stack.emulator("POST", "/_emulator/reset")  # per-batch call counts
+    stack.emulator("/_emulator/reset", method="POST")  # per-batch call counts
     with InFlightSampler(stack) as sampler:
         started = time.time()
         posted = post_jobs(poster, bodies, threads=32, over_s=over_s)
@@ -235,7 +237,7 @@ def _run_batch(
         say(f"scale: {len(posted)} accepted in {posted_in:.1f} s; waiting for the webhooks")
         job_ids = [job_id for job_id, _ in posted]
         all_came = collector.wait_for(job_ids, sizes.scale_cap_s)
-    calls: dict[str, int] = stack.emulator("GET", "/_emulator/stats")["calls"]
+    calls: dict[str, int] = stack.emulator("/_emulator/stats").json()["calls"]
     if not all_came:
         say(f"{stack.name}: " + explain_missing(poster, job_ids, collector))
     events = collector.events(job_ids)

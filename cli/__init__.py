@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 import redis
@@ -14,12 +15,37 @@ from core.settings import SettingsError, load_redis_url
 from core.store import connect_redis
 
 
+def url_without_password(url: str) -> str:
+    """`url` with its password, if any, replaced by ***: fit for a terminal or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _redis_url_source() -> str:
+    """Which setting gave the store's URL (REDIS_URL_FILE wins, as load_redis_url reads it)."""
+    if os.environ.get("REDIS_URL_FILE"):
+        return "REDIS_URL_FILE"
+    if os.environ.get("REDIS_URL"):
+        return "REDIS_URL"
+    return "the default: REDIS_URL is unset"
+
+
 def _client_store() -> ClientStore:
     # Only the store matters here: don't demand the RunComfy token of someone adding a client.
     try:
         redis_url = load_redis_url()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"clients: Redis at {url_without_password(redis_url)} ({_redis_url_source()})", err=True
+    )
     client = connect_redis(redis_url, socket_timeout_s=5)
     try:
         client.ping()
@@ -109,13 +135,15 @@ def clients_rotate_secret(client_id: str, as_json: bool) -> None:
 )
 def listen(port: int, host: str, secret: str | None) -> None:
     """Receive webhooks, verify their signatures, print each event as a JSON line."""
-    from cli.listener import WebhookReceiver, print_event
+    from cli.listener import WebhookReceiver, print_event, print_refusal
 
     if not secret:
         raise click.ClickException(
             "give the client's webhook secret with --secret or WEBHOOK_SECRET"
         )
-    receiver = WebhookReceiver(secret=secret, host=host, port=port, on_event=print_event)
+    receiver = WebhookReceiver(
+        secret=secret, host=host, port=port, on_event=print_event, on_refusal=print_refusal
+    )
     click.echo(f"listening on {receiver.url} (verifying signatures)", err=True)
     try:
         receiver.serve_forever()

@@ -14,36 +14,26 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import redis
 
-from cli.listener import WebhookReceiver, print_event
-from cli.processes import (
-    ManagedProcess,
-    RedisServer,
-    api_argv,
-    beat_argv,
-    emulator_argv,
-    wait_for_port,
-    worker_argv,
-)
+from cli.listener import WebhookReceiver, print_event, print_refusal
+from cli.stack import Stack, sample_job_body
 from core.clients import ClientStore
-from core.settings import SettingsError, load_settings
+from core.settings import SettingsError
 from core.store import connect_redis
 
 RUN_DIR = Path(".run")
 DEV_REDIS_PORT = 6390
-EMULATOR_TOKEN = "emulator-local-token"
-SAMPLE_PROMPT = "Turn the sky into a vivid red sunset"
-RUNCOMFY_SAMPLE_IMAGE = (
-    "https://playgrounds-storage-public.runcomfy.net/tools/7294/media-files/input-1-1.png"
-)
-RUNCOMFY_SAMPLE_MASK = (
-    "https://playgrounds-storage-public.runcomfy.net/tools/7294/media-files/mask.png"
-)
-RESTART_BACKOFF_S = 2.0
+RUNCOMFY_SAMPLE = {
+    # RunComfy's own example for this model (its model page): the mask covers the girl's top.
+    "prompt": "Replace the girl's current top with a short red polka-dot swimsuit top",
+    "image_url": "https://playgrounds-storage-public.runcomfy.net/tools/7294/media-files/input-1-1.png",
+    "mask_image_url": "https://playgrounds-storage-public.runcomfy.net/tools/7294/media-files/mask.png",
+}
 
 
 def say(text: str) -> None:
@@ -76,28 +66,29 @@ def _ports_free(**ports: int) -> None:
                 ) from None
 
 
-def _redis_url(env: dict[str, str]) -> tuple[str, RedisServer | None]:
-    """Use REDIS_URL if given; otherwise start a private redis-server with AOF in .run/redis."""
-    if "REDIS_URL" in env:
-        if not _reachable(env["REDIS_URL"]):
+def _existing_redis() -> str | None:
+    """The Redis to use if `make run` should not start its own: REDIS_URL if given, a previous
+    run's server still up, or (without redis-server) one on localhost:6379. Stops with one line
+    when there is none to use and none to start."""
+    given = os.environ.get("REDIS_URL")
+    if given:
+        if not _reachable(given):
             raise SystemExit(
-                f"[make run] Redis is not reachable at REDIS_URL={env['REDIS_URL']}: start it, "
+                f"[make run] Redis is not reachable at REDIS_URL={given}: start it, "
                 "or unset REDIS_URL to let `make run` start its own (needs redis-server installed)."
             )
-        return env["REDIS_URL"], None
+        return given
     if shutil.which("redis-server") is None:
         fallback = "redis://localhost:6379/0"
         if _reachable(fallback):
             say(f"redis-server not installed; using the Redis at {fallback} (is AOF on there?)")
-            return fallback, None
+            return fallback
         raise SystemExit(
             "[make run] No Redis: redis-server is not installed and nothing answers on localhost:6379. "
             "Fix: apt-get install redis-server (or brew install redis), or set REDIS_URL."
         )
-    server = RedisServer(RUN_DIR / "redis", port=DEV_REDIS_PORT, log_path=RUN_DIR / "redis.log")
-    if _reachable(server.url):  # a previous run's server is still up: reuse it
-        return server.url, None
-    return server.start().url, server
+    previous_run = f"redis://127.0.0.1:{DEV_REDIS_PORT}/0"
+    return previous_run if _reachable(previous_run) else None
 
 
 def _local_client(store: ClientStore) -> tuple[str, str, str]:
@@ -113,51 +104,65 @@ def _local_client(store: ClientStore) -> tuple[str, str, str]:
     return creds.client_id, creds.api_key, creds.webhook_secret
 
 
+def describe_failed_attempt(log_line: str) -> str | None:
+    """The console line for a worker log line recording a webhook attempt that failed, or None
+    for any other line."""
+    try:
+        record = json.loads(log_line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("message") != "webhook attempt":
+        return None
+    if not record.get("error"):
+        return None
+    then = {"pending": "will retry", "exhausted": "no attempts left", "gone": "stopped (410)"}
+    return (
+        f"webhook {record.get('event_type')} for {record.get('job_id')}: attempt "
+        f"{record.get('attempt')} failed ({record['error']}); "
+        f"{then.get(str(record.get('state')), str(record.get('state')))}"
+    )
+
+
+class FailedAttemptReporter:
+    """Shows the failed webhook attempts the worker logs: the listener sees only those that
+    reach it, so a webhook_url that is down or refuses would otherwise fail in silence."""
+
+    def __init__(self, worker_log: Path, show: Callable[[str], None]) -> None:
+        self.worker_log = worker_log
+        self.show = show
+        # Attempts of earlier runs, already in the log, are not this run's news.
+        self._offset = worker_log.stat().st_size if worker_log.exists() else 0
+        self._partial = b""
+
+    def poll(self) -> None:
+        """Show the failed attempts logged since the last poll."""
+        try:
+            with self.worker_log.open("rb") as log:
+                if log.seek(0, os.SEEK_END) < self._offset:  # a new log: read it from its start
+                    self._offset, self._partial = 0, b""
+                log.seek(self._offset)
+                chunk = log.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            text = describe_failed_attempt(line.decode(errors="replace"))
+            if text is not None:
+                self.show(text)
+
+
 def run_dev_stack(
     *, api_port: int, listener_port: int, emulator_port: int, worker_concurrency: int
 ) -> int:
     """Start everything, print how to use it, supervise until Ctrl-C; returns the exit code."""
     RUN_DIR.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    emulated = {} if env.get("RUNCOMFY_API_TOKEN") else {"emulator": emulator_port}
-    _ports_free(api=api_port, listener=listener_port, **emulated)
-    redis_url, own_redis = _redis_url(env)
-    env["REDIS_URL"] = redis_url
-    env.setdefault("WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
-    processes: list[ManagedProcess] = []
-    if not env.get("RUNCOMFY_API_TOKEN"):
-        env["RUNCOMFY_BASE_URL"] = f"http://127.0.0.1:{emulator_port}"
-        env["RUNCOMFY_API_TOKEN"] = EMULATOR_TOKEN
-        processes.append(
-            ManagedProcess(
-                "emulator",
-                emulator_argv(emulator_port, EMULATOR_TOKEN),
-                env=env,
-                log_path=RUN_DIR / "emulator.log",
-            )
-        )
-        say(f"RUNCOMFY_API_TOKEN is unset: using the bundled emulator on port {emulator_port}")
-    os.environ.update(env)
-    try:
-        load_settings()
-    except SettingsError as exc:
-        raise SystemExit(f"[make run] {exc}") from None
-    processes += [
-        ManagedProcess(
-            "api", api_argv(f"127.0.0.1:{api_port}"), env=env, log_path=RUN_DIR / "api.log"
-        ),
-        ManagedProcess(
-            "worker",
-            worker_argv(concurrency=worker_concurrency, queues=None),
-            env=env,
-            log_path=RUN_DIR / "worker.log",
-        ),
-        ManagedProcess(
-            "beat", beat_argv(RUN_DIR / "beat-schedule"), env=env, log_path=RUN_DIR / "beat.log"
-        ),
-    ]
-    client_id, api_key, secret = _local_client(ClientStore(connect_redis(redis_url)))
-    receiver = WebhookReceiver(secret=secret, port=listener_port, on_event=print_event).start()
+    emulated = not os.environ.get("RUNCOMFY_API_TOKEN")
+    _ports_free(
+        api=api_port, listener=listener_port, **({"emulator": emulator_port} if emulated else {})
+    )
+    existing_redis = _existing_redis()
+    stack = Stack(RUN_DIR, log_dir=RUN_DIR, name="make run")
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -166,54 +171,51 @@ def run_dev_stack(
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    receiver: WebhookReceiver | None = None
     try:
-        for process in processes:
-            process.start()
-        if not env.get("RUNCOMFY_API_TOKEN") or env["RUNCOMFY_API_TOKEN"] == EMULATOR_TOKEN:
-            wait_for_port(emulator_port, process=processes[0].process)
-        wait_for_port(api_port, timeout_s=30)
-        _print_welcome(api_port, env, client_id, api_key, secret, receiver.url)
+        if existing_redis is not None:
+            stack.use_redis(existing_redis)
+        else:
+            stack.start_redis(port=DEV_REDIS_PORT)
+        if emulated:
+            say(f"RUNCOMFY_API_TOKEN is unset: using the bundled emulator on port {emulator_port}")
+            stack.start_emulator(port=emulator_port)
+        try:
+            stack.settings()
+        except SettingsError as exc:
+            raise SystemExit(f"[make run] {exc}") from None
+        client_id, api_key, secret = _local_client(ClientStore(connect_redis(stack.redis_url)))
+        receiver = WebhookReceiver(
+            secret=secret, port=listener_port, on_event=print_event, on_refusal=print_refusal
+        ).start()
+        stack.start_api(port=api_port)
+        # Before the worker starts: its first failed attempts are news too.
+        failed_attempts = FailedAttemptReporter(stack.logs / "worker.log", say)
+        stack.start_worker(concurrency=worker_concurrency, queues=None)
+        stack.start_beat()
+        _print_welcome(stack, client_id, api_key, secret, receiver.url)
         while not stopping:
-            if own_redis is not None and not own_redis.running and not stopping:
-                say("redis exited; restarting it on its AOF; see .run/redis.log")
-                time.sleep(RESTART_BACKOFF_S)
-                own_redis.start()
-            for process in processes:
-                if not process.running and not stopping:
-                    say(
-                        f"{process.name} exited ({process.process.returncode if process.process else '?'}); restarting it; see .run/{process.name}.log"
-                    )
-                    time.sleep(RESTART_BACKOFF_S)
-                    process.start()
+            stack.restart_exited(say)
+            failed_attempts.poll()
             time.sleep(0.5)
     finally:
         say("stopping ...")
-        for process in reversed(processes):
-            process.stop()
-        receiver.stop()
-        if own_redis is not None:
-            own_redis.stop()
+        stack.stop()
+        if receiver is not None:
+            receiver.stop()
         say("stopped")
     return 0
 
 
 def _print_welcome(
-    api_port: int, env: dict[str, str], client_id: str, api_key: str, secret: str, webhook_url: str
+    stack: Stack, client_id: str, api_key: str, secret: str, webhook_url: str
 ) -> None:
-    base = f"http://127.0.0.1:{api_port}"
-    upstream = env["RUNCOMFY_BASE_URL"]
-    if env["RUNCOMFY_API_TOKEN"] == EMULATOR_TOKEN:
-        image, mask = f"{upstream}/samples/image.png", f"{upstream}/samples/mask.png"
+    base = stack.api_url
+    upstream = stack.settings().runcomfy_base_url
+    if stack.emulator_url:
+        sample = sample_job_body(upstream, webhook_url)
     else:
-        image, mask = RUNCOMFY_SAMPLE_IMAGE, RUNCOMFY_SAMPLE_MASK
-    body = json.dumps(
-        {
-            "prompt": SAMPLE_PROMPT,
-            "image_url": image,
-            "mask_image_url": mask,
-            "webhook_url": webhook_url,
-        }
-    )
+        sample = RUNCOMFY_SAMPLE | {"webhook_url": webhook_url}
     auth = f"Authorization: Bearer {api_key}"
     print(flush=True)
     say(f"API:            {base}   (docs: {base}/docs, metrics: {base}/metrics)")
@@ -221,12 +223,14 @@ def _print_welcome(
     say(f"client_id:      {client_id}")
     say(f"api_key:        {api_key}")
     say(f"webhook secret: {secret}")
-    say(f"listener:       {webhook_url}  (verified events are printed below)")
-    say(f"redis:          {env['REDIS_URL']}  (for the CLI: export REDIS_URL={env['REDIS_URL']})")
-    say("logs:           .run/*.log      Ctrl-C stops everything")
+    say(
+        f"listener:       {webhook_url}  (verified events, refused deliveries and failed attempts below)"
+    )
+    say(f"redis:          {stack.redis_url}  (for the CLI: export REDIS_URL={stack.redis_url})")
+    say(f"logs:           {RUN_DIR}/*.log      Ctrl-C stops everything")
     print("\nSubmit the sample job:\n", flush=True)
     print(
-        f"curl -sS -X POST {base}/v1/jobs -H {shlex.quote(auth)} -H 'Content-Type: application/json' \\\n  -d {shlex.quote(body)}\n",
+        f"curl -sS -X POST {base}/v1/jobs -H {shlex.quote(auth)} -H 'Content-Type: application/json' \\\n  -d {shlex.quote(json.dumps(sample))}\n",
         flush=True,
     )
     print(f"Then: curl -sS {base}/v1/jobs/<id> -H {shlex.quote(auth)}\n", flush=True)

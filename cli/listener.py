@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,11 @@ class _Server(ThreadingHTTPServer):
             self._open.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A sender that goes away mid-request (a gateway timing out) is no error of ours."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """End the kept-alive connections too: a stopped receiver answers nothing more."""
         with self._open_lock:
@@ -63,6 +69,16 @@ class ReceivedEvent:
     received_at: float
 
 
+@dataclass(frozen=True)
+class RefusedDelivery:
+    """One delivery answered with an error: its signature did not verify, or its body was
+    unacceptable."""
+
+    webhook_id: str | None
+    status: int
+    reason: str
+
+
 @dataclass
 class WebhookReceiver:
     """An HTTP server on (host, port) that verifies every POST with `secret`."""
@@ -71,6 +87,7 @@ class WebhookReceiver:
     host: str = "127.0.0.1"
     port: int = 0
     on_event: Callable[[ReceivedEvent], None] | None = None
+    on_refusal: Callable[[RefusedDelivery], None] | None = None
     # Test hook: answer this status (and don't record) instead of 204; None = normal.
     forced_status: int | None = None
     events: list[ReceivedEvent] = field(default_factory=list)
@@ -119,6 +136,7 @@ class WebhookReceiver:
         except (WebhookVerificationError, ValueError, UnicodeDecodeError) as exc:
             with self._lock:
                 self.rejected.append(str(exc))
+            self._refused(headers.get("webhook-id"), 401, f"bad signature: {exc}")
             return 401
 
         event = ReceivedEvent(
@@ -130,6 +148,10 @@ class WebhookReceiver:
             self.on_event(event)
         return 204
 
+    def _refused(self, webhook_id: str | None, status: int, reason: str) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(RefusedDelivery(webhook_id, status, reason))
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
 
@@ -140,10 +162,10 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 length = self.headers.get("Content-Length", "")
                 if "Transfer-Encoding" in self.headers or not length.isdigit():
-                    self._refuse(411)  # a webhook comes with its length
+                    self._refuse(411, "no Content-Length")  # a webhook comes with its length
                     return
                 if int(length) > MAX_BODY_BYTES:
-                    self._refuse(413)
+                    self._refuse(413, f"body over {MAX_BODY_BYTES} bytes")
                     return
                 body = self.rfile.read(int(length))
                 headers = {k.lower(): v for k, v in self.headers.items()}
@@ -152,8 +174,9 @@ class WebhookReceiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def _refuse(self, status: int) -> None:
+            def _refuse(self, status: int, reason: str) -> None:
                 """Answer and close: the body is left unread, so this connection cannot go on."""
+                receiver._refused(self.headers.get("webhook-id"), status, reason)
                 self.close_connection = True
                 self.send_response(status)
                 self.send_header("Connection", "close")
@@ -179,3 +202,14 @@ def print_event(event: ReceivedEvent) -> None:
         "error": data.get("error"),
     }
     print(json.dumps(line), flush=True)
+
+
+def print_refusal(refused: RefusedDelivery) -> None:
+    """How `inpaint-gateway listen` shows a delivery it refused: on stderr, so that stdout stays
+    the verified events alone, one JSON line each."""
+    print(
+        f"refused delivery {refused.webhook_id or '(no webhook-id)'}: answered {refused.status}, "
+        f"{refused.reason}",
+        file=sys.stderr,
+        flush=True,
+    )

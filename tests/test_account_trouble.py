@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import redis
 
+from cli.stack import Stack
 from core.account import PROBE_KEY, TROUBLE_KEY, WAITING_KEY, AccountState
 from core.clients import ClientStore
-from tests.conftest import ApiClient, Stack
+from tests.support.api import ApiClient
 from tests.test_end_to_end import job_body, submits_for, unique
 
 pytestmark = pytest.mark.integration

@@ -26,6 +26,7 @@ from openapi_spec_validator import validate
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.stack import EMULATOR_TOKEN, Stack
 from core.clients import ClientStore, NewClientCredentials
 from core.http import egress
 from core.http.egress import EgressPolicy
@@ -43,7 +44,7 @@ from service.schemas import (
     MAX_SEED,
     MAX_URL_CHARS,
 )
-from tests.conftest import EMULATOR_TOKEN, Stack, dns_peer
+from tests.support.peers import dns_peer
 
 pytestmark = pytest.mark.integration
 

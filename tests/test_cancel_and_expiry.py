@@ -11,9 +11,11 @@ import pytest
 import redis
 import requests
 
+from cli.stack import EMULATOR_TOKEN, Stack
 from core.jobs import Status, Upstream
 from core.store import JobStore, Record, Step
-from tests.conftest import ApiClient, Stack, admit
+from tests.support.api import ApiClient
+from tests.support.stack import admit
 from tests.test_end_to_end import job_body, unique
 from workers.pipeline import MAX_CANCEL_TRIES, JobPipeline
 from workers.runcomfy import TransientUpstreamError
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.integration
 def upstream_status(stack: Stack, request_id: str) -> str:
     answer = requests.get(
         f"{stack.emulator_url}/v1/requests/{request_id}/status",
-        headers={"Authorization": "Bearer emulator-test-token"},
+        headers={"Authorization": f"Bearer {EMULATOR_TOKEN}"},
         timeout=5,
     )
     return str(answer.json()["status"])

@@ -22,13 +22,15 @@ from typing import Any
 import pytest
 
 from cli.listener import WebhookReceiver
+from cli.stack import Stack, wait_until
 from core.clients import ClientStore
 from core.jobs import Status
 from core.metrics import Counters
 from core.store import JobStore, connect_redis
 from core.webhooks import PENDING, TERMINAL_EVENT_TYPES
 from service import create_app
-from tests.conftest import ApiClient, Stack, start_stack, wait_until
+from tests.support.api import ApiClient
+from tests.support.stack import start_stack
 from workers.pipeline import MAX_UNANSWERED_SUBMITS
 
 pytestmark = pytest.mark.integration

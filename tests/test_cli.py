@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import socket
 import subprocess
 import threading
@@ -16,9 +18,9 @@ import redis
 import requests
 from standardwebhooks.webhooks import Webhook
 
-from cli.processes import ManagedProcess, free_port, venv_script, wait_for_port
+from cli.stack import ManagedProcess, Stack, free_port, venv_script, wait_for_port, wait_until
 from core.clients import MAX_RETIRED_SECRETS, SECRET_ROTATION_OVERLAP_S, ClientStore
-from tests.conftest import ApiClient, Stack, wait_until
+from tests.support.api import ApiClient
 from tests.test_end_to_end import job_body, unique
 
 pytestmark = pytest.mark.integration
@@ -220,6 +222,12 @@ def test_listen_verifies_and_prints(tmp_path: Any) -> None:
             what="printed event",
         )
         assert json.loads(line[0])["job_id"] == "job_1" and len(line) == 1
+        refusals = wait_until(
+            lambda: [x for x in log.read_text().splitlines() if x.startswith("refused delivery")],
+            what="printed refusal",
+        )
+        assert len(refusals) == 1
+        assert refusals[0].startswith("refused delivery msg_1: answered 401, bad signature: ")
     finally:
         listener.stop()
 
@@ -277,3 +285,190 @@ def test_up_stops_with_one_line_when_the_api_port_is_taken(tmp_path: Any) -> Non
     assert result.returncode != 0
     assert f"port {port} (api) is in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_clients_say_which_redis_they_read(stack: Stack) -> None:
+    """Against another Redis on the same port, `clients list` printed nothing, and nothing said
+    where it had looked."""
+    listed = cli(stack, "clients", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"clients: Redis at {stack.redis_server.url} (REDIS_URL)" in listed.stderr.splitlines()
+    unset = subprocess.run(
+        [venv_script("inpaint-gateway"), "clients", "list"], env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "clients: Redis at redis://localhost:6379/0 (the default: REDIS_URL is unset)" in (
+        unset.stderr
+    )
+
+
+def test_the_redis_line_hides_the_password() -> None:
+    port = free_port()
+    result = subprocess.run(
+        [venv_script("inpaint-gateway"), "clients", "list"],
+        env={"PATH": "/usr/bin:/bin", "REDIS_URL": f"redis://admin:s3cret@127.0.0.1:{port}/2"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert f"clients: Redis at redis://admin:***@127.0.0.1:{port}/2 (REDIS_URL)" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_the_sample_prompt_speaks_of_what_the_sample_mask_covers() -> None:
+    """The welcome's curl asked to paint the sky over a mask that covers the house."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from cli.stack import EMULATOR_SAMPLE_PROMPT, sample_job_body
+    from emulator.images import make_sample_image, make_sample_mask
+
+    body = sample_job_body("http://emulator")
+    assert body["mask_image_url"] == "http://emulator/samples/mask.png"
+    image = Image.open(BytesIO(make_sample_image())).convert("RGB")
+    mask = Image.open(BytesIO(make_sample_mask())).convert("L")
+    wall, sky = (200, 60, 50), (0, 0)
+    walls = [xy for xy in _pixels(image) if image.getpixel(xy) == wall]
+    assert walls and all(mask.getpixel(xy) == 255 for xy in walls)  # the house: repainted
+    assert mask.getpixel(sky) == 0  # the sky: kept
+    assert "house" in body["prompt"] and "sky" not in body["prompt"]
+    assert body["prompt"] == EMULATOR_SAMPLE_PROMPT
+
+
+def _pixels(image: Any) -> list[tuple[int, int]]:
+    return [(x, y) for x in range(0, image.width, 4) for y in range(0, image.height, 4)]
+
+
+def test_failed_webhook_attempts_are_reported_from_the_worker_log(
+    stack: Stack, api_client: ApiClient
+) -> None:
+    """make run's listener sees only the deliveries that reach it; a webhook_url that answers
+    500 failed in silence. The lines come from the real worker's log."""
+    from cli.devstack import FailedAttemptReporter
+    from cli.listener import WebhookReceiver
+
+    shown: list[str] = []
+    reporter = FailedAttemptReporter(stack.logs / f"{stack.worker.name}.log", shown.append)
+    failing = WebhookReceiver(secret=api_client.creds.webhook_secret, forced_status=500).start()
+    try:
+        job = api_client.post(
+            "/v1/jobs", json=job_body(stack, unique("failing hook"), webhook_url=failing.url)
+        ).get_json()
+        api_client.wait_final(job["id"])
+
+        def reported() -> list[str]:
+            reporter.poll()
+            return [line for line in shown if job["id"] in line]
+
+        lines = wait_until(reported, what="the failed attempt reported")
+    finally:
+        failing.stop()
+    assert lines[0] == (
+        f"webhook job.succeeded for {job['id']}: attempt 1 failed (HTTP 500); will retry"
+    )
+
+
+def test_the_failed_attempt_reporter_reads_only_new_whole_lines(tmp_path: Any) -> None:
+    from cli.devstack import FailedAttemptReporter
+
+    log = tmp_path / "worker.log"
+    attempt = {"message": "webhook attempt", "job_id": "job_1", "event_type": "job.failed",
+               "attempt": 3, "error": "timed out after 15 s", "state": "exhausted"}  # fmt: skip
+    log.write_text(json.dumps(attempt) + "\n")  # an earlier run's
+    shown: list[str] = []
+    reporter = FailedAttemptReporter(log, shown.append)
+    reporter.poll()
+    assert shown == []
+    with log.open("a") as out:
+        out.write("not json\n" + json.dumps(attempt | {"error": None, "state": "delivered"}) + "\n")
+        out.write(json.dumps(attempt)[:20])  # half written
+    reporter.poll()
+    assert shown == []
+    with log.open("a") as out:
+        out.write(json.dumps(attempt)[20:] + "\n")
+    reporter.poll()
+    assert shown == [
+        "webhook job.failed for job_1: attempt 3 failed (timed out after 15 s); no attempts left"
+    ]
+
+
+def test_up_runs_the_stack_prints_a_curl_that_works_and_stops_on_ctrl_c(
+    stack: Stack, tmp_path: Any
+) -> None:
+    """make run end to end, on the session's Redis (a database of its own): the welcome's curl
+    submits the sample job, its verified webhook is printed, so is a failed attempt, and
+    Ctrl-C stops every process it started."""
+    redis_url = stack.redis_url.rsplit("/", 1)[0] + "/6"
+    ports = {option: free_port() for option in ("--api-port", "--listener-port", "--emulator-port")}
+    log = tmp_path / "up.log"
+    argv = [venv_script("inpaint-gateway"), "up", "--workers", "1"]
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "WEB_CONCURRENCY": "1",
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    up = ManagedProcess("up", [*argv, *(str(v) for kv in ports.items() for v in kv)],
+                        env=env, log_path=log, cwd=tmp_path).start()  # fmt: skip
+    try:
+        text = wait_until(
+            lambda: "Then: curl" in (t := log.read_text()) and t, timeout_s=90, what="the welcome"
+        )
+        curl = shlex.split(text.split("Submit the sample job:", 1)[1].split("Then:", 1)[0])
+        headers = dict(curl[i + 1].split(": ", 1) for i, w in enumerate(curl) if w == "-H")
+        body = json.loads(curl[curl.index("-d") + 1])
+        assert "house" in body["prompt"]
+        job = requests.post(curl[curl.index("POST") + 1], json=body, headers=headers, timeout=10)
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+
+        def printed(wanted: str) -> list[str]:
+            return [line for line in log.read_text().splitlines() if wanted in line]
+
+        event = wait_until(lambda: printed(f'"job_id": "{job_id}"'), timeout_s=60, what="event")
+        assert json.loads(event[0])["verified"] is True
+        down = f"http://127.0.0.1:{free_port()}/webhook"
+        failing = requests.post(
+            curl[curl.index("POST") + 1], json=body | {"webhook_url": down}, headers=headers,
+            timeout=10,
+        ).json()["id"]  # fmt: skip
+        attempt = wait_until(lambda: printed(f"for {failing}: attempt 1 failed"), timeout_s=60,
+                             what="the failed attempt shown")  # fmt: skip
+        assert "could not connect" in attempt[0] and "will retry" in attempt[0]
+        up.signal(signal.SIGINT)
+        assert up.process is not None and up.process.wait(60) == 0
+        assert printed("[make run] stopped")
+        for port in ports.values():  # nothing it started listens any more
+            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                pass
+    finally:
+        up.stop()
+        client = redis.Redis.from_url(redis_url)
+        client.flushdb()
+        client.close()
+
+
+def test_the_makefile_python_probe_is_quiet_about_missing_or_broken_pythons(
+    tmp_path: Any,
+) -> None:
+    """pyenv's shims answer `command -v python3.13` and then fail loudly when run: every
+    `make` printed their complaints."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make binary (apt-get install make)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    broken = bin_dir / "python3.13"
+    broken.write_text("#!/bin/sh\necho 'pyenv: python3.13: command not found' >&2\nexit 127\n")
+    broken.chmod(0o755)
+    (bin_dir / "python3.11").symlink_to(sys.executable)  # python3.12: missing (only bin_dir
+    # is on PATH: a python3.12 of the machine's would be found first)
+    makefile = Path(__file__).resolve().parent.parent / "Makefile"
+    probe = subprocess.run(
+        # The ";" has make run the recipe through sh (whose echo is built in: no PATH needed).
+        [make, "-s", "-f", str(makefile), "--eval", "probe: ; @echo $(PYTHON);", "probe"],
+        cwd=tmp_path, env={"PATH": str(bin_dir)}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stderr == ""
+    assert probe.stdout.strip() == str(bin_dir / "python3.11")

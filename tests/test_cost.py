@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import redis
 
+from cli.stack import EMULATOR_TOKEN, Stack, wait_until
 from core.pricing import FRESH_S, LOCK_KEY, PRICE_KEY, RETRY_AFTER_FAILURE_S, ListPrice
-from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, wait_until
+from tests.support.api import ApiClient
 from tests.test_end_to_end import job_body, unique
 from workers.runcomfy import RunComfyClient, TransientUpstreamError
 

@@ -20,7 +20,7 @@ from core.http import egress
 from core.http.deadlines import DEADLINES, DeadlineAdapter, Exchange
 from core.http.egress import EgressPolicy, egress_session, keep_connection_after_answer
 from core.http.names import NameLookup
-from tests.conftest import dns_peer, raw_peer
+from tests.support.peers import dns_peer, raw_peer
 from tests.test_egress import FakeDNS, answering, certificate, fake_dns  # noqa: F401  # fixtures
 
 LOOPBACK_ALLOWED = EgressPolicy.from_cidrs("127.0.0.0/8")

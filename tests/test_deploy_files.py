@@ -22,7 +22,7 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 import service
-from cli.processes import api_argv, beat_argv, worker_argv
+from cli.stack import api_argv, beat_argv, worker_argv
 from core.settings import Settings, SettingsError, load_settings
 from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from emulator.__main__ import build_config
@@ -552,7 +552,7 @@ def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
 
 
 def test_make_run_the_tests_and_the_bench_start_the_deployed_commands() -> None:
-    # cli/processes.py builds every launcher's commands; they are the deployed ones plus only
+    # cli/stack.py builds every launcher's commands; they are the deployed ones plus only
     # what a local run sets itself (a bind address, a concurrency, a node name).
     def deployed_form(argv: list[str], *local_options: str) -> list[str]:
         words = [Path(argv[0]).name, *argv[1:]]

@@ -11,8 +11,8 @@ import pytest
 import requests
 from playwright.sync_api import Route, sync_playwright
 
+from cli.stack import Stack
 from service.docs import SWAGGER_UI_ASSETS_PATH
-from tests.conftest import Stack
 from tests.fuzzing import LiveApi, live_api
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,7 @@ from core.http.egress import (
 )
 from core.http.interim import MAX_INTERIM_ANSWERS
 from core.http.names import NAMES, NameLookup
-from tests.conftest import dns_peer, raw_peer
+from tests.support.peers import dns_peer, raw_peer
 
 TIMEOUT_S = 5
 PUBLIC_V4 = "93.184.216.34"

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import requests
 from PIL import Image, ImageChops, ImageStat
 from werkzeug.serving import make_server
 
+from cli.stack import free_port
 from emulator import EmulatorConfig, Faults, create_app
 from emulator.images import SAMPLE_MASK_BOX
 
@@ -118,13 +118,6 @@ def mean_abs_difference(
 ) -> float:
     difference = ImageChops.difference(first.crop(box), second.crop(box))
     return sum(ImageStat.Stat(difference).mean) / 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # --- auth, model id, input validation -------------------------------------------------

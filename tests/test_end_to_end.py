@@ -15,11 +15,13 @@ import redis
 import requests
 from PIL import Image
 
+from cli.stack import EMULATOR_TOKEN, Stack, wait_until
 from core.clients import ClientStore
 from core.metrics import MAX_LABEL_VALUES, OTHER_LABEL_VALUE, Counters, label_value
 from core.store import JobStore
 from core.webhooks import EXHAUSTED
-from tests.conftest import EMULATOR_TOKEN, ApiClient, Stack, admit, wait_until
+from tests.support.api import ApiClient
+from tests.support.stack import admit
 from workers.pipeline import JobPipeline
 from workers.polling import FIRST_POLL_S
 from workers.run_times import UNKNOWN_RECHECK_S
@@ -385,7 +387,7 @@ def test_deadline_expires_the_job_and_cancels_upstream(
     assert wait_until(receiver.received)[0].payload["type"] == "job.expired"
     status = requests.get(
         f"{stack.emulator_url}/v1/requests/{final['upstream']['request_id']}/status",
-        headers={"Authorization": "Bearer emulator-test-token"},
+        headers={"Authorization": f"Bearer {EMULATOR_TOKEN}"},
         timeout=5,
     ).json()
     assert status["status"] == "cancelled"

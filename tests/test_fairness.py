@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from cli.stack import Stack, wait_until
 from core.clients import ClientStore
 from core.jobs import new_job
 from core.store import JobStore, connect_redis
 from service import create_app
-from tests.conftest import ApiClient, Stack, start_stack, wait_until
+from tests.support.api import ApiClient
+from tests.support.stack import start_stack
 from tests.test_end_to_end import job_body, unique
 
 pytestmark = pytest.mark.integration

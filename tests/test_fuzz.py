@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import Stack
+from cli.stack import Stack
 from tests.fuzzing import live_api, run_schemathesis
 
 pytestmark = pytest.mark.integration

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 import redis
 
+from cli.stack import Stack, wait_until
 from core.jobs import Status, Upstream
 from core.metrics import Counters
 from core.store import JobStore, Step
 from core.wakeups import DISPATCH_JOBS_TASK, JOBS_QUEUE
-from tests.conftest import ApiClient, Stack, admit, wait_until
+from tests.support.api import ApiClient
+from tests.support.stack import admit
 from tests.test_end_to_end import job_body, submits_for, unique
 from workers.celery_app import create_celery_app
 from workers.pipeline import JobPipeline

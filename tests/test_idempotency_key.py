@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from cli.stack import Stack
 from core.clients import ClientStore
-from tests.conftest import ApiClient, Stack
+from tests.support.api import ApiClient
 from tests.test_end_to_end import job_body, unique
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from core.http.names import NAMES, LookupFailed, NameLookup
-from tests.conftest import dns_peer
+from tests.support.peers import dns_peer
 
 
 def test_a_name_resolves_to_its_ipv4_and_ipv6_addresses() -> None:

@@ -10,9 +10,11 @@ from dataclasses import replace
 import pytest
 import redis
 
+from cli.stack import Stack
 from core.jobs import Status
 from core.store import JobStore, connect_redis
-from tests.conftest import ApiClient, Stack, admit
+from tests.support.api import ApiClient
+from tests.support.stack import admit
 from tests.test_end_to_end import job_body, unique
 from workers.pipeline import JobPipeline
 from workers.polling import (

@@ -8,12 +8,12 @@ import time
 import pytest
 import redis
 
+from cli.stack import wait_until
 from core.clients import ClientStore
 from core.metrics import Counters
 from core.schedule import DueSchedule
 from core.settings import Settings
 from core.store import JobStore
-from tests.conftest import wait_until
 from workers.delivery import HeldPlace, WebhookDelivery
 from workers.receiver_lines import SETTLE_S, ReceiverLines, receiver_of
 from workers.tasks import AttemptThreads

@@ -16,11 +16,12 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.processes import RedisServer, free_port, venv_script
+from cli.stack import RedisServer, Stack, free_port, venv_script, wait_until
 from core.clients import ClientStore
 from core.store import JobStore, connect_redis
 from service import create_app
-from tests.conftest import ApiClient, Stack, start_stack, wait_until
+from tests.support.api import ApiClient
+from tests.support.stack import start_stack
 from tests.test_end_to_end import job_body, submits_for, unique
 
 pytestmark = pytest.mark.integration

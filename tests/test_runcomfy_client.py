@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 import core.http.deadlines
-from cli.processes import free_port
+from cli.stack import EMULATOR_TOKEN, Stack, free_port, wait_until
 from core.http.names import NameLookup
-from tests.conftest import EMULATOR_TOKEN, DnsPeer, Stack, dns_peer, raw_peer, wait_until
+from tests.support.peers import DnsPeer, dns_peer, raw_peer
 from workers.runcomfy import (
     MAX_ANSWER_BYTES,
     MAX_ERROR_TEXT,

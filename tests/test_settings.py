@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from cli.processes import venv_script
+from cli.stack import venv_script
 from core.settings import Settings, SettingsError, load_settings
 
 EMULATED = {"RUNCOMFY_BASE_URL": "http://127.0.0.1:8100"}

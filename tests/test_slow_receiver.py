@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from cli.listener import WebhookReceiver
+from cli.stack import Stack, wait_until
 from core.clients import ClientStore
 from core.http.egress import EgressPolicy, egress_session
 from core.http.names import LOOKUP_TIMEOUT_S, NameLookup
@@ -31,7 +32,9 @@ from core.settings import Settings
 from core.store import JobStore, connect_redis
 from core.webhooks import WebhookEvent
 from service import create_app
-from tests.conftest import ApiClient, Stack, dns_peer, raw_peer, start_stack, wait_until
+from tests.support.api import ApiClient
+from tests.support.peers import dns_peer, raw_peer
+from tests.support.stack import start_stack
 from tests.test_end_to_end import job_body, unique
 from workers.delivery import WebhookDelivery
 
