@@ -418,8 +418,8 @@ class ProblemSchema(Schema):
     )
 
 
-DAY_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 MAX_USAGE_DAYS = 366
+DAY_PATTERN = r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
 
 
 class UsageQuerySchema(StrictSchema):
@@ -429,11 +429,20 @@ class UsageQuerySchema(StrictSchema):
     from_ = fields.String(
         data_key="from",
         validate=WholeMatch(DAY_PATTERN, error="Must be a day, YYYY-MM-DD."),
-        metadata={"description": "First UTC day, YYYY-MM-DD (default: the month's first)."},
+        metadata={
+            "format": "date",
+            "description": "First UTC day, YYYY-MM-DD, not after `to` and at most "
+            f"{MAX_USAGE_DAYS} days before it (default: the first of `to`'s month, or this "
+            "month's first).",
+        },
     )
     to = fields.String(
         validate=WholeMatch(DAY_PATTERN, error="Must be a day, YYYY-MM-DD."),
-        metadata={"description": "Last UTC day, inclusive (default: the month's last)."},
+        metadata={
+            "format": "date",
+            "description": "Last UTC day, inclusive (default: today if `from` is given, else "
+            "this month's last).",
+        },
     )
 
     @validates_schema

@@ -62,7 +62,7 @@ class Usage(MethodView):
         book = UsageBook(ctx().redis)
         return {
             "client_id": client.id,
-            "from": first.isoformat(),
+            "from_": first.isoformat(),  # UsageSchema writes it as "from"
             "to": last.isoformat(),
             **book.usage(client.id, first, last),
             "limits": client.limits.to_dict(),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from werkzeug.serving import make_server
 
-from cli.processes import RedisServer
+from cli.stack import Stack
 from core.clients import ClientStore
 from core.http.egress import EgressPolicy
 from core.http.names import NameLookup
@@ -152,15 +152,13 @@ def main() -> int:
     parser.add_argument("options", nargs=argparse.REMAINDER, help="passed to schemathesis run")
     args, unknown = parser.parse_known_args()
     args.options = [*unknown, *args.options]
-    with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
-        redis_server = RedisServer(Path(tmp) / "redis", appendonly=False).start()
-        try:
-            with live_api(redis_server.url) as api:
-                argv = schemathesis_argv(api, *args.options)
-                env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS_MODULE, "PYTHONPATH": str(REPO)}
-                return subprocess.run(argv, cwd=REPO, env=env, check=False).returncode
-        finally:
-            redis_server.stop()
+    with contextlib.ExitStack() as held:
+        tmp = held.enter_context(tempfile.TemporaryDirectory(prefix="fuzz-"))
+        stack = held.enter_context(Stack(Path(tmp), name="fuzz"))
+        api = held.enter_context(live_api(stack.start_redis()))
+        argv = schemathesis_argv(api, *args.options)
+        env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS_MODULE, "PYTHONPATH": str(REPO)}
+        return subprocess.run(argv, cwd=REPO, env=env, check=False).returncode
 
 
 if __name__ == "__main__":
