@@ -2,58 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 import click
-import redis
 
-from core.clients import ClientStore
-from core.settings import SettingsError, load_redis_url
-from core.store import connect_redis
-
-
-def url_without_password(url: str) -> str:
-    """`url` with its password, if any, replaced by ***: fit for a terminal or a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal keeps its brackets
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-
-
-def _redis_url_source() -> str:
-    """Which setting gave the store's URL (REDIS_URL_FILE wins, as load_redis_url reads it)."""
-    if os.environ.get("REDIS_URL_FILE"):
-        return "REDIS_URL_FILE"
-    if os.environ.get("REDIS_URL"):
-        return "REDIS_URL"
-    return "the default: REDIS_URL is unset"
-
-
-def _client_store() -> ClientStore:
-    # Only the store matters here: don't demand the RunComfy token of someone adding a client.
-    try:
-        redis_url = load_redis_url()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(
-        f"clients: Redis at {url_without_password(redis_url)} ({_redis_url_source()})", err=True
-    )
-    client = connect_redis(redis_url, socket_timeout_s=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise click.ClickException(
-            f"Redis at REDIS_URL is not reachable ({exc}); start it or set REDIS_URL"
-        ) from None
-    return ClientStore(client)
+from cli.clients import clients
+from cli.usage import usage
 
 
 @click.group()
@@ -61,70 +16,8 @@ def main() -> None:
     """inpaint-gateway operations."""
 
 
-@main.group()
-def clients() -> None:
-    """Manage API clients (REDIS_URL selects the store)."""
-
-
-@clients.command("create")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print {client_id, api_key, webhook_secret}.")
-def clients_create(name: str, as_json: bool) -> None:
-    """Create a client; its API key and webhook secret are shown only now."""
-    creds = _client_store().create(name)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "client_id": creds.client_id,
-                    "api_key": creds.api_key,
-                    "webhook_secret": creds.webhook_secret,
-                }
-            )
-        )
-    else:
-        click.echo(
-            f"client_id:      {creds.client_id}\napi_key:        {creds.api_key}\nwebhook_secret: {creds.webhook_secret}"
-        )
-        click.echo("Keep the key and secret now: they are not shown again.", err=True)
-
-
-@clients.command("list")
-@click.option("--json", "as_json", is_flag=True)
-def clients_list(as_json: bool) -> None:
-    """List clients (no secrets)."""
-    rows = [c.summary() for c in _client_store().list()]
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    for row in rows:
-        click.echo(
-            f"{row['client_id']}  {'revoked' if row['revoked'] else 'active ':8} {row['name']}"
-        )
-
-
-@clients.command("revoke")
-@click.argument("client_id")
-def clients_revoke(client_id: str) -> None:
-    """Revoke a client's API key (its running jobs still finish and call back)."""
-    if not _client_store().revoke(client_id):
-        raise click.ClickException(f"no client {client_id}")
-    click.echo(f"revoked {client_id}")
-
-
-@clients.command("rotate-secret")
-@click.argument("client_id")
-@click.option("--json", "as_json", is_flag=True)
-def clients_rotate_secret(client_id: str, as_json: bool) -> None:
-    """New webhook secret; for 24 h webhooks carry signatures with both."""
-    secret = _client_store().rotate_webhook_secret(client_id)
-    if secret is None:
-        raise click.ClickException(f"no client {client_id}")
-    click.echo(
-        json.dumps({"client_id": client_id, "webhook_secret": secret})
-        if as_json
-        else f"webhook_secret: {secret}"
-    )
+main.add_command(clients)
+main.add_command(usage)
 
 
 @main.command()

@@ -135,8 +135,12 @@ class FairAdmission:
 
     def client_in_flight(self, client_id: str, now: float | None = None) -> int:
         """Slots the client holds now."""
-        at = time.time() if now is None else now
-        return int(self.redis.zcount(self.client_slots_key(client_id), at, "+inf"))
+        return self.client_in_flight_of(self.redis, client_id, time.time() if now is None else now)
+
+    @classmethod
+    def client_in_flight_of(cls, client: redis.Redis, client_id: str, now: float) -> int:
+        """Slots `client_id` holds at `now`, read from `client`."""
+        return int(client.zcount(cls.client_slots_key(client_id), now, "+inf"))
 
     @classmethod
     def line_keys(cls, client_id: str) -> list[str]:

@@ -115,7 +115,7 @@ class Client:
         """Every key hash indexed for this client: the current one and any retired ones."""
         return [self.api_key_hash, *(key_hash for key_hash, _ in self.retired_api_keys)]
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         """What `clients list` shows (no secrets)."""
         return {
             "client_id": self.id,

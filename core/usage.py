@@ -8,6 +8,7 @@ write as its final status, and a reservation is made in the same write as the jo
 
 from __future__ import annotations
 
+import calendar
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from core.limits import (
 )
 
 USAGE_RETENTION_S = 410 * 86400  # PRODUCT §9: usage is kept at least 400 days
-MAX_USAGE_DAYS = 366
+MAX_USAGE_DAYS = 366  # one query's span at most
 CLIENT_METRICS_KEY = PREFIX + "client_metrics"
 # Upper bounds (seconds) of the time-to-result histogram, accept to final status.
 TIME_TO_RESULT_BUCKETS_S = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, math.inf)
@@ -212,6 +213,12 @@ def final_args(job: Job) -> list[str | float]:
         time_to_result_bucket(took_s),
         round(took_s * 1000),
     ]
+
+
+def month_span(now: float) -> tuple[date, date]:
+    """The UTC month `now` falls in: its first and last day."""
+    today = datetime.fromtimestamp(now, UTC).date()
+    return today.replace(day=1), today.replace(day=calendar.monthrange(today.year, today.month)[1])
 
 
 def days_between(first: date, last: date) -> Iterator[date]:

@@ -19,6 +19,7 @@ from marshmallow import validate as v
 from core.http.egress import split_http_url
 from core.jobs import COST_SOURCES, Status
 from core.limits import BUDGET_PERIODS
+from core.usage import MAX_USAGE_DAYS
 from core.webhooks import EVENT_TYPES, TERMINAL_EVENT_TYPES
 
 MAX_PROMPT_CHARS = 8000
@@ -418,7 +419,6 @@ class ProblemSchema(Schema):
     )
 
 
-MAX_USAGE_DAYS = 366
 DAY_PATTERN = r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import calendar
 import time
 from datetime import UTC, date, datetime
 from http import HTTPStatus
@@ -11,12 +10,12 @@ from typing import Any
 from flask.views import MethodView
 from flask_smorest import abort
 
-from core.usage import UsageBook
+from core.usage import MAX_USAGE_DAYS, UsageBook, month_span
 from service.auth import authenticate, current_client
 from service.context import ctx
 from service.parsing import StrictBlueprint
 from service.routes import documenter
-from service.schemas import MAX_USAGE_DAYS, UsageQuerySchema, UsageSchema
+from service.schemas import UsageQuerySchema, UsageSchema
 
 blp = StrictBlueprint(
     "usage", __name__, url_prefix="/v1", description="What the calling client used and may use."
@@ -30,18 +29,17 @@ def _admit_request() -> None:
     authenticate()
 
 
-def usage_span(query: dict[str, Any], today: date) -> tuple[date, date]:
+def usage_span(query: dict[str, Any], now: float) -> tuple[date, date]:
     """The days asked for: both given; `from` alone, up to today; `to` alone, from the first of
-    its month; neither, the current month."""
+    its month; neither, the current month (UTC)."""
     first = date.fromisoformat(query["from_"]) if "from_" in query else None
     last = date.fromisoformat(query["to"]) if "to" in query else None
     if first is None and last is None:
-        month_days = calendar.monthrange(today.year, today.month)[1]
-        return today.replace(day=1), today.replace(day=month_days)
+        return month_span(now)
     if first is None:
         assert last is not None
         return last.replace(day=1), last
-    return first, last if last is not None else today
+    return first, last if last is not None else datetime.fromtimestamp(now, UTC).date()
 
 
 @blp.route("/usage")
@@ -53,7 +51,7 @@ class Usage(MethodView):
         """Jobs by final status and spend per UTC day (inclusive; default: this month), with
         the client's limits and budget."""
         now = time.time()
-        first, last = usage_span(query, datetime.fromtimestamp(now, UTC).date())
+        first, last = usage_span(query, now)
         if first > last:
             abort(422, errors={"query": {"from": ["Must not be after to."]}})
         if (last - first).days + 1 > MAX_USAGE_DAYS:

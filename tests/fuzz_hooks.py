@@ -9,7 +9,8 @@ from typing import Any
 
 import schemathesis
 
-from service.schemas import MAX_USAGE_DAYS, InpaintInputSchema
+from core.usage import MAX_USAGE_DAYS
+from service.schemas import InpaintInputSchema
 
 CONTROL_END_DEFAULT = InpaintInputSchema().fields["control_end"].load_default
 

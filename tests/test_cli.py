@@ -472,3 +472,78 @@ def test_the_makefile_python_probe_is_quiet_about_missing_or_broken_pythons(
     assert probe.returncode == 0, probe.stderr
     assert probe.stderr == ""
     assert probe.stdout.strip() == str(bin_dir / "python3.11")
+
+
+def test_an_operator_sets_shows_and_clears_a_clients_limits(
+    stack: Stack, redis_client: redis.Redis, api_client: ApiClient
+) -> None:
+    client_id = api_client.creds.client_id
+    set_ = cli(
+        stack, "clients", "set-limits", client_id, "--max-in-flight", "3", "--rate-per-min", "60",
+        "--budget-usd", "12.5", "--budget-period", "month", "--json",
+    )  # fmt: skip
+    assert set_.returncode == 0, set_.stderr
+    assert json.loads(set_.stdout)["limits"] == {
+        "max_in_flight": 3, "max_queued": None, "rate_per_min": 60,
+        "budget_usd": 12.5, "budget_period": "month",
+    }  # fmt: skip
+    # Named limits change; the others keep their value.
+    assert cli(stack, "clients", "set-limits", client_id, "--max-queued", "50").returncode == 0
+    stored = ClientStore(redis_client).get(client_id)
+    assert stored is not None and stored.limits.max_queued == 50
+    assert stored.limits.max_in_flight == 3 and stored.limits.budget_usd == 12.5
+    listed = cli(stack, "clients", "list").stdout
+    row = next(line for line in listed.splitlines() if line.startswith(client_id))
+    assert "--max-in-flight 3 --max-queued 50 --rate-per-min 60" in row
+    assert "--budget-usd 12.5 --budget-period month" in row
+
+    job = api_client.post("/v1/jobs", json=job_body(stack)).get_json()
+    api_client.wait_final(job["id"])
+    shown = json.loads(cli(stack, "clients", "show", client_id, "--json").stdout)
+    assert shown["limits"]["max_queued"] == 50 and shown["unfinished"] == 0
+    assert shown["this_month"]["jobs"]["succeeded"] >= 1
+    assert shown["budget"]["period"] == "month" and shown["budget"]["limit_usd"] == 12.5
+    assert shown["budget"]["spent_usd"] == pytest.approx(shown["this_month"]["cost_usd"])
+    text = cli(stack, "clients", "show", client_id).stdout
+    assert "budget:" in text and "12.5 USD a month" in text
+    assert api_client.creds.api_key not in text + json.dumps(shown)
+
+    cleared = cli(stack, "clients", "set-limits", client_id, "--clear")
+    assert cleared.returncode == 0 and cleared.stdout.strip() == "no limits"
+    half = cli(stack, "clients", "set-limits", client_id, "--budget-usd", "5")
+    assert half.returncode != 0 and "--budget-period" in half.stderr
+    assert cli(stack, "clients", "set-limits", "cli_nope", "--max-queued", "1").returncode != 0
+    assert cli(stack, "clients", "set-limits", client_id, "--max-queued", "0").returncode != 0
+
+
+def test_rotate_key_prints_a_new_key_and_the_old_one_ends_after_its_overlap(
+    stack: Stack, redis_client: redis.Redis
+) -> None:
+    store = ClientStore(redis_client)
+    creds = store.create("rotating")
+    rotated = cli(stack, "clients", "rotate-key", creds.client_id, "--overlap-s", "1", "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    answer = json.loads(rotated.stdout)
+    assert answer["client_id"] == creds.client_id and answer["api_key"].startswith("igw_")
+    assert store.authenticate(answer["api_key"]) is not None
+    assert store.authenticate(creds.api_key) is not None  # within the overlap
+    wait_until(lambda: store.authenticate(creds.api_key) is None, timeout_s=3)
+    assert store.authenticate(answer["api_key"]) is not None
+
+
+def test_usage_shows_every_clients_jobs_and_spend(stack: Stack, api_client: ApiClient) -> None:
+    job = api_client.post("/v1/jobs", json=job_body(stack)).get_json()
+    done = api_client.wait_final(job["id"])
+    assert done["cost"] is not None
+    client_id = api_client.creds.client_id
+    rows = json.loads(cli(stack, "usage", "--client", client_id, "--json").stdout)
+    assert [row["client_id"] for row in rows] == [client_id]
+    assert rows[0]["total"]["jobs"]["succeeded"] == 1
+    assert rows[0]["total"]["cost_usd"] == pytest.approx(done["cost"]["usd"])
+    api = api_client.get("/v1/usage").get_json()
+    assert api["total"] == rows[0]["total"]  # the operator and the team see the same figures
+    table = cli(stack, "usage").stdout
+    line = next(line for line in table.splitlines() if line.startswith(client_id))
+    assert f"{done['cost']['usd']:.4f}" in line
+    assert cli(stack, "usage", "--from", "2026-02-02", "--to", "2026-02-01").returncode != 0
+    assert cli(stack, "usage", "--client", "cli_nope").returncode != 0
