@@ -32,6 +32,7 @@ from bench.common import Row, Sizes, cpu_meter, fmt, judged, phase_stack, say
 from bench.loadgen import LoadResult, max_throughput, run_python
 from cli.stack import Stack, sample_job_body
 from core.clients import ClientStore
+from core.limits import ClientLimits
 from service import gunicorn_conf
 
 TARGET_RATIO = 0.50
@@ -42,10 +43,16 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
     with phase_stack("ingest", base, run_s=0) as stack:
         stack.start_api()
         client = stack.redis()
-        creds = ClientStore(client).create("bench-ingest")
+        clients = ClientStore(client)
+        creds = clients.create("bench-ingest")
+        # The same POSTs from a client with every limit set, none of them reached: what
+        # checking them costs the accept path.
+        limited = clients.create("bench-ingest-limited")
+        clients.set_limits(limited.client_id, UNREACHED_LIMITS)
         client.close()
         body = json.dumps(sample_job_body(stack.emulator_url))
         auth = {"Authorization": f"Bearer {creds.api_key}", "Content-Type": "application/json"}
+        auth_limited = auth | {"Authorization": f"Bearer {limited.api_key}"}
         load = functools.partial(
             max_throughput,
             duration_s=sizes.ingest_s,
@@ -61,6 +68,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         boots = [_boots(log)]
         metered_trivial: list[MeteredRound] = []
         metered_post: list[MeteredRound] = []
+        metered_limited: list[MeteredRound] = []
         for round_no in range(1, sizes.ingest_rounds + 1):
             say(f"ingest: round {round_no}: GET /healthz, closed loop for {sizes.ingest_s:.0f} s")
             metered_trivial.append(_metered(stack, "api", lambda: load(stack.api_url + "/healthz")))
@@ -68,10 +76,18 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
             metered_post.append(_metered(
                 stack, "api", lambda: load(stack.api_url + "/v1/jobs", body=body, headers=auth)
             ))  # fmt: skip
+            say(f"ingest: round {round_no}: POST /v1/jobs, limits set, closed loop for "
+                f"{sizes.ingest_s:.0f} s")  # fmt: skip
+            metered_limited.append(_metered(
+                stack, "api",
+                lambda: load(stack.api_url + "/v1/jobs", body=body, headers=auth_limited),
+            ))  # fmt: skip
             say(f"ingest: round {round_no}: /healthz {metered_trivial[-1].result.rps:.0f} req/s, "
-                f"POST {metered_post[-1].result.rps:.0f} req/s")  # fmt: skip
+                f"POST {metered_post[-1].result.rps:.0f} req/s, with limits "
+                f"{metered_limited[-1].result.rps:.0f} req/s")  # fmt: skip
         trivial_rounds = [m.result for m in metered_trivial]
         post_rounds = [m.result for m in metered_post]
+        limited_rounds = [m.result for m in metered_limited]
         boots.append(_boots(log))
         best_trivial, best_post = _best(metered_trivial), _best(metered_post)
         trivial, post = best_trivial.result, best_post.result
@@ -104,7 +120,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         )
     steps = [_best(rounds) for rounds in step_rounds]
     every_round = [
-        *trivial_rounds, *post_rounds, *paced_rounds,
+        *trivial_rounds, *post_rounds, *limited_rounds, *paced_rounds,
         *(m.result for m in itertools.chain(*step_rounds)),
     ]  # fmt: skip
     cores = len(os.sched_getaffinity(0))
@@ -114,6 +130,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         Row("ingest", "each round, req/s: GET /healthz, then POST /v1/jobs",
             " / ".join(fmt(r.rps, "", 0) for r in trivial_rounds) + "; then "
             + " / ".join(fmt(r.rps, "", 0) for r in post_rounds)),
+        *_limits_rows(post, _best(metered_limited).result, limited_rounds),
         Row("ingest", "each paced round at half max: p99 ms",
             " / ".join(fmt(r.p99_ms, "", 2) for r in paced_rounds)),
         *rows(sizes, trivial, post, paced, half,
@@ -126,6 +143,29 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
         Row("ingest", f"CPU busy over {cpu.wall_s:.0f} s x {cores} cores: gunicorn + Redis / "
             "whole machine (with the load generator)",
             f"{fmt(api_share * 100, '', 0)} / {fmt(cpu.machine_s / (cpu.wall_s * cores) * 100, '%', 0)}"),
+    ]  # fmt: skip
+
+
+# Set on the limited client, none reached by a closed-loop bench run: each is checked in full.
+UNREACHED_LIMITS = ClientLimits(
+    max_in_flight=1000,
+    max_queued=10**9,
+    rate_per_min=10**9,
+    budget_usd=10.0**9,
+    budget_period="month",
+)
+
+
+def _limits_rows(post: LoadResult, limited: LoadResult, rounds: list[LoadResult]) -> list[Row]:
+    """POSTs of a client with every limit set beside those of one with none, same rounds."""
+    return [
+        Row("ingest", "each round, req/s: POST /v1/jobs by a client with every limit set",
+            " / ".join(fmt(r.rps, "", 0) for r in rounds)),
+        Row("ingest", "POST with limits set / without: max throughput (best rounds), ratio",
+            f"{fmt(limited.rps, 'req/s', 0)} / {fmt(post.rps, 'req/s', 0)} = "
+            f"{fmt(limited.rps / post.rps * 100, '%', 0)}"),
+        Row("ingest", "POST with limits set: latency p50 / p99 at max",
+            f"{fmt(limited.p50_ms, 'ms', 2)} / {fmt(limited.p99_ms, 'ms', 2)}"),
     ]  # fmt: skip
 
 

@@ -36,7 +36,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of the gateway; see README 'Configuration'."""
+    """Every knob of the gateway; see docs/operations.md, "Configuration"."""
 
     redis_url: str = "redis://localhost:6379/0"
     celery_broker_url: str = "redis://localhost:6379/0"

@@ -111,7 +111,7 @@ def job_location(job_id: str) -> str:
 
 
 def _own_job(job_id: str) -> Job:
-    # Not a job id, no job: never a Redis key of another kind ("job_…:events" was a 500).
+    # Not a job id, no job: a path must never name a Redis key of another kind ("job_…:events").
     job = (
         ctx().store.get_for_client(current_client().id, job_id)
         if JOB_ID_PATTERN.fullmatch(job_id)

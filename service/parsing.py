@@ -25,7 +25,7 @@ def _finite_float(text: str) -> float:
 
 
 # A \uD800-\uDFFF escape: JSON lets one stand alone, but it is no character — text holding one
-# cannot be written as UTF-8 (measuring metadata raised UnicodeEncodeError: a 500).
+# cannot be written as UTF-8, so metadata holding one could be neither measured nor stored.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -60,13 +60,13 @@ class StrictJsonParser(FlaskParser):
                 )
             return core.missing
         encoding = req.headers.get("Content-Encoding")
-        if encoding and encoding.lower() != "identity":  # a gzip body was "not UTF-8" (400)
+        if encoding and encoding.lower() != "identity":  # else a gzip body reads as "not UTF-8"
             flask_smorest.abort(415, message="Send the body uncompressed (no Content-Encoding).")
         raw = req.get_data(cache=True)
         if not raw:
             return core.missing
-        # Chunked, Werkzeug reads a body up to the limit and stops without a word: it was cut
-        # there (a JSON one padded to the limit was accepted without its tail).
+        # Chunked, Werkzeug reads a body up to the limit and stops without a word: a body cut
+        # there could still parse (a JSON one padded to the limit) and lose its tail.
         limit = req.max_content_length
         at_limit = req.content_length is None and limit is not None and len(raw) >= limit
         if at_limit and req.environ["wsgi.input"].read(1):  # and more behind it

@@ -2,7 +2,7 @@
 
 The inpainting input mirrors RunComfy's model page (PRODUCT.md §5). Unknown fields are errors, so a
 misspelt option can never be dropped silently. Numbers must be JSON numbers (not strings, not
-booleans); limits that RunComfy does not publish are ours and are documented in README.
+booleans); limits that RunComfy does not publish are ours and are documented in docs/api.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ MAX_URL_CHARS = 4096
 MAX_LORAS = 3
 MAX_METADATA_BYTES = 4096
 # Objects and arrays within objects and arrays, metadata itself the first: json.loads takes ~1,000
-# levels, yet measuring or storing such metadata (deeper in the stack than the parse) ran out
-# of recursion — a 500.
+# levels, but measuring or storing such metadata runs deeper in the stack than the parse and
+# would run out of recursion.
 MAX_METADATA_DEPTH = 32
 MAX_SEED = 2**53 - 1  # the largest integer every JSON parser holds exactly
 IMAGE_SIZES = (

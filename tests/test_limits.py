@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import redis
-from cli.stack import Stack
 
+from cli.stack import Stack
 from core.clients import ClientStore, NewClientCredentials
 from core.limits import ClientLimits
 from core.store import PREFIX, connect_redis
@@ -298,3 +298,41 @@ def test_max_in_flight_holds_at_runcomfy_while_another_clients_job_goes_straight
     assert other_took_s < 3.0, other_took_s
     assert max(live_seen) <= 3, live_seen  # two of the capped client's, one of the other's
     assert max(live_seen) >= 2
+
+
+def test_usage_and_metrics_add_up_to_the_costs_of_the_jobs(
+    stack: Stack, api_client: ApiClient
+) -> None:
+    body = {
+        "image_url": stack.emulator_url + "/samples/image.png",
+        "mask_image_url": stack.emulator_url + "/samples/mask.png",
+    }
+    prompts = [
+        "a [emulator:run=0.2]",
+        "b [emulator:run=0.2]",
+        "c [emulator:fail]",
+        "d [emulator:queue=20]",  # cancelled while queued at RunComfy: costs nothing
+    ]
+    ids = [api_client.post("/v1/jobs", json=body | {"prompt": p}).get_json()["id"] for p in prompts]
+    api_client.wait_for(ids[3], lambda job: job["status"] == "submitted")
+    assert api_client.post(f"/v1/jobs/{ids[3]}/cancel").status_code == 202
+    jobs = [api_client.wait_final(job_id) for job_id in ids]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded", "failed", "cancelled"]
+    assert jobs[0]["cost"]["usd"] > 0 and jobs[3]["cost"]["usd"] == 0
+    costs = sum(job["cost"]["usd"] for job in jobs)
+    usage = api_client.get("/v1/usage").get_json()
+    assert usage["total"]["cost_usd"] == pytest.approx(costs, abs=1e-9)
+    assert usage["total"]["jobs"] == {"succeeded": 2, "failed": 1, "cancelled": 1, "expired": 0}
+    metrics = api_client.http.get("/metrics").get_data(as_text=True)
+    client_id = api_client.creds.client_id
+    spend = next(
+        line for line in metrics.splitlines()
+        if line.startswith(f'inpaint_gateway_client_spend_usd_total{{client_id="{client_id}"}}')
+    )  # fmt: skip
+    assert float(spend.rsplit(" ", 1)[1]) == pytest.approx(costs, abs=1e-9)
+    count = next(
+        line for line in metrics.splitlines()
+        if line.startswith("inpaint_gateway_client_time_to_result_seconds_count")
+        and f'client_id="{client_id}"' in line
+    )  # fmt: skip
+    assert float(count.rsplit(" ", 1)[1]) == 4

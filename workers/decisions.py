@@ -525,8 +525,8 @@ def observed_run_s(before: Job, after: Job, state: RequestState, now: float) -> 
     created/finished times (queue + run: an upper bound, on one clock). Without RunComfy's
     finished_at, the run ended between the last look (when it was still running) and this one:
     the middle is taken. That last look is known only if it saw the run going — not if it
-    failed, saw a status word not known, saw the run over, or a cancel came since. (Taking this
-    look's time only ever grew the estimate: the look comes when a run is expected to be done.)
+    failed, saw a status word not known, saw the run over, or a cancel came since. (This look's
+    own time would only ever grow the estimate: it comes when a run is expected to be done.)
     """
     if after.running_since is None:
         if after.polls == 1 and state.created_at is not None and state.finished_at is not None:

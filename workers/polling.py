@@ -83,8 +83,8 @@ def backoff_s(
     asks to be called again later, at its Retry-After if it gives one), Retry-After is when to
     come back — at least TRANSIENT_BACKOFF_BASE_S, plus up to as much again of jitter, so jobs
     told the same moment do not all call at once — however many failures came before: as a
-    floor under the growing backoff, it made a job whose result was ready wait up to a minute
-    after a run of 429s that each asked for 1 s.
+    floor under the growing backoff, it would make a job whose result is ready wait up to a
+    minute after a run of 429s that each asked for 1 s.
     """
     uniform = (rng or random).uniform
     told = None if retry_after_s is None else min(max(retry_after_s, 0.0), MAX_RETRY_AFTER_S)

@@ -24,9 +24,9 @@ PLACE_KEPT_S = 60.0  # a place not taken by then is dropped (its job ended, or i
 #
 # Both scripts read Redis's clock (TIME), never a caller's: the callers are many threads on many
 # hosts, and their clocks differ. With each caller's own time, a call stamped a little early
-# moved the bucket back and the same interval was credited again (2,000 calls a second stamped
-# up to 30 ms early got 10x a cap of 10/s through), and one host's clock ahead held every other
-# host back by as much. Times are written with %.6f: tostring keeps only 14 digits (0.1 ms).
+# would move the bucket back and the same interval be credited again (at 2,000 calls a second
+# stamped up to 30 ms early, 10x a cap of 10/s would get through), and one host's clock ahead
+# would hold every other host back by as much. Times are written with %.6f: tostring keeps only 14 digits (0.1 ms).
 _STATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
