@@ -264,21 +264,7 @@ class JobStore:
                 *checked.args(job.created_at),
             ],
         )
-        if isinstance(answer, list) and isinstance(answer[0], str):
-            raise LimitRefused(checked.refusal(answer))
-        if not isinstance(answer, str):
-            woke, remaining, reset_ms = answer
-            return Created(
-                job.id,
-                is_new=True,
-                wakeup_claimed=woke == 1,
-                rate_remaining=None if remaining < 0 else int(remaining),
-                rate_reset_s=math.ceil(int(reset_ms) / 1000),
-            )
-        record = json.loads(answer)
-        if idempotency is None or record["body"] != idempotency.body_hash:
-            raise IdempotencyMismatch(record["job_id"])
-        return Created(str(record["job_id"]), is_new=False, wakeup_claimed=False)
+        return _created(job.id, answer, idempotency, checked)
 
     def get(self, job_id: str) -> Job | None:
         """The job record, or None."""
@@ -403,6 +389,27 @@ class JobStore:
             ]
             args += [event.to_json(), event.webhook_id, event.next_attempt_at or event.created_at]
         return bool(self._commit_change(keys=keys, args=args))
+
+
+def _created(
+    job_id: str, answer: Any, idempotency: IdempotencyClaim | None, checked: AcceptLimits
+) -> Created:
+    """What the create script's answer says was done (see _CREATE)."""
+    if isinstance(answer, list) and isinstance(answer[0], str):
+        raise LimitRefused(checked.refusal(answer))
+    if not isinstance(answer, str):
+        woke, remaining, reset_ms = answer
+        return Created(
+            job_id,
+            is_new=True,
+            wakeup_claimed=woke == 1,
+            rate_remaining=None if remaining < 0 else int(remaining),
+            rate_reset_s=math.ceil(int(reset_ms) / 1000),
+        )
+    record = json.loads(answer)
+    if idempotency is None or record["body"] != idempotency.body_hash:
+        raise IdempotencyMismatch(record["job_id"])
+    return Created(str(record["job_id"]), is_new=False, wakeup_claimed=False)
 
 
 def encode_cursor(score: float, job_id: str) -> str:

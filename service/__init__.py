@@ -50,44 +50,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if not app.testing:
         configure_logging(settings.log_level)
 
-    from workers.celery_app import create_celery_app  # the app sends tasks; it never runs them
-
-    client = connect_redis(settings.redis_url, socket_timeout_s=5)
-    store = JobStore(client, retention_s=settings.job_retention_s)
-    counters = Counters(client)
-    celery = create_celery_app(settings)
-    wakeups = Wakeups(client, celery)
-    # A budget's reservation needs the list price: cached in Redis for every replica; this
-    # client fetches it only when the cache is stale and no one else is fetching.
-    list_price = ListPrice(
-        client,
-        fetch=RunComfyClient(
-            base_url=settings.runcomfy_base_url,
-            token=settings.runcomfy_api_token,
-            model_id=settings.runcomfy_model_id,
-            timeout_s=PRICE_FETCH_TIMEOUT_S,
-        ).list_price_usd,
-    )
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(GatewayCollector(store, counters))
-    app.extensions["celery"] = celery
-    app.extensions["inpaint_gateway"] = ServiceContext(
-        settings=settings,
-        redis=client,
-        store=store,
-        clients=ClientStore(client),
-        commands=JobCommands(
-            store=store,
-            settings=settings,
-            counters=counters,
-            wakeups=wakeups,
-            egress=EgressPolicy.from_cidrs(list(settings.webhook_allowed_networks)),
-            list_price_usd=functools.partial(list_price.usd_per_image, wait_s=2.0),
-        ),
-        celery=celery,
-        metrics_registry=registry,
-        recent_keys=RecentKeys(),
-    )
+    app.extensions["inpaint_gateway"] = service_context(settings)
+    app.extensions["celery"] = app.extensions["inpaint_gateway"].celery
 
     from service import docs, health, jobs, usage
 
@@ -101,6 +65,46 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
     return app
+
+
+def service_context(settings: Settings) -> ServiceContext:
+    """The API's collaborators, built once per app from its settings."""
+    from workers.celery_app import create_celery_app  # the app sends tasks; it never runs them
+
+    client = connect_redis(settings.redis_url, socket_timeout_s=5)
+    store = JobStore(client, retention_s=settings.job_retention_s)
+    counters = Counters(client)
+    celery = create_celery_app(settings)
+    # A budget's reservation needs the list price: cached in Redis for every replica; this
+    # client fetches it only when the cache is stale and no one else is fetching.
+    list_price = ListPrice(
+        client,
+        fetch=RunComfyClient(
+            base_url=settings.runcomfy_base_url,
+            token=settings.runcomfy_api_token,
+            model_id=settings.runcomfy_model_id,
+            timeout_s=PRICE_FETCH_TIMEOUT_S,
+        ).list_price_usd,
+    )
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(GatewayCollector(store, counters))
+    return ServiceContext(
+        settings=settings,
+        redis=client,
+        store=store,
+        clients=ClientStore(client),
+        commands=JobCommands(
+            store=store,
+            settings=settings,
+            counters=counters,
+            wakeups=Wakeups(client, celery),
+            egress=EgressPolicy.from_cidrs(list(settings.webhook_allowed_networks)),
+            list_price_usd=functools.partial(list_price.usd_per_image, wait_s=2.0),
+        ),
+        celery=celery,
+        metrics_registry=registry,
+        recent_keys=RecentKeys(),
+    )
 
 
 def warm_up(app: Flask) -> None:
