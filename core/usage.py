@@ -132,7 +132,8 @@ redis.call('EXPIRE', KEYS[5], ARGV[9])
 redis.call('HINCRBY', KEYS[6], 'cost', ARGV[7])
 redis.call('EXPIRE', KEYS[6], ARGV[9])
 if KEYS[7] ~= '' then
-  if tonumber(redis.call('DECRBY', KEYS[7], ARGV[8])) < 0 then redis.call('SET', KEYS[7], 0, 'KEEPTTL') end
+  -- A reservation outliving its key's TTL would leave a negative count with no TTL: dropped.
+  if tonumber(redis.call('DECRBY', KEYS[7], ARGV[8])) < 0 then redis.call('DEL', KEYS[7]) end
 end
 if tonumber(redis.call('GET', KEYS[8]) or '0') > 0 then redis.call('DECR', KEYS[8]) end
 redis.call('HINCRBY', KEYS[9], ARGV[10] .. '|jobs_' .. ARGV[6], 1)
