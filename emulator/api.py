@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import time
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from emulator.data_uris import MAX_REQUEST_BYTES, DecodedImage
 from emulator.directives import DirectiveError, Directives, parse_directives
 from emulator.faults import Faults
-from emulator.input_schema import MODEL_ID, validate_model_input
+from emulator.input_schema import IMAGE_FIELDS, MODEL_ID, read_image_inputs, validate_model_input
 from emulator.outputs import InputFetchError
 from emulator.payloads import error_response, request_urls, result_body, status_body
 from emulator.requests_state import EmulatedRequest, Failure, Phase, RequestPlan
@@ -39,6 +42,8 @@ def count_and_authenticate() -> Response | None:
     kind = _CALL_KIND_BY_ENDPOINT.get(request.endpoint or "")
     if kind is not None:
         state.stats.record_call(kind)
+    if kind == "submit":
+        _read_submit_body()
     if not _token_accepted(state.config.token, request.headers.get("Authorization", "")):
         return _token_refused()
     if state.faults.current().account == "token_refused":  # revoked, or the account inactive
@@ -85,11 +90,17 @@ def submit(model_id: str) -> Response:
     knobs = state.faults.current()
     if knobs.account == "out_of_balance":  # checked before anything is queued: nothing is paid
         return error_response(402, 400002, "insufficient balance: top up the account to continue")
+    raw_body: bytes | None = g.submit_body
+    if raw_body is None:
+        return _invalid_input([_body_too_large_problem()])
     try:
-        body = json.loads(request.get_data())
+        body = json.loads(raw_body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return error_response(400, 400000, f"request body is not valid JSON: {exc}")
     problems = validate_model_input(body)
+    if problems:
+        return _invalid_input(problems)
+    decoded_images, problems = read_image_inputs(body)
     if problems:
         return _invalid_input(problems)
     try:
@@ -104,7 +115,9 @@ def submit(model_id: str) -> Response:
         return _internal_error(500)
     if directives.submit_status == 503:  # as a load balancer sends it: with Retry-After
         return _internal_error(503, retry_after_s=knobs.retry_after_s)
-    created = state.registry.create(_plan(state, body, directives, knobs), knobs.request_ttl_s)
+    model_input = _held_model_input(state, body, decoded_images)
+    plan = _plan(state, model_input, directives, knobs, _inputs_received(body, decoded_images))
+    created = state.registry.create(plan, knobs.request_ttl_s)
     state.stats.record_submit(body["prompt"])
     if state.faults.roll(knobs.rate_5xx_after_accept):
         return _internal_error(state.faults.pick(SERVER_ERROR_STATUSES))
@@ -229,8 +242,65 @@ def _find_for_poll(state: EmulatorState, request_id: str) -> EmulatedRequest | R
     return found
 
 
+def _read_submit_body() -> None:
+    """Read the submit's body up to the Model API's limit into `g.submit_body` (None: over it)
+    before any answer, so a client still sending a large body hears the answer, not a reset."""
+    g.submit_body = None
+    length = request.content_length
+    if length is not None and length > MAX_REQUEST_BYTES:
+        _discard_body(length)
+        return
+    request.max_content_length = MAX_REQUEST_BYTES
+    with contextlib.suppress(RequestEntityTooLarge):  # a chunked body, its length unknown
+        g.submit_body = request.get_data()
+
+
+def _discard_body(length: int) -> None:
+    """Read and drop `length` bytes of body without keeping them."""
+    stream = request.environ["wsgi.input"]
+    remaining = length
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 1024 * 1024))
+        if not chunk:
+            return
+        remaining -= len(chunk)
+
+
+def _body_too_large_problem() -> dict[str, Any]:
+    return {
+        "loc": ["body"],
+        "msg": f"request body is over {MAX_REQUEST_BYTES} bytes (64 MiB)",
+        "type": "value_error",
+    }
+
+
+def _held_model_input(
+    state: EmulatorState, body: dict[str, Any], decoded_images: dict[str, DecodedImage]
+) -> dict[str, Any]:
+    """The body with each data URI swapped for a reference to its held, decoded bytes."""
+    return {
+        **body,
+        **{name: state.held_inputs.hold(image.body) for name, image in decoded_images.items()},
+    }
+
+
+def _inputs_received(
+    body: dict[str, Any], decoded_images: dict[str, DecodedImage]
+) -> dict[str, dict[str, Any]]:
+    return {
+        name: decoded_images[name].received()
+        if name in decoded_images
+        else {"kind": "url", "url": body[name]}
+        for name in IMAGE_FIELDS
+    }
+
+
 def _plan(
-    state: EmulatorState, model_input: dict[str, Any], directives: Directives, knobs: Faults
+    state: EmulatorState,
+    model_input: dict[str, Any],
+    directives: Directives,
+    knobs: Faults,
+    inputs_received: dict[str, dict[str, Any]],
 ) -> RequestPlan:
     """Decide at submit time everything about how this request will play out."""
     planned_failure = None
@@ -255,6 +325,7 @@ def _plan(
         poll_429_count=directives.poll_429_count,
         cancel_unavailable=directives.cancel_unavailable,
         price_usd=knobs.base_price_usd,
+        inputs_received=inputs_received,
     )
 
 
@@ -268,7 +339,9 @@ def _settle(state: EmulatorState, emulated: EmulatedRequest) -> None:
             state.registry.settle(emulated, output_name=None, failure=plan.planned_failure)
             return
         try:
-            output_name = state.renderer.render(plan.model_input)
+            output_name = state.renderer.render(
+                plan.model_input, state.faults.current().output_ttl_s
+            )
         except InputFetchError as exc:
             shape = plan.error_shape or state.registry.next_error_shape(
                 state.faults.current().error_shape
