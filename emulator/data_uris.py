@@ -97,7 +97,7 @@ def _inspect_image(body: bytes) -> tuple[int, int, str | None]:
     except DataUriError:
         raise
     # Pillow refuses (or, below twice its limit, warns about) a huge pixel count from the header
-    # alone; tests turn that warning into an error, production only logs it and the check above
+    # alone; tests turn that warning into an error, production only prints it and the check above
     # refuses the image: either way the same answer.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataUriError(
