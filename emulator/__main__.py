@@ -28,6 +28,9 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> EmulatorCon
     parser.add_argument("--token", help="the only bearer token accepted (EMULATOR_TOKEN)")
     parser.add_argument("--queue-s", type=float, help="seconds in_queue (EMULATOR_QUEUE_S)")
     parser.add_argument("--run-s", type=float, help="seconds in_progress (EMULATOR_RUN_S)")
+    parser.add_argument(
+        "--output-ttl-s", type=float, help="seconds an output URL answers (default 7 days)"
+    )
     parser.add_argument("--public-url", help="base of returned URLs (EMULATOR_PUBLIC_URL)")
     parser.add_argument(
         "--quiet", action="store_true", default=None, help="no request log (EMULATOR_QUIET)"
@@ -37,7 +40,11 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> EmulatorCon
         config = config_from_env(environ)
         knob_changes = {
             knob: value
-            for knob, value in (("queue_s", args.queue_s), ("run_s", args.run_s))
+            for knob, value in (
+                ("queue_s", args.queue_s),
+                ("run_s", args.run_s),
+                ("output_ttl_s", args.output_ttl_s),
+            )
             if value is not None
         }
         faults = config.faults.merged(knob_changes)

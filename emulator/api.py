@@ -8,10 +8,12 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from emulator.data_uris import MAX_REQUEST_BYTES, DecodedImage
 from emulator.directives import DirectiveError, Directives, parse_directives
 from emulator.faults import Faults
-from emulator.input_schema import MODEL_ID, validate_model_input
+from emulator.input_schema import IMAGE_FIELDS, MODEL_ID, read_image_inputs, validate_model_input
 from emulator.outputs import InputFetchError
 from emulator.payloads import error_response, request_urls, result_body, status_body
 from emulator.requests_state import EmulatedRequest, Failure, Phase, RequestPlan
@@ -85,11 +87,19 @@ def submit(model_id: str) -> Response:
     knobs = state.faults.current()
     if knobs.account == "out_of_balance":  # checked before anything is queued: nothing is paid
         return error_response(402, 400002, "insufficient balance: top up the account to continue")
+    # The Model API's own limit, over the app's 1 MiB; werkzeug's server reads and drops the rest
+    # of a body refused unread, so the client hears the answer.
+    request.max_content_length = MAX_REQUEST_BYTES
     try:
         body = json.loads(request.get_data())
+    except RequestEntityTooLarge:
+        return _invalid_input([_body_too_large_problem()])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return error_response(400, 400000, f"request body is not valid JSON: {exc}")
     problems = validate_model_input(body)
+    if problems:
+        return _invalid_input(problems)
+    decoded_images, problems = read_image_inputs(body)
     if problems:
         return _invalid_input(problems)
     try:
@@ -104,7 +114,9 @@ def submit(model_id: str) -> Response:
         return _internal_error(500)
     if directives.submit_status == 503:  # as a load balancer sends it: with Retry-After
         return _internal_error(503, retry_after_s=knobs.retry_after_s)
-    created = state.registry.create(_plan(state, body, directives, knobs), knobs.request_ttl_s)
+    model_input = _held_model_input(state, body, decoded_images)
+    plan = _plan(state, model_input, directives, knobs, _inputs_received(body, decoded_images))
+    created = state.registry.create(plan, knobs.request_ttl_s)
     state.stats.record_submit(body["prompt"])
     if state.faults.roll(knobs.rate_5xx_after_accept):
         return _internal_error(state.faults.pick(SERVER_ERROR_STATUSES))
@@ -229,8 +241,41 @@ def _find_for_poll(state: EmulatorState, request_id: str) -> EmulatedRequest | R
     return found
 
 
+def _body_too_large_problem() -> dict[str, Any]:
+    return {
+        "loc": ["body"],
+        "msg": f"request body is over {MAX_REQUEST_BYTES} bytes (64 MiB)",
+        "type": "value_error",
+    }
+
+
+def _held_model_input(
+    state: EmulatorState, body: dict[str, Any], decoded_images: dict[str, DecodedImage]
+) -> dict[str, Any]:
+    """The body with each data URI swapped for a reference to its held, decoded bytes."""
+    return {
+        **body,
+        **{name: state.held_inputs.hold(image.body) for name, image in decoded_images.items()},
+    }
+
+
+def _inputs_received(
+    body: dict[str, Any], decoded_images: dict[str, DecodedImage]
+) -> dict[str, dict[str, Any]]:
+    return {
+        name: decoded_images[name].received()
+        if name in decoded_images
+        else {"kind": "url", "url": body[name]}
+        for name in IMAGE_FIELDS
+    }
+
+
 def _plan(
-    state: EmulatorState, model_input: dict[str, Any], directives: Directives, knobs: Faults
+    state: EmulatorState,
+    model_input: dict[str, Any],
+    directives: Directives,
+    knobs: Faults,
+    inputs_received: dict[str, dict[str, Any]],
 ) -> RequestPlan:
     """Decide at submit time everything about how this request will play out."""
     planned_failure = None
@@ -255,6 +300,7 @@ def _plan(
         poll_429_count=directives.poll_429_count,
         cancel_unavailable=directives.cancel_unavailable,
         price_usd=knobs.base_price_usd,
+        inputs_received=inputs_received,
     )
 
 
@@ -268,7 +314,9 @@ def _settle(state: EmulatorState, emulated: EmulatedRequest) -> None:
             state.registry.settle(emulated, output_name=None, failure=plan.planned_failure)
             return
         try:
-            output_name = state.renderer.render(plan.model_input)
+            output_name = state.renderer.render(
+                plan.model_input, state.faults.current().output_ttl_s
+            )
         except InputFetchError as exc:
             shape = plan.error_shape or state.registry.next_error_shape(
                 state.faults.current().error_shape

@@ -11,12 +11,13 @@ from emulator.control import control_api
 from emulator.faults import FaultControl
 from emulator.images import make_sample_image, make_sample_mask
 from emulator.media import media
-from emulator.outputs import InputFetcher, OutputRenderer, OutputStore
+from emulator.outputs import HeldInputs, InputFetcher, OutputRenderer, OutputStore
 from emulator.payloads import error_response
 from emulator.requests_state import RequestRegistry
 from emulator.state import EXTENSION_KEY, EmulatorState
 from emulator.stats import CallStats
 
+# Every route but the submit, which reads up to the Model API's own limit (data_uris.py).
 MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -26,13 +27,15 @@ def create_app(config: EmulatorConfig | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     outputs = OutputStore()
+    held_inputs = HeldInputs()
     app.extensions[EXTENSION_KEY] = EmulatorState(
         config=emulator_config,
         faults=FaultControl(emulator_config.faults),
         registry=RequestRegistry(),
         stats=CallStats(),
         outputs=outputs,
-        renderer=OutputRenderer(InputFetcher(), outputs),
+        held_inputs=held_inputs,
+        renderer=OutputRenderer(InputFetcher(), held_inputs, outputs),
         sample_image_png=make_sample_image(),
         sample_mask_png=make_sample_mask(),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flask import Blueprint, Response, jsonify, request
 
 from emulator.faults import FaultKnobError
@@ -52,3 +54,21 @@ def stats() -> Response:
     snapshot = state.stats.snapshot()
     snapshot["requests"] = state.registry.count_by_state(state.faults.current().request_ttl_s)
     return jsonify(snapshot)
+
+
+@control_api.get("/requests/<request_id>")
+def show_request(request_id: str) -> Response:
+    """What the emulator received for one request: its prompt and, per image field, the URL or
+    the data URI's type, size and SHA-256 (so a test can prove which bytes arrived)."""
+    state = current_state()
+    found = state.registry.find(request_id, state.faults.current().request_ttl_s)
+    if found is None:
+        return error_response(404, 404001, "request not found or expired")
+    return jsonify(
+        {
+            "request_id": found.request_id,
+            "status": found.result_status(found.phase(time.monotonic())),
+            "prompt": found.plan.model_input["prompt"],
+            "inputs": found.plan.inputs_received,
+        }
+    )

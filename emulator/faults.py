@@ -19,6 +19,9 @@ ERROR_SHAPES = ("string", "object", "list", "rotate")
 # (400004).
 ACCOUNT_STATES = ("ok", "out_of_balance", "token_refused")
 
+# RunComfy keeps outputs about 7 days (documented for Serverless; the Model API says nothing).
+OUTPUT_TTL_S = 7 * 24 * 3600.0
+
 T = TypeVar("T")
 
 
@@ -46,6 +49,7 @@ class Faults:
     output_style: str = "images"
     error_shape: str = "rotate"
     request_ttl_s: float = 3600.0
+    output_ttl_s: float = OUTPUT_TTL_S  # then /outputs/<name> answers 404, as a deleted object
     queued_word: str | None = None  # answered while queued, in place of in_queue
     running_word: str | None = None  # answered while running, in place of in_progress
     base_price_usd: float = 0.0125  # the list price per output image (GET /v1/models/{id})
@@ -158,6 +162,7 @@ _KNOB_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "output_style": _one_of(OUTPUT_STYLES),
     "error_shape": _one_of(ERROR_SHAPES),
     "request_ttl_s": _seconds,
+    "output_ttl_s": _seconds,
     "queued_word": _optional_status_word,
     "running_word": _optional_status_word,
     "base_price_usd": _price,

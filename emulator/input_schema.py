@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from emulator.data_uris import DataUriError, DecodedImage, decode_data_uri, is_data_uri
+
 MODEL_ID = "tongyi-mai/z-image/turbo/inpainting/lora"
 IMAGE_SIZES = (
     "square_hd",
@@ -19,7 +21,8 @@ IMAGE_SIZES = (
 )
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
 MAX_LORAS = 3
-REQUIRED_FIELDS = ("prompt", "image_url", "mask_image_url")
+IMAGE_FIELDS = ("image_url", "mask_image_url")
+REQUIRED_FIELDS = ("prompt", *IMAGE_FIELDS)
 DEFAULT_CONTROL_START = 0.0
 DEFAULT_CONTROL_END = 0.6
 
@@ -42,12 +45,14 @@ def _check_prompt(value: object) -> str | None:
     return None
 
 
-def _check_url(value: object) -> str | None:
+def _check_image_reference(value: object) -> str | None:
     if not isinstance(value, str):
         return "must be a string URL"
+    if is_data_uri(value):  # decoded and checked by read_image_inputs once the schema holds
+        return None
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        return "must be an http(s) URL"
+        return "must be an http(s) URL or a data:image/(png|jpeg|webp);base64 URI"
     return None
 
 
@@ -80,8 +85,8 @@ def _check_output_format(value: object) -> str | None:
 
 _FIELD_CHECKS: dict[str, Callable[[object], str | None]] = {
     "prompt": _check_prompt,
-    "image_url": _check_url,
-    "mask_image_url": _check_url,
+    "image_url": _check_image_reference,
+    "mask_image_url": _check_image_reference,
     "control_start": _check_unit_float,
     "control_end": _check_unit_float,
     "control_scale": _check_unit_float,
@@ -143,3 +148,17 @@ def validate_model_input(body: object) -> list[Detail]:
         if start > end:
             errors.append(_error(["control_start"], "must not exceed control_end", "value_error"))
     return errors
+
+
+def read_image_inputs(body: dict[str, Any]) -> tuple[dict[str, DecodedImage], list[Detail]]:
+    """Decode the data-URI image fields of a valid body: the images, or the problems found."""
+    decoded: dict[str, DecodedImage] = {}
+    errors: list[Detail] = []
+    for name in IMAGE_FIELDS:
+        if not is_data_uri(body[name]):
+            continue
+        try:
+            decoded[name] = decode_data_uri(body[name])
+        except DataUriError as exc:
+            errors.append(_error([name], f"data URI {exc}", "value_error"))
+    return decoded, errors

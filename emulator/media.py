@@ -12,8 +12,9 @@ media = Blueprint("media", __name__)
 
 @media.get("/outputs/<name>")
 def output_image(name: str) -> Response:
-    """Serve a rendered output image."""
-    stored = current_state().outputs.get(name)
+    """Serve a rendered output image until the `output_ttl_s` knob says it is deleted."""
+    state = current_state()
+    stored = state.outputs.get(name, state.faults.current().output_ttl_s)
     if stored is None:
         return error_response(404, 404002, "output not found or expired")
     return Response(stored.body, content_type=stored.content_type)

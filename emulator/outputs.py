@@ -1,12 +1,13 @@
-"""Fetching inputs, rendering outputs once per distinct input, and keeping them to serve."""
+"""Fetching or holding inputs, rendering outputs once per distinct input, keeping them to serve."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -18,6 +19,11 @@ FETCH_TIMEOUT_S = 10.0
 MAX_INPUT_BYTES = 25 * 1024 * 1024
 INPUT_CACHE_ENTRIES = 32
 OUTPUT_STORE_ENTRIES = 256
+# Decoded data-URI inputs wait here between submit and render: bounded by bytes, not count,
+# so a burst of large distinct inputs evicts old ones instead of growing without end.
+HELD_INPUT_MAX_BYTES = 256 * 1024 * 1024
+# model_input carries this reference in place of a held data URI: a few bytes, not megabytes.
+HELD_INPUT_PREFIX = "held-sha256:"
 
 
 class InputFetchError(Exception):
@@ -30,6 +36,43 @@ class StoredOutput:
 
     body: bytes
     content_type: str
+    stored_monotonic: float = field(default_factory=time.monotonic)
+
+
+class HeldInputs:
+    """Decoded data-URI inputs by SHA-256, the least recently used dropped past a byte budget."""
+
+    def __init__(self, max_bytes: int = HELD_INPUT_MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._held: OrderedDict[str, bytes] = OrderedDict()
+        self._held_bytes = 0
+
+    def hold(self, body: bytes) -> str:
+        """Keep `body`; return the reference that stands for it in a model input."""
+        digest = hashlib.sha256(body).hexdigest()
+        with self._lock:
+            if digest not in self._held:
+                self._held[digest] = body
+                self._held_bytes += len(body)
+            self._held.move_to_end(digest)
+            while self._held_bytes > self._max_bytes and len(self._held) > 1:
+                _, dropped = self._held.popitem(last=False)
+                self._held_bytes -= len(dropped)
+        return f"{HELD_INPUT_PREFIX}{digest}"
+
+    def take(self, reference: str, field_name: str) -> bytes:
+        """Return the held bytes of `reference`, raising InputFetchError once they are dropped."""
+        digest = reference.removeprefix(HELD_INPUT_PREFIX)
+        with self._lock:
+            body = self._held.get(digest)
+            if body is not None:
+                self._held.move_to_end(digest)
+                return body
+        raise InputFetchError(
+            f"{field_name}: the data URI's bytes are no longer held by the emulator "
+            f"(more than {self._max_bytes} B of other inputs arrived since)"
+        )
 
 
 class InputFetcher:
@@ -72,12 +115,16 @@ class OutputStore:
         self._lock = threading.Lock()
         self._outputs: OrderedDict[str, StoredOutput] = OrderedDict()
 
-    def get(self, name: str) -> StoredOutput | None:
-        """Return the stored image called `name`, if still kept."""
+    def get(self, name: str, max_age_s: float) -> StoredOutput | None:
+        """Return the stored image called `name`, unless dropped or older than `max_age_s`."""
         with self._lock:
             stored = self._outputs.get(name)
-            if stored is not None:
-                self._outputs.move_to_end(name)
+            if stored is None:
+                return None
+            if time.monotonic() - stored.stored_monotonic > max_age_s:
+                del self._outputs[name]  # gone for good, as RunComfy deletes an old output
+                return None
+            self._outputs.move_to_end(name)
             return stored
 
     def put(self, name: str, stored: StoredOutput) -> None:
@@ -92,14 +139,16 @@ class OutputStore:
 class OutputRenderer:
     """Turns a model input into a stored output name, rendering each distinct input once."""
 
-    def __init__(self, fetcher: InputFetcher, store: OutputStore) -> None:
+    def __init__(self, fetcher: InputFetcher, held: HeldInputs, store: OutputStore) -> None:
         self._fetcher = fetcher
+        self._held = held
         self._store = store
         self._locks_guard = threading.Lock()
         self._locks_by_name: dict[str, threading.Lock] = {}
 
-    def render(self, model_input: Mapping[str, Any]) -> str:
-        """Return the output name for `model_input`; raises InputFetchError."""
+    def render(self, model_input: Mapping[str, Any], output_ttl_s: float) -> str:
+        """Return the output name for `model_input`, rendering it unless a copy younger than
+        `output_ttl_s` is kept; raises InputFetchError."""
         image_url = str(model_input["image_url"])
         mask_url = str(model_input["mask_image_url"])
         image_size = str(model_input.get("image_size", "auto"))
@@ -111,10 +160,10 @@ class OutputRenderer:
             name_lock = self._locks_by_name.setdefault(name, threading.Lock())
         # One render per distinct input even when many identical jobs finish at once.
         with name_lock:
-            if self._store.get(name) is not None:
+            if self._store.get(name, output_ttl_s) is not None:
                 return name
-            image_bytes = self._fetcher.fetch(image_url, "image_url")
-            mask_bytes = self._fetcher.fetch(mask_url, "mask_image_url")
+            image_bytes = self._input_bytes(image_url, "image_url")
+            mask_bytes = self._input_bytes(mask_url, "mask_image_url")
             try:
                 body = render_emulated_output(
                     image_bytes,
@@ -127,3 +176,8 @@ class OutputRenderer:
                 raise InputFetchError(f"could not decode input images: {exc}") from exc
             self._store.put(name, StoredOutput(body, CONTENT_TYPES[output_format]))
         return name
+
+    def _input_bytes(self, reference: str, field_name: str) -> bytes:
+        if reference.startswith(HELD_INPUT_PREFIX):
+            return self._held.take(reference, field_name)
+        return self._fetcher.fetch(reference, field_name)

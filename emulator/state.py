@@ -8,7 +8,7 @@ from flask import current_app
 
 from emulator.config import EmulatorConfig
 from emulator.faults import FaultControl
-from emulator.outputs import OutputRenderer, OutputStore
+from emulator.outputs import HeldInputs, OutputRenderer, OutputStore
 from emulator.requests_state import RequestRegistry
 from emulator.stats import CallStats
 
@@ -24,6 +24,7 @@ class EmulatorState:
     registry: RequestRegistry
     stats: CallStats
     outputs: OutputStore
+    held_inputs: HeldInputs
     renderer: OutputRenderer
     sample_image_png: bytes
     sample_mask_png: bytes

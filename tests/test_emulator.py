@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -23,7 +27,9 @@ from werkzeug.serving import make_server
 
 from cli.stack import free_port
 from emulator import EmulatorConfig, Faults, create_app
-from emulator.images import SAMPLE_MASK_BOX
+from emulator.faults import OUTPUT_TTL_S
+from emulator.images import SAMPLE_MASK_BOX, make_sample_image, make_sample_mask
+from emulator.outputs import HeldInputs, InputFetchError
 
 TOKEN = "test-token"
 MODEL_PATH = "/v1/models/tongyi-mai/z-image/turbo/inpainting/lora"
@@ -118,6 +124,42 @@ def mean_abs_difference(
 ) -> float:
     difference = ImageChops.difference(first.crop(box), second.crop(box))
     return sum(ImageStat.Stat(difference).mean) / 3
+
+
+def data_uri(content: bytes, content_type: str = "image/png") -> str:
+    return f"data:{content_type};base64,{base64.b64encode(content).decode('ascii')}"
+
+
+def encoded(image_bytes: bytes, pillow_format: str, **options: Any) -> bytes:
+    buffer = BytesIO()
+    with Image.open(BytesIO(image_bytes)) as opened:
+        opened.save(buffer, format=pillow_format, **options)
+    return buffer.getvalue()
+
+
+def zero_png(width: int, height: int, *, bit_depth: int = 8, level: int = 9) -> bytes:
+    """A valid all-black greyscale PNG written chunk by chunk, so that even a 400-megapixel one
+    (a decompression bomb: tens of kilobytes compressed) never sits in memory decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = bytes(1 + (width * bit_depth + 7) // 8)  # filter byte 0, then the row's pixels
+    compressor = zlib.compressobj(level)
+    rows_per_block = max(1, (1 << 20) // len(row))
+    compressed = []
+    for start in range(0, height, rows_per_block):
+        compressed.append(compressor.compress(row * min(rows_per_block, height - start)))
+    compressed.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", b"".join(compressed))
+        + chunk(b"IEND", b"")
+    )
 
 
 # --- auth, model id, input validation -------------------------------------------------
@@ -360,6 +402,192 @@ def test_unfetchable_input_fails_with_a_readable_error(
     result = wait_for_result(http, accepted["result_url"])
     assert result["status"] == "failed"
     assert "could not fetch image_url: HTTP 404" in result["error"]
+
+
+# --- data-URI inputs and output retention ----------------------------------------------
+
+
+def test_data_uri_inputs_render_as_urls_do_and_their_sha256_is_recorded(
+    http: requests.Session, base_url: str
+) -> None:
+    image_png = requests.get(f"{base_url}/samples/image.png").content
+    mask_png = requests.get(f"{base_url}/samples/mask.png").content
+    mask_webp = encoded(mask_png, "WEBP", lossless=True)
+    prompt = f"data URIs {QUICK}"
+    accepted = submit_ok(
+        http,
+        base_url,
+        prompt,
+        seed=11,
+        image_url=data_uri(image_png),
+        mask_image_url=data_uri(mask_webp, "image/webp"),
+    )
+    by_data = wait_for_result(http, accepted["result_url"])
+    assert by_data["status"] == "succeeded", by_data
+    output = decode_image(requests.get(by_data["output"]["images"][0]).content)
+    source = decode_image(image_png)
+    left, top, right, bottom = SAMPLE_MASK_BOX
+    assert mean_abs_difference(output, source, (left + 10, top + 10, right - 10, bottom - 10)) > 60
+    assert mean_abs_difference(output, source, (0, 0, 150, 200)) < 1
+    by_url = wait_for_result(http, submit_ok(http, base_url, QUICK, seed=11)["result_url"])
+    assert by_url["output"]["images"] != by_data["output"]["images"]  # rendered apart
+    url_output = decode_image(requests.get(by_url["output"]["images"][0]).content)
+    assert output.tobytes() == url_output.tobytes()
+
+    received = http.get(f"{base_url}/_emulator/requests/{accepted['request_id']}").json()
+    assert (received["request_id"], received["prompt"]) == (accepted["request_id"], prompt)
+    assert received["inputs"] == {
+        "image_url": {
+            "kind": "data_uri",
+            "content_type": "image/png",
+            "bytes": len(image_png),
+            "sha256": hashlib.sha256(image_png).hexdigest(),
+            "width": 512,
+            "height": 512,
+        },
+        "mask_image_url": {
+            "kind": "data_uri",
+            "content_type": "image/webp",
+            "bytes": len(mask_webp),
+            "sha256": hashlib.sha256(mask_webp).hexdigest(),
+            "width": 512,
+            "height": 512,
+        },
+    }
+
+
+def test_the_control_api_reports_url_inputs_and_404s_an_unknown_request(
+    http: requests.Session, base_url: str
+) -> None:
+    jpeg = encoded(make_sample_image(), "JPEG", quality=80)
+    accepted = submit_ok(
+        http, base_url, "[emulator:queue=30]", image_url=data_uri(jpeg, "image/jpeg")
+    )
+    received = http.get(f"{base_url}/_emulator/requests/{accepted['request_id']}").json()
+    assert received["status"] == "in_queue"
+    assert received["inputs"]["image_url"]["sha256"] == hashlib.sha256(jpeg).hexdigest()
+    assert received["inputs"]["mask_image_url"] == {
+        "kind": "url",
+        "url": f"{base_url}/samples/mask.png",
+    }
+    unknown = http.get(f"{base_url}/_emulator/requests/no-such-id")
+    assert (unknown.status_code, unknown.json()["error_code"]) == (404, 404001)
+
+
+SAMPLE_PNG = make_sample_image()
+BAD_DATA_URIS = {
+    "not base64": ("image_url", lambda: "data:image/png;base64,iVBORw0K$$$", "not valid base64"),
+    "base64 with a line break": (
+        "mask_image_url",
+        lambda: data_uri(SAMPLE_PNG)[:60] + "\n" + data_uri(SAMPLE_PNG)[60:],
+        "not valid base64",
+    ),
+    "not marked base64": ("image_url", lambda: "data:image/png,abc", "must be data:image/"),
+    "a type not accepted": (
+        "image_url",
+        lambda: data_uri(encoded(SAMPLE_PNG, "GIF"), "image/gif"),
+        "'image/gif' is not one of",
+    ),
+    "declared jpeg, bytes png": (
+        "mask_image_url",
+        lambda: data_uri(make_sample_mask(), "image/jpeg"),
+        "declared image/jpeg but the bytes are PNG",
+    ),
+    "not an image": ("image_url", lambda: data_uri(b"plain text, no picture"), "is not an image"),
+    "truncated": (
+        "image_url",
+        lambda: data_uri(SAMPLE_PNG[: len(SAMPLE_PNG) // 2]),
+        "not a decodable image",
+    ),
+    "over 6 MiB": (
+        "image_url",
+        lambda: data_uri(zero_png(2600, 2600, level=0)),
+        "bytes; at most 6291456 (6 MiB)",
+    ),
+    "over 32 megapixels": (
+        "mask_image_url",
+        lambda: data_uri(zero_png(6000, 6000)),
+        "6000x6000 = 36000000 pixels; at most 32000000",
+    ),
+    # 100 MP: Pillow warns (an error under pytest), production relies on the check above.
+    "100 megapixels": (
+        "image_url",
+        lambda: data_uri(zero_png(10000, 10000, bit_depth=1)),
+        "at most 32000000",
+    ),
+    "a decompression bomb": (
+        "image_url",
+        lambda: data_uri(zero_png(20000, 20000, bit_depth=1)),
+        "decompression bomb",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA_URIS))
+def test_each_bad_data_uri_is_422001_with_a_readable_detail_and_creates_nothing(
+    http: requests.Session, base_url: str, case: str
+) -> None:
+    field_name, build, expected_msg = BAD_DATA_URIS[case]
+    prompt = f"bad data URI: {case}"
+    response = submit(http, base_url, prompt, **{field_name: build()})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert (body["error_code"], body["error_message"]) == (422001, "invalid input")
+    [problem] = body["detail"]
+    assert problem["loc"] == ["body", field_name]
+    assert problem["msg"].startswith("data URI ")
+    assert expected_msg in problem["msg"]
+    assert prompt not in stats(http, base_url)["submits_by_prompt"]
+
+
+def test_a_body_over_64_mib_is_422001_and_creates_nothing(
+    http: requests.Session, base_url: str
+) -> None:
+    prompt = "x" * (64 * 1024 * 1024)
+    response = http.post(
+        f"{base_url}{MODEL_PATH}",
+        data=json.dumps(sample_input(base_url, prompt)),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {
+            "loc": ["body"],
+            "msg": "request body is over 67108864 bytes (64 MiB)",
+            "type": "value_error",
+        }
+    ]
+    assert stats(http, base_url)["submits"] == 0
+
+
+def test_held_inputs_drop_the_least_recently_used_past_their_byte_budget() -> None:
+    held = HeldInputs(max_bytes=10)
+    first = held.hold(b"a" * 6)
+    assert held.hold(b"a" * 6) == first  # the same bytes are held once
+    second = held.hold(b"b" * 6)
+    assert held.take(second, "mask_image_url") == b"b" * 6
+    with pytest.raises(InputFetchError, match="image_url: the data URI's bytes are no longer held"):
+        held.take(first, "image_url")
+
+
+def test_an_output_answers_until_output_ttl_s_then_404(
+    http: requests.Session, base_url: str
+) -> None:
+    assert http.get(f"{base_url}/_emulator/faults").json()["output_ttl_s"] == OUTPUT_TTL_S
+    assert http.post(f"{base_url}/_emulator/faults", json={"output_ttl_s": -1}).status_code == 400
+    set_faults(http, base_url, output_ttl_s=1.0)
+    accepted = submit_ok(http, base_url, f"short-lived {QUICK}", seed=987)
+    result = wait_for_result(http, accepted["result_url"])
+    [output_url] = result["output"]["images"]
+    fresh = requests.get(output_url)
+    assert fresh.status_code == 200
+    assert decode_image(fresh.content).size == (512, 512)
+    time.sleep(1.2)
+    deleted = requests.get(output_url)
+    assert deleted.status_code == 404
+    assert deleted.json() == {"error_code": 404002, "error_message": "output not found or expired"}
+    assert http.get(accepted["result_url"]).json()["output"] == result["output"]
 
 
 # --- cancel, unknown and expired ids --------------------------------------------------
@@ -722,6 +950,8 @@ def test_command_line_serves_and_stops_on_sigterm() -> None:
         TOKEN,
         "--public-url",
         "http://emulator.test:9000/",
+        "--output-ttl-s",
+        "60",
         "--quiet",
     ]
     environment = {**os.environ, "EMULATOR_FAULTS": '{"queue_s": 0.2, "rate_fail": 0.5}'}
@@ -741,7 +971,7 @@ def test_command_line_serves_and_stops_on_sigterm() -> None:
             )
             base_url = f"http://127.0.0.1:{port}"
             knobs = requests.get(f"{base_url}/_emulator/faults").json()
-            assert (knobs["queue_s"], knobs["rate_fail"]) == (0.2, 0.5)
+            assert (knobs["queue_s"], knobs["rate_fail"], knobs["output_ttl_s"]) == (0.2, 0.5, 60)
             accepted = requests.post(
                 f"{base_url}{MODEL_PATH}",
                 json=sample_input(base_url, "cli"),
