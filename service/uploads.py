@@ -69,7 +69,7 @@ UPLOAD_REQUEST_BODY = {
                 "additionalProperties": False,
             }
         },
-        **{content_type: {"schema": IMAGE_BYTES} for content_type in IMAGE_TYPES},
+        **{t: {"schema": {**IMAGE_BYTES, "contentMediaType": t}} for t in IMAGE_TYPES},
     },
 }
 LOCATION_HEADER = {"description": "The upload's path.", "schema": {"type": "string"}}
