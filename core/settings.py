@@ -169,7 +169,9 @@ def _read(env: environs.Env) -> Settings:
             "LOG_LEVEL", "INFO", validate=mv.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
         ),
         media_store_url=_media_store_url(env),
-        media_s3_endpoint_url=_optional_url(env, "MEDIA_S3_ENDPOINT_URL", "http", "https"),
+        media_s3_endpoint_url=_optional_url(
+            "MEDIA_S3_ENDPOINT_URL", env.str("MEDIA_S3_ENDPOINT_URL", ""), "http", "https"
+        ),
         upload_retention_s=env.int(
             "UPLOAD_RETENTION_S", DEFAULT_UPLOAD_RETENTION_S, validate=mv.Range(min=60)
         ),
@@ -227,8 +229,7 @@ def _check_together(settings: Settings) -> None:
         raise SettingsError("bad setting STEP_LEASE_S: must exceed twice RUNCOMFY_TIMEOUT_S")
 
 
-def _optional_url(env: environs.Env, name: str, *schemes: str) -> str:
-    text: str = env.str(name, "")
+def _optional_url(name: str, text: str, *schemes: str) -> str:
     if text:
         try:
             _url_scheme(*schemes)(text)
