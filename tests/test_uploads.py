@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from PIL import Image
 
 from cli.stack import Stack
 from core.clients import ClientStore, NewClientCredentials
-from core.media import FileMediaStore
+from core.media import FileMediaStore, media_store_from_url
 from core.store import PREFIX, connect_redis
 from core.uploads import (
     MAX_UPLOAD_BYTES,
@@ -27,6 +28,7 @@ from core.uploads import (
     inspect_image,
     remove_expired_uploads,
 )
+from core.wakeups import REMOVE_EXPIRED_UPLOADS_TASK
 
 pytestmark = pytest.mark.integration
 
@@ -336,3 +338,25 @@ def test_expired_uploads_lose_their_bytes_and_live_ones_keep_them(
     again, created = store.save("cli_a", old_data, inspect_image(old_data), now=5000.0)
     assert created and again.id == old.id and again.media_key != old.media_key
     assert store.load_ref("cli_a", again.ref) == (again, old_data)
+
+
+def test_beat_sends_the_cleanup_and_a_real_worker_removes_expired_bytes(
+    stack: Stack, redis_client: redis.Redis, app: Any
+) -> None:
+    settings = stack.settings()
+    schedule = app.extensions["celery"].conf.beat_schedule
+    assert schedule["remove-expired-uploads"]["task"] == REMOVE_EXPIRED_UPLOADS_TASK
+    # On the worker's own Redis and media folder: an upload whose record has expired.
+    media = media_store_from_url(settings.media_store_url)
+    store = UploadStore(redis_client, media, retention_s=settings.upload_retention_s)
+    data = image_bytes("PNG", color="purple")
+    client_id = ClientStore(redis_client).create("cleanup").client_id
+    old, _ = store.save(client_id, data, inspect_image(data), now=time.time() - 10 * 86400)
+    redis_client.delete(f"{PREFIX}upload:{client_id}:{old.id}")
+    assert media.exists(old.media_key)
+
+    app.extensions["celery"].send_task(REMOVE_EXPIRED_UPLOADS_TASK)
+    deadline = time.monotonic() + 30
+    while media.exists(old.media_key) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not media.exists(old.media_key)
