@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -237,6 +238,13 @@ BAD_UPLOADS: list[tuple[str, Callable[[Uploading], Any], int, str]] = [
         422,
         "8000x4001",
     ),
+    # Past Pillow's warning (89 Mpx), made an error; past twice that, Pillow's own error.
+    (
+        "bomb warning",
+        lambda u: u.raw(png_header_only(10000, 10000), "image/png"),
+        422,
+        "too many pixels",
+    ),
     ("bomb", lambda u: u.raw(png_header_only(60000, 60000), "image/png"), 422, "too many pixels"),
     (
         "compressed",
@@ -360,3 +368,54 @@ def test_beat_sends_the_cleanup_and_a_real_worker_removes_expired_bytes(
     while media.exists(old.media_key) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not media.exists(old.media_key)
+
+
+def test_concurrent_uploads_of_the_same_bytes_keep_one_copy(uploading: Uploading) -> None:
+    data = image_bytes("PNG", color="orange")
+    barrier = threading.Barrier(8)
+    answers: list[Any] = []
+
+    def send() -> None:
+        barrier.wait()
+        answers.append(uploading.raw(data, "image/png"))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(a.status_code for a in answers).count(201) >= 1
+    assert all(a.status_code in (200, 201) for a in answers)
+    assert len({a.get_json()["id"] for a in answers}) == 1
+    copies = [b for b in uploading.blobs() if b.count("/") == 3]
+    assert len(copies) == 1 and not [b for b in uploading.blobs() if ".tmp-" in b]
+    content = uploading.get(f"/v1/uploads/{answers[0].get_json()['id']}/content")
+    assert content.data == data
+
+
+def test_a_media_store_that_fails_is_a_503_storing_nothing(
+    stack: Stack, make_app: Callable[..., Any], tmp_path: Path
+) -> None:
+    url = stack.redis_server.url.rsplit("/", 1)[0] + f"/{UPLOADS_DB}"
+    client = connect_redis(url)
+    client.flushdb()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the media folder should be")
+    app = make_app(
+        REDIS_URL=url, CELERY_BROKER_URL=url, MEDIA_STORE_URL=(blocker / "media").as_uri()
+    )
+    creds = ClientStore(client).create("unlucky")
+    before = sorted(client.scan_iter())
+    resp = app.test_client().post(
+        "/v1/uploads",
+        data=image_bytes("PNG"),
+        headers={"Authorization": f"Bearer {creds.api_key}", "Content-Type": "image/png"},
+    )
+    assert resp.status_code == 503 and resp.mimetype == PROBLEM_JSON
+    assert resp.headers["Retry-After"] == "5"
+    assert "not-a-folder" not in resp.get_data(as_text=True)  # no path or error text leaks
+    assert sorted(k for k in client.scan_iter() if k != PREFIX + "counters") == [
+        k for k in before if k != PREFIX + "counters"
+    ]
+    client.flushdb()
+    client.close()
