@@ -78,7 +78,7 @@ LOCATION_HEADER = {"description": "The upload's path.", "schema": {"type": "stri
 def refused(status: int, message: str) -> Response:
     """An upload refused: 413, 415, or 422 with the reason under `file`."""
     if status == 413:
-        return problem(413, "Content Too Large", message)
+        return problem(413, "Request Entity Too Large", message)  # the type every 413 has
     if status == 415:
         return problem(415, "Unsupported Media Type", message)
     return problem(

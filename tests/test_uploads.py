@@ -316,6 +316,9 @@ def test_other_routes_keep_their_64_kib_limit(uploading: Uploading) -> None:
         headers=uploading.headers() | {"Content-Type": "application/json"},
     )
     assert resp.status_code == 413 and "64 KiB" in resp.get_json()["detail"]
+    too_big = uploading.raw(b"\0" * (MAX_UPLOAD_BYTES + 1), "image/png")
+    assert too_big.status_code == 413
+    assert too_big.get_json()["type"] == resp.get_json()["type"]  # one problem type per status
 
 
 def test_a_picture_of_exactly_the_limit_is_taken() -> None:
