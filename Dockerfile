@@ -33,6 +33,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 # An empty, root-owned working directory: celery puts the cwd on sys.path, so it must hold nothing.
 WORKDIR /app
+# The default media store; owned by the process's user, so a volume mounted there starts so too.
+RUN mkdir -p /var/lib/inpaint-gateway/media && chown 10001:10001 /var/lib/inpaint-gateway/media
 # Numeric so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 EXPOSE 8000

@@ -334,6 +334,8 @@ class Stack:
         if self.emulator_url:
             env["RUNCOMFY_BASE_URL"] = self.emulator_url
             env["RUNCOMFY_API_TOKEN"] = EMULATOR_TOKEN
+        # Uploads and outputs beside the stack's other files (.run/media for `make run`).
+        env.setdefault("MEDIA_STORE_URL", (self.base / "media").resolve().as_uri())
         return env | dict(self.settings_env)
 
     def settings(self, **overrides: str) -> Settings:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import environs
+import marshmallow
 import marshmallow.validate as mv
 
 RUNCOMFY_PUBLIC_BASE_URL = "https://model-api.runcomfy.net"
@@ -28,6 +29,9 @@ DEFAULT_WEBHOOK_RETRY_SCHEDULE = ",".join(f"{s:g}" for s in DEFAULT_WEBHOOK_RETR
 MAX_RETRY_GAP_S = 7 * 24 * 3600
 MAX_WEBHOOK_RETRY_AFTER_S = 24 * 3600.0  # a receiver's longer Retry-After is taken as this
 DELIVERY_LATENESS_S = 3600
+# A directory that outlives the process; `make run` and the tests point it at their own.
+DEFAULT_MEDIA_STORE_URL = "file:///var/lib/inpaint-gateway/media"
+DEFAULT_UPLOAD_RETENTION_S = 7 * 24 * 3600
 
 
 class SettingsError(ValueError):
@@ -57,6 +61,9 @@ class Settings:
     dispatch_batch_size: int = 64
     step_lease_s: float = 60.0
     log_level: str = "INFO"
+    media_store_url: str = DEFAULT_MEDIA_STORE_URL
+    media_s3_endpoint_url: str = ""
+    upload_retention_s: int = DEFAULT_UPLOAD_RETENTION_S
 
     @property
     def uses_public_runcomfy(self) -> bool:
@@ -161,6 +168,13 @@ def _read(env: environs.Env) -> Settings:
         log_level=env.str(
             "LOG_LEVEL", "INFO", validate=mv.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
         ),
+        media_store_url=_media_store_url(env),
+        media_s3_endpoint_url=_optional_url(
+            "MEDIA_S3_ENDPOINT_URL", env.str("MEDIA_S3_ENDPOINT_URL", ""), "http", "https"
+        ),
+        upload_retention_s=env.int(
+            "UPLOAD_RETENTION_S", DEFAULT_UPLOAD_RETENTION_S, validate=mv.Range(min=60)
+        ),
     )
     _check_together(settings)
     return settings
@@ -171,6 +185,16 @@ def _webhook_retry_schedule(env: environs.Env) -> tuple[float, ...]:
         return _schedule(env.str("WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE))
     except ValueError as exc:
         raise SettingsError(f"bad setting WEBHOOK_RETRY_SCHEDULE: {exc}") from None
+
+
+def _media_store_url(env: environs.Env) -> str:
+    from core.media import check_media_store_url
+
+    url: str = env.str("MEDIA_STORE_URL", DEFAULT_MEDIA_STORE_URL)
+    try:
+        return check_media_store_url(url)
+    except ValueError as exc:
+        raise SettingsError(f"bad setting MEDIA_STORE_URL: {exc}") from None
 
 
 def _webhook_allowed_networks(env: environs.Env) -> tuple[str, ...]:
@@ -203,6 +227,15 @@ def _check_together(settings: Settings) -> None:
         )
     if settings.step_lease_s <= settings.runcomfy_timeout_s * 2:
         raise SettingsError("bad setting STEP_LEASE_S: must exceed twice RUNCOMFY_TIMEOUT_S")
+
+
+def _optional_url(name: str, text: str, *schemes: str) -> str:
+    if text:
+        try:
+            _url_scheme(*schemes)(text)
+        except marshmallow.ValidationError as exc:
+            raise SettingsError(f"bad setting {name}: {' '.join(exc.messages)}") from None
+    return text
 
 
 def _url_scheme(*schemes: str) -> mv.Validator:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 JOBS_QUEUE = "jobs"
 WEBHOOKS_QUEUE = "webhooks"
 DISPATCH_JOBS_TASK = "inpaint_gateway.dispatch_jobs"
+REMOVE_EXPIRED_UPLOADS_TASK = "inpaint_gateway.remove_expired_uploads"
 DISPATCH_WEBHOOKS_TASK = "inpaint_gateway.dispatch_webhooks"
 # A pending wake-up that was lost (broker hiccup) stops suppressing new ones after this long.
 PENDING_FLAG_MS = 2000

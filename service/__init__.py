@@ -12,10 +12,12 @@ from core.clients import ClientStore
 from core.commands import JobCommands
 from core.http.egress import EgressPolicy
 from core.logs import configure_logging
+from core.media import media_store_from_url
 from core.metrics import Counters, GatewayCollector
 from core.pricing import ListPrice
 from core.settings import Settings, load_settings_or_exit
 from core.store import JobStore, connect_redis
+from core.uploads import UploadStore
 from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
 from service.auth import RecentKeys
 from service.context import ServiceContext
@@ -53,7 +55,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["inpaint_gateway"] = service_context(settings)
     app.extensions["celery"] = app.extensions["inpaint_gateway"].celery
 
-    from service import docs, health, jobs, usage
+    from service import docs, health, jobs, uploads, usage
 
     api = ProblemApi(
         app,
@@ -62,6 +64,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     api.register_blueprint(jobs.blp)
     api.register_blueprint(usage.blp)
+    api.register_blueprint(uploads.blp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
     return app
@@ -104,6 +107,13 @@ def service_context(settings: Settings) -> ServiceContext:
         celery=celery,
         metrics_registry=registry,
         recent_keys=RecentKeys(),
+        uploads=UploadStore(
+            client,
+            media_store_from_url(
+                settings.media_store_url, s3_endpoint_url=settings.media_s3_endpoint_url
+            ),
+            retention_s=settings.upload_retention_s,
+        ),
     )
 
 

@@ -14,6 +14,7 @@ from core.clients import ClientStore
 from core.commands import JobCommands
 from core.settings import Settings
 from core.store import JobStore
+from core.uploads import UploadStore
 
 if TYPE_CHECKING:
     from service.auth import RecentKeys
@@ -31,6 +32,7 @@ class ServiceContext:
     celery: Celery
     metrics_registry: CollectorRegistry
     recent_keys: RecentKeys
+    uploads: UploadStore
 
 
 def ctx() -> ServiceContext:

@@ -8,7 +8,7 @@ from typing import Any
 
 import kombu.exceptions
 import redis
-from flask import Response, current_app, json
+from flask import Response, current_app, json, request
 from flask_smorest import Api
 from flask_smorest.utils import prepare_response
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
@@ -170,7 +170,9 @@ class ProblemApi(Api):
             else:
                 errors = flatten_field_errors(messages)
         if isinstance(error, RequestEntityTooLarge):  # Werkzeug's text names no size
-            limit_kib = current_app.config["MAX_CONTENT_LENGTH"] // 1024
+            # The route's own limit (uploads raise it), else the app's.
+            limit = request.max_content_length or current_app.config["MAX_CONTENT_LENGTH"]
+            limit_kib = limit // 1024
             detail = f"The request body is over its limit of {limit_kib} KiB."
         if status == 400 and errors:
             detail = "; ".join(m for ms in errors.values() for m in ms)

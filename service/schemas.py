@@ -495,3 +495,18 @@ class UsageSchema(Schema):
     total = fields.Nested(UsageTotalSchema)
     limits = fields.Nested(LimitsSchema)
     budget = fields.Nested(BudgetSchema, allow_none=True)
+
+
+class UploadSchema(Schema):
+    """An uploaded image: what decoding it found, and how to use it (`ref` in a job)."""
+
+    id = fields.String(required=True, metadata={"pattern": r"^upl_[0-9a-f]{32}$"})
+    ref = fields.String(required=True, metadata={"pattern": r"^upload:upl_[0-9a-f]{32}$"})
+    sha256 = fields.String(required=True, metadata={"pattern": "^[0-9a-f]{64}$"})
+    content_type = fields.String(
+        required=True, validate=v.OneOf(["image/png", "image/jpeg", "image/webp"])
+    )
+    width = fields.Integer(required=True, validate=v.Range(min=1))
+    height = fields.Integer(required=True, validate=v.Range(min=1))
+    bytes = fields.Integer(required=True, validate=v.Range(min=1, max=6 * 1024 * 1024))
+    expires_at = fields.String(required=True)

@@ -1,13 +1,21 @@
 """schemathesis hooks (SCHEMATHESIS_HOOKS=tests.fuzz_hooks): the rules JSON Schema cannot state,
-met by generated cases — a body's control_start <= control_end (given or its default), and a
-usage query's days in order and at most MAX_USAGE_DAYS apart."""
+met by generated cases — a body's control_start <= control_end (given or its default), a
+usage query's days in order and at most MAX_USAGE_DAYS apart, and an upload's bytes an image
+of the type it declares.
+
+An upload's body is bytes, which JSON Schema cannot describe: whether they are an image is known
+only by decoding them. So its positive cases carry a real image of their declared type, and its
+negative cases are left out: no schema mutation of bytes says what a bad image is.
+tests/test_uploads.py sends every kind of bad upload instead."""
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, date, datetime
 from typing import Any
 
 import schemathesis
+from PIL import Image
 
 from core.usage import MAX_USAGE_DAYS
 from service.schemas import InpaintInputSchema
@@ -54,9 +62,29 @@ def with_usage_span(query: Any, today: date) -> Any:
     return query
 
 
+UPLOADS_PATH = "/v1/uploads"
+IMAGE_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+
+
+def image_of(content_type: str) -> bytes:
+    """A small real image of `content_type` (PNG for any other)."""
+    out = io.BytesIO()
+    Image.new("RGB", (4, 3), "red").save(out, format=IMAGE_FORMATS.get(content_type, "PNG"))
+    return out.getvalue()
+
+
+def is_upload(case: Any) -> bool:
+    return bool(case.path == UPLOADS_PATH and case.method.upper() == "POST")
+
+
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
     """Every phase's cases (map_body does not reach the coverage phase's)."""
+    if is_upload(case):
+        media_type = str(getattr(case, "media_type", "") or "")
+        data = image_of(media_type)
+        case.body = {"file": data} if media_type.startswith("multipart/") else data
+        return case
     case.body = with_control_window(case.body)
     if case.path == "/v1/usage":
         case.query = with_usage_span(case.query, datetime.now(UTC).date())

@@ -37,6 +37,7 @@ from service import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 HOOKS_MODULE = "tests.fuzz_hooks"
+SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
 # What must hold of every answer: no 5xx; every schema-valid request accepted and every invalid
 # one refused; each status, content type and body as the document declares them.
 CHECKS = (
@@ -66,8 +67,19 @@ class LiveApi:
 
 @contextlib.contextmanager
 def live_api(redis_url: str) -> Iterator[LiveApi]:
-    """The API on 127.0.0.1 (a free port) over `redis_url` (flushed first), with a client."""
+    """The API on 127.0.0.1 (a free port) over `redis_url` (flushed first), with a client;
+    uploads in a media folder of its own, removed at the end."""
+    with (
+        tempfile.TemporaryDirectory(prefix="fuzz-media-") as media,
+        _live_api(redis_url, Path(media).as_uri()) as api,
+    ):
+        yield api
+
+
+@contextlib.contextmanager
+def _live_api(redis_url: str, media_store_url: str) -> Iterator[LiveApi]:
     env = {
+        "MEDIA_STORE_URL": media_store_url,
         "REDIS_URL": redis_url,
         "CELERY_BROKER_URL": redis_url,
         "RUNCOMFY_BASE_URL": "http://127.0.0.1:9",  # never called: no worker runs
@@ -107,6 +119,8 @@ def schemathesis_argv(api: LiveApi, *options: str) -> list[str]:
     """`schemathesis run` of every phase and CHECKS against `api`, plus `options`."""
     return [
         str(Path(sys.executable).parent / "schemathesis"),
+        "--config-file",
+        str(SCHEMATHESIS_CONFIG),
         "run",
         f"{api.base_url}/openapi.json",
         "--url",

@@ -116,3 +116,40 @@ def test_a_worker_with_a_bad_setting_exits_with_one_line() -> None:
     lines = [line for line in result.stderr.splitlines() if "bad setting" in line]
     assert lines and "JOB_DEADLINE_S" in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_media_settings_have_their_defaults(env: pytest.MonkeyPatch) -> None:
+    for key, given in EMULATED.items():
+        env.setenv(key, given)
+    s = load_settings()
+    assert s.media_store_url == "file:///var/lib/inpaint-gateway/media"
+    assert (s.media_s3_endpoint_url, s.upload_retention_s) == ("", 7 * 24 * 3600)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MEDIA_STORE_URL", "file://relative"),
+        ("MEDIA_STORE_URL", "ftp://host/x"),
+        ("MEDIA_S3_ENDPOINT_URL", "minio:9000"),
+        ("UPLOAD_RETENTION_S", "59"),
+    ],
+)
+def test_a_bad_media_setting_names_itself(env: pytest.MonkeyPatch, name: str, value: str) -> None:
+    for key, given in EMULATED.items():
+        env.setenv(key, given)
+    env.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        load_settings()
+
+
+def test_an_s3_media_store_with_its_endpoint(env: pytest.MonkeyPatch) -> None:
+    for key, given in EMULATED.items():
+        env.setenv(key, given)
+    env.setenv("MEDIA_STORE_URL", "s3://media-bucket/gateway")
+    env.setenv("MEDIA_S3_ENDPOINT_URL", "http://minio:9000")
+    s = load_settings()
+    assert (s.media_store_url, s.media_s3_endpoint_url) == (
+        "s3://media-bucket/gateway",
+        "http://minio:9000",
+    )

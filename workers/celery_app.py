@@ -11,7 +11,16 @@ from kombu import Exchange, Queue
 
 from core.logs import configure_logging
 from core.settings import Settings, load_settings
-from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK, JOBS_QUEUE, WEBHOOKS_QUEUE
+from core.wakeups import (
+    DISPATCH_JOBS_TASK,
+    DISPATCH_WEBHOOKS_TASK,
+    JOBS_QUEUE,
+    REMOVE_EXPIRED_UPLOADS_TASK,
+    WEBHOOKS_QUEUE,
+)
+
+# Expired uploads' bytes wait at most this long to be removed; their records are gone at once.
+REMOVE_EXPIRED_UPLOADS_EVERY_S = 600.0
 
 
 @celeryd_after_setup.connect(weak=False)
@@ -48,6 +57,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         task_routes={
             DISPATCH_JOBS_TASK: {"queue": JOBS_QUEUE, "routing_key": JOBS_QUEUE},
             DISPATCH_WEBHOOKS_TASK: {"queue": WEBHOOKS_QUEUE, "routing_key": WEBHOOKS_QUEUE},
+            REMOVE_EXPIRED_UPLOADS_TASK: {"queue": JOBS_QUEUE, "routing_key": JOBS_QUEUE},
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
@@ -69,6 +79,11 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
                 "task": DISPATCH_WEBHOOKS_TASK,
                 "schedule": tick,
                 "options": {"queue": WEBHOOKS_QUEUE, "expires": max(2 * tick, 1.0)},
+            },
+            "remove-expired-uploads": {
+                "task": REMOVE_EXPIRED_UPLOADS_TASK,
+                "schedule": REMOVE_EXPIRED_UPLOADS_EVERY_S,
+                "options": {"queue": JOBS_QUEUE, "expires": REMOVE_EXPIRED_UPLOADS_EVERY_S},
             },
         },
         beat_max_loop_interval=max(tick / 2, 0.05),

@@ -10,9 +10,11 @@ from functools import cache
 from celery import current_app
 
 from core.clients import ClientStore
+from core.media import media_store_from_url
 from core.metrics import Counters
 from core.settings import Settings
 from core.store import JobStore, connect_redis
+from core.uploads import UploadStore
 from core.wakeups import Wakeups
 from workers.delivery import WebhookDelivery
 from workers.pipeline import JobPipeline
@@ -35,6 +37,7 @@ class WorkerRuntime:
     # as a batch has steps — with fewer, the last ones of a batch waited for a thread while
     # their lease ran, and with a slow RunComfy were claimed again by another worker.
     steps: ThreadPoolExecutor
+    uploads: UploadStore
 
 
 def runtime() -> WorkerRuntime:
@@ -75,4 +78,11 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         on_place_freed=wakeups.webhooks,
     )
     steps = ThreadPoolExecutor(settings.dispatch_batch_size, thread_name_prefix="step")
-    return WorkerRuntime(settings, store, counters, wakeups, pipeline, delivery, steps)
+    uploads = UploadStore(
+        client,
+        media_store_from_url(
+            settings.media_store_url, s3_endpoint_url=settings.media_s3_endpoint_url
+        ),
+        retention_s=settings.upload_retention_s,
+    )
+    return WorkerRuntime(settings, store, counters, wakeups, pipeline, delivery, steps, uploads)

@@ -14,7 +14,12 @@ from celery import shared_task
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from core.schedule import DueSchedule
-from core.wakeups import DISPATCH_JOBS_TASK, DISPATCH_WEBHOOKS_TASK
+from core.uploads import remove_expired_uploads
+from core.wakeups import (
+    DISPATCH_JOBS_TASK,
+    DISPATCH_WEBHOOKS_TASK,
+    REMOVE_EXPIRED_UPLOADS_TASK,
+)
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -104,6 +109,12 @@ def dispatch_jobs() -> int:
     else:
         _wake_for_next(DISPATCH_JOBS_TASK, schedule, rt.settings.dispatch_interval_s)
     return len(members)
+
+
+@shared_task(name=REMOVE_EXPIRED_UPLOADS_TASK, ignore_result=True)
+def remove_expired_uploads_task() -> int:
+    """Delete the bytes of uploads whose record has expired; returns how many."""
+    return remove_expired_uploads(runtime().uploads, time.time())
 
 
 @shared_task(name=DISPATCH_WEBHOOKS_TASK, ignore_result=True)
