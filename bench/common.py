@@ -357,6 +357,8 @@ class Sizes:
     scale_cap_s: float
     baseline_window_s: float
     delivery_attempts: int  # https webhook attempts, each way
+    upload_count: int  # different ~2 MiB PNGs uploaded
+    upload_threads: int
 
 
 FULL = Sizes(
@@ -379,6 +381,8 @@ FULL = Sizes(
     scale_cap_s=240,
     baseline_window_s=90,
     delivery_attempts=300,
+    upload_count=100,
+    upload_threads=4,
 )
 SMOKE = Sizes(
     smoke=True,
@@ -400,6 +404,8 @@ SMOKE = Sizes(
     scale_cap_s=30,
     baseline_window_s=4,
     delivery_attempts=10,
+    upload_count=4,
+    upload_threads=2,
 )
 
 
