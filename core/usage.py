@@ -78,6 +78,8 @@ def time_to_result_bucket(seconds: float) -> str:
 # ARGV[13] now (ms), ARGV[14] budget (micro-USD), ARGV[15] this job's reservation (micro-USD),
 # ARGV[16] the reservation's TTL (s), ARGV[17] usage TTL (s), ARGV[18] retry-after for too many.
 # Refusals return {kind, retry_after_s, figure, figure}; they store nothing but their count.
+# The rate's clock is the API host's (ARGV[13]): over a one-minute window, the milliseconds hosts
+# differ by under NTP move no POST across the edge that matters.
 # A job that passes is counted unfinished, spends one rate slot and reserves its estimate; the
 # script then goes on with its `remaining` rate slots (-1: no rate limit) and `reset_ms` (until
 # the window is whole again) for the headers.

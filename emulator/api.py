@@ -79,11 +79,9 @@ def _trickled(response: Response, over_s: float) -> Response:
 def submit(model_id: str) -> Response:
     """Validate the input and queue a request."""
     state = current_state()
-    fault = _transport_fault(state)
-    if fault is not None:
-        return fault
-    if model_id != MODEL_ID:
-        return _unknown_model(model_id)
+    refused = _refused_before_the_model(state, model_id)
+    if refused is not None:
+        return refused
     knobs = state.faults.current()
     if knobs.account == "out_of_balance":  # checked before anything is queued: nothing is paid
         return error_response(402, 400002, "insufficient balance: top up the account to continue")
@@ -134,11 +132,9 @@ def submit(model_id: str) -> Response:
 def model_price(model_id: str) -> Response:
     """The model's list price, as RunComfy's own clients read it (per output image)."""
     state = current_state()
-    fault = _transport_fault(state)
-    if fault is not None:
-        return fault
-    if model_id != MODEL_ID:
-        return _unknown_model(model_id)
+    refused = _refused_before_the_model(state, model_id)
+    if refused is not None:
+        return refused
     return jsonify(
         {
             "model_id": model_id,
@@ -210,6 +206,15 @@ def _token_accepted(expected_token: str | None, authorization: str) -> bool:
 
 def _base_url(state: EmulatorState) -> str:
     return (state.config.public_url or request.host_url).rstrip("/")
+
+
+def _refused_before_the_model(state: EmulatorState, model_id: str) -> Response | None:
+    """What a model route answers before it looks at the request: a transport fault, or an
+    unknown model id."""
+    fault = _transport_fault(state)
+    if fault is not None:
+        return fault
+    return _unknown_model(model_id) if model_id != MODEL_ID else None
 
 
 def _transport_fault(state: EmulatorState) -> Response | None:
