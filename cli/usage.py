@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import click
 
 from cli.clients import redis_for_cli
 from core.clients import ClientStore
-from core.usage import MAX_USAGE_DAYS, UsageBook, month_span
+from core.usage import MAX_USAGE_DAYS, UsageBook, usage_span
 
 
 @click.command()
@@ -25,11 +25,7 @@ def usage(
 ) -> None:
     """Jobs by final status and spend per client (default: this month, UTC)."""
     now = time.time()
-    month_first, month_last = month_span(now)
-    span = (
-        first.date() if first else month_first,
-        last.date() if last else (datetime.fromtimestamp(now, UTC).date() if first else month_last),
-    )
+    span = usage_span(first.date() if first else None, last.date() if last else None, now)
     if span[0] > span[1] or (span[1] - span[0]).days + 1 > MAX_USAGE_DAYS:
         raise click.UsageError(f"--from must not be after --to, at most {MAX_USAGE_DAYS} days")
     client = redis_for_cli()

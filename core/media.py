@@ -95,6 +95,10 @@ class FileMediaStore:
         return self._path(key).is_file()
 
 
+# The codes S3 (and S3-compatible stores) answer for an object that is not there.
+S3_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
 class S3MediaStore:
     """A bucket (and a prefix in it), through boto3."""
 
@@ -124,7 +128,7 @@ class S3MediaStore:
             body: bytes = answer["Body"].read()
             return body
         except self._client_error() as exc:
-            if _s3_code(exc) in {"NoSuchKey", "404", "NotFound"}:
+            if _s3_code(exc) in S3_NOT_FOUND:
                 return None
             raise MediaStoreError(f"media store get failed: {_s3_code(exc)}") from exc
         except self._boto_error() as exc:
@@ -142,7 +146,7 @@ class S3MediaStore:
             self.client.head_object(Bucket=self.bucket, Key=object_key)
             return True
         except self._client_error() as exc:
-            if _s3_code(exc) in {"NoSuchKey", "404", "NotFound"}:
+            if _s3_code(exc) in S3_NOT_FOUND:
                 return False
             raise MediaStoreError(f"media store exists failed: {_s3_code(exc)}") from exc
         except self._boto_error() as exc:

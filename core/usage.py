@@ -224,6 +224,17 @@ def month_span(now: float) -> tuple[date, date]:
     return today.replace(day=1), today.replace(day=calendar.monthrange(today.year, today.month)[1])
 
 
+def usage_span(first: date | None, last: date | None, now: float) -> tuple[date, date]:
+    """The days a usage query covers: both given; `first` alone, up to today; `last` alone, from
+    the first of its month; neither, the current month (UTC)."""
+    if first is None and last is None:
+        return month_span(now)
+    if first is None:
+        assert last is not None
+        return last.replace(day=1), last
+    return first, last if last is not None else datetime.fromtimestamp(now, UTC).date()
+
+
 def days_between(first: date, last: date) -> Iterator[date]:
     """Every day from `first` to `last`, inclusive."""
     for offset in range((last - first).days + 1):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime
+from datetime import date
 from http import HTTPStatus
 from typing import Any
 
 from flask.views import MethodView
 from flask_smorest import abort
 
-from core.usage import MAX_USAGE_DAYS, UsageBook, month_span
+from core.usage import MAX_USAGE_DAYS, UsageBook, usage_span
 from service.auth import authenticate, current_client
 from service.context import ctx
 from service.parsing import StrictBlueprint
@@ -29,19 +29,6 @@ def _admit_request() -> None:
     authenticate()
 
 
-def usage_span(query: dict[str, Any], now: float) -> tuple[date, date]:
-    """The days asked for: both given; `from` alone, up to today; `to` alone, from the first of
-    its month; neither, the current month (UTC)."""
-    first = date.fromisoformat(query["from_"]) if "from_" in query else None
-    last = date.fromisoformat(query["to"]) if "to" in query else None
-    if first is None and last is None:
-        return month_span(now)
-    if first is None:
-        assert last is not None
-        return last.replace(day=1), last
-    return first, last if last is not None else datetime.fromtimestamp(now, UTC).date()
-
-
 @blp.route("/usage")
 class Usage(MethodView):
     @documented("getUsage", HTTPStatus.BAD_REQUEST)
@@ -51,7 +38,11 @@ class Usage(MethodView):
         """Jobs by final status and spend per UTC day (inclusive; default: this month), with
         the client's limits and budget."""
         now = time.time()
-        first, last = usage_span(query, now)
+        first, last = usage_span(
+            date.fromisoformat(query["from_"]) if "from_" in query else None,
+            date.fromisoformat(query["to"]) if "to" in query else None,
+            now,
+        )
         if first > last:
             abort(422, errors={"query": {"from": ["Must not be after to."]}})
         if (last - first).days + 1 > MAX_USAGE_DAYS:

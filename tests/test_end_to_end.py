@@ -192,11 +192,7 @@ def test_a_status_word_not_known_for_good_ends_the_job_expired_with_its_run_canc
     assert final["status"] == "expired" and final["error"]["code"] == "deadline_exceeded"
     assert final["upstream"]["status"] == "mulling"
     assert wait_until(lambda: unknown_status_count(redis_client, "mulling") > before)
-    status = requests.get(
-        f"{stack.emulator_url}/v1/requests/{final['upstream']['request_id']}/status",
-        headers={"Authorization": f"Bearer {EMULATOR_TOKEN}"},
-        timeout=5,
-    ).json()
+    status = stack.emulator(f"/v1/requests/{final['upstream']['request_id']}/status").json()
     assert status["status"] == "cancelled"
 
 
@@ -385,11 +381,7 @@ def test_deadline_expires_the_job_and_cancels_upstream(
     assert final["status"] == "expired"
     assert final["error"]["code"] == "deadline_exceeded"
     assert wait_until(receiver.received)[0].payload["type"] == "job.expired"
-    status = requests.get(
-        f"{stack.emulator_url}/v1/requests/{final['upstream']['request_id']}/status",
-        headers={"Authorization": f"Bearer {EMULATOR_TOKEN}"},
-        timeout=5,
-    ).json()
+    status = stack.emulator(f"/v1/requests/{final['upstream']['request_id']}/status").json()
     assert status["status"] == "cancelled"
 
 
