@@ -35,8 +35,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_TOKEN = "emulator-local-token"
 # The emulator's /samples/mask.png is white over the house of /samples/image.png.
 EMULATOR_SAMPLE_PROMPT = "Repaint the red house as a blue wooden cabin with a white door"
-# Defaults that this process's environment overrides: a local stack calls back loopback receivers.
-LOCAL_DEFAULTS = {"PYTHONUNBUFFERED": "1", "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128"}
+# Defaults that this process's environment overrides: a local stack calls back loopback receivers
+# and fetches input pictures from loopback (the emulator's samples).
+LOCAL_DEFAULTS = {
+    "PYTHONUNBUFFERED": "1",
+    "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+    "INPUT_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+}
 STOP_TIMEOUT_S = 15.0
 RESTART_BACKOFF_S = 2.0
 

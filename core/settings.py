@@ -32,6 +32,8 @@ DELIVERY_LATENESS_S = 3600
 # A directory that outlives the process; `make run` and the tests point it at their own.
 DEFAULT_MEDIA_STORE_URL = "file:///var/lib/inpaint-gateway/media"
 DEFAULT_UPLOAD_RETENTION_S = 7 * 24 * 3600
+DEFAULT_MEDIA_URL_TTL_S = 7 * 24 * 3600
+INPUT_FORWARD_MODES = ("data", "url")
 
 
 class SettingsError(ValueError):
@@ -64,6 +66,14 @@ class Settings:
     media_store_url: str = DEFAULT_MEDIA_STORE_URL
     media_s3_endpoint_url: str = ""
     upload_retention_s: int = DEFAULT_UPLOAD_RETENTION_S
+    # Input images (PRODUCT §10): URLs a worker fetches for preflight, and how inputs go upstream.
+    input_allowed_networks: tuple[str, ...] = ()
+    input_forward: Literal["data", "url"] = "data"
+    input_fetch_timeout_s: float = 10.0
+    # Outputs: copied into the media store before a job succeeds; signed gateway URLs.
+    output_copy_deadline_s: float = 120.0
+    media_url_ttl_s: int = DEFAULT_MEDIA_URL_TTL_S
+    public_base_url: str = ""  # the gateway's own address, for URLs in webhooks ("": paths)
 
     @property
     def uses_public_runcomfy(self) -> bool:
@@ -135,7 +145,7 @@ def _read(env: environs.Env) -> Settings:
     ).rstrip("/")
     token = env.str("RUNCOMFY_API_TOKEN", "")
     schedule = _webhook_retry_schedule(env)
-    networks = _webhook_allowed_networks(env)
+    networks = _allowed_networks(env, "WEBHOOK_ALLOWED_NETWORKS")
     settings = Settings(
         redis_url=redis_url,
         celery_broker_url=broker,
@@ -175,6 +185,20 @@ def _read(env: environs.Env) -> Settings:
         upload_retention_s=env.int(
             "UPLOAD_RETENTION_S", DEFAULT_UPLOAD_RETENTION_S, validate=mv.Range(min=60)
         ),
+        input_allowed_networks=_allowed_networks(env, "INPUT_ALLOWED_NETWORKS"),
+        input_forward=env.str("INPUT_FORWARD", "data", validate=mv.OneOf(INPUT_FORWARD_MODES)),  # type: ignore[arg-type]
+        input_fetch_timeout_s=env.float(
+            "INPUT_FETCH_TIMEOUT_S", 10.0, validate=mv.Range(min=0.1, max=120)
+        ),
+        output_copy_deadline_s=env.float(
+            "OUTPUT_COPY_DEADLINE_S", 120.0, validate=mv.Range(min=0, max=86400)
+        ),
+        media_url_ttl_s=env.int(
+            "MEDIA_URL_TTL_S", DEFAULT_MEDIA_URL_TTL_S, validate=mv.Range(min=60, max=366 * 86400)
+        ),
+        public_base_url=_optional_url(
+            "PUBLIC_BASE_URL", env.str("PUBLIC_BASE_URL", ""), "http", "https"
+        ).rstrip("/"),
     )
     _check_together(settings)
     return settings
@@ -197,14 +221,14 @@ def _media_store_url(env: environs.Env) -> str:
         raise SettingsError(f"bad setting MEDIA_STORE_URL: {exc}") from None
 
 
-def _webhook_allowed_networks(env: environs.Env) -> tuple[str, ...]:
-    listed: list[str] = env.list("WEBHOOK_ALLOWED_NETWORKS", [])
+def _allowed_networks(env: environs.Env, name: str) -> tuple[str, ...]:
+    listed: list[str] = env.list(name, [])
     networks = tuple(n.strip() for n in listed if n.strip())
     # Imported here: egress imports requests, and settings stays light to import.
     from core.http.egress import EgressPolicy
 
     try:
-        EgressPolicy.from_cidrs(list(networks))
+        EgressPolicy.from_cidrs(list(networks), setting=name)
     except ValueError as exc:
         raise SettingsError(f"bad setting {exc}") from None
     return networks

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import secrets
 import warnings
@@ -174,6 +175,21 @@ end
 return claimed
 """
 
+# Keep an upload at least until a time: its record's TTL and expires_at lengthened, never cut.
+# KEYS: the upload's record; ARGV: seconds from now, the expires_at text for that time
+# Returns the record as it now is, or nil if there is none.
+_KEEP_UNTIL = """
+local found = redis.call('GET', KEYS[1])
+if not found then return nil end
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then
+  local record = cjson.decode(found)
+  record['expires_at'] = ARGV[2]
+  found = cjson.encode(record)
+  redis.call('SET', KEYS[1], found, 'EX', ARGV[1])
+end
+return found
+"""
+
 
 class UploadStore:
     """Uploads of every client: records in Redis, bytes in `media`."""
@@ -186,6 +202,7 @@ class UploadStore:
         self.retention_s = retention_s
         self._save = client.register_script(_SAVE)
         self._claim = client.register_script(_CLAIM_EXPIRED)
+        self._keep_until = client.register_script(_KEEP_UNTIL)
 
     def _record_key(self, client_id: str, upload_id: str) -> str:
         return f"{self.RECORD_PREFIX}{client_id}:{upload_id}"
@@ -258,6 +275,18 @@ class UploadStore:
     def content(self, upload: Upload) -> bytes | None:
         """The upload's bytes, or None if the store no longer has them."""
         return self.media.get(upload.media_key)
+
+    def keep_until(self, client_id: str, upload_id: str, until: float, now: float) -> Upload | None:
+        """Keep the client's upload at least until `until` (epoch s; never shortened), e.g. as
+        long as a job that uses it lives: the upload as it now is, or None if there is none.
+
+        The expiry index needs no change: the cleanup re-dates a copy whose record still lives.
+        """
+        seconds = max(1, math.ceil(until - now))
+        found = self._keep_until(
+            keys=[self._record_key(client_id, upload_id)], args=[seconds, _iso(now + seconds)]
+        )
+        return Upload(**json.loads(found)) if found else None
 
     def load_ref(self, client_id: str, ref: str) -> tuple[Upload, bytes] | None:
         """An `upload:upl_…` reference of `client_id`'s: its record and bytes, or None."""

@@ -18,8 +18,10 @@ import redis
 from cli.listener import WebhookReceiver
 from cli.stack import Stack
 from core.clients import ClientStore
+from core.media import media_store_from_url
 from core.metrics import Counters
 from core.store import JobStore, connect_redis
+from core.uploads import UploadStore
 from service import create_app
 from tests.support.api import ApiClient
 from tests.support.stack import start_stack
@@ -110,5 +112,10 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
         run_times=RunTimes(redis_client, job_schedule_key=store.job_schedule.key),
         on_events=lambda: None,
         on_slot_freed=lambda: None,
+        uploads=UploadStore(
+            redis_client,
+            media_store_from_url(settings.media_store_url),
+            retention_s=settings.upload_retention_s,
+        ),
     )
     runcomfy.close()

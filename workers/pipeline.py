@@ -23,6 +23,7 @@ from core.metrics import Counters
 from core.pricing import ListPrice
 from core.settings import Settings
 from core.store import Committed, JobStore, Record, Step
+from core.uploads import UploadStore
 from workers import decisions
 from workers.decisions import (
     MAX_CANCEL_TRIES as MAX_CANCEL_TRIES,
@@ -62,6 +63,7 @@ class JobPipeline:
     run_times: RunTimes
     on_events: Callable[[], None]  # new webhook events are waiting: wake the delivery side
     on_slot_freed: Callable[[], None]  # a job ended: wake admission for the next in line
+    uploads: UploadStore  # input pictures held here, and where output copies are kept
     clock: Callable[[], float] = time.time
     # Built on the store's Redis and the RunComfy client unless given.
     account: AccountState | None = None

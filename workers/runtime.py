@@ -60,6 +60,13 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         pool_size=settings.dispatch_batch_size,
     )
     throttle = UpstreamThrottle(client, rate_per_s=settings.runcomfy_max_rps)
+    uploads = UploadStore(
+        client,
+        media_store_from_url(
+            settings.media_store_url, s3_endpoint_url=settings.media_s3_endpoint_url
+        ),
+        retention_s=settings.upload_retention_s,
+    )
     pipeline = JobPipeline(
         store=store,
         runcomfy=runcomfy,
@@ -69,6 +76,7 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         run_times=RunTimes(client, job_schedule_key=store.job_schedule.key),
         on_events=wakeups.webhooks,
         on_slot_freed=wakeups.jobs,
+        uploads=uploads,
     )
     delivery = WebhookDelivery(
         store=store,
@@ -78,11 +86,4 @@ def _runtime_for(pid: int) -> WorkerRuntime:
         on_place_freed=wakeups.webhooks,
     )
     steps = ThreadPoolExecutor(settings.dispatch_batch_size, thread_name_prefix="step")
-    uploads = UploadStore(
-        client,
-        media_store_from_url(
-            settings.media_store_url, s3_endpoint_url=settings.media_s3_endpoint_url
-        ),
-        retention_s=settings.upload_retention_s,
-    )
     return WorkerRuntime(settings, store, counters, wakeups, pipeline, delivery, steps, uploads)

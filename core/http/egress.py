@@ -136,13 +136,22 @@ def _host_header(host: str, port: int | None, scheme: str) -> str:
 
 @dataclass(frozen=True)
 class EgressPolicy:
-    """Where webhooks may go: public addresses, plus the networks an operator allows."""
+    """Where webhooks (or, with `what="image"`, input images) may go: public addresses, plus
+    the networks an operator allows in `setting`."""
 
     allowed_networks: tuple[IPNetwork, ...] = ()
     names: NameLookup = field(default=NAMES, compare=False)
+    what: str = "webhook"  # what is fetched or sent, as the refusals name it
+    setting: str = ALLOWED_NETWORKS_SETTING
 
     @classmethod
-    def from_cidrs(cls, cidrs: str | Iterable[str]) -> EgressPolicy:
+    def from_cidrs(
+        cls,
+        cidrs: str | Iterable[str],
+        *,
+        what: str = "webhook",
+        setting: str = ALLOWED_NETWORKS_SETTING,
+    ) -> EgressPolicy:
         """Build a policy allowing the networks in a comma-separated CIDR list (or a list)."""
         items = cidrs.split(",") if isinstance(cidrs, str) else cidrs
         networks: list[IPNetwork] = []
@@ -152,10 +161,8 @@ class EgressPolicy:
             try:
                 networks.append(ip_network(item))
             except ValueError as exc:
-                raise ValueError(
-                    f"{ALLOWED_NETWORKS_SETTING}: {item!r} is not a CIDR network ({exc})"
-                ) from exc
-        return cls(allowed_networks=tuple(networks))
+                raise ValueError(f"{setting}: {item!r} is not a CIDR network ({exc})") from exc
+        return cls(allowed_networks=tuple(networks), what=what, setting=setting)
 
     def in_allowed_networks(self, address: IPAddress) -> bool:
         """Tell whether address (judged as IPv4 if IPv4-mapped) is inside an allowed network."""
@@ -188,7 +195,7 @@ class EgressPolicy:
             return [unmap_ipv4(literal)]
         if _ends_in_a_number(host):
             raise RefusedDestination(
-                f"webhook host {host} ends in a number but is not an IPv4 address of four "
+                f"{self.what} host {host} ends in a number but is not an IPv4 address of four "
                 "decimal numbers 0-255 (other forms a client may read as octal or hex)",
                 host=host,
             )
@@ -197,7 +204,7 @@ class EgressPolicy:
         try:
             answers = self.names.addresses(host, port, timeout_s)
         except LookupFailed as exc:
-            raise RefusedDestination(f"webhook host {host} {exc}", host=host) from None
+            raise RefusedDestination(f"{self.what} host {host} {exc}", host=host) from None
         addresses: list[IPAddress] = []
         for answer in answers:
             address = unmap_ipv4(ip_address(answer))
@@ -220,23 +227,23 @@ class EgressPolicy:
                 # It is on the exception (`address`) for the server's own logs.
                 what = f"is {reason}" if is_literal else f"resolves to {reason}"
                 raise RefusedDestination(
-                    f"webhook host {host} {what}; allow it with {ALLOWED_NETWORKS_SETTING}",
+                    f"{self.what} host {host} {what}; allow it with {self.setting}",
                     host=host,
                     address=address,
                 )
             if scheme != "https" and not self.in_allowed_networks(address):
                 where = "" if is_literal else " resolves to an address that"
                 raise RefusedDestination(
-                    f"webhook URL uses {scheme}, but host {host}{where} is outside "
-                    f"{ALLOWED_NETWORKS_SETTING}; use https",
+                    f"{self.what} URL uses {scheme}, but host {host}{where} is outside "
+                    f"{self.setting}; use https",
                     host=host,
                     address=address,
                 )
         return addresses
 
     def check_url(self, url: str) -> None:
-        """Raise ValueError for a malformed webhook URL, RefusedDestination for a refused one."""
-        parts = split_http_url(url, "webhook URL")
+        """Raise ValueError for a malformed URL, RefusedDestination for a refused one."""
+        parts = split_http_url(url, f"{self.what} URL")
         scheme = parts.scheme.lower()
         assert parts.hostname is not None  # split_http_url refused a URL without one
         self.pick_address(parts.hostname, parts.port or DEFAULT_PORTS[scheme], scheme=scheme)

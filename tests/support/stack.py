@@ -11,6 +11,7 @@ from workers.pipeline import JobPipeline
 # Retries, leases and timeouts of seconds, not minutes: a test waits for them.
 TEST_SETTINGS = {
     "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+    "INPUT_ALLOWED_NETWORKS": "127.0.0.0/8",
     "WEBHOOK_RETRY_SCHEDULE": "0,0.5,1,1,1",
     "WEBHOOK_TIMEOUT_S": "3",
     "DISPATCH_INTERVAL_S": "0.2",
