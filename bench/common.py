@@ -359,6 +359,9 @@ class Sizes:
     delivery_attempts: int  # https webhook attempts, each way
     upload_count: int  # different ~2 MiB PNGs uploaded
     upload_threads: int
+    preflight_jobs: int  # each round: preflight off, then on
+    preflight_post_s: float  # POSTed evenly over this long
+    preflight_run_s: float  # the emulator's run of each job
 
 
 FULL = Sizes(
@@ -383,6 +386,9 @@ FULL = Sizes(
     delivery_attempts=300,
     upload_count=100,
     upload_threads=4,
+    preflight_jobs=200,
+    preflight_post_s=10,
+    preflight_run_s=2,
 )
 SMOKE = Sizes(
     smoke=True,
@@ -406,6 +412,9 @@ SMOKE = Sizes(
     delivery_attempts=10,
     upload_count=4,
     upload_threads=2,
+    preflight_jobs=6,
+    preflight_post_s=0.5,
+    preflight_run_s=0.5,
 )
 
 

@@ -19,12 +19,12 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from bench import baseline, delivery, ingest, pipeline, scale, uploads
+from bench import baseline, delivery, ingest, pipeline, preflight, scale, uploads
 from bench.common import FULL, SMOKE, Row, machine_line, say
 from bench.loadgen import WRK_INSTALL_HINT, wrk_available
 from cli.stack import REPO_ROOT
 
-PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery", "uploads")
+PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery", "uploads", "preflight")
 RESULTS = REPO_ROOT / "bench" / "results"
 
 
@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows += baseline.run(sizes, work / phase, gateway)
                 elif phase == "delivery":
                     rows += delivery.run(sizes, work / phase)
-                else:
+                elif phase == "uploads":
                     rows += uploads.run(sizes, work / phase)
+                else:
+                    rows += preflight.run(sizes, work / phase)
             except Exception as exc:
                 traceback.print_exc()
                 failed.append(phase)

@@ -234,3 +234,19 @@ def _print_welcome(
         flush=True,
     )
     print(f"Then: curl -sS {base}/v1/jobs/<id> -H {shlex.quote(auth)}\n", flush=True)
+    picture = f"{stack.emulator_url}/samples/image.png" if stack.emulator_url else None
+    print(
+        "Upload a picture of your own (its ref, upload:upl_..., goes in image_url):\n", flush=True
+    )
+    print(_upload_curl(base, auth, picture) + "\n", flush=True)
+
+
+def _upload_curl(base: str, auth: str, picture_url: str | None) -> str:
+    """The curl that uploads `picture_url` (piped from a GET), or a file of the user's."""
+    post = (
+        f"curl -sS -X POST {base}/v1/uploads -H {shlex.quote(auth)} "
+        "-H 'Content-Type: image/png' --data-binary"
+    )
+    if picture_url is None:
+        return f"{post} @picture.png"
+    return f"curl -sS {picture_url} | {post} @-"

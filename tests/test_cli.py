@@ -407,8 +407,9 @@ def test_up_runs_the_stack_prints_a_curl_that_works_and_stops_on_ctrl_c(
                         env=env, log_path=log, cwd=tmp_path).start()  # fmt: skip
     try:
         text = wait_until(
-            lambda: "Then: curl" in (t := log.read_text()) and t, timeout_s=90, what="the welcome"
-        )
+            lambda: "--data-binary" in (t := log.read_text()) and t, timeout_s=90,
+            what="the welcome",
+        )  # fmt: skip
         curl = shlex.split(text.split("Submit the sample job:", 1)[1].split("Then:", 1)[0])
         headers = dict(curl[i + 1].split(": ", 1) for i, w in enumerate(curl) if w == "-H")
         body = json.loads(curl[curl.index("-d") + 1])
@@ -416,6 +417,13 @@ def test_up_runs_the_stack_prints_a_curl_that_works_and_stops_on_ctrl_c(
         job = requests.post(curl[curl.index("POST") + 1], json=body, headers=headers, timeout=10)
         assert job.status_code == 202, job.text
         job_id = job.json()["id"]
+
+        # The upload curl, as printed: the sample picture piped from the emulator into POST.
+        upload_line = next(line for line in text.splitlines() if "/v1/uploads" in line)
+        uploaded = subprocess.run(["bash", "-o", "pipefail", "-c", upload_line],
+                                  capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert uploaded.returncode == 0, uploaded.stderr
+        assert json.loads(uploaded.stdout)["ref"].startswith("upload:upl_"), uploaded.stdout
 
         def printed(wanted: str) -> list[str]:
             return [line for line in log.read_text().splitlines() if wanted in line]
