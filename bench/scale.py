@@ -111,9 +111,12 @@ def _after_finish(stack: Stack, events: list[Any]) -> list[float]:
 
 def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
     n, conc = sizes.scale_jobs, sizes.scale_concurrency
+    # Preflight off (INPUT_FORWARD=url): this phase compares how each design follows runs to
+    # their end, and the naive design it is set beside fetches no pictures; what the preflight
+    # adds is the preflight phase's figure.
     with phase_stack(
         "scale", base, run_s=sizes.scale_run_s,
-        RUNCOMFY_MAX_IN_FLIGHT="3000", RUNCOMFY_MAX_RPS="3000",
+        RUNCOMFY_MAX_IN_FLIGHT="3000", RUNCOMFY_MAX_RPS="3000", INPUT_FORWARD="url",
     ) as stack:  # fmt: skip
         stack.start_api()
         stack.start_beat()  # boots while the worker does: its start-up is not counted
