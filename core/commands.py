@@ -9,11 +9,13 @@ from typing import Any
 
 from core.clients import Client
 from core.http.egress import EgressPolicy, RefusedDestination
+from core.inputs import NO_SUCH_UPLOAD, InputRefused, resolve_inputs
 from core.jobs import Job, Status, new_job
 from core.limits import budget_window, to_micro
 from core.metrics import Counters
 from core.settings import Settings
 from core.store import IdempotencyClaim, JobStore, Step
+from core.uploads import UPLOAD_REF_PREFIX, UploadStore
 from core.usage import AcceptLimits
 from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
 from core.webhooks import PENDING, TERMINAL_EVENT_TYPES, build_event
@@ -57,6 +59,7 @@ class JobCommands:
     # The model's list price per output image (USD), or None while unknown: a budget reserves
     # a job's estimated cost at accept.
     list_price_usd: Callable[[], float | None]
+    uploads: UploadStore
 
     def accept(
         self,
@@ -67,22 +70,30 @@ class JobCommands:
     ) -> Accepted:
         """Store a validated job request as a queued job and wake the workers.
 
-        Raises IdempotencyMismatch if the key came before with another body, LimitRefused if
+        Its data URIs are kept as uploads of the client, and the job names them by their refs.
+        Raises InputRefused if a picture held here (a data URI, an upload) or the pair is not
+        fit, IdempotencyMismatch if the key came before with another body, LimitRefused if
         one of the client's limits would be passed, PriceUnknown if its budget cannot be
-        checked; nothing is stored then.
+        checked; no job is stored then. The media store's errors (MediaStoreError, OSError)
+        pass through.
         """
         webhook_url = body.get("webhook_url")
         if webhook_url is not None:
             self.check_webhook_url(webhook_url)
         client_id = client.id
+        now = time.time()
+        resolved = resolve_inputs(
+            client_id, {name: body[name] for name in input_fields}, self.uploads, now
+        )
         job = new_job(
             client_id=client_id,
-            input={name: body[name] for name in input_fields},
+            input=resolved.input,
             webhook_url=webhook_url,
             webhook_events=tuple(body["webhook_events"]),
             metadata=body.get("metadata"),
             deadline_s=self.settings.job_deadline_s,
         )
+        self._keep_uploads(job, resolved.upload_ids, now)
         job, limits = self._limits_for(client, job)
         claim = IdempotencyClaim(client_id, idempotency_key, body) if idempotency_key else None
         wakeup = self.wakeups.pending(DISPATCH_JOBS_TASK)
@@ -95,6 +106,16 @@ class JobCommands:
         if created.wakeup_claimed:
             self.wakeups.send(wakeup.task_name)
         return Accepted(job, True, created.rate_remaining, created.rate_reset_s)
+
+    def _keep_uploads(self, job: Job, upload_ids: tuple[str, ...], now: float) -> None:
+        """Keep each upload the job uses as long as the job lives (its record included)."""
+        until = job.deadline_at + self.settings.job_retention_s
+        for upload_id in upload_ids:
+            if self.uploads.keep_until(job.client_id, upload_id, until, now) is None:
+                ref = UPLOAD_REF_PREFIX + upload_id  # expired since it was checked
+                raise InputRefused(
+                    {name: NO_SUCH_UPLOAD for name, value in job.input.items() if value == ref}
+                )
 
     def _limits_for(self, client: Client, job: Job) -> tuple[Job, AcceptLimits]:
         """The job with its budget reservation, and the limits its accept is checked against."""

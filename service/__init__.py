@@ -91,6 +91,13 @@ def service_context(settings: Settings) -> ServiceContext:
     )
     registry = CollectorRegistry(auto_describe=True)
     registry.register(GatewayCollector(store, counters))
+    uploads = UploadStore(
+        client,
+        media_store_from_url(
+            settings.media_store_url, s3_endpoint_url=settings.media_s3_endpoint_url
+        ),
+        retention_s=settings.upload_retention_s,
+    )
     return ServiceContext(
         settings=settings,
         redis=client,
@@ -103,17 +110,12 @@ def service_context(settings: Settings) -> ServiceContext:
             wakeups=Wakeups(client, celery),
             egress=EgressPolicy.from_cidrs(list(settings.webhook_allowed_networks)),
             list_price_usd=functools.partial(list_price.usd_per_image, wait_s=2.0),
+            uploads=uploads,
         ),
         celery=celery,
         metrics_registry=registry,
         recent_keys=RecentKeys(),
-        uploads=UploadStore(
-            client,
-            media_store_from_url(
-                settings.media_store_url, s3_endpoint_url=settings.media_s3_endpoint_url
-            ),
-            retention_s=settings.upload_retention_s,
-        ),
+        uploads=uploads,
     )
 
 

@@ -11,12 +11,14 @@ from flask.views import MethodView
 from flask_smorest import abort
 
 from core.commands import CommandRefused, PriceUnknown, WebhookUrlRefused
+from core.inputs import IMAGE_FIELDS, InputRefused, is_data_uri
 from core.jobs import JOB_ID_PATTERN, Job
 from core.limits import LimitRefused
+from core.media import MediaStoreError
 from core.store import IdempotencyMismatch
 from service.auth import authenticate, current_client
 from service.context import ctx
-from service.parsing import StrictBlueprint
+from service.parsing import StrictBlueprint, StrictJsonParser
 from service.problems import limit_refused, problem, rate_limit_headers
 from service.routes import documenter, refuse_stray_query
 from service.schemas import (
@@ -27,10 +29,34 @@ from service.schemas import (
     JobPageSchema,
     JobSchema,
 )
+from service.uploads import media_unavailable
 
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+# A job's body may carry its pictures as data URIs (6 MiB each, 8 MiB as base64): room for two.
+MAX_JOB_BODY_BYTES = 16 * 1024 * 1024
+JOB_BODY_RULE = (
+    "The request body is over its limit of 64 KiB; only a job whose image_url or "
+    "mask_image_url is a data URI may send up to 16 MiB."
+)
 
-blp = StrictBlueprint(
+
+def carries_data_uri(body: Any) -> bool:
+    """Whether a job's body uses a data URI: only then may it be over the app's 64 KiB."""
+    return isinstance(body, dict) and any(is_data_uri(body.get(name)) for name in IMAGE_FIELDS)
+
+
+class JobsBlueprint(StrictBlueprint):
+    """The jobs routes: a body over 64 KiB only with a data URI in it."""
+
+    ARGUMENTS_PARSER = StrictJsonParser(
+        # A data URI's value starts so: no JSON writer escapes these ASCII characters.
+        carries_data_uri,
+        large_body_marker=b'"data:',
+        large_body_rule=JOB_BODY_RULE,
+    )
+
+
+blp = JobsBlueprint(
     "jobs", __name__, url_prefix="/v1", description="Inpainting jobs of the calling client."
 )
 
@@ -38,10 +64,13 @@ blp = StrictBlueprint(
 @blp.before_request
 def _admit_request() -> None:
     """Every /v1/jobs request: the caller's key first (401); then no query on a route that
-    takes none."""
+    takes none. A new job's body may be 16 MiB; the parser holds one without a data URI to
+    64 KiB once it is read (only the parsed body tells)."""
     authenticate()
     if not (request.method == "GET" and request.endpoint == "jobs.Jobs"):
         refuse_stray_query()
+    if request.method == "POST" and request.endpoint == "jobs.Jobs":
+        request.max_content_length = MAX_JOB_BODY_BYTES
 
 
 IDEMPOTENCY_KEY_PARAMETER = {
@@ -156,6 +185,10 @@ class Jobs(MethodView):
             accepted = ctx().commands.accept(client, body, INPUT_FIELDS, key)
         except WebhookUrlRefused as exc:
             abort(422, errors={"json": {"webhook_url": [str(exc)]}})
+        except InputRefused as exc:
+            abort(422, errors={"json": {name: [why] for name, why in exc.errors.items()}})
+        except (MediaStoreError, OSError) as exc:
+            return media_unavailable(exc)
         except (IdempotencyMismatch, CommandRefused) as exc:
             abort(409, message=str(exc))
         except LimitRefused as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flask
@@ -51,6 +52,22 @@ class StrictJsonParser(FlaskParser):
         FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, None
     )  # None: each schema's own Meta.unknown (ours: RAISE) decides, in every location
 
+    def __init__(
+        self,
+        large_body_allowed: Callable[[Any], bool] | None = None,
+        *,
+        large_body_marker: bytes = b"",
+        large_body_rule: str = "",
+    ) -> None:
+        """`large_body_allowed(body)`: whether a body over the app's MAX_CONTENT_LENGTH may be
+        taken (up to the larger request.max_content_length its route set); else a 413 saying
+        `large_body_rule`. Only the parsed body can tell, so a large one is parsed first,
+        unless its bytes lack `large_body_marker`, which every allowed body holds."""
+        super().__init__()
+        self.large_body_allowed = large_body_allowed
+        self.large_body_marker = large_body_marker
+        self.large_body_rule = large_body_rule
+
     def _raw_load_json(self, req: flask.Request) -> Any:
         if not is_json_request(req):
             if req.content_length or "Transfer-Encoding" in req.headers:  # a body: chunked too
@@ -71,6 +88,11 @@ class StrictJsonParser(FlaskParser):
         at_limit = req.content_length is None and limit is not None and len(raw) >= limit
         if at_limit and req.environ["wsgi.input"].read(1):  # and more behind it
             raise RequestEntityTooLarge()
+        small_limit = flask.current_app.config["MAX_CONTENT_LENGTH"]
+        if len(raw) > small_limit and (
+            self.large_body_allowed is None or self.large_body_marker not in raw
+        ):
+            raise RequestEntityTooLarge(self.large_body_rule or None)
         try:
             text = raw.decode("utf-8")
             body = json.loads(
@@ -81,7 +103,6 @@ class StrictJsonParser(FlaskParser):
             )
             if _SURROGATE_ESCAPE.search(raw):  # rare: only then the whole check (a dump)
                 json.dumps(body, ensure_ascii=False).encode("utf-8")
-            return body
         except UnicodeEncodeError:
             raise json.JSONDecodeError("a \\u escape is half a surrogate pair", "?", 0) from None
         except UnicodeDecodeError as exc:
@@ -92,6 +113,11 @@ class StrictJsonParser(FlaskParser):
             raise
         except ValueError as exc:
             raise json.JSONDecodeError(str(exc), "?", 0) from None
+        if len(raw) > small_limit and not (
+            self.large_body_allowed is not None and self.large_body_allowed(body)
+        ):
+            raise RequestEntityTooLarge(self.large_body_rule or None)
+        return body
 
     def _handle_invalid_json_error(
         self, error: Any, req: flask.Request, *args: Any, **kwargs: Any

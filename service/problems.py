@@ -169,7 +169,11 @@ class ProblemApi(Api):
                 errors = merged
             else:
                 errors = flatten_field_errors(messages)
-        if isinstance(error, RequestEntityTooLarge):  # Werkzeug's text names no size
+        # Werkzeug's own text names no size; a route's own rule (a description given) does.
+        if (
+            isinstance(error, RequestEntityTooLarge)
+            and error.description == RequestEntityTooLarge.description
+        ):
             # The route's own limit (uploads raise it), else the app's.
             limit = request.max_content_length or current_app.config["MAX_CONTENT_LENGTH"]
             limit_kib = limit // 1024

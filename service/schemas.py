@@ -17,6 +17,16 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validates, valid
 from marshmallow import validate as v
 
 from core.http.egress import split_http_url
+from core.inputs import (
+    DATA_URI_PATTERN,
+    DATA_URI_RULE,
+    DATA_URI_START,
+    MAX_DATA_URI_CHARS,
+    MAX_UPLOAD_REF_CHARS,
+    UPLOAD_REF_PATTERN,
+    UPLOAD_REF_RULE,
+    data_uri_problem,
+)
 from core.jobs import COST_SOURCES, Status
 from core.limits import BUDGET_PERIODS
 from core.usage import MAX_USAGE_DAYS
@@ -138,6 +148,70 @@ class HttpUrl(WholeMatch):
         return value
 
 
+IMAGE_INPUT_RULE = (
+    "One of three forms: an http(s) URL, a data:image/png|jpeg|webp;base64,… URI (a body "
+    "carrying one may be up to 16 MiB), or upload:upl_… (an upload of this client)."
+)
+_UPLOAD_REF = re.compile(UPLOAD_REF_PATTERN)
+
+
+class ImageInput(v.Validator):
+    """An input picture in one of its three forms, each judged by its own rule (the document's
+    `anyOf`, see _image_input); the form is told by how the value starts. No message echoes
+    the value: a data URI is megabytes, a URL may hold a password.
+
+    No `regex` attribute and no v.Length: apispec would document either as the field's own
+    `pattern` or `maxLength`, which only the URL form has.
+    """
+
+    def __init__(self) -> None:
+        self.url = HttpUrl()
+
+    def __call__(self, value: str) -> str:
+        if value.startswith(DATA_URI_START):
+            problem = data_uri_problem(value)
+            if problem is not None:
+                raise ValidationError(problem)
+        elif value.startswith("upload:"):
+            if _UPLOAD_REF.fullmatch(value) is None:
+                raise ValidationError(UPLOAD_REF_RULE)
+        elif len(value) > MAX_URL_CHARS:
+            raise ValidationError(f"A URL must be at most {MAX_URL_CHARS} characters. {URL_RULE}")
+        else:
+            self.url(value)
+        return value
+
+
+def _image_input() -> fields.String:
+    return fields.String(
+        required=True,
+        validate=ImageInput(),
+        metadata={
+            "description": IMAGE_INPUT_RULE,
+            "anyOf": [
+                {
+                    "type": "string",
+                    "maxLength": MAX_URL_CHARS,
+                    "pattern": HTTP_URL_PATTERN,
+                    "description": URL_RULE,
+                },
+                {
+                    "type": "string",
+                    "maxLength": MAX_DATA_URI_CHARS,
+                    "pattern": DATA_URI_PATTERN,
+                    "description": DATA_URI_RULE,
+                },
+                {
+                    "type": "string",
+                    "maxLength": MAX_UPLOAD_REF_CHARS,
+                    "pattern": UPLOAD_REF_PATTERN,
+                    "description": UPLOAD_REF_RULE,
+                },
+            ],
+        },
+    )
+
+
 class StrictFloat(fields.Float):
     """A JSON number (int or float), never a string or a boolean."""
 
@@ -206,8 +280,8 @@ class InpaintInputSchema(StrictSchema):
         ],
         metadata={"description": "Not blank: at least one character that is not white space."},
     )
-    image_url = _http_url(required=True)
-    mask_image_url = _http_url(required=True)
+    image_url = _image_input()
+    mask_image_url = _image_input()
     control_start = _unit_interval(0.0, "Must not exceed control_end (given or its default).")
     control_end = _unit_interval(0.6)
     control_scale = _unit_interval(0.75)

@@ -1,7 +1,12 @@
 """schemathesis hooks (SCHEMATHESIS_HOOKS=tests.fuzz_hooks): the rules JSON Schema cannot state,
 met by generated cases — a body's control_start <= control_end (given or its default), a
-usage query's days in order and at most MAX_USAGE_DAYS apart, and an upload's bytes an image
-of the type it declares.
+usage query's days in order and at most MAX_USAGE_DAYS apart, an upload's bytes an image
+of the type it declares, and a job's data URI or upload ref a picture the client has.
+
+A job's picture as a data URI or an upload ref is only known good by decoding it, and the pair
+by comparing them: a well-formed one is replaced by a data URI of a real picture (a red image,
+a white mask, of one size); a malformed one stays, to be refused. tests/test_inputs.py sends
+every kind of bad picture instead.
 
 An upload's body is bytes, which JSON Schema cannot describe: whether they are an image is known
 only by decoding them. So its positive cases carry a real image of their declared type, and its
@@ -10,13 +15,21 @@ tests/test_uploads.py sends every kind of bad upload instead."""
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 from datetime import UTC, date, datetime
 from typing import Any
 
 import schemathesis
 from PIL import Image
 
+from core.inputs import (
+    DATA_URI_PATTERN,
+    MAX_DATA_URI_CHARS,
+    MAX_UPLOAD_REF_CHARS,
+    UPLOAD_REF_PATTERN,
+)
 from core.usage import MAX_USAGE_DAYS
 from service.schemas import InpaintInputSchema
 
@@ -73,6 +86,35 @@ def image_of(content_type: str) -> bytes:
     return out.getvalue()
 
 
+HELD_FORMS = (
+    (re.compile(DATA_URI_PATTERN), MAX_DATA_URI_CHARS),
+    (re.compile(UPLOAD_REF_PATTERN), MAX_UPLOAD_REF_CHARS),
+)
+PICTURES = {"image_url": "red", "mask_image_url": "white"}
+
+
+def _picture_uri(color: str) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 3), color).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def with_real_pictures(body: Any) -> Any:
+    """A job body whose well-formed data URIs and upload refs name real pictures of one size.
+
+    Only values of the document's form: a case made invalid on purpose stays invalid."""
+    if not isinstance(body, dict):
+        return body
+    real = {}
+    for name, color in PICTURES.items():
+        value = body.get(name)
+        if isinstance(value, str) and any(
+            len(value) <= most and form.search(value) for form, most in HELD_FORMS
+        ):
+            real[name] = _picture_uri(color)
+    return {**body, **real} if real else body
+
+
 def is_upload(case: Any) -> bool:
     return bool(case.path == UPLOADS_PATH and case.method.upper() == "POST")
 
@@ -86,6 +128,8 @@ def map_case(context: Any, case: Any) -> Any:
         case.body = {"file": data} if media_type.startswith("multipart/") else data
         return case
     case.body = with_control_window(case.body)
+    if case.path == "/v1/jobs" and case.method.upper() == "POST":
+        case.body = with_real_pictures(case.body)
     if case.path == "/v1/usage":
         case.query = with_usage_span(case.query, datetime.now(UTC).date())
     return case

@@ -11,6 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.inputs import (
+    DATA_URI_PATTERN,
+    MAX_DATA_URI_CHARS,
+    MAX_UPLOAD_REF_CHARS,
+    UPLOAD_REF_PATTERN,
+    data_uri_problem,
+)
 from core.store import decode_cursor, encode_cursor
 from service.schemas import (
     CURSOR_PATTERN,
@@ -21,6 +28,7 @@ from service.schemas import (
 )
 
 URL = re.compile(HTTP_URL_PATTERN)
+DATA_URI = re.compile(DATA_URI_PATTERN)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +44,16 @@ def test_every_body_rule_is_in_the_document(doc: dict[str, Any]) -> None:
     assert schemas["Lora"]["additionalProperties"] is False
     assert set(create["required"]) == {"prompt", "image_url", "mask_image_url"}
     props = create["properties"]
-    for name in ("image_url", "mask_image_url", "webhook_url"):
-        assert props[name]["pattern"] == HTTP_URL_PATTERN, name
-        assert props[name]["maxLength"] == MAX_URL_CHARS, name
+    assert props["webhook_url"]["pattern"] == HTTP_URL_PATTERN
+    assert props["webhook_url"]["maxLength"] == MAX_URL_CHARS
+    for name in ("image_url", "mask_image_url"):
+        # Three forms, each with its own rule; none stated for the field as a whole.
+        assert "pattern" not in props[name] and "maxLength" not in props[name], name
+        assert [(form["pattern"], form["maxLength"]) for form in props[name]["anyOf"]] == [
+            (HTTP_URL_PATTERN, MAX_URL_CHARS),
+            (DATA_URI_PATTERN, MAX_DATA_URI_CHARS),
+            (UPLOAD_REF_PATTERN, MAX_UPLOAD_REF_CHARS),
+        ], name
     assert props["prompt"]["minLength"] == 1 and props["prompt"]["maxLength"] == 8000
     assert "pattern" in props["prompt"]  # not blank
     for name in ("control_start", "control_end", "control_scale", "strength"):
@@ -202,3 +217,65 @@ def test_pages_follow_next_cursor_to_every_job_newest_first(api_client: Any) -> 
             break
         assert re.fullmatch(CURSOR_PATTERN, cursor), cursor
     assert seen == made[::-1]
+
+
+def image_input_errors(value: str) -> dict[str, Any]:
+    errors: dict[str, Any] = JobCreateSchema().validate(
+        {"prompt": "p", "image_url": value, "mask_image_url": "upload:upl_" + "0" * 32}
+    )
+    return errors
+
+
+def documented_image_input(doc: dict[str, Any], value: str) -> bool:
+    """Whether `value` is an image_url as the document states it (anyOf its forms)."""
+    forms = doc["components"]["schemas"]["JobCreate"]["properties"]["image_url"]["anyOf"]
+    return any(
+        len(value) <= form["maxLength"] and re.search(form["pattern"], value) is not None
+        for form in forms
+    )
+
+
+_BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(
+        ["data:image/png;base64,", "data:image/webp;base64,", "data:image/gif;base64,"]
+    ),
+    st.text(alphabet=_BASE64_ALPHABET + "=-_ \n", max_size=14),
+)
+def test_the_data_uri_validator_takes_exactly_what_the_document_s_pattern_does(
+    head: str, encoded: str
+) -> None:
+    value = head + encoded
+    assert (data_uri_problem(value) is None) == bool(DATA_URI.fullmatch(value)), value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://images.example.com/in.png",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "data:image/jpeg;base64,",
+        "upload:upl_" + "a1" * 16,
+        "data:image/gif;base64,AAAA",
+        "data:image/png;base64,AAA",
+        "data:image/png;base64,A===",
+        "DATA:image/png;base64,AAAA",
+        "upload:upl_" + "A1" * 16,
+        "upload:" + "a" * 36,
+        "ftp://images.example.com/in.png",
+        "https://me:pw@images.example.com/in.png",
+        "https://images.example.com/" + "a" * MAX_URL_CHARS,
+        "data:image/png;base64," + "A" * (MAX_DATA_URI_CHARS - 22),
+        "data:image/jpeg;base64," + "A" * (MAX_DATA_URI_CHARS - 23),
+        "data:image/jpeg;base64," + "A" * (MAX_DATA_URI_CHARS - 19),
+    ],
+)
+def test_an_image_input_is_taken_exactly_when_the_document_allows_it(
+    doc: dict[str, Any], value: str
+) -> None:
+    errors = image_input_errors(value)
+    assert (errors == {}) == documented_image_input(doc, value), value[:60]
+    assert "me:pw" not in str(errors) and "AAAAAAAA" not in str(errors)
