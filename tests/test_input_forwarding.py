@@ -491,3 +491,34 @@ def test_an_upload_gone_before_the_submit_fails_the_job_input_invalid(
         f"mask_image_url: upload {mask.ref} is gone (expired or removed); upload it again"
     )
     assert submits_for(stack, prompt) == 0
+
+
+def test_a_resubmit_builds_the_payload_again_and_may_then_refuse_it(
+    stack: Stack, api_client: ApiClient, pipeline: JobPipeline, pictures: PictureServer
+) -> None:
+    """The first submit is answered with a 5xx (its outcome unknown: sent again); by the
+    resubmit the mask has changed to all black. The pictures are fetched again, the job fails
+    input_invalid, charged the one run the first submit may have made."""
+    pipeline.settings = replace(pipeline.settings, submit_unknown="resubmit")  # type: ignore[assignment]
+    body = {
+        "prompt": unique("changed under a resubmit [emulator:submit-500]"),
+        IMAGE_FIELD: pictures.serve("/image.png", Answer(200, IMAGE)),
+        MASK_FIELD: pictures.serve("/mask.png", Answer(200, MASK), Answer(200, BLACK_MASK)),
+    }
+    stack.worker.signal(signal.SIGSTOP)
+    try:
+        job_id = api_client.post("/v1/jobs", json=body).get_json()["id"]
+        admit(pipeline)
+        pipeline.advance(job_id)
+        resubmitting = pipeline.store.get(job_id)
+        assert resubmitting is not None and resubmitting.status is Status.QUEUED
+        assert resubmitting.submit_unknown_outcomes == 1
+        pipeline.advance(job_id)
+    finally:
+        stack.worker.signal(signal.SIGCONT)
+    job = pipeline.store.get(job_id)
+    assert job is not None and job.status is Status.FAILED
+    assert job.error is not None and job.error.code == INPUT_INVALID
+    assert pictures.requests == {"/image.png": 2, "/mask.png": 2}
+    price = pipeline.list_price.usd_per_image()  # type: ignore[union-attr]
+    assert price and job.cost_usd == price
