@@ -43,32 +43,34 @@ from workers.pipeline import JobPipeline
 LOOPBACK = ("127.0.0.0/8",)
 
 
-def png(size: tuple[int, int], *, mode: str = "RGB", color: Any = (200, 40, 40)) -> bytes:
-    """A PNG of one color, with a white square in its middle (a mask that paints something)."""
-    picture = Image.new(mode, size, color)
-    if mode == "L" and color == 0:
-        return _encoded(picture)
-    width, height = size
-    picture.paste(
-        255 if mode == "L" else (255, 255, 255), (width // 4, height // 4, width // 2, height // 2)
-    )
-    return _encoded(picture)
-
-
-def _encoded(picture: Image.Image) -> bytes:
+def png(
+    size: tuple[int, int],
+    *,
+    mode: str = "RGB",
+    background: Any = (200, 40, 40),
+    square: bool = True,
+) -> bytes:
+    """A PNG of one color, with (`square`) a white square in it: a mask that paints something."""
+    picture = Image.new(mode, size, background)
+    if square:
+        width, height = size
+        white = 255 if mode == "L" else (255, 255, 255)
+        picture.paste(white, (width // 4, height // 4, width // 2, height // 2))
     out = io.BytesIO()
     picture.save(out, format="PNG")
     return out.getvalue()
 
 
 IMAGE = png((64, 48))
-MASK = png((64, 48), mode="L", color=16)
-BLACK_MASK = png((64, 48), mode="L", color=0)
-SMALL_MASK = png((32, 32), mode="L", color=16)
+MASK = png((64, 48), mode="L", background=16)
+BLACK_MASK = png((64, 48), mode="L", background=0, square=False)
+SMALL_MASK = png((32, 32), mode="L", background=16)
 
 
 @dataclass
 class Answer:
+    """What PictureServer answers a path with."""
+
     status: int = 200
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()

@@ -297,10 +297,6 @@ class UpstreamInputs:
             raise refusal(
                 field, INPUT_UNREACHABLE, f"could not be fetched from {source}: {exc.reason}"
             ) from None
-        except RefusedDestination as exc:  # the over-cap check's own lookup
-            raise refusal(
-                field, INPUT_UNREACHABLE, f"could not be fetched from {source}: {exc}"
-            ) from None
         if isinstance(fetched, TooBig):
             if fetched.public:
                 return None
