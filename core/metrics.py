@@ -45,6 +45,14 @@ COUNTER_HELP = {
         "429's cool-down."
     ),
     "submit_outcome_unknown": "Submits whose outcome was unknown (possible duplicate generation).",
+    "input_refused_input_invalid": (
+        "Jobs failed before their submit: a picture is not an image, too big, or fails preflight "
+        "(mask all black, sizes differ), or its upload is gone."
+    ),
+    "input_refused_input_unreachable": (
+        "Jobs failed before their submit: a picture's URL could not be fetched (refused address, "
+        "DNS, connection, timeout, non-2xx answer, redirect)."
+    ),
     "account_refusals_out_of_balance": (
         "RunComfy calls refused because the account is out of balance (402, 400002); the jobs "
         "wait, none fails for it."

@@ -82,7 +82,9 @@ def interpolate(value: str) -> str:
 
 def settings_names() -> set[str]:
     """Every environment variable core/settings.py reads."""
-    return set(re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]*)"', SETTINGS_SOURCE.read_text()))
+    # env.str("NAME", …) and the like, and helpers handed the env: _allowed_networks(env, "NAME").
+    pattern = r'(?:env\.\w+\(|\(env,)\s*"([A-Z][A-Z0-9_]*)"'
+    return set(re.findall(pattern, SETTINGS_SOURCE.read_text()))
 
 
 def isolated_settings_env(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> None:

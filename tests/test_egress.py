@@ -253,6 +253,24 @@ def test_http_is_refused_outside_allowed_networks(fake_dns: FakeDNS) -> None:
         NO_ALLOWED_NETWORKS.check_url("http://hooks.example.com/hook")
 
 
+def test_an_image_policy_takes_plain_http_to_a_public_host_but_not_a_private_one(
+    fake_dns: FakeDNS,
+) -> None:
+    """An image fetch sends nothing secret: https is not required, the address check still is."""
+    images = EgressPolicy.from_cidrs(
+        "", what="image", setting="INPUT_ALLOWED_NETWORKS", plain_http_to_public=True
+    )
+    fake_dns.answer("images.example.com", PUBLIC_V4)
+    fake_dns.answer("inside.example.com", "10.1.2.3")
+    images.check_url("http://images.example.com/in.png")
+    with pytest.raises(
+        RefusedDestination,
+        match=r"^image host inside\.example\.com resolves to a private address; allow it with "
+        r"INPUT_ALLOWED_NETWORKS$",
+    ):
+        images.check_url("http://inside.example.com/in.png")
+
+
 def test_http_to_an_allowed_loopback_address_is_accepted(fake_dns: FakeDNS) -> None:
     fake_dns.answer("receiver.local", "127.0.0.1")
     LOOPBACK_ALLOWED.check_url("http://127.0.0.1:8080/hook")

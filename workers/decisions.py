@@ -194,13 +194,46 @@ def request_left_running(ended: Job) -> str | None:
 # --- submit -------------------------------------------------------------------------------------
 
 
-def mark_submitting(job: Job, now: float, *, lease_s: float) -> Step | None:
+def mark_submitting(
+    job: Job, now: float, *, lease_s: float, notes: tuple[str, ...] = ()
+) -> Step | None:
     """Mark a queued job as being submitted from `now`; it is due again when the lease ends
-    (a worker that finds the mark then knows the submit was interrupted)."""
-    if job.status is not Status.QUEUED or job.submit_started_at is not None or job.cancel_requested:
+    (a worker that finds the mark then knows the submit was interrupted). `notes`: what its
+    payload's building found worth recording (each once)."""
+    if not may_submit(job):
         return None
-    marked = job.changed(now, submit_started_at=now, submit_attempts=job.submit_attempts + 1)
+    noted = with_notes_once(job, now, notes)
+    marked = noted.changed(now, submit_started_at=now, submit_attempts=job.submit_attempts + 1)
     return Step(marked, now + lease_s)
+
+
+def may_submit(job: Job) -> bool:
+    """Queued, no submit out, no cancel asked for: a submit may be made."""
+    return (
+        job.status is Status.QUEUED and job.submit_started_at is None and not job.cancel_requested
+    )
+
+
+def with_notes_once(job: Job, now: float, notes: tuple[str, ...]) -> Job:
+    """`job` with each of `notes` it does not carry yet (a resubmit builds the payload again)."""
+    for text in notes:
+        if not any(kept.endswith(f" {text}") for kept in job.notes):
+            job = job.with_note(now, text)
+    return job
+
+
+def refuse_inputs(
+    job: Job, *, error: JobError, now: float, list_price_usd: float | None = None
+) -> Step | None:
+    """The job's pictures cannot go upstream (preflight, fetch): it fails before its submit, if
+    no submit is out or made meanwhile. It costs nothing — but for a resubmit's job, whose
+    earlier submit RunComfy may have taken: one run at the list price, as when that ends it."""
+    if not may_submit(job):
+        return None
+    charged = 1 if job.submit_unknown_outcomes else 0
+    return end_if_live(
+        job, Status.FAILED, now, error, runs_charged=charged, list_price_usd=list_price_usd
+    )
 
 
 def record_request(

@@ -32,6 +32,7 @@ from workers.decisions import (
     MAX_UNANSWERED_SUBMITS as MAX_UNANSWERED_SUBMITS,
 )
 from workers.decisions import Move
+from workers.inputs import ImageFetcher, InputRefused, UpstreamInputs
 from workers.run_times import RunTimes
 from workers.runcomfy import (
     QUEUED_STATUSES,
@@ -68,10 +69,20 @@ class JobPipeline:
     # Built on the store's Redis and the RunComfy client unless given.
     account: AccountState | None = None
     list_price: ListPrice | None = None
+    # Built on the settings and `uploads` unless given.
+    inputs: UpstreamInputs | None = None
 
     def __post_init__(self) -> None:
         if self.account is None:
             self.account = AccountState(self.store.redis)
+        if self.inputs is None:
+            fetcher = ImageFetcher(
+                allowed_networks=self.settings.input_allowed_networks,
+                timeout_s=self.settings.input_fetch_timeout_s,
+            )
+            self.inputs = UpstreamInputs(
+                uploads=self.uploads, fetcher=fetcher, forward=self.settings.input_forward
+            )
         if self.list_price is None:
             self.list_price = ListPrice(self.store.redis, fetch=self.runcomfy.list_price_usd)
 
@@ -180,16 +191,30 @@ class JobPipeline:
 
     def _submit(self, record: Record, *, probing: bool = False) -> None:
         """Mark the job, submit it, and store the request id RunComfy answers with. `probing`:
-        the account was in trouble; an accepted submit shows it is over."""
+        the account was in trouble; an accepted submit shows it is over.
+
+        The payload is built first (pictures fetched or loaded, preflighted): a job whose
+        pictures cannot go upstream fails here, never marked as submitting, never sent."""
         job = record.job
+        assert self.inputs is not None
+        try:
+            payload = self.inputs.payload_for(job)
+        except InputRefused as exc:
+            self._refuse_inputs(record, exc)
+            return
         now = self.clock()
-        marking = partial(decisions.mark_submitting, now=now, lease_s=self.settings.step_lease_s)
+        marking = partial(
+            decisions.mark_submitting,
+            now=now,
+            lease_s=self.settings.step_lease_s,
+            notes=payload.notes,
+        )
         marked = self._commit(job.id, marking, seen=record)
         if marked is None:
             return
         self.counters.add("upstream_submits")
         try:
-            request_id = self.runcomfy.submit(job.input).request_id
+            request_id = self.runcomfy.submit(payload.body).request_id
         except UpstreamError as exc:
             self._submit_refused(marked.job, exc)
             return
@@ -211,6 +236,27 @@ class JobPipeline:
             self._best_effort_cancel(request_id)
         else:
             log.info("submitted", extra=ids)
+
+    def _refuse_inputs(self, record: Record, exc: InputRefused) -> None:
+        """The job's pictures cannot go upstream: it fails, nothing submitted."""
+        job = record.job
+        self.counters.add(f"input_refused_{exc.code}")
+        log.warning(
+            "job's input pictures refused before its submit",
+            extra={
+                "job_id": job.id,
+                "client_id": job.client_id,
+                "error_code": exc.code,
+                "error": exc.message,
+            },
+        )
+        refusing = partial(
+            decisions.refuse_inputs,
+            error=JobError(exc.code, exc.message),
+            now=self.clock(),
+            list_price_usd=self._list_price() if job.submit_unknown_outcomes else None,
+        )
+        self._commit(job.id, refusing, seen=record)
 
     def _submit_refused(self, marked: Job, exc: UpstreamError) -> None:
         """The submit `marked` (the job as marked for it) made got no usable answer."""

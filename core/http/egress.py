@@ -1,6 +1,7 @@
-"""Outbound-address policy for webhook delivery: which addresses we may connect to, and how.
+"""Outbound-address policy for webhook delivery and input-image fetches: which addresses we may
+connect to, and how.
 
-A webhook URL is given by another team, so it may point anywhere: at our metadata service, at
+A webhook URL (or an input image's URL) is given by another team, so it may point anywhere: at our metadata service, at
 Redis on localhost, at a host whose DNS answer changes between our check and our connect. The
 policy resolves the host, judges every address it resolves to, and the adapter then connects to
 the address that was judged, so there is no second DNS lookup to rebind.
@@ -143,6 +144,10 @@ class EgressPolicy:
     names: NameLookup = field(default=NAMES, compare=False)
     what: str = "webhook"  # what is fetched or sent, as the refusals name it
     setting: str = ALLOWED_NETWORKS_SETTING
+    # A webhook carries a signed body, so it goes over https unless to an allowed network. An
+    # image fetch sends nothing secret, and SSRF is about the address (checked and pinned all
+    # the same): plain http to a public host is fine for it.
+    plain_http_to_public: bool = False
 
     @classmethod
     def from_cidrs(
@@ -151,6 +156,7 @@ class EgressPolicy:
         *,
         what: str = "webhook",
         setting: str = ALLOWED_NETWORKS_SETTING,
+        plain_http_to_public: bool = False,
     ) -> EgressPolicy:
         """Build a policy allowing the networks in a comma-separated CIDR list (or a list)."""
         items = cidrs.split(",") if isinstance(cidrs, str) else cidrs
@@ -162,7 +168,12 @@ class EgressPolicy:
                 networks.append(ip_network(item))
             except ValueError as exc:
                 raise ValueError(f"{setting}: {item!r} is not a CIDR network ({exc})") from exc
-        return cls(allowed_networks=tuple(networks), what=what, setting=setting)
+        return cls(
+            allowed_networks=tuple(networks),
+            what=what,
+            setting=setting,
+            plain_http_to_public=plain_http_to_public,
+        )
 
     def in_allowed_networks(self, address: IPAddress) -> bool:
         """Tell whether address (judged as IPv4 if IPv4-mapped) is inside an allowed network."""
@@ -231,7 +242,11 @@ class EgressPolicy:
                     host=host,
                     address=address,
                 )
-            if scheme != "https" and not self.in_allowed_networks(address):
+            if (
+                scheme != "https"
+                and not self.plain_http_to_public
+                and not self.in_allowed_networks(address)
+            ):
                 where = "" if is_literal else " resolves to an address that"
                 raise RefusedDestination(
                     f"{self.what} URL uses {scheme}, but host {host}{where} is outside "
