@@ -26,7 +26,8 @@ from tests.support.api import ApiClient
 from tests.support.stack import admit
 from tests.test_end_to_end import job_body, submits_for, unique
 from workers import decisions
-from workers.inputs import (
+from workers.pipeline import JobPipeline
+from workers.upstream_inputs import (
     Fetched,
     FetchFailed,
     ImageFetcher,
@@ -38,7 +39,6 @@ from workers.inputs import (
     first_preflight_refusal,
     where_from,
 )
-from workers.pipeline import JobPipeline
 
 LOOPBACK = ("127.0.0.0/8",)
 

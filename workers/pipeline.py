@@ -32,7 +32,6 @@ from workers.decisions import (
     MAX_UNANSWERED_SUBMITS as MAX_UNANSWERED_SUBMITS,
 )
 from workers.decisions import Move
-from workers.inputs import ImageFetcher, InputRefused, UpstreamInputs
 from workers.run_times import RunTimes
 from workers.runcomfy import (
     QUEUED_STATUSES,
@@ -46,6 +45,7 @@ from workers.runcomfy import (
     UpstreamError,
 )
 from workers.throttle import UpstreamThrottle
+from workers.upstream_inputs import ImageFetcher, PictureRefused, UpstreamInputs
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class JobPipeline:
         assert self.inputs is not None
         try:
             payload = self.inputs.payload_for(job)
-        except InputRefused as exc:
+        except PictureRefused as exc:
             self._refuse_inputs(record, exc)
             return
         now = self.clock()
@@ -237,7 +237,7 @@ class JobPipeline:
         else:
             log.info("submitted", extra=ids)
 
-    def _refuse_inputs(self, record: Record, exc: InputRefused) -> None:
+    def _refuse_inputs(self, record: Record, exc: PictureRefused) -> None:
         """The job's pictures cannot go upstream: it fails, nothing submitted."""
         job = record.job
         self.counters.add(f"input_refused_{exc.code}")

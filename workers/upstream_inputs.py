@@ -6,7 +6,7 @@ gets the bytes as a data URI, so internal and pre-signed URLs work and RunComfy 
 of ours. An upload's bytes come from the upload store; a URL's are fetched here under the egress
 rules (the addresses INPUT_ALLOWED_NETWORKS allows, or public ones; the checked address pinned; no
 redirect followed), at most MAX_FETCH_BYTES, within INPUT_FETCH_TIMEOUT_S, then decoded and
-preflighted. A picture that cannot go upstream raises InputRefused, and the job fails without
+preflighted. A picture that cannot go upstream raises PictureRefused, and the job fails without
 ever reaching RunComfy. The job's `input` itself is never changed: its record carries no base64.
 """
 
@@ -59,7 +59,7 @@ FETCH_HEADERS = {
 ALLOWED_NETWORKS_SETTING = "INPUT_ALLOWED_NETWORKS"
 
 
-class InputRefused(Exception):
+class PictureRefused(Exception):
     """A picture the job cannot go upstream with: the job fails with `code` and `message`."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -148,12 +148,12 @@ def exchange_failure(exc: Exception, *, cut_off: bool, timeout_s: float) -> Fetc
     return FetchFailed("the answer was cut short", worth_retrying=True)
 
 
-def refusal(field: str, code: str, why: str) -> InputRefused:
+def refusal(field: str, code: str, why: str) -> PictureRefused:
     """The refusal of one picture, named by its field."""
-    return InputRefused(code, f"{field}: {why}")
+    return PictureRefused(code, f"{field}: {why}")
 
 
-def first_preflight_refusal(problems: dict[str, str]) -> InputRefused | None:
+def first_preflight_refusal(problems: dict[str, str]) -> PictureRefused | None:
     """The refusal preflight_problems' findings come to, or None if there are none."""
     for field in (*IMAGE_FIELDS, *problems):
         if field in problems:
@@ -247,7 +247,7 @@ class UpstreamInputs:
         self.forward = forward
 
     def payload_for(self, job: Job) -> UpstreamPayload:
-        """The body to submit for `job`; InputRefused if a picture cannot go upstream."""
+        """The body to submit for `job`; PictureRefused if a picture cannot go upstream."""
         body = dict(job.input)
         held: dict[str, HeldImage] = {}
         notes: list[str] = []
