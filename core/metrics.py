@@ -44,6 +44,11 @@ COUNTER_HELP = {
         "Job steps postponed by the shared RunComfy request-rate cap (RUNCOMFY_MAX_RPS) or a "
         "429's cool-down."
     ),
+    "outputs_stored": "Output images copied into the media store.",
+    "output_copy_failures": (
+        "Copies of a finished run's output that failed (the job looks again; past "
+        "OUTPUT_COPY_DEADLINE_S it succeeds with RunComfy's URLs, not stored)."
+    ),
     "submit_outcome_unknown": "Submits whose outcome was unknown (possible duplicate generation).",
     "account_refusals_out_of_balance": (
         "RunComfy calls refused because the account is out of balance (402, 400002); the jobs "

@@ -102,7 +102,12 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
         model_id=settings.runcomfy_model_id,
         timeout_s=5,
     )
-    store = JobStore(redis_client, retention_s=settings.job_retention_s)
+    store = JobStore(
+        redis_client,
+        retention_s=settings.job_retention_s,
+        media_base_url=settings.public_base_url,
+        media_url_ttl_s=settings.media_url_ttl_s,
+    )
     yield JobPipeline(
         store=store,
         runcomfy=runcomfy,
