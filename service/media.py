@@ -27,6 +27,7 @@ from service.routes import refuse_stray_query
 from service.uploads import media_unavailable
 
 SIGNED_QUERY = ("exp", "sig")
+SIGNATURE_PATTERN = "[A-Za-z0-9_-]{43}"  # 32 bytes of HMAC-SHA256, base64url without padding
 # A signed URL may be cached by what fetched it, though never past its own expiry.
 MAX_CACHE_S = 3600
 
@@ -82,7 +83,7 @@ SIGNED_PARAMETERS = [
         "in": "query",
         "name": "sig",
         "required": False,
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "pattern": f"^{SIGNATURE_PATTERN}$"},
         "description": "The URL's signature (HMAC-SHA256, base64url). Wrong, tampered with or "
         "expired: 403.",
     },
@@ -133,8 +134,7 @@ class MediaView(MethodView):
         HTTPStatus.SERVICE_UNAVAILABLE.value, response=HTTPStatus.SERVICE_UNAVAILABLE.name
     )
     def get(self, media_id: str) -> Response:
-        """A stored output's bytes: with `exp` and `sig` no key is needed; without them, the
-        owner's key."""
+        """A stored output's bytes: by signed URL without a key, or by the owner's key."""
         signed = _is_signed()
         if signed:
             owner = _signed_owner(media_id)

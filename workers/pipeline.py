@@ -413,10 +413,11 @@ class JobPipeline:
             return
         after = committed.job
         if after.status is Status.SUCCEEDED:
-            # Held back by failed copies, the success says nothing of when the run ended.
+            # Held back by failed copies at earlier looks, this look says nothing of when the
+            # run ended (one given up at once, as for a refused host, is as any other success).
             run_s = (
                 None
-                if after.output_copy_failures
+                if job.output_copy_failures
                 else decisions.observed_run_s(job, after, state, now)
             )
             if run_s is not None:
