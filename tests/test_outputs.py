@@ -22,6 +22,7 @@ from cli.stack import Stack, wait_until
 from core.clients import ClientStore, NewClientCredentials
 from core.jobs import Job, Status, StoredImage, Upstream
 from core.media_urls import (
+    OWNER_KEY_PREFIX,
     MediaLinks,
     media_links,
     owner_of,
@@ -478,5 +479,5 @@ def test_an_owner_record_is_never_shortened(own_stack: Stack) -> None:
         media_id = "upl_" + "ef" * 16
         record_owner(client, media_id, "cli_a", 1000)
         record_owner(client, media_id, "cli_a", 10)
-        assert client.ttl("igw:media:owner:" + media_id) > 900
-        client.delete("igw:media:owner:" + media_id)
+        assert client.ttl(OWNER_KEY_PREFIX + media_id) > 900
+        client.delete(OWNER_KEY_PREFIX + media_id)
