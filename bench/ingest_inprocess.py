@@ -77,6 +77,7 @@ def rows(sizes: Sizes, redis_url: str, emulator_url: str, api_key: str, body: st
 
     wakeup = ctx.commands.wakeups.pending(DISPATCH_JOBS_TASK)
     one = job()
+    links = ctx.store.media_links(time.time())
     n = sizes.ingest_inprocess_calls
     us = {
         "healthz": _cpu_us(n, lambda: call("GET", "/healthz")),
@@ -84,7 +85,7 @@ def rows(sizes: Sizes, redis_url: str, emulator_url: str, api_key: str, body: st
         "create": _cpu_us(n, lambda: ctx.store.create(job(), wakeup=wakeup)),
         "schema": _cpu_us(n, lambda: schema.load(json.loads(body))),
         "job": _cpu_us(n, lambda: job().to_json()),
-        "answer": _cpu_us(n, lambda: app.json.dumps(one.to_resource())),
+        "answer": _cpu_us(n, lambda: app.json.dumps(one.to_resource(links))),
     }
     pieces = us["create"] + us["schema"] + us["job"] + us["answer"]
     return [

@@ -292,6 +292,9 @@ def emulator_argv(port: int, token: str, *options: str) -> list[str]:
 class Stack:
     """The processes of one stack, files under `base` (logs in `log_dir`, default base/logs).
 
+    Once the API is started, the processes started from then on get its URL as their
+    PUBLIC_BASE_URL (start the API before the workers: their webhooks name media by it).
+
     Start what is needed (`start_redis` or `use_redis`, `start_emulator`, `start_api`,
     `start_worker`, `start_beat`); `stop()`, or leaving `with Stack(...) as stack:`, stops them
     all, newest first and Redis last. `settings_env` holds settings every process gets over the
@@ -341,6 +344,8 @@ class Stack:
             env["RUNCOMFY_API_TOKEN"] = EMULATOR_TOKEN
         # Uploads and outputs beside the stack's other files (.run/media for `make run`).
         env.setdefault("MEDIA_STORE_URL", (self.base / "media").resolve().as_uri())
+        if self.api_url:  # webhooks then carry whole media URLs, not bare paths
+            env.setdefault("PUBLIC_BASE_URL", self.api_url)
         return env | dict(self.settings_env)
 
     def settings(self, **overrides: str) -> Settings:
@@ -399,9 +404,9 @@ class Stack:
     ) -> ManagedProcess:
         """gunicorn with the production settings; returns once it answers /healthz."""
         port = port or free_port()
+        self.api_url = f"http://127.0.0.1:{port}"  # before it starts: its PUBLIC_BASE_URL
         process = self._start(name, api_argv(f"127.0.0.1:{port}", app))
         wait_for_port(port, process=process.process, timeout_s=30)
-        self.api_url = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
             with contextlib.suppress(requests.RequestException):

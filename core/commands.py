@@ -178,6 +178,6 @@ class JobCommands:
         if finals:
             event = replace(finals[-1], state=PENDING, next_attempt_at=now, attempts=0)
         else:  # the client did not ask for the final event at submit; send it now on request
-            event = build_event(job, f"job.{job.status.value}", now)
+            event = build_event(job, f"job.{job.status.value}", now, self.store.media_links(now))
         self.store.outbox.put_event(event, is_new=not finals)
         self.wakeups.webhooks()

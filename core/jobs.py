@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from core.media_urls import MediaLinks
+
 
 class Status(StrEnum):
     """Where a job is (docs/api.md, "The job resource")."""
@@ -82,6 +84,17 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    """One output image kept in the media store: an upload of the job's client, its id the
+    media id of `/v1/media/{id}`."""
+
+    id: str
+    sha256: str
+    content_type: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Job:
     """The job record: the source of truth, stored whole in Redis."""
 
@@ -93,7 +106,10 @@ class Job:
     updated_at: float = 0.0
     finished_at: float | None = None
     deadline_at: float = 0.0
-    output_images: tuple[str, ...] | None = None
+    output_images: tuple[str, ...] | None = None  # RunComfy's URLs of the output
+    # The output's copies in the media store, one per image; None: not stored (a record of the
+    # previous release, or copies that kept failing past OUTPUT_COPY_DEADLINE_S).
+    output_media: tuple[StoredImage, ...] | None = None
     error: JobError | None = None
     upstream: Upstream | None = None
     webhook_url: str | None = None
@@ -122,6 +138,10 @@ class Job:
     reserved_usd: float = 0.0
     reserved_in: str | None = None
     last_transient_error: str | None = None
+    # Copies of a finished run's output that failed in a row, and since when (the job stays
+    # running meanwhile, its result held back until they succeed or OUTPUT_COPY_DEADLINE_S).
+    output_copy_failures: int = 0
+    output_copy_failing_since: float | None = None
     notes: tuple[str, ...] = field(default=())
 
     # --- status machine -------------------------------------------------------------------
@@ -161,6 +181,8 @@ class Job:
         data = dict(self.__dict__)
         data["error"] = _plain(self.error)
         data["upstream"] = _plain(self.upstream)
+        if self.output_media is not None:
+            data["output_media"] = [m.__dict__ for m in self.output_media]
         for name in _LEFT_OUT_WHILE_ZERO:
             if not data[name]:
                 del data[name]
@@ -180,6 +202,8 @@ class Job:
             data["upstream"] = Upstream(**data["upstream"])
         if data.get("output_images") is not None:
             data["output_images"] = tuple(data["output_images"])
+        if data.get("output_media") is not None:
+            data["output_media"] = tuple(StoredImage(**m) for m in data["output_media"])
         data["webhook_events"] = tuple(data.get("webhook_events") or ())
         data["notes"] = tuple(data.get("notes") or ())
         try:
@@ -189,8 +213,9 @@ class Job:
 
     # --- what clients see -----------------------------------------------------------------
 
-    def to_resource(self) -> dict[str, Any]:
-        """The job resource of the HTTP API and of webhook payloads."""
+    def to_resource(self, links: MediaLinks) -> dict[str, Any]:
+        """The job resource of the HTTP API and of webhook payloads; `links` signs the URLs of
+        stored outputs (afresh for each answer and each event)."""
         return {
             "id": self.id,
             "status": self.status.value,
@@ -198,9 +223,7 @@ class Job:
             "updated_at": iso(self.updated_at),
             "finished_at": iso(self.finished_at),
             "input": self.input,
-            "output": {"images": list(self.output_images)}
-            if self.output_images is not None
-            else None,
+            "output": self._output(links),
             "error": _plain(self.error),
             "upstream": _plain(self.upstream),
             "webhook_url": self.webhook_url,
@@ -214,6 +237,21 @@ class Job:
             ),
         }
 
+    def _output(self, links: MediaLinks) -> dict[str, Any] | None:
+        """The output: our signed URLs when stored, else RunComfy's own (also for a record of
+        the previous release, which kept only those)."""
+        if self.output_images is None:
+            return None
+        upstream = list(self.output_images)
+        if self.output_media is None:
+            return {"images": upstream, "upstream_images": upstream, "stored": False, "media": []}
+        return {
+            "images": [links.url(m.id) for m in self.output_media],
+            "upstream_images": upstream,
+            "stored": True,
+            "media": [dict(m.__dict__) for m in self.output_media],
+        }
+
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))
 # Fields added since the previous release, written only when set: a replica still running that
@@ -224,8 +262,15 @@ _LEFT_OUT_WHILE_ZERO = (
     "unknown_status_looks",
     "account_waits",
     "reserved_usd",
+    "output_copy_failures",
 )
-_LEFT_OUT_WHILE_NONE = ("cost_usd", "cost_source", "reserved_in")
+_LEFT_OUT_WHILE_NONE = (
+    "cost_usd",
+    "cost_source",
+    "reserved_in",
+    "output_media",
+    "output_copy_failing_since",
+)
 COST_SOURCES = ("upstream", "list_price")
 
 

@@ -44,6 +44,11 @@ COUNTER_HELP = {
         "Job steps postponed by the shared RunComfy request-rate cap (RUNCOMFY_MAX_RPS) or a "
         "429's cool-down."
     ),
+    "outputs_stored": "Output images copied into the media store.",
+    "output_copy_failures": (
+        "Copies of a finished run's output that failed (the job looks again; past "
+        "OUTPUT_COPY_DEADLINE_S it succeeds with RunComfy's URLs, not stored)."
+    ),
     "submit_outcome_unknown": "Submits whose outcome was unknown (possible duplicate generation).",
     "input_refused_input_invalid": (
         "Jobs failed before their submit: a picture is not an image, too big, or fails preflight "

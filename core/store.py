@@ -29,8 +29,10 @@ from core.admission import (
 from core.jobs import Job
 from core.keys import COUNTERS_KEY, PREFIX
 from core.limits import NO_LIMITS, LimitRefused
+from core.media_urls import MediaLinks, media_links, signing_key
 from core.outbox import WebhookOutbox
 from core.schedule import DueSchedule
+from core.settings import DEFAULT_MEDIA_URL_TTL_S
 from core.usage import (
     CHECK_AND_COUNT_ACCEPT_LUA,
     RECORD_FINAL_LUA,
@@ -195,14 +197,28 @@ def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
 class JobStore:
     """Job records, each client's index of them, the job schedule; `outbox` holds their webhooks."""
 
-    def __init__(self, client: redis.Redis, *, retention_s: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        retention_s: int,
+        media_base_url: str = "",
+        media_url_ttl_s: int = DEFAULT_MEDIA_URL_TTL_S,
+    ) -> None:
         self.redis = client
         self.retention_s = retention_s
+        # Webhook payloads sign their media URLs on this base (PUBLIC_BASE_URL; "": the path).
+        self.media_base_url = media_base_url
+        self.media_url_ttl_s = media_url_ttl_s
         self.job_schedule = DueSchedule(client, PREFIX + "due:jobs")
         self.outbox = WebhookOutbox(client, retention_s=retention_s)
         self.admission = FairAdmission(client, due_jobs_key=self.job_schedule.key)
         self._create = client.register_script(_CREATE)
         self._commit_change = client.register_script(_COMMIT_CHANGE)
+
+    def media_links(self, now: float) -> MediaLinks:
+        """How the job resources of webhook events built at `now` sign their media URLs."""
+        return media_links(signing_key(self.redis), self.media_base_url, now, self.media_url_ttl_s)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -345,7 +361,8 @@ class JobStore:
             if result is None:
                 return None
             after = result.job
-            events = events_for_change(current.job, after, after.updated_at or time.time())
+            when = after.updated_at or time.time()
+            events = events_for_change(current.job, after, when, self.media_links)
             written = Record(after, after.to_json())
             if self._commit(current.raw, written, result.next_step_at, events):
                 return Committed(after, events, written)

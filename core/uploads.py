@@ -52,13 +52,16 @@ class ImageFacts:
     height: int
 
 
-def inspect_image(data: bytes, declared: str | None = None) -> ImageFacts:
+def inspect_image(
+    data: bytes, declared: str | None = None, *, max_bytes: int = MAX_UPLOAD_BYTES
+) -> ImageFacts:
     """Decode `data` fully; its facts, or ImageRefused. `declared`: the type the caller named
-    (None: none named) — it must be the type the bytes are."""
+    (None: none named) — it must be the type the bytes are. `max_bytes`: the size cap (a
+    model's output may be larger than what a client may upload)."""
     if not data:
         raise ImageRefused(422, "The body is empty; send the image's bytes.")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ImageRefused(413, f"The image is over {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB.")
+    if len(data) > max_bytes:
+        raise ImageRefused(413, f"The image is over {max_bytes // (1024 * 1024)} MiB.")
     try:
         # Pillow's bomb warning as an error: an image past its limit must never be decoded.
         with warnings.catch_warnings():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook
 
 from core.jobs import Job, Status, iso
+from core.media_urls import MediaLinks
 
 TERMINAL_EVENT_TYPES = ("job.succeeded", "job.failed", "job.cancelled", "job.expired")
 PROGRESS_EVENT_TYPES = ("job.submitted", "job.running")
@@ -63,11 +65,12 @@ class WebhookEvent:
         )
 
 
-def build_event(job: Job, event_type: str, now: float) -> WebhookEvent:
-    """The event announcing `job` as it is now."""
+def build_event(job: Job, event_type: str, now: float, links: MediaLinks) -> WebhookEvent:
+    """The event announcing `job` as it is now, its media URLs signed by `links` (every
+    attempt sends these same bytes: a retry within MEDIA_URL_TTL_S carries working URLs)."""
     assert job.webhook_url is not None
     body = json.dumps(
-        {"type": event_type, "timestamp": iso(now), "data": job.to_resource()},
+        {"type": event_type, "timestamp": iso(now), "data": job.to_resource(links)},
         separators=(",", ":"),
     )
     return WebhookEvent(
@@ -82,14 +85,17 @@ def build_event(job: Job, event_type: str, now: float) -> WebhookEvent:
     )
 
 
-def events_for_change(before: Job, after: Job, now: float) -> list[WebhookEvent]:
-    """The events a client asked for that this change of `before` into `after` emits."""
+def events_for_change(
+    before: Job, after: Job, now: float, links_at: Callable[[float], MediaLinks]
+) -> list[WebhookEvent]:
+    """The events a client asked for that this change of `before` into `after` emits;
+    `links_at(now)` signs their media URLs (asked only when there is an event)."""
     if after.status == before.status or not after.webhook_url:
         return []
     event_type = event_type_for(after.status)
     if event_type is None or event_type not in after.webhook_events:
         return []
-    return [build_event(after, event_type, now)]
+    return [build_event(after, event_type, now, links_at(now))]
 
 
 def signature_headers(

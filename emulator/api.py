@@ -304,6 +304,8 @@ def _plan(
         poll_500_count=directives.poll_500_count,
         poll_429_count=directives.poll_429_count,
         cancel_unavailable=directives.cancel_unavailable,
+        output_host=directives.output_host,
+        output_gone=directives.output_gone,
         price_usd=knobs.base_price_usd,
         inputs_received=inputs_received,
     )

@@ -29,11 +29,15 @@ DIRECTIVE_NAMES = (
     "poll-500",
     "poll-429",
     "cancel-503",
+    "output-host",
+    "output-gone",
 )
 ERROR_SHAPE_VALUES = ("string", "object", "list")
 # A status word the emulator may answer in place of in_queue / in_progress: RunComfy's other
 # words (pending, waiting, starting, processing) or one no client knows.
 STATUS_WORD_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# Where `output-host=` points the output URLs: a host name or address, and a port.
+OUTPUT_HOST_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?")
 
 
 class DirectiveError(ValueError):
@@ -60,6 +64,10 @@ class Directives:
     poll_500_count: int = 0
     poll_429_count: int = 0
     cancel_unavailable: bool = False  # every cancel of it answers 503
+    # The output URL names http://this-host[:port]/ in place of the emulator: an answer naming
+    # a host that is not RunComfy's (a gateway must never fetch it).
+    output_host: str | None = None
+    output_gone: bool = False  # the output URL answers 404 at once (RunComfy deleted it)
 
 
 def parse_directives(prompt: str) -> Directives:
@@ -78,6 +86,10 @@ def parse_directives(prompt: str) -> Directives:
             found[f"poll_{key[-3:]}_count"] = _count(key, value)
         elif key in ("queued-word", "running-word"):
             found[key.replace("-", "_")] = status_word(key, value)
+        elif key == "output-host":
+            if value is None or not OUTPUT_HOST_PATTERN.fullmatch(value):
+                raise DirectiveError("output-host= needs a host, and optionally :port")
+            found["output_host"] = value
         elif key == "error":
             if value not in ERROR_SHAPE_VALUES:
                 raise DirectiveError(f"error= must be one of {', '.join(ERROR_SHAPE_VALUES)}")

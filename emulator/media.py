@@ -20,6 +20,12 @@ def output_image(name: str) -> Response:
     return Response(stored.body, content_type=stored.content_type)
 
 
+@media.get("/outputs/gone/<name>")
+def gone_output_image(name: str) -> Response:
+    """An output named by `[emulator:output-gone]`: deleted before anyone fetched it."""
+    return error_response(404, 404002, "output not found or expired")
+
+
 @media.get("/samples/image.png")
 def sample_image() -> Response:
     """Serve the built-in sample input picture."""

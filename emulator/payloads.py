@@ -59,6 +59,14 @@ def status_body(emulated: EmulatedRequest, now_monotonic: float, base_url: str) 
     return body
 
 
+def output_url_of(emulated: EmulatedRequest, base_url: str) -> str:
+    """The URL /result names for the request's output: the emulator's own, or where its
+    directives point it (another host; a path that is already gone)."""
+    base = f"http://{emulated.plan.output_host}" if emulated.plan.output_host else base_url
+    gone = "gone/" if emulated.plan.output_gone else ""
+    return f"{base}/outputs/{gone}{emulated.output_name}"
+
+
 def result_body(
     emulated: EmulatedRequest, phase: Phase, base_url: str, *, with_cost: bool = False
 ) -> dict[str, Any]:
@@ -79,7 +87,7 @@ def result_body(
     if status == "failed" and emulated.failure is not None:
         body["error"] = emulated.failure.as_error_field()
     if status == "succeeded" and emulated.output_name is not None:
-        output_url = f"{base_url}/outputs/{emulated.output_name}"
+        output_url = output_url_of(emulated, base_url)
         if emulated.plan.output_style == "image":
             body["output"] = {"image": output_url}
         else:

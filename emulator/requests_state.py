@@ -67,6 +67,8 @@ class RequestPlan:
     poll_500_count: int = 0
     poll_429_count: int = 0
     cancel_unavailable: bool = False
+    output_host: str | None = None  # the output URL names this host:port, not the emulator
+    output_gone: bool = False  # the output URL answers 404 (deleted at once)
     price_usd: float = 0.0  # the list price per output image when the request was accepted
     # Per image field, what arrived: the URL, or a data URI's type, size and SHA-256 (no bytes).
     inputs_received: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -55,7 +55,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["inpaint_gateway"] = service_context(settings)
     app.extensions["celery"] = app.extensions["inpaint_gateway"].celery
 
-    from service import docs, health, jobs, uploads, usage
+    from service import docs, health, jobs, media, uploads, usage
 
     api = ProblemApi(
         app,
@@ -65,6 +65,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     api.register_blueprint(jobs.blp)
     api.register_blueprint(usage.blp)
     api.register_blueprint(uploads.blp)
+    api.register_blueprint(media.blp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
     return app
@@ -75,7 +76,12 @@ def service_context(settings: Settings) -> ServiceContext:
     from workers.celery_app import create_celery_app  # the app sends tasks; it never runs them
 
     client = connect_redis(settings.redis_url, socket_timeout_s=5)
-    store = JobStore(client, retention_s=settings.job_retention_s)
+    store = JobStore(
+        client,
+        retention_s=settings.job_retention_s,
+        media_base_url=settings.public_base_url,
+        media_url_ttl_s=settings.media_url_ttl_s,
+    )
     counters = Counters(client)
     celery = create_celery_app(settings)
     # A budget's reservation needs the list price: cached in Redis for every replica; this

@@ -18,6 +18,7 @@ from core.media import MediaStoreError
 from core.store import IdempotencyMismatch
 from service.auth import authenticate, current_client
 from service.context import ctx
+from service.media import answer_media_links
 from service.parsing import StrictBlueprint, StrictJsonParser
 from service.problems import limit_refused, problem, rate_limit_headers
 from service.routes import documenter, refuse_stray_query
@@ -124,7 +125,7 @@ def job_response(job: Job, status: int, headers: dict[str, str] | None = None) -
     would only copy the same dict again on the hottest route (a test holds the two equal).
     """
     return current_app.response_class(
-        current_app.json.dumps(job.to_resource()),
+        current_app.json.dumps(job.to_resource(answer_media_links())),
         status=status,
         headers=headers,
         mimetype="application/json",
@@ -214,8 +215,9 @@ class Jobs(MethodView):
             limit=query["limit"],
             cursor=cursor,
         )
+        links = answer_media_links()
         return {
-            "jobs": [j.to_resource() for j in jobs],
+            "jobs": [j.to_resource(links) for j in jobs],
             "next_cursor": next_cursor,
         }
 

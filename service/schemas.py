@@ -398,8 +398,36 @@ class JobListQuerySchema(StrictSchema):
     )
 
 
+class StoredImageSchema(Schema):
+    """One output image kept in the gateway's media store."""
+
+    id = fields.String(metadata={"description": "The media id: GET /v1/media/{id}."})
+    sha256 = fields.String()
+    content_type = fields.String()
+    bytes = fields.Integer()
+
+
 class OutputSchema(Schema):
-    images = fields.List(fields.String())
+    """A succeeded job's images: kept by the gateway (`stored`) or, if copying them kept
+    failing past OUTPUT_COPY_DEADLINE_S, RunComfy's own."""
+
+    images = fields.List(
+        fields.String(),
+        metadata={
+            "description": "Signed gateway URLs, /v1/media/{id}?exp=…&sig=…, that work without a "
+            "key until exp (signed afresh on every read); RunComfy's URLs when not stored."
+        },
+    )
+    upstream_images = fields.List(
+        fields.String(), metadata={"description": "RunComfy's URLs (deleted after ~7 days)."}
+    )
+    stored = fields.Boolean(
+        metadata={"description": "The images are kept in the gateway's media store."}
+    )
+    media = fields.List(
+        fields.Nested(StoredImageSchema),
+        metadata={"description": "Per image, its stored copy ([] when not stored)."},
+    )
 
 
 class ErrorBodySchema(Schema):

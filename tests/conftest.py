@@ -102,8 +102,13 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
         model_id=settings.runcomfy_model_id,
         timeout_s=5,
     )
-    store = JobStore(redis_client, retention_s=settings.job_retention_s)
-    yield JobPipeline(
+    store = JobStore(
+        redis_client,
+        retention_s=settings.job_retention_s,
+        media_base_url=settings.public_base_url,
+        media_url_ttl_s=settings.media_url_ttl_s,
+    )
+    built = JobPipeline(
         store=store,
         runcomfy=runcomfy,
         settings=settings,
@@ -118,4 +123,7 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
             retention_s=settings.upload_retention_s,
         ),
     )
+    yield built
     runcomfy.close()
+    assert built.outputs is not None  # built by the pipeline itself
+    built.outputs.close()  # its kept-alive connections, not left to the garbage collector

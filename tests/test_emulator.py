@@ -802,6 +802,28 @@ def test_no_output_directive_succeeds_without_output(http: requests.Session, bas
     assert "output" not in result
 
 
+def test_output_host_directive_names_another_host_for_the_output(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"{QUICK}[emulator:output-host=evil.example:8443]")
+    [url] = wait_for_result(http, accepted["result_url"])["output"]["images"]
+    assert url.startswith("http://evil.example:8443/outputs/")
+    own = f"{base_url}/outputs/{url.rsplit('/', 1)[1]}"
+    assert http.get(own).status_code == 200  # rendered all the same: only its URL differs
+    refused = submit(http, base_url, "[emulator:output-host=a/b]")
+    assert refused.status_code == 422 and "output-host" in refused.json()["detail"][0]["msg"]
+
+
+def test_output_gone_directive_names_an_output_that_answers_404(
+    http: requests.Session, base_url: str
+) -> None:
+    accepted = submit_ok(http, base_url, f"{QUICK}[emulator:output-gone]")
+    result = wait_for_result(http, accepted["result_url"])
+    [url] = result["output"]["images"]
+    assert result["status"] == "succeeded" and "/outputs/gone/" in url
+    assert http.get(url).status_code == 404
+
+
 def test_poll_500_directive_fails_the_first_polls(http: requests.Session, base_url: str) -> None:
     accepted = submit_ok(http, base_url, f"{QUICK}[emulator:poll-500=2]")
     assert http.get(accepted["status_url"]).status_code == 500

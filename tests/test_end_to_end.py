@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import redis
-import requests
 from PIL import Image
 
 from cli.stack import EMULATOR_TOKEN, Stack, wait_until
@@ -63,16 +62,26 @@ def test_job_succeeds_and_a_signed_webhook_arrives(
     assert final["status"] == "succeeded", final
     assert final["upstream"]["request_id"] and final["error"] is None
     assert final["metadata"] == {"order": 7}
-    [image_url] = final["output"]["images"]
-    picture = requests.get(image_url, timeout=10)
+    output = final["output"]
+    assert output["stored"] is True and output["upstream_images"][0].startswith(stack.emulator_url)
+    [image_url] = output["images"]  # ours, signed, on the request's root (no PUBLIC_BASE_URL)
+    assert image_url.startswith(f"http://localhost/v1/media/{output['media'][0]['id']}?exp=")
+    picture = api_client.http.get(image_url.removeprefix("http://localhost"))  # no key
     assert picture.status_code == 200
-    with Image.open(io.BytesIO(picture.content)) as img:
+    with Image.open(io.BytesIO(picture.data)) as img:
         assert img.width > 0 and img.height > 0
 
     events = wait_until(receiver.received, what="webhook received")
     assert [e.payload["type"] for e in events] == ["job.succeeded"]
     assert events[0].payload["data"]["id"] == job["id"]
-    assert events[0].payload["data"]["output"] == final["output"]
+    sent = events[0].payload["data"]["output"]
+    # Signed when the event was built, on no base (the worker has no PUBLIC_BASE_URL): paths.
+    assert {k: v for k, v in sent.items() if k != "images"} == {
+        k: v for k, v in output.items() if k != "images"
+    }
+    [sent_url] = sent["images"]
+    assert sent_url.startswith(f"/v1/media/{output['media'][0]['id']}?exp=")
+    assert api_client.http.get(sent_url).data == picture.data
     assert not receiver.rejected
     assert submits_for(stack, prompt) == 1
 

@@ -13,12 +13,15 @@ from core.jobs import (
     Job,
     JobError,
     Status,
+    StoredImage,
     Upstream,
     can_move,
     new_job,
 )
+from core.media_urls import MediaLinks
 from service.schemas import JobSchema
 
+LINKS = MediaLinks(key=b"k" * 32, base="https://gw.example", expires_at=2_000_000_000)
 ORDER = [Status.QUEUED, Status.SUBMITTED, Status.RUNNING]
 
 
@@ -96,18 +99,23 @@ def test_resource_shows_the_contract_and_no_internals() -> None:
         output_images=("https://x/1.png",),
         upstream=Upstream("r", "succeeded"),
     )
-    resource = job.to_resource()
+    resource = job.to_resource(LINKS)
     assert set(resource) == {
         "id", "status", "created_at", "updated_at", "finished_at", "input", "output", "error",
         "upstream", "webhook_url", "webhook_events", "metadata", "cancel_requested", "cost",
     }  # fmt: skip
     assert resource["cost"] is None  # not known until the job ends
-    assert job.with_cost(0.0125, "upstream").to_resource()["cost"] == {
+    assert job.with_cost(0.0125, "upstream").to_resource(LINKS)["cost"] == {
         "usd": 0.0125,
         "source": "upstream",
     }
     assert Job.from_json(job.with_cost(0.0, "list_price").to_json()).cost_usd == 0.0
-    assert resource["output"] == {"images": ["https://x/1.png"]}
+    assert resource["output"] == {  # not stored: RunComfy's URLs
+        "images": ["https://x/1.png"],
+        "upstream_images": ["https://x/1.png"],
+        "stored": False,
+        "media": [],
+    }
     assert resource["upstream"] == {
         "request_id": "r",
         "status": "succeeded",
@@ -116,19 +124,24 @@ def test_resource_shows_the_contract_and_no_internals() -> None:
     assert resource["created_at"].endswith("Z")
 
 
+@pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("status", [Status.QUEUED, Status.SUCCEEDED, Status.FAILED])
-def test_the_documented_schema_is_the_resource(status: Status) -> None:
+def test_the_documented_schema_is_the_resource(status: Status, stored: bool) -> None:
     # Job views answer to_resource() as is; JobSchema (OpenAPI, webhook docs) must say the same.
     job = a_job()
+    succeeded = status is Status.SUCCEEDED
     if status is not Status.QUEUED:
         job = job.moved_to(
             status,
             10.0,
-            output_images=("https://x/1.png",) if status is Status.SUCCEEDED else None,
+            output_images=("https://x/1.png",) if succeeded else None,
+            output_media=(StoredImage("upl_" + "a" * 32, "f" * 64, "image/png", 9),)
+            if succeeded and stored
+            else None,
             error=JobError("upstream_failed", "boom") if status is Status.FAILED else None,
             upstream=Upstream("r", status.value, None),
         )
-    resource = job.to_resource()
+    resource = job.to_resource(LINKS)
     assert JobSchema().dump(resource) == resource
     assert set(JobSchema().fields) == set(resource)
 

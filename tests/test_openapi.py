@@ -83,6 +83,22 @@ def test_every_query_header_and_path_rule_is_in_the_document(doc: dict[str, Any]
     assert job_id["in"] == "path" and job_id["schema"]["pattern"] == "^job_[0-9a-f]{24}$"
 
 
+def test_the_media_route_documents_both_ways_in(doc: dict[str, Any]) -> None:
+    path = doc["paths"]["/v1/media/{media_id}"]
+    [media_id] = path["parameters"]
+    assert media_id["in"] == "path" and media_id["schema"]["pattern"] == "^upl_[0-9a-f]{32}$"
+    get = path["get"]
+    query = {p["name"]: p for p in get["parameters"]}
+    assert set(query) == {"exp", "sig"} and not any(p["required"] for p in query.values())
+    assert query["exp"]["schema"]["pattern"] == "^[0-9]{1,12}$"
+    assert query["sig"]["schema"]["pattern"] == "^[A-Za-z0-9_-]{43}$"
+    assert get["security"] == [{}, {"bearer": []}]  # a signed URL needs no key
+    assert {"200", "401", "403", "404"} <= set(get["responses"])
+    assert set(get["responses"]["200"]["content"]) == {"image/png", "image/jpeg", "image/webp"}
+    output = doc["components"]["schemas"]["Output"]["properties"]
+    assert set(output) == {"images", "upstream_images", "stored", "media"}
+
+
 def test_the_accepted_job_links_to_what_can_be_done_with_it(doc: dict[str, Any]) -> None:
     operations = {
         op["operationId"]

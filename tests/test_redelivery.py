@@ -33,7 +33,8 @@ def final_event(scratch: redis.Redis, **state: Any) -> tuple[WebhookDelivery, We
         metadata=None,
         deadline_s=900,
     ).moved_to(Status.SUCCEEDED, time.time(), output_images=("https://x/1.png",))
-    event = replace(build_event(job, "job.succeeded", time.time()), **state)
+    now = time.time()
+    event = replace(build_event(job, "job.succeeded", now, store.media_links(now)), **state)
     store.outbox.put_event(event, is_new=True)
     delivery = WebhookDelivery(
         store, ClientStore(scratch), Settings(), Counters(scratch), on_place_freed=lambda: None

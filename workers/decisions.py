@@ -13,7 +13,7 @@ import random
 from enum import Enum
 
 from core import account
-from core.jobs import Job, JobError, Status, Upstream
+from core.jobs import Job, JobError, Status, StoredImage, Upstream
 from core.store import Step
 from workers.polling import (
     backoff_s,
@@ -41,6 +41,8 @@ ACCOUNT_TROUBLE = {
     account.OUT_OF_BALANCE: "the RunComfy account is out of balance",
     account.TOKEN_REFUSED: "RunComfy refuses the account's token",
 }
+# Copies of an output that failed are tried again after 1 s, 2 s, 4 s … at most this apart.
+OUTPUT_COPY_BACKOFF_MAX_S = 30.0
 # A job whose submit RunComfy refused for the account comes back after the probe interval
 # (plus up to this), when it may be the one to try again.
 PROBE_JITTER_S = 2.0
@@ -432,19 +434,26 @@ def apply_look(
     expected_run_s: float | None,
     list_price_usd: float | None = None,
     rng: random.Random | None = None,
+    stored_media: tuple[StoredImage, ...] | None = None,
 ) -> Step | None:
     """What one look at the job's request (`state`) changes: an end, queued, running, or a
     status word not known — followed on, never a failure, until a known end or the deadline.
 
     An end costs what RunComfy says it cost; without that, the list price times the images
-    (none for a failed run, which has no output, or a cancelled one: 0)."""
+    (none for a failed run, which has no output, or a cancelled one: 0). A success keeps
+    `stored_media`, the output's copies in the media store (None: not stored)."""
     if not follows(job, request_id):
         return None
     upstream = Upstream(request_id, state.status, state.queue_position)
     polls = job.polls + 1
     if state.images is not None:
         moved = job.moved_to(
-            Status.SUCCEEDED, now, upstream=upstream, output_images=state.images, polls=polls
+            Status.SUCCEEDED,
+            now,
+            upstream=upstream,
+            output_images=state.images,
+            output_media=stored_media,
+            polls=polls,
         )
         images = len(state.images)
     elif state.error is not None:
@@ -461,6 +470,71 @@ def apply_look(
         moved, now, upstream_usd=state.cost_usd, images=images, list_price_usd=list_price_usd
     )
     return Step(ended, None)
+
+
+def output_copy_retry_in_s(failures: int) -> float:
+    """When to try copying the output again after `failures` failed copies in a row."""
+    return min(OUTPUT_COPY_BACKOFF_MAX_S, 2.0 ** (failures - 1))
+
+
+def settle_output_copy_failure(
+    job: Job,
+    *,
+    request_id: str,
+    state: RequestState,
+    now: float,
+    reason: str,
+    will_not_improve: bool,
+    copy_deadline_s: float,
+    expected_run_s: float | None,
+    list_price_usd: float | None = None,
+) -> Step | None:
+    """A look saw the run succeed but its output could not be copied (`reason`): the job stays
+    running and looks again soon, backing off — until OUTPUT_COPY_DEADLINE_S has passed since
+    the first failure, the retry would come at or past the job's deadline (a result must never
+    be lost to `expired`), or the failure cannot improve (a host refused). Then it succeeds all
+    the same, not stored: RunComfy's URLs and a note."""
+    if not follows(job, request_id):
+        return None
+    failures = job.output_copy_failures + 1
+    since = now if job.output_copy_failing_since is None else job.output_copy_failing_since
+    retry_at = now + output_copy_retry_in_s(failures)
+    counted = {"output_copy_failures": failures, "output_copy_failing_since": since}
+    if will_not_improve or now - since >= copy_deadline_s or retry_at >= job.deadline_at:
+        gave_up = job.with_note(
+            now,
+            f"the output was not stored ({reason}); the job shows RunComfy's URLs, which "
+            "RunComfy deletes after about 7 days",
+        ).changed(now, **counted)
+        return apply_look(
+            gave_up,
+            request_id=request_id,
+            state=state,
+            now=now,
+            expected_run_s=expected_run_s,
+            list_price_usd=list_price_usd,
+        )
+    noted = job
+    if job.output_copy_failures == 0:
+        noted = job.with_note(
+            now,
+            f"the run succeeded but copying its output failed ({reason}); trying again until "
+            "OUTPUT_COPY_DEADLINE_S",
+        )
+    seen = {
+        "upstream": Upstream(request_id, state.status, state.queue_position),
+        "polls": job.polls + 1,
+        "transient_errors": 0,
+        "unknown_status_looks": 0,
+        "account_waits": 0,
+        "last_transient_error": reason,
+        **counted,
+    }
+    if job.status is Status.SUBMITTED:
+        held = noted.moved_to(Status.RUNNING, now, running_since=job.running_since or now, **seen)
+    else:
+        held = noted.changed(now, **seen)
+    return Step(held, step_due_at(job, now, retry_at))
 
 
 def _still_going(

@@ -18,7 +18,7 @@ from functools import partial
 
 from core.account import TOKEN_REFUSED, AccountState
 from core.admission import ADMISSION_RECHECK_S
-from core.jobs import Job, JobError, Status
+from core.jobs import Job, JobError, Status, StoredImage
 from core.metrics import Counters
 from core.pricing import ListPrice
 from core.settings import Settings
@@ -32,6 +32,7 @@ from workers.decisions import (
     MAX_UNANSWERED_SUBMITS as MAX_UNANSWERED_SUBMITS,
 )
 from workers.decisions import Move
+from workers.outputs import OutputCopier, OutputCopyFailed
 from workers.run_times import RunTimes
 from workers.runcomfy import (
     QUEUED_STATUSES,
@@ -71,8 +72,15 @@ class JobPipeline:
     list_price: ListPrice | None = None
     # Built on the settings and `uploads` unless given.
     inputs: UpstreamInputs | None = None
+    outputs: OutputCopier | None = None
 
     def __post_init__(self) -> None:
+        if self.outputs is None:
+            self.outputs = OutputCopier(
+                uploads=self.uploads,
+                runcomfy_base_url=self.settings.runcomfy_base_url,
+                keep_s=self.settings.job_retention_s,
+            )
         if self.account is None:
             self.account = AccountState(self.store.redis)
         if self.inputs is None:
@@ -413,26 +421,51 @@ class JobPipeline:
         return state, False
 
     def _apply_state(self, record: Record, request_id: str, state: RequestState) -> None:
-        """Commit what a look saw; teach RunTimes what a finished run took."""
+        """Commit what a look saw — a success only once its output is copied into the media
+        store (or the copy is given up: decisions.settle_output_copy_failure); teach RunTimes
+        what a finished run took."""
         job = record.job
+        stored, failure = self._copy_outputs(job, request_id, state)
         now = self.clock()
         expected_run_s = self.run_times.expected_s(job.input)
         # Only a success RunComfy gave no cost for is charged at the list price.
         needs_price = state.images is not None and state.cost_usd is None
-        applying = partial(
-            decisions.apply_look,
-            request_id=request_id,
-            state=state,
-            now=now,
-            expected_run_s=expected_run_s,
-            list_price_usd=self._list_price() if needs_price else None,
-        )
+        list_price_usd = self._list_price() if needs_price else None
+        applying: Callable[[Job], Step | None]
+        if failure is not None:
+            applying = partial(
+                decisions.settle_output_copy_failure,
+                request_id=request_id,
+                state=state,
+                now=now,
+                reason=str(failure),
+                will_not_improve=failure.will_not_improve,
+                copy_deadline_s=self.settings.output_copy_deadline_s,
+                expected_run_s=expected_run_s,
+                list_price_usd=list_price_usd,
+            )
+        else:
+            applying = partial(
+                decisions.apply_look,
+                request_id=request_id,
+                state=state,
+                now=now,
+                expected_run_s=expected_run_s,
+                list_price_usd=list_price_usd,
+                stored_media=stored,
+            )
         committed = self._commit(job.id, applying, seen=record)
         if committed is None:
             return
         after = committed.job
         if after.status is Status.SUCCEEDED:
-            run_s = decisions.observed_run_s(job, after, state, now)
+            # Held back by failed copies at earlier looks, this look says nothing of when the
+            # run ended (one given up at once, as for a refused host, is as any other success).
+            run_s = (
+                None
+                if job.output_copy_failures
+                else decisions.observed_run_s(job, after, state, now)
+            )
             if run_s is not None:
                 self.run_times.learn(after.input, run_s)
         elif (
@@ -442,6 +475,31 @@ class JobPipeline:
             and after.running_since is not None
         ):  # seen running, nothing learned: the shape's first learned run re-plans it
             self.run_times.wait_for_first(after.input, after.id, after.running_since)
+
+    def _copy_outputs(
+        self, job: Job, request_id: str, state: RequestState
+    ) -> tuple[tuple[StoredImage, ...] | None, OutputCopyFailed | None]:
+        """The output's copies in the media store, or why they could not be made; (None, None)
+        when the look saw no output (or the job no longer follows the request)."""
+        if state.images is None or not decisions.follows(job, request_id):
+            return None, None
+        assert self.outputs is not None
+        try:
+            stored = self.outputs.copy_all(job.client_id, state.images, self.clock())
+        except OutputCopyFailed as exc:
+            self.counters.add("output_copy_failures")
+            log.warning(
+                "copying a finished run's output failed",
+                extra={
+                    "job_id": job.id,
+                    "client_id": job.client_id,
+                    "upstream_request_id": request_id,
+                    "error": str(exc),
+                },
+            )
+            return None, exc
+        self.counters.add("outputs_stored", len(stored))
+        return stored, None
 
     # --- cancel and deadline ----------------------------------------------------------------
 

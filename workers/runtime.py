@@ -49,7 +49,12 @@ def runtime() -> WorkerRuntime:
 def _runtime_for(pid: int) -> WorkerRuntime:
     settings: Settings = current_app.conf.inpaint_settings
     client = connect_redis(settings.redis_url)
-    store = JobStore(client, retention_s=settings.job_retention_s)
+    store = JobStore(
+        client,
+        retention_s=settings.job_retention_s,
+        media_base_url=settings.public_base_url,
+        media_url_ttl_s=settings.media_url_ttl_s,
+    )
     counters = Counters(client, buffered=True)
     wakeups = Wakeups(client, current_app)
     runcomfy = RunComfyClient(
