@@ -33,6 +33,9 @@ DELIVERY_LATENESS_S = 3600
 DEFAULT_MEDIA_STORE_URL = "file:///var/lib/inpaint-gateway/media"
 DEFAULT_UPLOAD_RETENTION_S = 7 * 24 * 3600
 DEFAULT_MEDIA_URL_TTL_S = 7 * 24 * 3600
+# `?wait` requests one API process holds at once, each on a gunicorn thread of its own (the
+# process's threads are API_THREADS more than this: those never wait).
+DEFAULT_API_WAIT_SLOTS = 28
 INPUT_FORWARD_MODES = ("data", "url")
 
 
@@ -73,6 +76,7 @@ class Settings:
     # Outputs: copied into the media store before a job succeeds; signed gateway URLs.
     output_copy_deadline_s: float = 120.0
     media_url_ttl_s: int = DEFAULT_MEDIA_URL_TTL_S
+    api_wait_slots: int = DEFAULT_API_WAIT_SLOTS
     public_base_url: str = ""  # the gateway's own address, for URLs in webhooks ("": paths)
 
     @property
@@ -195,6 +199,9 @@ def _read(env: environs.Env) -> Settings:
         ),
         media_url_ttl_s=env.int(
             "MEDIA_URL_TTL_S", DEFAULT_MEDIA_URL_TTL_S, validate=mv.Range(min=60, max=366 * 86400)
+        ),
+        api_wait_slots=env.int(
+            "API_WAIT_SLOTS", DEFAULT_API_WAIT_SLOTS, validate=mv.Range(min=1, max=10000)
         ),
         public_base_url=_optional_url(
             "PUBLIC_BASE_URL", env.str("PUBLIC_BASE_URL", ""), "http", "https"

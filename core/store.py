@@ -110,6 +110,11 @@ return {woke, remaining, reset_ms}
 )
 
 
+# Every job id that turns final, published as it does: API processes holding `?wait` requests
+# listen (service/waiting.py). A message no one hears costs nothing.
+JOB_FINAL_CHANNEL = PREFIX + "job-final"
+
+
 # Commit one job change if the record is still the one it was computed from.
 # KEYS: job, job schedule, in-flight slots, webhook schedule, then — used once the job is final,
 #       "" before — its usage keys (usage.final_keys: KEYS[5..9]) and its client's in-flight
@@ -127,6 +132,9 @@ if ARGV[3] == '' then
 """
     + RELEASE_SLOT_LUA
     + RECORD_FINAL_LUA
+    + f"""
+redis.call('PUBLISH', '{JOB_FINAL_CHANNEL}', ARGV[5])
+"""
     + """
 else
   redis.call('SET', KEYS[1], ARGV[2])

@@ -23,6 +23,7 @@ from service.auth import RecentKeys
 from service.context import ServiceContext
 from service.docs import SWAGGER_UI_ASSETS_PATH
 from service.problems import ProblemApi
+from service.waiting import JobEndWaits
 from workers.runcomfy import RunComfyClient
 
 MAX_BODY_BYTES = 64 * 1024
@@ -122,6 +123,7 @@ def service_context(settings: Settings) -> ServiceContext:
         metrics_registry=registry,
         recent_keys=RecentKeys(),
         uploads=uploads,
+        waits=JobEndWaits(client, slots=settings.api_wait_slots),
     )
 
 

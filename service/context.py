@@ -18,6 +18,7 @@ from core.uploads import UploadStore
 
 if TYPE_CHECKING:
     from service.auth import RecentKeys
+    from service.waiting import JobEndWaits
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ServiceContext:
     metrics_registry: CollectorRegistry
     recent_keys: RecentKeys
     uploads: UploadStore
+    waits: JobEndWaits  # GET /v1/jobs/{id}?wait=N
 
 
 def ctx() -> ServiceContext:

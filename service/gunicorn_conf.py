@@ -7,12 +7,18 @@ import multiprocessing
 import os
 from typing import Any
 
+from core.settings import DEFAULT_API_WAIT_SLOTS
+
 bind = os.environ.get("API_BIND", "0.0.0.0:8000")
 # Requests are short and mostly wait on Redis: a few threads per process, two processes per core
 # (measured: one per core left ~40% of the CPU idle at full load, the threads waiting on Redis).
 worker_class = "gthread"
 workers = int(os.environ.get("WEB_CONCURRENCY", 2 * multiprocessing.cpu_count()))
-threads = int(os.environ.get("API_THREADS", 4))
+# Threads for ordinary requests, plus one for each `?wait` the process may hold at once (those
+# wait on an event, not the CPU; beyond API_WAIT_SLOTS a wait is answered at once).
+threads = int(os.environ.get("API_THREADS", 4)) + int(
+    os.environ.get("API_WAIT_SLOTS", DEFAULT_API_WAIT_SLOTS)
+)
 timeout = 30
 graceful_timeout = 20
 keepalive = 5

@@ -26,12 +26,15 @@ from service.schemas import (
     INPUT_FIELDS,
     DeliveriesSchema,
     JobCreateSchema,
+    JobGetQuerySchema,
     JobListQuerySchema,
     JobPageSchema,
     JobSchema,
 )
 from service.uploads import media_unavailable
 
+# A wait the process had no slot for is answered at once: the caller asks again after this.
+NO_WAIT_SLOT_RETRY_AFTER_S = 1
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 # A job's body may carry its pictures as data URIs (6 MiB each, 8 MiB as base64): room for two.
 MAX_JOB_BODY_BYTES = 16 * 1024 * 1024
@@ -68,7 +71,7 @@ def _admit_request() -> None:
     takes none. A new job's body may be 16 MiB; the parser holds one without a data URI to
     64 KiB once it is read (only the parsed body tells)."""
     authenticate()
-    if not (request.method == "GET" and request.endpoint == "jobs.Jobs"):
+    if not (request.method == "GET" and request.endpoint in ("jobs.Jobs", "jobs.Job")):
         refuse_stray_query()
     if request.method == "POST" and request.endpoint == "jobs.Jobs":
         request.max_content_length = MAX_JOB_BODY_BYTES
@@ -225,10 +228,23 @@ class Jobs(MethodView):
 @blp.route("/jobs/<job_id>", endpoint="Job", parameters=[JOB_ID_PARAMETER])
 class JobView(MethodView):
     @documented("getJob", HTTPStatus.NOT_FOUND)
+    @blp.arguments(JobGetQuerySchema(), location="query")
     @blp.response(200, JobSchema)
-    def get(self, job_id: str) -> Response:
-        """One job."""
-        return job_response(_own_job(job_id), 200)
+    def get(self, query: dict[str, Any], job_id: str) -> Response:
+        """One job; with `wait`, once it is final (or after `wait` seconds as it stands)."""
+        job = _own_job(job_id)
+        wait_s = query.get("wait")
+        if wait_s is None or job.status.is_final:
+            return job_response(job, 200)
+        client_id = current_client().id
+        waited, held = ctx().waits.wait_for_end(
+            job.id, lambda: ctx().store.get_for_client(client_id, job_id), wait_s
+        )
+        if waited is None:  # removed meanwhile (retention)
+            abort(404, message=f"No job {job_id!r} for this client.")
+        assert waited is not None  # abort raised
+        headers = None if held else {"Retry-After": str(NO_WAIT_SLOT_RETRY_AFTER_S)}
+        return job_response(waited, 200, headers)
 
 
 @blp.route("/jobs/<job_id>/cancel", parameters=[JOB_ID_PARAMETER])

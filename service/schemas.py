@@ -407,6 +407,23 @@ class StoredImageSchema(Schema):
     bytes = fields.Integer()
 
 
+MAX_WAIT_S = 60
+
+
+class JobGetQuerySchema(StrictSchema):
+    """GET /v1/jobs/{id} query."""
+
+    wait = QueryInteger(
+        validate=v.Range(1, MAX_WAIT_S),
+        metadata={
+            "description": f"Seconds, 1-{MAX_WAIT_S}: answer as soon as the job is final, or "
+            "after this long with the job as it stands (200 either way). An answer before "
+            "then with the job not final and `Retry-After` set: the API had no free wait slot; "
+            "ask again after it."
+        },
+    )
+
+
 class OutputSchema(Schema):
     """A succeeded job's images: kept by the gateway (`stored`) or, if copying them kept
     failing past OUTPUT_COPY_DEADLINE_S, RunComfy's own."""

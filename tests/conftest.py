@@ -70,6 +70,7 @@ def make_app(stack: Stack) -> Iterator[Callable[..., Any]]:
 
     yield build
     for each in built:
+        each.extensions["inpaint_gateway"].waits.close()
         each.extensions["inpaint_gateway"].redis.close()
 
 

@@ -1,6 +1,6 @@
 """schemathesis hooks (SCHEMATHESIS_HOOKS=tests.fuzz_hooks): the rules JSON Schema cannot state,
 met by generated cases — a body's control_start <= control_end (given or its default), a
-usage query's days in order and at most MAX_USAGE_DAYS apart, an upload's bytes an image
+usage query's days in order and at most MAX_USAGE_DAYS apart, a job read's wait short, an upload's bytes an image
 of the type it declares, and a job's data URI or upload ref a picture the client has.
 
 A job's picture as a data URI or an upload ref is only known good by decoding it, and the pair
@@ -115,6 +115,21 @@ def with_real_pictures(body: Any) -> Any:
     return {**body, **real} if real else body
 
 
+def with_short_wait(query: Any) -> Any:
+    """A job read's valid `wait` (1-60 s) made 1 s: a generated wait of up to a minute per
+    request would spend the run's time limit waiting. Invalid ones stay, to be refused."""
+    if not isinstance(query, dict) or "wait" not in query:
+        return query
+    wait = query["wait"]
+    if (
+        isinstance(wait, int | str)
+        and re.fullmatch("[0-9]{1,2}", str(wait))
+        and 1 <= int(wait) <= 60
+    ):
+        return {**query, "wait": 1}
+    return query
+
+
 def is_upload(case: Any) -> bool:
     return bool(case.path == UPLOADS_PATH and case.method.upper() == "POST")
 
@@ -130,6 +145,8 @@ def map_case(context: Any, case: Any) -> Any:
     case.body = with_control_window(case.body)
     if case.path == "/v1/jobs" and case.method.upper() == "POST":
         case.body = with_real_pictures(case.body)
+    if case.path == "/v1/jobs/{job_id}" and case.method.upper() == "GET":
+        case.query = with_short_wait(case.query)
     if case.path == "/v1/usage":
         case.query = with_usage_span(case.query, datetime.now(UTC).date())
     return case
