@@ -362,6 +362,8 @@ class Sizes:
     preflight_jobs: int  # each round: preflight off, then on
     preflight_post_s: float  # POSTed evenly over this long
     preflight_run_s: float  # the emulator's run of each job
+    waiters_run_s: float  # long enough for every waiter to be in place before the end
+    waiters_rounds: tuple[tuple[int, int], ...]  # (API_WAIT_SLOTS, waiters) each
 
 
 FULL = Sizes(
@@ -389,6 +391,8 @@ FULL = Sizes(
     preflight_jobs=200,
     preflight_post_s=10,
     preflight_run_s=2,
+    waiters_run_s=20,
+    waiters_rounds=((28, 150), (250, 1000)),
 )
 SMOKE = Sizes(
     smoke=True,
@@ -415,6 +419,8 @@ SMOKE = Sizes(
     preflight_jobs=6,
     preflight_post_s=0.5,
     preflight_run_s=0.5,
+    waiters_run_s=3,
+    waiters_rounds=((1, 6),),
 )
 
 

@@ -19,12 +19,12 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from bench import baseline, delivery, ingest, pipeline, preflight, scale, uploads
+from bench import baseline, delivery, ingest, pipeline, preflight, scale, uploads, waiters
 from bench.common import FULL, SMOKE, Row, machine_line, say
 from bench.loadgen import WRK_INSTALL_HINT, wrk_available
 from cli.stack import REPO_ROOT
 
-PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery", "uploads", "preflight")
+PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery", "uploads", "preflight", "waiters")
 RESULTS = REPO_ROOT / "bench" / "results"
 
 
@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows += delivery.run(sizes, work / phase)
                 elif phase == "uploads":
                     rows += uploads.run(sizes, work / phase)
-                else:
+                elif phase == "preflight":
                     rows += preflight.run(sizes, work / phase)
+                else:
+                    rows += waiters.run(sizes, work / phase)
             except Exception as exc:
                 traceback.print_exc()
                 failed.append(phase)
