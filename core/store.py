@@ -191,6 +191,13 @@ class Committed:
     record: Record  # the job as now stored: `seen` for the caller's next change
 
 
+# Connections a process may hold at once. redis-py 8's pool refuses a 101st connection
+# (MaxConnectionsError); an API process runs one request per thread (API_THREADS +
+# API_WAIT_SLOTS of them, each woken wait reading its job) and a worker process its step and
+# delivery threads, so each may need more. The pool opens connections only as they are needed.
+MAX_REDIS_CONNECTIONS = 1024
+
+
 def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
     """A Redis client as every process uses it: text responses, bounded waits, health checks."""
     return redis.Redis.from_url(
@@ -199,6 +206,7 @@ def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=min(5.0, socket_timeout_s),
         health_check_interval=15,
+        max_connections=MAX_REDIS_CONNECTIONS,
     )
 
 
