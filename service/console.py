@@ -210,6 +210,7 @@ def _admit_request() -> BaseResponse | None:
     if client is None:
         had_session = bool(session.get("key_hash"))
         session.clear()
+        session.renew_id = True  # type: ignore[attr-defined]  # a ConsoleSession
         if had_session:
             flash("You were signed out: the API key no longer works.")
         return redirect(url_for("console.sign_in"))

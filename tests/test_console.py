@@ -19,6 +19,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from cli.listener import WebhookReceiver
 from cli.stack import Stack, wait_until
 from core.clients import ClientStore, NewClientCredentials
+from service import create_app
 from service.console import (
     CONTENT_SECURITY_POLICY,
     Bar,
@@ -375,6 +376,23 @@ def test_the_usage_page_charts_spend_per_day_with_totals_and_limits(
     assert re.search(r"succeeded\s+[3-9]", totals), totals
     assert "No budget set" in page.content()
     page.screenshot(path=str(SCREENSHOTS / "console-usage.png"))
+
+
+def test_the_cookie_is_secure_over_https_and_the_api_gets_no_session(own_stack: Stack) -> None:
+    app = create_app({"TESTING": True, "SETTINGS": own_stack.settings()})
+    try:
+        browser_like = app.test_client()
+        over_https = browser_like.get("/console/sign-in", base_url="https://gw.example")
+        over_http = browser_like.get("/console/sign-in", base_url="http://gw.example")
+        api = browser_like.get("/v1/usage", base_url="https://gw.example")
+    finally:
+        app.extensions["inpaint_gateway"].redis.close()
+    [secure] = over_https.headers.getlist("Set-Cookie")
+    assert secure.startswith(SESSION_COOKIE + "=") and "; Secure" in secure
+    assert "; HttpOnly" in secure and "; SameSite=Lax" in secure and "; Path=/console" in secure
+    [plain] = over_http.headers.getlist("Set-Cookie")
+    assert "Secure" not in plain
+    assert api.status_code == 401 and "Set-Cookie" not in api.headers
 
 
 def test_sign_out_ends_the_session_and_a_revoked_key_signs_the_browser_out(
