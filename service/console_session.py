@@ -25,6 +25,7 @@ CONSOLE_PATH = "/console"
 SESSION_COOKIE = "igw_console"
 SESSION_TTL_S = 8 * 3600  # a working day; every request renews it
 SESSION_KEY_PREFIX = PREFIX + "console:session:"
+MAX_SESSION_ID_CHARS = 64  # ours are 43; a longer cookie is no session of ours
 
 
 def session_key(session_id: str) -> str:
@@ -51,10 +52,10 @@ class ConsoleSessionInterface(SessionInterface):
         self.redis = client
 
     def open_session(self, app: Flask, request: Request) -> ConsoleSession | None:
-        if not request.path.startswith(CONSOLE_PATH):
+        if request.path != CONSOLE_PATH and not request.path.startswith(CONSOLE_PATH + "/"):
             return None
         session_id = request.cookies.get(SESSION_COOKIE)
-        if session_id:
+        if session_id and len(session_id) <= MAX_SESSION_ID_CHARS:
             raw = self.redis.get(session_key(session_id))
             if raw is not None:
                 return ConsoleSession(json.loads(raw), session_id)
@@ -67,7 +68,7 @@ class ConsoleSessionInterface(SessionInterface):
             session.session_id = None
         if not session:
             if SESSION_COOKIE in flask.request.cookies:
-                response.delete_cookie(SESSION_COOKIE, path=CONSOLE_PATH, httponly=True)
+                response.delete_cookie(SESSION_COOKIE, path=cookie_path(), httponly=True)
             return
         if session.session_id is None:
             session.session_id = secrets.token_urlsafe(32)
@@ -77,8 +78,13 @@ class ConsoleSessionInterface(SessionInterface):
             SESSION_COOKIE,
             session.session_id,
             max_age=SESSION_TTL_S,
-            path=CONSOLE_PATH,
+            path=cookie_path(),
             secure=flask.request.is_secure,
             httponly=True,
             samesite="Lax",
         )
+
+
+def cookie_path() -> str:
+    """/console under the app's root (a SCRIPT_NAME when mounted below one)."""
+    return flask.request.script_root + CONSOLE_PATH
