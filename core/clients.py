@@ -184,7 +184,12 @@ class ClientStore:
 
     def authenticate(self, api_key: str) -> Client | None:
         """The live client holding this key, or None."""
-        client_id = self.redis.get(self._api_key_index(hash_api_key(api_key)))
+        return self.authenticate_hash(hash_api_key(api_key))
+
+    def authenticate_hash(self, api_key_hash: str) -> Client | None:
+        """The live client whose key hashes so, or None: what holds a key without keeping it
+        (a console session) checks it still works (not revoked, not rotated out)."""
+        client_id = self.redis.get(self._api_key_index(api_key_hash))
         if client_id is None:
             return None
         client = self.get(str(client_id))

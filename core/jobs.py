@@ -118,6 +118,7 @@ class Job:
     cancel_requested: bool = False
     # Internal bookkeeping, never shown to clients.
     submit_started_at: float | None = None
+    submitted_at: float | None = None  # when RunComfy accepted the submit (the timeline's step)
     submit_attempts: int = 0
     submit_unknown_outcomes: int = 0
     submits_unanswered: int = 0  # of those: no answer at all (timed out, cut off, worker died)
@@ -265,6 +266,7 @@ _LEFT_OUT_WHILE_ZERO = (
     "output_copy_failures",
 )
 _LEFT_OUT_WHILE_NONE = (
+    "submitted_at",
     "cost_usd",
     "cost_source",
     "reserved_in",

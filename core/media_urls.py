@@ -1,9 +1,8 @@
 """Signed media URLs (PRODUCT §10): `/v1/media/{id}?exp=<epoch s>&sig=<HMAC-SHA256, base64url>`.
 
 A signed URL opens one stored output without a key (a browser, another service) until `exp`.
-The HMAC key is 32 random bytes kept in Redis (as hex), set once by whichever process needs it first
-(SET NX), so every replica signs and checks alike with nothing to configure; each process keeps
-it after the first read. The signing and checking themselves are plain functions.
+The HMAC key is 32 random bytes shared by every replica through Redis (core/shared_secrets.py),
+so every replica signs and checks alike with nothing to configure. The signing and checking themselves are plain functions.
 """
 
 from __future__ import annotations
@@ -11,13 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import secrets
-import threading
 from dataclasses import dataclass
 
 import redis
 
 from core.keys import PREFIX
+from core.shared_secrets import shared_secret
 
 MEDIA_PATH_PREFIX = "/v1/media/"
 SIGNING_KEY = PREFIX + "media:signing-key"
@@ -63,26 +61,9 @@ def media_links(key: bytes, base: str, now: float, ttl_s: int) -> MediaLinks:
     return MediaLinks(key=key, base=base.rstrip("/"), expires_at=int(now) + ttl_s)
 
 
-_keys_by_redis: dict[tuple[object, ...], bytes] = {}
-_keys_lock = threading.Lock()
-
-
 def signing_key(client: redis.Redis) -> bytes:
-    """The HMAC key every replica shares: created in Redis by the first to ask, then cached."""
-    kwargs = client.connection_pool.connection_kwargs
-    where = (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db"))
-    with _keys_lock:
-        cached = _keys_by_redis.get(where)
-    if cached is not None:
-        return cached
-    # Hex: the gateway's Redis clients answer text, and random bytes are seldom valid UTF-8.
-    client.set(SIGNING_KEY, secrets.token_hex(SIGNING_KEY_BYTES), nx=True)
-    stored = client.get(SIGNING_KEY)
-    assert stored is not None, "the signing key was set just above"
-    key = bytes.fromhex(stored.decode() if isinstance(stored, bytes) else str(stored))
-    with _keys_lock:
-        _keys_by_redis[where] = key
-    return key
+    """The HMAC key every replica shares (core/shared_secrets.py)."""
+    return shared_secret(client, SIGNING_KEY, SIGNING_KEY_BYTES)
 
 
 def record_owner(client: redis.Redis, media_id: str, client_id: str, ttl_s: int) -> None:

@@ -20,6 +20,7 @@ from core.store import JobStore, connect_redis
 from core.uploads import UploadStore
 from core.wakeups import DISPATCH_JOBS_TASK, Wakeups
 from service.auth import RecentKeys
+from service.console import init_console
 from service.context import ServiceContext
 from service.docs import SWAGGER_UI_ASSETS_PATH
 from service.problems import ProblemApi
@@ -69,6 +70,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     api.register_blueprint(media.blp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
+    init_console(app)
     return app
 
 

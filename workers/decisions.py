@@ -254,6 +254,7 @@ def record_request(
         accepted_at,
         upstream=Upstream(request_id=request_id, status="in_queue"),
         submit_started_at=None,
+        submitted_at=accepted_at,
         polls=0,
         transient_errors=0,
         account_waits=0,
