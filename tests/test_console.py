@@ -1,7 +1,8 @@
 """/console in a real browser (Debian's chromium, driven by Playwright) against a private stack:
 gunicorn over real HTTP, a Celery worker and the emulator, so the jobs shown really ran.
 
-The screenshots in docs/img/ are made here, so docs/console.md shows the console as it is."""
+The screenshots in docs/img/ are made here (`make screenshots`), so docs/console.md shows the
+console as it is."""
 
 from __future__ import annotations
 
@@ -35,8 +36,20 @@ pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 VIEWPORT = {"width": 1200, "height": 800}
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+# `make screenshots` sets this to docs/img; otherwise they go to a temporary folder, so that a
+# test run leaves the checkout as it found it.
+SCREENSHOTS_DIR_SETTING = "CONSOLE_SCREENSHOTS_DIR"
 FINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the pages' screenshots go: docs/img under `make screenshots`, else a temporary
+    folder (they are taken either way: a page that cannot render fails here)."""
+    chosen = os.environ.get(SCREENSHOTS_DIR_SETTING)
+    folder = Path(chosen).resolve() if chosen else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 # --- what the pages show, as plain functions ----------------------------------------------------
@@ -239,7 +252,7 @@ def test_a_wrong_key_is_refused_and_the_right_one_signs_in_with_a_guarded_cookie
 
 
 def test_the_jobs_list_is_newest_first_filters_by_status_and_pages(
-    page: Page, own_stack: Stack, finished_jobs: list[str]
+    page: Page, own_stack: Stack, finished_jobs: list[str], screenshots: Path
 ) -> None:
     *succeeded, failed = finished_jobs
     rows = page.locator("table.jobs tbody tr")
@@ -250,7 +263,7 @@ def test_the_jobs_list_is_newest_first_filters_by_status_and_pages(
     assert failed_row.locator(".badge").inner_text() == "failed"
     succeeded_row = rows.nth(listed.index(succeeded[0]))
     assert "$" in succeeded_row.locator("td").nth(4).inner_text()  # a success has its cost
-    page.screenshot(path=str(SCREENSHOTS / "console-jobs.png"))
+    page.screenshot(path=str(screenshots / "console-jobs.png"))
 
     page.select_option("#status", "succeeded")
     page.click("form.filter button[type=submit]")
@@ -288,7 +301,12 @@ def natural_widths(page: Page) -> dict[str, int]:
 
 
 def test_a_job_page_shows_its_three_pictures_its_timeline_and_redelivers(
-    page: Page, own_stack: Stack, team: Team, finished_jobs: list[str], webhooks: WebhookReceiver
+    page: Page,
+    own_stack: Stack,
+    team: Team,
+    finished_jobs: list[str],
+    webhooks: WebhookReceiver,
+    screenshots: Path,
 ) -> None:
     job_id = finished_jobs[2]
     page.goto(f"{own_stack.api_url}/console/jobs/{job_id}")
@@ -301,7 +319,7 @@ def test_a_job_page_shows_its_three_pictures_its_timeline_and_redelivers(
     assert "a red sky at dusk, take 2" in params and "image_url" not in params
     steps = page.locator(".timeline .step").all_inner_texts()
     assert steps[:2] == ["created", "submitted"] and steps[-1] == "succeeded", steps
-    page.screenshot(path=str(SCREENSHOTS / "console-job.png"), full_page=False)
+    page.screenshot(path=str(screenshots / "console-job.png"), full_page=False)
 
     attempts_before = page.locator("table.deliveries tbody tr").count()
     assert attempts_before >= 1
@@ -381,7 +399,7 @@ def test_another_clients_job_and_pictures_are_a_404(
 
 
 def test_the_usage_page_charts_spend_per_day_with_totals_and_limits(
-    page: Page, own_stack: Stack, finished_jobs: list[str]
+    page: Page, own_stack: Stack, finished_jobs: list[str], screenshots: Path
 ) -> None:
     page.click("header nav >> text=Usage")
     assert page.url.endswith("/console/usage")
@@ -393,7 +411,7 @@ def test_the_usage_page_charts_spend_per_day_with_totals_and_limits(
     totals = page.locator("table.totals").inner_text()
     assert re.search(r"succeeded\s+[3-9]", totals), totals
     assert "No budget set" in page.content()
-    page.screenshot(path=str(SCREENSHOTS / "console-usage.png"))
+    page.screenshot(path=str(screenshots / "console-usage.png"))
 
 
 def test_the_cookie_is_secure_over_https_and_the_api_gets_no_session(own_stack: Stack) -> None:
