@@ -54,9 +54,9 @@ def gateway_options(command: F) -> F:
 def gateway_client(url: str | None, api_key: str | None) -> Client:
     """The SDK client for the options given, or a usage error naming what is missing."""
     if not url:
-        raise click.UsageError("give the gateway's URL with --url or INPAINT_GATEWAY_URL")
+        raise click.ClickException("give the gateway's URL with --url or INPAINT_GATEWAY_URL")
     if not api_key:
-        raise click.UsageError("give the API key with --api-key or INPAINT_GATEWAY_API_KEY")
+        raise click.ClickException("give the API key with --api-key or INPAINT_GATEWAY_API_KEY")
     return Client(url, api_key)
 
 
@@ -91,7 +91,7 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep or not name.strip():
-            raise click.BadParameter(f"{pair!r} is not FIELD=VALUE", param_hint="--set")
+            raise click.ClickException(f"--set {pair!r} is not FIELD=VALUE")
         try:
             fields[name.strip()] = json.loads(text)
         except ValueError:
@@ -105,7 +105,7 @@ def image_source(value: str) -> str | Path:
         return value
     path = Path(value)
     if not path.is_file():
-        raise click.BadParameter(f"no such file: {value}")
+        raise click.ClickException(f"no such file: {value}")
     return path
 
 
@@ -166,9 +166,14 @@ class WaitProgress:
             self.job = None
 
 
-def wait_with_progress(client: Client, job_id: str, timeout: float | None) -> Job:
-    """The final job, its progress on stderr; Ctrl-C stops waiting, not the job."""
+def wait_with_progress(
+    client: Client, job_id: str, timeout: float | None, submitted: Job | None = None
+) -> Job:
+    """The final job, its progress on stderr (from `submitted`, when just submitted); Ctrl-C
+    stops waiting, not the job."""
     progress = WaitProgress(sys.stderr)
+    if submitted is not None:
+        progress(submitted)
     try:
         return client.wait(job_id, timeout=timeout, on_progress=progress)
     except KeyboardInterrupt:
@@ -283,7 +288,7 @@ def submit(
             return
         if not as_json:
             click.echo(f"submitted {job.id}", err=True)
-        finish(client, wait_with_progress(client, job.id, timeout), out, as_json)
+        finish(client, wait_with_progress(client, job.id, timeout, job), out, as_json)
 
 
 @jobs.command()

@@ -28,6 +28,9 @@ DEFAULT_TIMEOUT_S = 30.0
 MAX_WAIT_PER_CALL_S = 60
 # When a wait answers early with no Retry-After (no wait slot free), ask again after this.
 WAIT_RETRY_S = 1.0
+# `?wait` answers early only when the job is final; someone watching progress wants to see
+# queued → submitted → running (and the queue position) too, so then each call is this short.
+PROGRESS_WAIT_PER_CALL_S = 2
 PAGE_SIZE = 100
 DOWNLOAD_CHUNK_BYTES = 64 * 1024
 # Strings sent as they are; anything else given as a str is a local file's path.
@@ -107,12 +110,15 @@ class Client:
     ) -> Job:
         """The job once final (long-polling `?wait`); WaitTimeout after `timeout` s if given.
 
-        `on_progress` is called with each answer whose status or queue position changed."""
+        `on_progress` is called with each answer whose status or queue position changed (the
+        gateway is then asked every couple of seconds, so that it sees those changes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[str, int | None] | None = None
+        longest_s = MAX_WAIT_PER_CALL_S if on_progress is None else PROGRESS_WAIT_PER_CALL_S
         while True:
-            remaining = math.inf if deadline is None else deadline - time.monotonic()
-            wait_s = max(1, min(MAX_WAIT_PER_CALL_S, math.ceil(remaining)))
+            wait_s = longest_s
+            if deadline is not None:
+                wait_s = max(1, min(wait_s, math.ceil(deadline - time.monotonic())))
             response = self._request(
                 "GET",
                 _job_path(job_id),
