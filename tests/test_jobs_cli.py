@@ -196,7 +196,9 @@ def test_ctrl_c_while_waiting_says_the_job_goes_on(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2)  # inside a ?wait request by now
+    assert waiting.stderr is not None
+    first = waiting.stderr.readline()  # the first answer came: it is waiting in earnest now
+    assert PROGRESS_LINE.match(first.strip()), first
     waiting.send_signal(signal.SIGINT)
     _, stderr = waiting.communicate(timeout=20)
     assert waiting.returncode == 130
