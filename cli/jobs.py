@@ -84,6 +84,15 @@ def one_line_errors() -> Iterator[None]:
         raise click.ClickException(" ".join(error_line(error).split())) from None
 
 
+# Fields given by options of their own; a --set of one would contradict its option.
+FIELDS_WITH_OPTIONS = {
+    "prompt": "--prompt",
+    "image_url": "--image",
+    "mask_image_url": "--mask",
+    "webhook_url": "--webhook-url",
+}
+
+
 def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
     """--set FIELD=VALUE pairs as input fields: JSON where the value parses (numbers, lists,
     objects, true/false), else the text itself."""
@@ -92,6 +101,10 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
         name, sep, text = pair.partition("=")
         if not sep or not name.strip():
             raise click.ClickException(f"--set {pair!r} is not FIELD=VALUE")
+        if name.strip() in FIELDS_WITH_OPTIONS:
+            raise click.ClickException(
+                f"--set {name.strip()}: give it with {FIELDS_WITH_OPTIONS[name.strip()]}"
+            )
         try:
             fields[name.strip()] = json.loads(text)
         except ValueError:

@@ -265,6 +265,9 @@ def test_every_error_is_one_line_without_a_traceback(
     no_key = {k: v for k, v in team_env.items() if k != "INPAINT_GATEWAY_API_KEY"}
     assert_one_line_error(run(no_key, "jobs", "list"), "INPAINT_GATEWAY_API_KEY")
     assert_one_line_error(run(team_env, *submit_args(*samples, "x"), "--set", "seed"), "seed")
+    assert_one_line_error(
+        run(team_env, *submit_args(*samples, "x"), "--set", "prompt=y"), "--prompt"
+    )
     assert_one_line_error(run(team_env, *submit_args("nope.png", samples[1], "x")), "nope.png")
 
 
@@ -273,14 +276,14 @@ def test_every_error_is_one_line_without_a_traceback(
 
 def test_set_values_parse_as_json_where_they_can() -> None:
     fields = parse_settings(
-        ("seed=7", "strength=0.5", 'loras=[{"path": "a/b"}]', "image_size=square", "prompt=a=b")
+        ("seed=7", "strength=0.5", 'loras=[{"path": "a/b"}]', "image_size=square", "note=a=b")
     )
     assert fields == {
         "seed": 7,
         "strength": 0.5,
         "loras": [{"path": "a/b"}],
         "image_size": "square",
-        "prompt": "a=b",
+        "note": "a=b",
     }
 
 

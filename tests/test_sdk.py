@@ -219,6 +219,8 @@ def test_bad_fields_are_a_validation_error_naming_each(sdk_stack: Stack, gateway
     assert invalid.value.status == 422
     assert {"strength", "image_size"} <= set(invalid.value.errors)
     assert "strength" in str(invalid.value)
+    with pytest.raises(TypeError):  # refused before any request: it would override image=
+        gateway.submit(prompt="x", image=urls["image"], mask=urls["mask"], image_url=urls["mask"])
 
 
 def test_cancelling_a_final_job_is_a_conflict(sdk_stack: Stack, gateway: Client) -> None:

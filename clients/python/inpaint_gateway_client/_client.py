@@ -84,6 +84,8 @@ class Client:
         **inputs: Any,
     ) -> Job:
         """A new job; local files and bytes are uploaded first, URLs and refs sent as they are."""
+        if {"image_url", "mask_image_url"} & inputs.keys():
+            raise TypeError("give the pictures as image= and mask=")
         body: dict[str, Any] = {
             "prompt": prompt,
             "image_url": self._image_reference(image),
