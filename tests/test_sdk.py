@@ -17,6 +17,7 @@ import requests
 from inpaint_gateway_client import (
     AuthError,
     BudgetExceeded,
+    ChecksumMismatch,
     Client,
     Conflict,
     Event,
@@ -285,6 +286,80 @@ def test_an_unreachable_gateway_is_gateway_unavailable_from_its_cause() -> None:
         client.get("job_x")
     assert isinstance(down.value.__cause__, requests.ConnectionError)
     assert "cannot connect" in str(down.value) and key not in str(down.value)
+
+
+# --- the protocol's corners, against a scripted gateway -----------------------------------------
+
+
+class ScriptedGateway:
+    """An HTTP server answering each GET with the next of `answers` (status, headers, body),
+    keeping each request's path, arrival time and Authorization: for what the real stack
+    rarely does."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], bytes]]) -> None:
+        self.requests: list[tuple[str, float, str | None]] = []
+        requests_seen, pending = self.requests, list(answers)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                requests_seen.append((self.path, time.monotonic(), self.headers["Authorization"]))
+                status, headers, body = pending.pop(0)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def job_body(status: str, **extra: Any) -> dict[str, Any]:
+    return {"id": "job_1", "status": status, "created_at": "", "input": {}, **extra}
+
+
+def job_answer(status: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    headers = {"Content-Type": "application/json", **headers}
+    return 200, headers, json.dumps(job_body(status)).encode()
+
+
+def test_wait_pauses_as_retry_after_asks_when_no_wait_slot_was_free() -> None:
+    gateway = ScriptedGateway(
+        [job_answer("queued", **{"Retry-After": "1"}), job_answer("succeeded")]
+    )
+    try:
+        with Client(gateway.url, "igw_k") as client:
+            assert client.wait("job_1", timeout=90).status == "succeeded"
+    finally:
+        gateway.stop()
+    (first, at_first, key), (second, at_second, _) = gateway.requests
+    assert first == second == "/v1/jobs/job_1?wait=60"  # at most 60 s a request
+    assert key == "Bearer igw_k"
+    assert at_second - at_first >= 0.9
+
+
+def test_download_refuses_bytes_whose_sha256_differs_and_keeps_nothing(tmp_path: Path) -> None:
+    gateway = ScriptedGateway([(200, {"Content-Type": "image/png"}, PNG_SIGNATURE + b"tampered")])
+    media = {"id": "upl_1", "sha256": "0" * 64, "content_type": "image/png", "bytes": 16}
+    output = {"images": [f"{gateway.url}/v1/media/upl_1"], "media": [media]}
+    job = Job.from_json(job_body("succeeded", output=output))
+    try:
+        with Client(gateway.url, "igw_k") as client, pytest.raises(ChecksumMismatch):
+            client.download(job, tmp_path)
+    finally:
+        gateway.stop()
+    assert list(tmp_path.iterdir()) == []
+    [(_, _, key)] = gateway.requests
+    assert key is None  # an output URL needs no key, and may be on another host
 
 
 # --- webhooks -----------------------------------------------------------------------------------
