@@ -347,6 +347,17 @@ def test_wait_pauses_as_retry_after_asks_when_no_wait_slot_was_free() -> None:
     assert at_second - at_first >= 0.9
 
 
+def test_wait_rides_out_a_gateway_briefly_unavailable() -> None:
+    unavailable = (503, {"Retry-After": "0.5", "Content-Type": "application/problem+json"}, b"{}")
+    gateway = ScriptedGateway([unavailable, unavailable, job_answer("succeeded")])
+    try:
+        with Client(gateway.url, "igw_k") as client:
+            assert client.wait("job_1", timeout=30).status == "succeeded"
+    finally:
+        gateway.stop()
+    assert len(gateway.requests) == 3
+
+
 def test_download_refuses_bytes_whose_sha256_differs_and_keeps_nothing(tmp_path: Path) -> None:
     gateway = ScriptedGateway([(200, {"Content-Type": "image/png"}, PNG_SIGNATURE + b"tampered")])
     media = {"id": "upl_1", "sha256": "0" * 64, "content_type": "image/png", "bytes": 16}

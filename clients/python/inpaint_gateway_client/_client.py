@@ -18,6 +18,7 @@ import requests
 from inpaint_gateway_client._errors import (
     ChecksumMismatch,
     GatewayUnavailable,
+    ServerError,
     WaitTimeout,
     error_from_response,
 )
@@ -31,6 +32,10 @@ WAIT_RETRY_S = 1.0
 # `?wait` answers early only when the job is final; someone watching progress wants to see
 # queued → submitted → running (and the queue position) too, so then each call is this short.
 PROGRESS_WAIT_PER_CALL_S = 2
+# A wait is a GET, safe to repeat: it rides out a gateway restarting or briefly without its
+# store (503), this many failures in a row, pausing as asked or a little longer each time.
+WAIT_RETRIES = 5
+WAIT_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 8.0)
 PAGE_SIZE = 100
 DOWNLOAD_CHUNK_BYTES = 64 * 1024
 # Strings sent as they are; anything else given as a str is a local file's path.
@@ -117,16 +122,28 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[str, int | None] | None = None
         longest_s = MAX_WAIT_PER_CALL_S if on_progress is None else PROGRESS_WAIT_PER_CALL_S
+        failures = 0
         while True:
             wait_s = longest_s
             if deadline is not None:
                 wait_s = max(1, min(wait_s, math.ceil(deadline - time.monotonic())))
-            response = self._request(
-                "GET",
-                _job_path(job_id),
-                params={"wait": wait_s},
-                timeout=self.timeout + wait_s,
-            )
+            try:
+                response = self._request(
+                    "GET",
+                    _job_path(job_id),
+                    params={"wait": wait_s},
+                    timeout=self.timeout + wait_s,
+                )
+            except (GatewayUnavailable, ServerError) as failed:
+                pause_s = failed.retry_after or WAIT_BACKOFF_S[min(failures, WAIT_RETRIES - 1)]
+                failures += 1
+                if failures > WAIT_RETRIES or (
+                    deadline is not None and time.monotonic() + pause_s > deadline
+                ):
+                    raise
+                time.sleep(pause_s)
+                continue
+            failures = 0
             job = Job.from_json(response.json())
             if on_progress is not None and (job.status, job.queue_position) != seen:
                 seen = (job.status, job.queue_position)
