@@ -16,8 +16,10 @@ WORKDIR /src
 # .dockerignore keeps the context to the sources; pyproject.toml decides which packages install.
 COPY . .
 # Runtime dependencies only (no [dev] extra). The venv moves as a whole to the runtime stage.
+# The SDK (clients/python) first: the jobs CLI depends on it, and no index serves it.
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade pip \
+    && /opt/venv/bin/pip install ./clients/python \
     && /opt/venv/bin/pip install .
 
 FROM ${PYTHON_IMAGE}

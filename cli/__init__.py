@@ -1,4 +1,5 @@
-"""`inpaint-gateway`: client management, a webhook listener, and the local stack."""
+"""`inpaint-gateway`: a team's jobs and usage, client management, a webhook listener, and the
+local stack."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import sys
 import click
 
 from cli.clients import clients
-from cli.usage import usage
+from cli.jobs import jobs, team_usage
+from cli.usage import clients_usage
 
 
 @click.group()
@@ -16,8 +18,11 @@ def main() -> None:
     """inpaint-gateway operations."""
 
 
+# The operator's every-client table sits under `clients`; `usage` is a team's own (PRODUCT §11).
+clients.add_command(clients_usage)
 main.add_command(clients)
-main.add_command(usage)
+main.add_command(jobs)
+main.add_command(team_usage)
 
 
 @main.command()

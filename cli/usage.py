@@ -1,4 +1,4 @@
-"""`inpaint-gateway usage`: every client's jobs and spend over some UTC days, for operators
+"""`inpaint-gateway clients usage`: every client's jobs and spend over some UTC days, for operators
 (read from the store in REDIS_URL)."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from core.clients import ClientStore
 from core.usage import MAX_USAGE_DAYS, UsageBook, usage_span
 
 
-@click.command()
+@click.command(name="usage")
 @click.option("--client", "client_id", help="One client (default: all).")
 @click.option("--from", "first", type=click.DateTime(["%Y-%m-%d"]), help="First UTC day.")
 @click.option("--to", "last", type=click.DateTime(["%Y-%m-%d"]), help="Last UTC day, inclusive.")
 @click.option("--json", "as_json", is_flag=True, help="One usage object per client.")
-def usage(
+def clients_usage(
     client_id: str | None, first: datetime | None, last: datetime | None, as_json: bool
 ) -> None:
     """Jobs by final status and spend per client (default: this month, UTC)."""

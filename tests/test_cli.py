@@ -539,19 +539,23 @@ def test_rotate_key_prints_a_new_key_and_the_old_one_ends_after_its_overlap(
     assert store.authenticate(answer["api_key"]) is not None
 
 
-def test_usage_shows_every_clients_jobs_and_spend(stack: Stack, api_client: ApiClient) -> None:
+def test_clients_usage_shows_every_clients_jobs_and_spend(
+    stack: Stack, api_client: ApiClient
+) -> None:
     job = api_client.post("/v1/jobs", json=job_body(stack)).get_json()
     done = api_client.wait_final(job["id"])
     assert done["cost"] is not None
     client_id = api_client.creds.client_id
-    rows = json.loads(cli(stack, "usage", "--client", client_id, "--json").stdout)
+    rows = json.loads(cli(stack, "clients", "usage", "--client", client_id, "--json").stdout)
     assert [row["client_id"] for row in rows] == [client_id]
     assert rows[0]["total"]["jobs"]["succeeded"] == 1
     assert rows[0]["total"]["cost_usd"] == pytest.approx(done["cost"]["usd"])
     api = api_client.get("/v1/usage").get_json()
     assert api["total"] == rows[0]["total"]  # the operator and the team see the same figures
-    table = cli(stack, "usage").stdout
+    table = cli(stack, "clients", "usage").stdout
     line = next(line for line in table.splitlines() if line.startswith(client_id))
     assert f"{done['cost']['usd']:.4f}" in line
-    assert cli(stack, "usage", "--from", "2026-02-02", "--to", "2026-02-01").returncode != 0
-    assert cli(stack, "usage", "--client", "cli_nope").returncode != 0
+    assert (
+        cli(stack, "clients", "usage", "--from", "2026-02-02", "--to", "2026-02-01").returncode != 0
+    )
+    assert cli(stack, "clients", "usage", "--client", "cli_nope").returncode != 0
