@@ -6,7 +6,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do command 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench fuzz clean
+.PHONY: run test lint format bench fuzz screenshots clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11+ is required (none found on PATH)"; exit 1; }
@@ -36,6 +36,10 @@ bench: $(STAMP)
 
 # schemathesis, every phase, against a live API on a redis-server of its own (tests/fuzzing.py).
 FUZZ_EXAMPLES ?= 200
+# The console's screenshots in docs/img, taken by its browser test (docs/console.md).
+screenshots: $(STAMP)
+	CONSOLE_SCREENSHOTS_DIR=docs/img $(BIN)/pytest -q -p no:randomly tests/test_console.py
+
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzzing --max-examples $(FUZZ_EXAMPLES) $(FUZZ_ARGS)
 
