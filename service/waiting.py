@@ -111,11 +111,13 @@ class JobEndWaits:
                 self._subscribed.clear()
                 self._wake_all()  # each reads its job again: an end may have gone unheard
                 delay_s = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
-                failures += 1
-                log.warning(
+                # Once a spell: a Redis that stays down for minutes fills no log with it.
+                log.log(
+                    logging.WARNING if failures == 0 else logging.DEBUG,
                     "job-end subscription lost; subscribing again",
                     extra={"error": type(exc).__name__, "retry_in_s": delay_s},
                 )
+                failures += 1
                 self._closing.wait(delay_s)
             finally:
                 pubsub.close()
