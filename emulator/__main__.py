@@ -29,6 +29,9 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> EmulatorCon
     parser.add_argument("--queue-s", type=float, help="seconds in_queue (EMULATOR_QUEUE_S)")
     parser.add_argument("--run-s", type=float, help="seconds in_progress (EMULATOR_RUN_S)")
     parser.add_argument(
+        "--run-spread-s", type=float, help="each run lasts --run-s plus a random 0 to this"
+    )
+    parser.add_argument(
         "--output-ttl-s", type=float, help="seconds an output URL answers (default 7 days)"
     )
     parser.add_argument("--public-url", help="base of returned URLs (EMULATOR_PUBLIC_URL)")
@@ -43,6 +46,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> EmulatorCon
             for knob, value in (
                 ("queue_s", args.queue_s),
                 ("run_s", args.run_s),
+                ("run_spread_s", args.run_spread_s),
                 ("output_ttl_s", args.output_ttl_s),
             )
             if value is not None

@@ -290,7 +290,10 @@ def _plan(
     return RequestPlan(
         model_input=model_input,
         queue_s=knobs.queue_s if directives.queue_s is None else directives.queue_s,
-        run_s=knobs.run_s if directives.run_s is None else directives.run_s,
+        run_s=(knobs.run_s if directives.run_s is None else directives.run_s)
+        + state.faults.extra_s(
+            knobs.run_spread_s if directives.run_spread_s is None else directives.run_spread_s
+        ),
         queue_start_position=knobs.queue_start_position,
         output_style=directives.output_style
         or state.registry.next_output_style(knobs.output_style),

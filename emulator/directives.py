@@ -12,6 +12,7 @@ DIRECTIVE_NAMES = (
     "fail",
     "queue",
     "run",
+    "run-spread",
     "image",
     "images",
     "error",
@@ -51,6 +52,7 @@ class Directives:
     fail: bool = False
     queue_s: float | None = None
     run_s: float | None = None
+    run_spread_s: float | None = None  # the run lasts run_s plus a random 0 to this
     output_style: str | None = None
     error_shape: str | None = None
     submit_200_error: bool = False
@@ -82,6 +84,8 @@ def parse_directives(prompt: str) -> Directives:
             )
         if key in ("queue", "run"):
             found[f"{key}_s"] = _seconds(key, value)
+        elif key == "run-spread":
+            found["run_spread_s"] = _seconds(key, value)
         elif key in ("poll-500", "poll-429"):
             found[f"poll_{key[-3:]}_count"] = _count(key, value)
         elif key in ("queued-word", "running-word"):

@@ -35,6 +35,9 @@ class Faults:
 
     queue_s: float = 1.0
     run_s: float = 2.0
+    # Each request's run lasts run_s plus a random extra of 0 to this: real run times vary, and
+    # a poller that only learns one figure must not be judged on runs that never do.
+    run_spread_s: float = 0.0
     queue_start_position: int = 3
     rate_5xx: float = 0.0
     rate_5xx_after_accept: float = 0.0
@@ -148,6 +151,7 @@ def _one_of(choices: Sequence[str]) -> Callable[[str, object], str]:
 _KNOB_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "queue_s": _seconds,
     "run_s": _seconds,
+    "run_spread_s": _seconds,
     "queue_start_position": _positive_int,
     "rate_5xx": _probability,
     "rate_5xx_after_accept": _probability,
@@ -208,6 +212,13 @@ class FaultControl:
             return False
         with self._lock:
             return self._rng.random() < probability
+
+    def extra_s(self, spread_s: float) -> float:
+        """A random extra of 0 to `spread_s` seconds (0 when there is no spread)."""
+        if spread_s <= 0:
+            return 0.0
+        with self._lock:
+            return self._rng.uniform(0.0, spread_s)
 
     def pick(self, choices: Sequence[T]) -> T:
         """Return one of `choices` at random."""

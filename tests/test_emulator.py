@@ -16,6 +16,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from werkzeug.serving import make_server
 
 from cli.stack import free_port
 from emulator import EmulatorConfig, Faults, create_app
+from emulator.directives import DirectiveError, parse_directives
 from emulator.faults import OUTPUT_TTL_S
 from emulator.images import SAMPLE_MASK_BOX, make_sample_image, make_sample_mask
 from emulator.outputs import HeldInputs, InputFetchError
@@ -1003,3 +1005,27 @@ def test_command_line_serves_and_stops_on_sigterm() -> None:
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=5) == 0
+
+
+def test_run_spread_makes_each_run_last_its_own_time(http: requests.Session, base_url: str) -> None:
+    """`[emulator:run-spread=S]`: a run of `run` plus a random 0 to S seconds, each request its
+    own draw — run times that vary, as RunComfy's do."""
+    spread = "[emulator:queue=0][emulator:run=0.1][emulator:run-spread=0.8]"
+    accepted = [submit_ok(http, base_url, f"spread {i} {spread}") for i in range(8)]
+    lasted = []
+    for each in accepted:
+        body = wait_for_result(http, each["result_url"])
+        assert body["status"] == "succeeded", body
+        created = datetime.fromisoformat(body["created_at"].replace("Z", "+00:00"))
+        finished = datetime.fromisoformat(body["finished_at"].replace("Z", "+00:00"))
+        lasted.append((finished - created).total_seconds())
+    assert all(0.1 <= s <= 0.9 + 0.05 for s in lasted), lasted
+    assert max(lasted) - min(lasted) >= 0.2, lasted  # eight draws of 0-0.8 s: not all alike
+
+
+def test_run_spread_needs_seconds() -> None:
+    assert parse_directives("[emulator:run-spread=1.5]").run_spread_s == 1.5
+    with pytest.raises(DirectiveError):
+        parse_directives("[emulator:run-spread=-1]")
+    with pytest.raises(DirectiveError):
+        parse_directives("[emulator:run-spread]")
