@@ -16,6 +16,7 @@ from workers.polling import (
     QUEUED_POLL_S,
     RUNNING_POLL_S,
     UNKNOWN_STATUS_MAX_POLL_S,
+    RunEstimate,
     backoff_s,
     first_poll_at,
 )
@@ -71,14 +72,16 @@ def seeded() -> random.Random:
     return random.Random(7)
 
 
-def apply(job: Job, state: RequestState, now: float, expected_run_s: float | None = None) -> Step:
+def apply(
+    job: Job, state: RequestState, now: float, expected_run: RunEstimate | None = None
+) -> Step:
     return decided(
         decisions.apply_look(
             job,
             request_id=REQUEST,
             state=state,
             now=now,
-            expected_run_s=expected_run_s,
+            expected_run=expected_run,
             rng=seeded(),
         )
     )
@@ -137,16 +140,24 @@ def test_an_accepted_submit_makes_the_job_submitted_with_its_first_look_planned(
     marked = a_job(submit_started_at=T0 + 1, transient_errors=2)
     step = decided(
         decisions.record_request(
-            marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=None
+            marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run=None
         )
     )
     assert step.job.status is Status.SUBMITTED and step.job.request_id == REQUEST
     assert step.job.submit_started_at is None and step.job.transient_errors == 0
     assert step.next_step_at == T0 + 2 + FIRST_POLL_S
     fast = decisions.record_request(
-        marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=0.5
+        marked,
+        mark=T0 + 1,
+        request_id=REQUEST,
+        accepted_at=T0 + 2,
+        expected_run=RunEstimate.exactly(0.5),
     )
-    assert decided(fast).next_step_at == first_poll_at(T0 + 2, 0.5) < T0 + 2 + FIRST_POLL_S
+    assert (
+        decided(fast).next_step_at
+        == first_poll_at(T0 + 2, RunEstimate.exactly(0.5))
+        < T0 + 2 + FIRST_POLL_S
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,7 +171,7 @@ def test_an_accepted_submit_makes_the_job_submitted_with_its_first_look_planned(
 )
 def test_an_answer_to_a_submit_whose_mark_is_gone_changes_nothing(now_the_job: Job) -> None:
     recorded = decisions.record_request(
-        now_the_job, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=None
+        now_the_job, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run=None
     )
     assert recorded is None
     error = JobError("upstream_rejected", "no")
@@ -171,7 +182,7 @@ def test_a_cancel_asked_during_the_submit_makes_the_first_look_due_at_once() -> 
     marked = a_job(submit_started_at=T0 + 1, cancel_requested=True)
     step = decided(
         decisions.record_request(
-            marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run_s=None
+            marked, mark=T0 + 1, request_id=REQUEST, accepted_at=T0 + 2, expected_run=None
         )
     )
     assert step.job.status is Status.SUBMITTED and step.next_step_at == T0 + 2
@@ -286,7 +297,7 @@ def test_a_queued_request_is_looked_at_again_by_its_place_in_the_queue(
 
 def test_the_first_look_that_sees_the_run_makes_the_job_running_from_its_estimated_start() -> None:
     seen_queued = submitted(polls=1, last_seen_queued_at=T0 + 2)
-    step = apply(seen_queued, looked("in_progress"), T0 + 4, expected_run_s=10.0)
+    step = apply(seen_queued, looked("in_progress"), T0 + 4, expected_run=RunEstimate.exactly(10.0))
     assert step.job.status is Status.RUNNING
     assert step.job.running_since == T0 + 3  # midway between queued at +2 and running at +4
     assert step.next_step_at == T0 + 3 + 10.0  # when it should be done
@@ -352,7 +363,7 @@ def test_a_look_at_a_job_ended_meanwhile_or_following_another_request_changes_no
 ) -> None:
     done = looked("succeeded", images=("https://x/1.png",))
     assert (
-        decisions.apply_look(job, request_id=REQUEST, state=done, now=T0 + 5, expected_run_s=None)
+        decisions.apply_look(job, request_id=REQUEST, state=done, now=T0 + 5, expected_run=None)
         is None
     )
 
@@ -512,7 +523,7 @@ def test_a_success_costs_what_runcomfy_says_it_cost() -> None:
     state = looked("succeeded", images=("https://x/1.png",), cost_usd=0.031)
     step = decided(
         decisions.apply_look(
-            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run_s=None,
+            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run=None,
             list_price_usd=PRICE,
         )
     )  # fmt: skip
@@ -523,7 +534,7 @@ def test_a_success_runcomfy_gave_no_cost_for_costs_the_list_price_times_its_imag
     state = looked("succeeded", images=("https://x/1.png", "https://x/2.png"))
     step = decided(
         decisions.apply_look(
-            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run_s=None,
+            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run=None,
             list_price_usd=PRICE,
         )
     )  # fmt: skip
@@ -551,7 +562,7 @@ def test_a_failed_or_cancelled_run_costs_runcomfys_figure_or_nothing(
 ) -> None:
     step = decided(
         decisions.apply_look(
-            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run_s=None,
+            running(), request_id=REQUEST, state=state, now=T0 + 5, expected_run=None,
             list_price_usd=PRICE,
         )
     )  # fmt: skip
@@ -717,7 +728,7 @@ def test_an_accepted_submit_ends_the_jobs_wait_for_the_account() -> None:
     waited = a_job(submit_started_at=T0 + 30, account_waits=2)
     step = decided(
         decisions.record_request(
-            waited, mark=T0 + 30, request_id=REQUEST, accepted_at=T0 + 31, expected_run_s=None
+            waited, mark=T0 + 30, request_id=REQUEST, accepted_at=T0 + 31, expected_run=None
         )
     )
     assert step.job.status is Status.SUBMITTED and step.job.account_waits == 0

@@ -151,7 +151,7 @@ def _settle(job: Job, now: float, *, will_not_improve: bool = False) -> Job:
         reason="HTTP 404",
         will_not_improve=will_not_improve,
         copy_deadline_s=COPY_DEADLINE_S,
-        expected_run_s=None,
+        expected_run=None,
         list_price_usd=0.01,
     )
     assert step is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import time
@@ -26,12 +27,23 @@ from workers.polling import (
     RUNNING_POLL_S,
     TRANSIENT_BACKOFF_BASE_S,
     TRANSIENT_BACKOFF_MAX_S,
+    WINDOW_STEP_S,
+    RunEstimate,
     backoff_s,
     estimated_start,
     first_poll_at,
     next_poll_at,
 )
-from workers.run_times import UNLEARNED_PREFIX, UNLEARNED_TTL_S, RunTimes, shape_of
+from workers.run_times import (
+    MIN_RUNS_FOR_SPREAD,
+    RECENT_PREFIX,
+    RECENT_RUNS,
+    UNLEARNED_PREFIX,
+    UNLEARNED_TTL_S,
+    RunTimes,
+    run_window,
+    shape_of,
+)
 from workers.runcomfy import RequestState, TransientUpstreamError
 from workers.throttle import BUCKET_KEY, PLACES_KEY, UpstreamThrottle
 
@@ -47,7 +59,7 @@ def test_first_poll_comes_soon() -> None:
 def test_first_poll_comes_when_a_short_run_should_be_done(
     expected_run_s: float, delay: float
 ) -> None:
-    assert first_poll_at(100.0, expected_run_s) == pytest.approx(100.0 + delay)
+    assert first_poll_at(100.0, RunEstimate.exactly(expected_run_s)) == pytest.approx(100.0 + delay)
 
 
 def test_queued_requests_are_polled_like_the_official_clients_and_sooner_when_next() -> None:
@@ -61,7 +73,12 @@ def test_without_a_learned_run_time_a_run_is_polled_every_2_s() -> None:
 
 
 def test_with_a_learned_run_time_one_look_when_it_should_be_done() -> None:
-    assert next_poll_at(now=11.0, running=True, running_since=10.0, expected_run_s=20.0) == 30.0
+    assert (
+        next_poll_at(
+            now=11.0, running=True, running_since=10.0, expected_run=RunEstimate.exactly(20.0)
+        )
+        == 30.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -69,7 +86,10 @@ def test_with_a_learned_run_time_one_look_when_it_should_be_done() -> None:
 )
 def test_a_late_run_is_polled_soon_then_backing_off(now: float, delay: float) -> None:
     assert (
-        next_poll_at(now=now, running=True, running_since=10.0, expected_run_s=20.0) == now + delay
+        next_poll_at(
+            now=now, running=True, running_since=10.0, expected_run=RunEstimate.exactly(20.0)
+        )
+        == now + delay
     )
 
 
@@ -85,9 +105,82 @@ def test_a_20_s_run_costs_far_fewer_calls_than_fixed_2_s_polling() -> None:
             last_seen_queued_at=submitted, first_seen_running_at=now
         )
         now = next_poll_at(
-            now=now, running=True, running_since=running_since, expected_run_s=run_s - 0.5
+            now=now,
+            running=True,
+            running_since=running_since,
+            expected_run=RunEstimate.exactly(run_s - 0.5),
         )
     assert calls <= 4
+
+
+def test_runs_that_vary_are_looked_at_across_the_window_they_end_in() -> None:
+    """Runs of 20-22 s: a look when the earliest end, then every WINDOW_STEP_S across the
+    window, then soon after the latest, backing off."""
+    window = RunEstimate(20.0, 22.0)
+
+    def at(now: float) -> float:
+        return next_poll_at(now=now, running=True, running_since=10.0, expected_run=window)
+
+    assert at(11.0) == 30.0
+    assert at(30.0) == 30.5
+    assert at(31.7) == 32.0  # not past the window's end
+    assert at(32.0) == 32.0 + LATE_POLL_MIN_S
+    assert at(40.0) == 40.0 + RUNNING_POLL_S
+
+
+def looks_until_seen(run_s: float, window: RunEstimate) -> tuple[int, float]:
+    """For one run (no queue) of `run_s`: RunComfy calls (submit + looks) until a look sees it
+    done, and how late that look was."""
+    now, calls = first_poll_at(0.0, window), 1
+    while True:
+        calls += 1
+        if now >= run_s:
+            return calls, now - run_s
+        now = next_poll_at(now=now, running=True, running_since=0.0, expected_run=window)
+
+
+def test_runs_that_vary_are_seen_soon_with_fewer_calls_than_2_s_polling() -> None:
+    """PRODUCT §8's runs, half 20 s + 0-2 s and half 5 s + 0-1 s, each shape learned as the
+    window its runs end in: every one seen within WINDOW_STEP_S of its end (a quarter of a
+    second at the median), with fewer calls in all than fixed 2 s polling makes."""
+    calls, fixed_2s_calls, lateness = 0, 0, []
+    for run_s, spread_s in ((20.0, 2.0), (5.0, 1.0)):
+        window = RunEstimate(run_s + 0.05 * spread_s, run_s + 0.95 * spread_s)
+        for each in (run_s + spread_s * i / 100 for i in range(101)):
+            made, late = looks_until_seen(each, window)
+            calls, lateness = calls + made, [*lateness, late]
+            fixed_2s_calls += 1 + math.ceil(each / 2.0)
+    lateness.sort()
+    assert lateness[len(lateness) // 2] <= 0.3 and lateness[-1] <= WINDOW_STEP_S, lateness
+    assert calls < 0.8 * fixed_2s_calls, (calls, fixed_2s_calls)
+    # One look at the typical end, as for runs that never vary, leaves runs a look late.
+    typical = RunEstimate.exactly(21.0)
+    assert max(looks_until_seen(20.0 + i / 50, typical)[1] for i in range(101)) > 0.5
+
+
+def test_the_window_is_the_recent_runs_quantiles_once_there_are_enough() -> None:
+    assert run_window([20.0] * (MIN_RUNS_FOR_SPREAD - 1)) is None
+    runs = [20.0 + i / 10 for i in range(21)]  # 20.0 .. 22.0
+    window = run_window(runs)
+    assert window is not None
+    assert window.earliest_s == pytest.approx(20.1) and window.latest_s == pytest.approx(21.9)
+
+
+def test_run_times_learn_the_window_of_recent_runs(stack: Stack) -> None:
+    client = connect_redis(stack.redis_server.url.rsplit("/", 1)[0] + "/5")  # no worker looks here
+    client.flushdb()
+    times = RunTimes(client, job_schedule_key="igw:test:due")
+    shape = {"num_inference_steps": 12, "image_size": "square_hd"}
+    for run_s in (20.0, 22.0, 21.0):
+        times.learn(shape, run_s)
+    few = RunTimes(client, job_schedule_key="igw:test:due").estimate(shape)
+    assert few == RunEstimate.exactly(21.0)  # too few runs for a spread: the typical one
+    for i in range(RECENT_RUNS + 10):
+        times.learn(shape, 20.0 + (i % 21) / 10)
+    window = RunTimes(client, job_schedule_key="igw:test:due").estimate(shape)
+    assert window is not None and 20.0 <= window.earliest_s < 20.3 < 21.7 < window.latest_s <= 22.0
+    assert client.llen(RECENT_PREFIX + shape_of(shape)) == RECENT_RUNS
+    client.close()
 
 
 def test_estimated_start_is_the_midpoint_or_the_submit() -> None:

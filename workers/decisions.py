@@ -16,6 +16,7 @@ from core import account
 from core.jobs import Job, JobError, Status, StoredImage, Upstream
 from core.store import Step
 from workers.polling import (
+    RunEstimate,
     backoff_s,
     estimated_start,
     first_poll_at,
@@ -244,7 +245,7 @@ def record_request(
     mark: float | None,
     request_id: str,
     accepted_at: float,
-    expected_run_s: float | None,
+    expected_run: RunEstimate | None,
 ) -> Step | None:
     """RunComfy accepted the submit that set `mark`: the job is submitted, first look planned."""
     if not holds_mark(job, mark):
@@ -260,7 +261,7 @@ def record_request(
         account_waits=0,
         last_seen_queued_at=accepted_at,
     )
-    first_look_at = first_poll_at(accepted_at, expected_run_s)
+    first_look_at = first_poll_at(accepted_at, expected_run)
     return Step(moved, step_due_at(job, accepted_at, first_look_at))
 
 
@@ -432,7 +433,7 @@ def apply_look(
     request_id: str,
     state: RequestState,
     now: float,
-    expected_run_s: float | None,
+    expected_run: RunEstimate | None,
     list_price_usd: float | None = None,
     rng: random.Random | None = None,
     stored_media: tuple[StoredImage, ...] | None = None,
@@ -466,7 +467,7 @@ def apply_look(
         moved = job.moved_to(Status.CANCELLED, now, upstream=upstream, error=why, polls=polls)
         images = 0
     else:
-        return _still_going(job, upstream, polls, state, now, expected_run_s, rng)
+        return _still_going(job, upstream, polls, state, now, expected_run, rng)
     ended = costed(
         moved, now, upstream_usd=state.cost_usd, images=images, list_price_usd=list_price_usd
     )
@@ -487,7 +488,7 @@ def settle_output_copy_failure(
     reason: str,
     will_not_improve: bool,
     copy_deadline_s: float,
-    expected_run_s: float | None,
+    expected_run: RunEstimate | None,
     list_price_usd: float | None = None,
 ) -> Step | None:
     """A look saw the run succeed but its output could not be copied (`reason`): the job stays
@@ -512,7 +513,7 @@ def settle_output_copy_failure(
             request_id=request_id,
             state=state,
             now=now,
-            expected_run_s=expected_run_s,
+            expected_run=expected_run,
             list_price_usd=list_price_usd,
         )
     noted = job
@@ -544,7 +545,7 @@ def _still_going(
     polls: int,
     state: RequestState,
     now: float,
-    expected_run_s: float | None,
+    expected_run: RunEstimate | None,
     rng: random.Random | None,
 ) -> Step:
     """A look saw the request queued, running, or in a status word not known."""
@@ -561,12 +562,12 @@ def _still_going(
         )
         return Step(changed, step_due_at(job, now, next_at))
     if state.is_running:
-        return _seen_running(job, upstream, polls, now, expected_run_s)
+        return _seen_running(job, upstream, polls, now, expected_run)
     return _seen_unknown_word(job, upstream, polls, now, rng)
 
 
 def _seen_running(
-    job: Job, upstream: Upstream, polls: int, now: float, expected_run_s: float | None
+    job: Job, upstream: Upstream, polls: int, now: float, expected_run: RunEstimate | None
 ) -> Step:
     """The run is going: running from its estimated start, looked at when it should be done."""
     started = job.running_since or estimated_start(
@@ -574,9 +575,7 @@ def _seen_running(
         first_seen_running_at=now,
         seen_queued=job.polls > 0,
     )
-    next_at = next_poll_at(
-        now=now, running=True, running_since=started, expected_run_s=expected_run_s
-    )
+    next_at = next_poll_at(now=now, running=True, running_since=started, expected_run=expected_run)
     seen = {
         "upstream": upstream,
         "polls": polls,

@@ -233,7 +233,7 @@ class JobPipeline:
             mark=now,
             request_id=request_id,
             accepted_at=self.clock(),
-            expected_run_s=self.run_times.expected_s(job.input),
+            expected_run=self.run_times.estimate(job.input),
         )
         ids = {"job_id": job.id, "client_id": job.client_id, "upstream_request_id": request_id}
         if self._commit(job.id, recording, seen=marked.record) is None:
@@ -427,7 +427,7 @@ class JobPipeline:
         job = record.job
         stored, failure = self._copy_outputs(job, request_id, state)
         now = self.clock()
-        expected_run_s = self.run_times.expected_s(job.input)
+        expected_run = self.run_times.estimate(job.input)
         # Only a success RunComfy gave no cost for is charged at the list price.
         needs_price = state.images is not None and state.cost_usd is None
         list_price_usd = self._list_price() if needs_price else None
@@ -441,7 +441,7 @@ class JobPipeline:
                 reason=str(failure),
                 will_not_improve=failure.will_not_improve,
                 copy_deadline_s=self.settings.output_copy_deadline_s,
-                expected_run_s=expected_run_s,
+                expected_run=expected_run,
                 list_price_usd=list_price_usd,
             )
         else:
@@ -450,7 +450,7 @@ class JobPipeline:
                 request_id=request_id,
                 state=state,
                 now=now,
-                expected_run_s=expected_run_s,
+                expected_run=expected_run,
                 list_price_usd=list_price_usd,
                 stored_media=stored,
             )
@@ -469,7 +469,7 @@ class JobPipeline:
             if run_s is not None:
                 self.run_times.learn(after.input, run_s)
         elif (
-            expected_run_s is None
+            expected_run is None
             and job.status is Status.SUBMITTED
             and after.status is Status.RUNNING
             and after.running_since is not None

@@ -1,14 +1,16 @@
 """When to look at RunComfy again: poll timing and retry backoff, as plain functions.
 
 RunComfy has no webhooks on the Model API, so we poll — but not blindly. A turbo model's run time
-for a given step count and size is steady, so once a request is running we look once, when it
-should be done (learned from finished jobs, see RunTimes), then briefly more often if it is late.
+for a given step count and size varies within a window, so once a request is running we look when
+the earliest runs of its shape end, a few times across the window where they end (learned from
+finished jobs, see RunTimes), then briefly more often if it is later than all of them.
 Until something is learned, and while a request is queued, we poll at the official clients' 2 s.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 FIRST_POLL_S = 1.0  # a turbo model can finish within about a second of leaving the queue
 MIN_FIRST_POLL_S = 0.25  # even a run learned to take no time: give the queue a moment
@@ -18,6 +20,10 @@ QUEUED_POLL_S = 2.0  # RunComfy's own clients poll at a fixed 2 s
 NEXT_IN_LINE_POLL_S = 0.5
 RUNNING_POLL_S = 2.0
 LATE_POLL_MIN_S = 0.25  # a run past its expected end: look again soon, then back off to 2 s
+# Runs of one shape end within a window (a 20 s run may take 20-22 s): looks this far apart
+# across it, so that no run ending in it is seen later than this — about as many looks as fixed
+# 2 s polling makes over its whole run, for a run that varies by seconds.
+WINDOW_STEP_S = 0.5
 TRANSIENT_BACKOFF_BASE_S = 1.0
 TRANSIENT_BACKOFF_MAX_S = 60.0
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is taken as this: the job deadline decides
@@ -26,12 +32,26 @@ MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is taken as this: the job dead
 UNKNOWN_STATUS_MAX_POLL_S = 10.0
 
 
-def first_poll_at(submitted_at: float, expected_run_s: float | None = None) -> float:
+@dataclass(frozen=True)
+class RunEstimate:
+    """How long runs of a job's shape take lately: they end between `earliest_s` and
+    `latest_s` after they start (one figure twice while only a typical run is known)."""
+
+    earliest_s: float
+    latest_s: float
+
+    @classmethod
+    def exactly(cls, run_s: float) -> RunEstimate:
+        """Runs that all take `run_s`, as far as is known."""
+        return cls(run_s, run_s)
+
+
+def first_poll_at(submitted_at: float, expected_run: RunEstimate | None = None) -> float:
     """When to first look at a request just submitted: after FIRST_POLL_S, or sooner if runs
-    of this shape are learned to take less (the look also tells whether it is queued)."""
-    if expected_run_s is None:
+    of this shape are learned to end sooner (the look also tells whether it is queued)."""
+    if expected_run is None:
         return submitted_at + FIRST_POLL_S
-    return submitted_at + min(FIRST_POLL_S, max(MIN_FIRST_POLL_S, expected_run_s))
+    return submitted_at + min(FIRST_POLL_S, max(MIN_FIRST_POLL_S, expected_run.earliest_s))
 
 
 def next_poll_at(
@@ -40,18 +60,26 @@ def next_poll_at(
     running: bool,
     queue_position: int | None = None,
     running_since: float | None = None,
-    expected_run_s: float | None = None,
+    expected_run: RunEstimate | None = None,
 ) -> float:
-    """When to look next at a request RunComfy holds."""
+    """When to look next at a request RunComfy holds.
+
+    A run of a learned shape: first when the earliest runs of its shape end, then every
+    WINDOW_STEP_S across the window in which they end, then — later than its latest — soon,
+    backing off to RUNNING_POLL_S. One look at the typical end would be late by up to the whole
+    window for half the runs; a look every LATE_POLL_MIN_S throughout, calls for nothing."""
     if not running:
         next_in_line = queue_position is not None and queue_position <= 1
         return now + (NEXT_IN_LINE_POLL_S if next_in_line else QUEUED_POLL_S)
-    if running_since is None or expected_run_s is None:
+    if running_since is None or expected_run is None:
         return now + RUNNING_POLL_S
-    expected_end = running_since + expected_run_s
-    if expected_end > now + LATE_POLL_MIN_S:
-        return expected_end
-    late_by = now - expected_end
+    earliest_end = running_since + expected_run.earliest_s
+    if earliest_end > now + LATE_POLL_MIN_S:
+        return earliest_end
+    latest_end = running_since + expected_run.latest_s
+    if latest_end > now + LATE_POLL_MIN_S:
+        return min(now + WINDOW_STEP_S, latest_end)
+    late_by = max(0.0, now - latest_end)
     return now + min(RUNNING_POLL_S, max(LATE_POLL_MIN_S, late_by))
 
 

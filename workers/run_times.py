@@ -1,6 +1,7 @@
 """How long RunComfy takes to run a job of a given shape, learned from finished jobs.
 
 Kept in one Redis hash shared by every worker (field: "<steps>:<image_size>", value: "mean count"),
+and the shape's last RECENT_RUNS runs in a list beside it (their spread: runs of one shape vary),
 read through a short in-process cache. Races between workers only blur an average.
 
 Until a shape's first run is learned, its running jobs are polled every 2 s; each is noted (with
@@ -10,14 +11,21 @@ forward to when it should be done — the first wave of a new shape does not wai
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import redis
 
 from core.keys import PREFIX
+from workers.polling import RunEstimate
 
 RUN_TIMES_KEY = PREFIX + "run_times"
+RECENT_PREFIX = PREFIX + "run_times:recent:"  # + shape: list of the last runs, newest first
+RECENT_RUNS = 64
+# With this many recent runs, their spread is used: the window between these quantiles.
+MIN_RUNS_FOR_SPREAD = 8
+EARLIEST_QUANTILE, LATEST_QUANTILE = 0.05, 0.95
 UNLEARNED_PREFIX = PREFIX + "run_times:unlearned:"  # + shape: zset job id -> running since
 UNLEARNED_TTL_S = 3600  # a shape never learned (its runs all failed) is forgotten
 CACHE_S = 5.0
@@ -34,10 +42,13 @@ def shape_of(job_input: dict[str, Any]) -> str:
 # Fold one observed run into its shape's average, in one call (no read-modify-write race between
 # workers). The first run learned also brings the shape's waiting jobs forward to their expected
 # end — never later than already due, and only jobs still scheduled — and forgets them.
-# KEYS: the run times hash, the shape's waiting set, the job schedule
-# ARGV: shape, observed run seconds, MIN_ALPHA. Returns the new mean (as text: Lua truncates).
+# KEYS: the run times hash, the shape's waiting set, the job schedule, the shape's recent runs
+# ARGV: shape, observed run seconds, MIN_ALPHA, RECENT_RUNS. Returns the new mean (as text: Lua
+# truncates).
 _LEARN = """
 local run = tonumber(ARGV[2])
+redis.call('LPUSH', KEYS[4], ARGV[2])
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
 local mean, count = run, 0
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if raw then
@@ -64,18 +75,43 @@ class RunTimes:
         self.redis = client
         self.job_schedule_key = job_schedule_key
         self._cache: dict[str, float] = {}
+        self._windows: dict[str, RunEstimate] = {}
         self._cached_at = 0.0
         self._learn = client.register_script(_LEARN)
 
     def expected_s(self, job_input: dict[str, Any]) -> float | None:
-        """The learned run time for this shape, or None before any was seen."""
+        """The learned (typical) run time for this shape, or None before any was seen."""
         field = shape_of(job_input)
-        age_s = time.monotonic() - self._cached_at
-        if age_s > CACHE_S or (field not in self._cache and age_s > UNKNOWN_RECHECK_S):
-            raw = self.redis.hgetall(RUN_TIMES_KEY)
-            self._cache = {str(k): float(str(v).split()[0]) for k, v in raw.items()}
-            self._cached_at = time.monotonic()
+        self._refresh(field)
         return self._cache.get(field)
+
+    def estimate(self, job_input: dict[str, Any]) -> RunEstimate | None:
+        """When runs of this shape end: the window their recent runs ended in, or the typical
+        run alone while too few are known; None before any was seen."""
+        field = shape_of(job_input)
+        self._refresh(field)
+        typical = self._cache.get(field)
+        if typical is None:
+            return None
+        return self._windows.get(field) or RunEstimate.exactly(typical)
+
+    def _refresh(self, field: str) -> None:
+        age_s = time.monotonic() - self._cached_at
+        if not (age_s > CACHE_S or (field not in self._cache and age_s > UNKNOWN_RECHECK_S)):
+            return
+        raw = self.redis.hgetall(RUN_TIMES_KEY)
+        means = {str(k): float(str(v).split()[0]) for k, v in raw.items()}
+        with self.redis.pipeline(transaction=False) as pipe:
+            for shape in means:
+                pipe.lrange(RECENT_PREFIX + shape, 0, -1)
+            recent = pipe.execute()
+        self._windows = {
+            shape: window
+            for shape, runs in zip(means, recent, strict=True)
+            if (window := run_window([float(r) for r in runs])) is not None
+        }
+        self._cache = means
+        self._cached_at = time.monotonic()
 
     def wait_for_first(self, job_input: dict[str, Any], job_id: str, running_since: float) -> None:
         """A running job of a shape not learned yet: have the first learned run re-plan it."""
@@ -93,5 +129,25 @@ class RunTimes:
         if not 0 <= run_s < MAX_PLAUSIBLE_RUN_S:
             return
         field = shape_of(job_input)
-        keys = [RUN_TIMES_KEY, UNLEARNED_PREFIX + field, self.job_schedule_key]
-        self._cache[field] = float(self._learn(keys=keys, args=[field, run_s, MIN_ALPHA]))
+        keys = [
+            RUN_TIMES_KEY,
+            UNLEARNED_PREFIX + field,
+            self.job_schedule_key,
+            RECENT_PREFIX + field,
+        ]
+        self._cache[field] = float(
+            self._learn(keys=keys, args=[field, run_s, MIN_ALPHA, RECENT_RUNS])
+        )
+
+
+def run_window(runs: list[float]) -> RunEstimate | None:
+    """The window recent runs ended in (EARLIEST_QUANTILE to LATEST_QUANTILE, nearest rank),
+    or None while there are fewer than MIN_RUNS_FOR_SPREAD of them."""
+    if len(runs) < MIN_RUNS_FOR_SPREAD:
+        return None
+    ordered = sorted(runs)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return RunEstimate(rank(EARLIEST_QUANTILE), rank(LATEST_QUANTILE))
