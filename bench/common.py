@@ -364,6 +364,10 @@ class Sizes:
     preflight_run_s: float  # the emulator's run of each job
     waiters_run_s: float  # long enough for every waiter to be in place before the end
     waiters_rounds: tuple[tuple[int, int], ...]  # (API_WAIT_SLOTS, waiters) each
+    variance_warmup_jobs: int  # both shapes, run to the end first (their windows learned)
+    variance_in_flight: tuple[int, ...]
+    variance_post_s: float  # each size POSTed evenly over this (shorter than the shortest run)
+    variance_time_scale: float  # PRODUCT §8's run times times this (smoke: a tenth)
 
 
 FULL = Sizes(
@@ -393,6 +397,10 @@ FULL = Sizes(
     preflight_run_s=2,
     waiters_run_s=20,
     waiters_rounds=((28, 150), (250, 1000)),
+    variance_warmup_jobs=40,
+    variance_in_flight=(40, 200, 2000),
+    variance_post_s=4,
+    variance_time_scale=1.0,
 )
 SMOKE = Sizes(
     smoke=True,
@@ -421,6 +429,10 @@ SMOKE = Sizes(
     preflight_run_s=0.5,
     waiters_run_s=3,
     waiters_rounds=((1, 6),),
+    variance_warmup_jobs=20,
+    variance_in_flight=(6,),
+    variance_post_s=0.2,
+    variance_time_scale=0.1,
 )
 
 

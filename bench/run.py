@@ -19,12 +19,32 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from bench import baseline, delivery, ingest, pipeline, preflight, scale, uploads, waiters
+from bench import (
+    baseline,
+    delivery,
+    ingest,
+    pipeline,
+    preflight,
+    scale,
+    uploads,
+    variance,
+    waiters,
+)
 from bench.common import FULL, SMOKE, Row, machine_line, say
 from bench.loadgen import WRK_INSTALL_HINT, wrk_available
 from cli.stack import REPO_ROOT
 
-PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery", "uploads", "preflight", "waiters")
+PHASES = (
+    "ingest",
+    "pipeline",
+    "scale",
+    "baseline",
+    "delivery",
+    "uploads",
+    "preflight",
+    "waiters",
+    "variance",
+)
 RESULTS = REPO_ROOT / "bench" / "results"
 
 
@@ -85,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows += uploads.run(sizes, work / phase)
                 elif phase == "preflight":
                     rows += preflight.run(sizes, work / phase)
-                else:
+                elif phase == "waiters":
                     rows += waiters.run(sizes, work / phase)
+                else:
+                    rows += variance.run(sizes, work / phase)
             except Exception as exc:
                 traceback.print_exc()
                 failed.append(phase)

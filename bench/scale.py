@@ -144,14 +144,14 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             cpu.start()
             say(f"scale: steady, {n} jobs POSTed over {sizes.scale_post_s:.0f} s, each "
                 f"{sizes.scale_run_s:.0f} s upstream, worker -c {conc}")  # fmt: skip
-            steady = _run_batch(stack, poster, collector, bodies(n), sizes, sizes.scale_post_s)
+            steady = run_batch(stack, poster, collector, bodies(n), sizes, sizes.scale_post_s)
             cpu.stop()
             rss, processes = group_rss_bytes(worker), group_size(worker)
             time.sleep(2)  # client and AOF buffers of the last burst drain (MBs at 2,000 jobs)
             memory_after = used_memory(client)
 
             say(f"scale: burst, {n} jobs POSTed as fast as the API takes them")
-            burst = _run_batch(stack, poster, collector, bodies(n), sizes, None)
+            burst = run_batch(stack, poster, collector, bodies(n), sizes, None)
             rejected = len(receiver.rejected)
             counts = Counters(client).read()
         finally:
@@ -223,7 +223,7 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
     ], outcome  # fmt: skip
 
 
-def _run_batch(
+def run_batch(
     stack: Stack,
     poster: Poster,
     collector: Collector,

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("ingest", "pipeline", "scale", "baseline", "delivery", "uploads", "preflight", "waiters")
+PHASES = (
+    "ingest",
+    "pipeline",
+    "scale",
+    "baseline",
+    "delivery",
+    "uploads",
+    "preflight",
+    "waiters",
+    "variance",
+)
 NUMBER = re.compile(r"^-?\d[\d,]*(\.\d+)?\b")
 
 
