@@ -408,7 +408,7 @@ def keda_problems(doc: dict[str, Any]) -> list[str]:
     if len(names) != len(set(names)):
         problems.append(f"trigger names repeat: {names}")
     if "fallback" in spec:
-        # KEDA's webhook up to 2.16 (the schema's version) refuses a fallback unless every
+        # KEDA's webhook up to 2.16 (the schema's era) refuses a fallback unless every
         # trigger says metricType AverageValue (2.14 refused one left unset) and none is cpu or
         # memory; later versions accept more, so the strictest rule keeps the file good in all.
         for trigger in spec["triggers"]:
