@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 import service
 from cli.stack import api_argv, beat_argv, worker_argv
+from core.metrics import COUNTER_HELP, GAUGE_HELP, LABELLED_COUNTER_HELP
 from core.settings import Settings, SettingsError, load_settings
 from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from emulator.__main__ import build_config
@@ -33,6 +35,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
 SETTINGS_SOURCE = ROOT / "core" / "settings.py"
+KEDA_SCHEMA = ROOT / "tests" / "schemas" / "keda.sh_scaledobjects.v1alpha1.yaml"
 
 API_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service:create_app()"]
 WORKER_COMMAND = [
@@ -337,15 +340,22 @@ SCHEMA_VERSIONS = sorted(
 )
 
 
+def is_keda(doc: dict[str, Any]) -> bool:
+    """A KEDA resource: a custom resource, not in the Kubernetes schema."""
+    return str(doc["apiVersion"]).startswith("keda.sh/")
+
+
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
 def test_manifest_matches_kubernetes_schema(path: Path, version: str) -> None:
     documents = read_yaml_documents(path)
     assert documents, f"{path} holds no resource"
     for doc in documents:
-        kubernetes_validate.validate(doc, version, strict=True)
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{path}: {doc['kind']}"
+        if is_keda(doc):
+            continue  # test_keda_resources_match_the_keda_schema
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_schema_validation_rejects_a_broken_manifest() -> None:
@@ -354,6 +364,97 @@ def test_schema_validation_rejects_a_broken_manifest() -> None:
     container["livenessprobe"] = container.pop("livenessProbe")  # a typo, silently ignored by YAML
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+def strict(schema: Any) -> Any:
+    """`schema` refusing unknown fields wherever it lists the known ones.
+
+    A custom resource's schema leaves extra fields allowed (the API server prunes them, so a
+    misspelt field is dropped without a word); `kubectl apply` validates strictly, as here.
+    """
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    tightened = {key: strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        tightened["additionalProperties"] = False
+    return tightened
+
+
+def keda_validator() -> jsonschema.Draft7Validator:
+    schema = strict(yaml.safe_load(KEDA_SCHEMA.read_text()))
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(
+        schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER
+    )
+
+
+def keda_problems(doc: dict[str, Any]) -> list[str]:
+    """Why KEDA's API would refuse `doc`: its schema, then the rules its admission webhook adds."""
+    problems = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in keda_validator().iter_errors(doc)
+    ]
+    if problems:
+        return problems
+    spec = doc["spec"]
+    if (doc["apiVersion"], doc["kind"]) != ("keda.sh/v1alpha1", "ScaledObject"):
+        problems.append(f"not a keda.sh/v1alpha1 ScaledObject: {doc['apiVersion']} {doc['kind']}")
+    low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    if not 0 <= low <= high:
+        problems.append(f"minReplicaCount {low} and maxReplicaCount {high}")
+    names = [t["name"] for t in spec["triggers"] if "name" in t]
+    if len(names) != len(set(names)):
+        problems.append(f"trigger names repeat: {names}")
+    if "fallback" in spec:
+        # KEDA's webhook up to 2.16 (the schema's era) refuses a fallback unless every
+        # trigger says metricType AverageValue (2.14 refused one left unset) and none is cpu or
+        # memory; later versions accept more, so the strictest rule keeps the file good in all.
+        for trigger in spec["triggers"]:
+            if trigger["type"] in ("cpu", "memory"):
+                problems.append(f"fallback with a {trigger['type']} trigger")
+            elif trigger.get("metricType") != "AverageValue":
+                problems.append(f"fallback with metricType {trigger.get('metricType')!r}")
+    return problems
+
+
+def test_keda_resources_match_the_keda_schema() -> None:
+    keda = [(path, doc) for path, doc in manifests() if is_keda(doc)]
+    assert [doc["kind"] for _, doc in keda] == ["ScaledObject"]
+    for path, doc in keda:
+        assert keda_problems(doc) == [], path
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "misspelt field",
+        "no triggers",
+        "replicas as text",
+        "fallback on a Value metric",
+        "fallback on cpu",
+        "min above max",
+    ],
+)
+def test_keda_validation_rejects_a_broken_scaledobject(breakage: str) -> None:
+    broken = copy.deepcopy(resource("ScaledObject", "worker"))
+    spec = broken["spec"]
+    if breakage == "misspelt field":
+        spec["minReplicas"] = spec.pop("minReplicaCount")  # the HPA's word, not KEDA's
+    elif breakage == "no triggers":
+        del spec["triggers"]
+    elif breakage == "replicas as text":
+        spec["maxReplicaCount"] = "10"
+    elif breakage == "fallback on a Value metric":
+        spec["triggers"][0]["metricType"] = "Value"
+    elif breakage == "fallback on cpu":
+        spec["triggers"].append(
+            {"type": "cpu", "metricType": "Utilization", "metadata": {"value": "70"}}
+        )
+    elif breakage == "min above max":
+        spec["minReplicaCount"] = spec["maxReplicaCount"] + 1
+    assert keda_problems(broken), breakage
 
 
 def test_deployments_run_the_suite_commands() -> None:
@@ -366,7 +467,7 @@ def test_deployments_run_the_suite_commands() -> None:
 
 def test_api_deployment_probes_and_replicas() -> None:
     api = resource("Deployment", "api")
-    assert api["spec"]["replicas"] >= 2
+    assert "replicas" not in api["spec"], "the HPA owns the count (deploy/api-hpa.yaml)"
     container = only_container(api)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
@@ -396,8 +497,81 @@ def test_beat_deployment_is_single() -> None:
     beat = resource("Deployment", "beat")
     assert beat["spec"]["replicas"] == 1
     assert beat["spec"]["strategy"]["type"] == "Recreate"
-    hpas = [doc for _, doc in manifests() if doc["kind"] == "HorizontalPodAutoscaler"]
-    assert all(h["spec"]["scaleTargetRef"]["name"] != "beat" for h in hpas)
+    scalers = [doc for _, doc in manifests() if doc["kind"] in SCALER_KINDS]
+    assert scalers, "the check below must look at something"
+    assert all(s["spec"]["scaleTargetRef"]["name"] != "beat" for s in scalers)
+
+
+SCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
+
+# Every metric the gateway's /metrics exports (a counter gets `_total`).
+EXPORTED_METRICS = {
+    *(f"inpaint_gateway_{name}_total" for name in (*COUNTER_HELP, *LABELLED_COUNTER_HELP)),
+    *(f"inpaint_gateway_{name}" for name in GAUGE_HELP),
+}
+
+
+def scale_target(scaler: dict[str, Any]) -> dict[str, Any]:
+    """The Deployment a HorizontalPodAutoscaler or ScaledObject scales."""
+    ref = scaler["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment"), ref
+    return resource("Deployment", ref["name"])
+
+
+def test_each_scaled_deployment_has_one_scaler_and_no_replica_count() -> None:
+    scalers = [doc for _, doc in manifests() if doc["kind"] in SCALER_KINDS]
+    targets = sorted(scale_target(s)["metadata"]["name"] for s in scalers)
+    assert targets == ["api", "worker"], "two scalers on one Deployment fight over its count"
+    for name in targets:
+        # A `replicas` in the Deployment would reset the scaled count on every `kubectl apply`.
+        assert "replicas" not in resource("Deployment", name)["spec"], name
+
+
+def test_api_hpa_scales_on_cpu_against_the_request() -> None:
+    hpa = resource("HorizontalPodAutoscaler", "api")
+    spec = hpa["spec"]
+    container = only_container(scale_target(hpa))
+    assert container["resources"]["requests"]["cpu"], "Utilization is a share of the CPU request"
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 50 <= metric["resource"]["target"]["averageUtilization"] <= 90
+    api_budget = resource("PodDisruptionBudget", "api")["spec"]["minAvailable"]
+    assert spec["minReplicas"] > api_budget, "a drain must be able to move an API pod"
+    assert spec["maxReplicas"] > spec["minReplicas"]
+    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 120
+    assert spec["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+
+
+def test_worker_scaledobject_scales_on_due_work_with_a_fallback() -> None:
+    scaled = resource("ScaledObject", "worker")
+    spec = scaled["spec"]
+    assert scale_target(scaled)["metadata"]["name"] == "worker"
+    worker_budget = resource("PodDisruptionBudget", "worker")["spec"]["maxUnavailable"]
+    assert spec["minReplicaCount"] > worker_budget, "a drain must leave a worker consuming"
+    assert spec["minReplicaCount"] <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+    assert spec["fallback"]["failureThreshold"] >= 2
+    assert spec["cooldownPeriod"] > 0 and spec["pollingInterval"] > 0
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 120
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert {t["type"] for t in triggers.values()} == {"prometheus"}
+    for name, trigger in triggers.items():
+        metadata = trigger["metadata"]
+        named = set(re.findall(r"inpaint_gateway_\w+", metadata["query"]))
+        assert named and named <= EXPORTED_METRICS, (
+            f"{name}: /metrics has no {named - EXPORTED_METRICS}"
+        )
+        # Every API replica exports the same global figures: summing them would multiply them.
+        assert "sum(" not in metadata["query"], name
+        # No answer must mean the fallback, not "no work": with the default (true) a missing
+        # metric reads as 0 and the workers would shrink to the minimum.
+        assert metadata["ignoreNullValues"] == "false", name
+        assert float(metadata["threshold"]) > 0, name
+    due = set(re.findall(r"inpaint_gateway_\w+", triggers["due-work"]["metadata"]["query"]))
+    assert due == {"inpaint_gateway_jobs_steps_overdue", "inpaint_gateway_webhooks_overdue"}
+    # Fewer than one dispatch batch waiting per worker: a full batch waiting is a worker behind.
+    assert float(triggers["due-work"]["metadata"]["threshold"]) < Settings.dispatch_batch_size
 
 
 def test_disruption_budgets_cover_api_and_worker_only() -> None:
