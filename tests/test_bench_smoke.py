@@ -32,7 +32,7 @@ def test_bench_smoke_prints_a_numeric_row_for_every_phase() -> None:
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-5000:]}"
 
