@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 from kombu import Connection
 
+from cli.stack import Stack
 from core.clients import ClientStore
 from core.settings import Settings
-from core.wakeups import WEBHOOKS_QUEUE
+from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from service import create_app
 from tests.support import rabbitmq
 from tests.support.api import ApiClient
@@ -106,20 +109,59 @@ def test_rabbitmq_confirms_each_send(amqp_url: str) -> None:
         app.close()
 
 
+@pytest.fixture(scope="module")
+def amqp_stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with start_stack(tmp_path_factory.mktemp("amqp"), env={"CELERY_BROKER_URL": amqp_url}) as stack:
+        stack.wait_for_worker(stack.worker)
+        yield stack
+
+
+@pytest.fixture
+def api(amqp_stack: Stack) -> ApiClient:
+    app = create_app({"TESTING": True, "SETTINGS": amqp_stack.settings()})
+    return ApiClient(ClientStore(amqp_stack.redis()).create("rabbit"), app.test_client())
+
+
+def vhost_of(url: str) -> str:
+    """The vhost a broker URL names."""
+    return unquote(urlsplit(url).path.lstrip("/"))
+
+
 @pytest.mark.integration
 def test_a_job_runs_through_rabbitmq_and_the_worker_heartbeats(
-    amqp_url: str, tmp_path: Path
+    amqp_stack: Stack, api: ApiClient, amqp_url: str
 ) -> None:
-    with start_stack(tmp_path, env={"CELERY_BROKER_URL": amqp_url}) as stack:
-        stack.wait_for_worker(stack.worker)
-        app = create_app({"TESTING": True, "SETTINGS": stack.settings()})
-        api = ApiClient(ClientStore(stack.redis()).create("rabbit"), app.test_client())
-        job_id = api.post("/v1/jobs", json=job_body(stack, unique("via rabbitmq"))).get_json()["id"]
-        assert api.wait_final(job_id)["status"] == "succeeded"
-        vhost = unquote(urlsplit(amqp_url).path.lstrip("/"))
-        timeouts = rabbitmq.rabbitmqctl(
-            "list_connections", "-p", vhost, "--no-table-headers", "--quiet", "timeout"
-        ).split()
-        # The worker's consuming connection asked for our heartbeat (RabbitMQ's own is 60 s).
-        assert str(AMQP_HEARTBEAT_S) in timeouts, timeouts
-        assert "Connected to amqp://" in (stack.logs / f"{stack.worker.name}.log").read_text()
+    job_id = api.post("/v1/jobs", json=job_body(amqp_stack, unique("via rabbitmq"))).get_json()[
+        "id"
+    ]
+    assert api.wait_final(job_id)["status"] == "succeeded"
+    timeouts = rabbitmq.rabbitmqctl(
+        "list_connections", "-p", vhost_of(amqp_url), "--no-table-headers", "--quiet", "timeout"
+    ).split()
+    # The worker's consuming connection asked for our heartbeat (RabbitMQ's own is 60 s).
+    assert str(AMQP_HEARTBEAT_S) in timeouts, timeouts
+    assert "Connected to amqp://" in (amqp_stack.logs / f"{amqp_stack.worker.name}.log").read_text()
+
+
+@pytest.mark.integration
+def test_a_wake_up_rabbitmq_refuses_is_logged_and_the_beat_still_starts_the_job(
+    amqp_stack: Stack, api: ApiClient, amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    vhost = vhost_of(amqp_url)
+    # The jobs queue refuses every message (an operator's length limit, at its worst): with
+    # publisher confirms the refusal reaches the sender; without, the trigger would just vanish.
+    refuse_all = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+    rabbitmq.rabbitmqctl(
+        "set_policy", "-p", vhost, "refuse-jobs", f"^{JOBS_QUEUE}$", refuse_all,
+        "--apply-to", "queues",
+    )  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="core.wakeups"):
+            resp = api.post("/v1/jobs", json=job_body(amqp_stack, unique("refused wake-up")))
+        assert resp.status_code == 202  # the job is stored; its trigger is best effort
+        assert "wake-up not sent" in [r.getMessage() for r in caplog.records]
+        time.sleep(2)  # the beat's ticks are refused too: nothing reaches a worker
+        assert api.get(f"/v1/jobs/{resp.get_json()['id']}").get_json()["status"] == "queued"
+    finally:
+        rabbitmq.rabbitmqctl("clear_policy", "-p", vhost, "refuse-jobs")
+    assert api.wait_final(resp.get_json()["id"])["status"] == "succeeded"
