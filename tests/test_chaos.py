@@ -5,6 +5,8 @@ trickled (each byte in time, the whole answer past the step lease), some failed 
 few submits accepted-then-500 (the ambiguous case). Meanwhile: one worker is
 SIGKILLed twice (a supervisor thread restarts it, as compose or Kubernetes would), Redis is
 restarted, the broker's queues are emptied, and the receiver refuses everything for 30 s.
+It runs with Redis as the broker, and again with a RabbitMQ node of its own, which is restarted
+(every connection to it cut, its messages kept) before its queues are emptied.
 Afterwards every job is final, every final webhook was received and verified, every double submit
 is explained by a recorded unknown submit outcome, and one summary line gives the counts.
 """
@@ -12,6 +14,7 @@ is explained by a recorded unknown submit outcome, and one summary line gives th
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections import Counter
@@ -27,15 +30,18 @@ from core.clients import ClientStore
 from core.jobs import Status
 from core.metrics import Counters
 from core.store import JobStore, connect_redis
+from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from core.webhooks import PENDING, TERMINAL_EVENT_TYPES
 from service import create_app
 from tests.support.api import ApiClient
+from tests.support.rabbitmq import RabbitMQNode, purge_queues
 from tests.support.stack import start_stack
 from workers.pipeline import MAX_UNANSWERED_SUBMITS
 
 pytestmark = pytest.mark.integration
 
-JOBS = 300
+# Fewer through RabbitMQ: the faults are the same, and the second run keeps `make test` short.
+JOBS_BY_BROKER = {"redis": 300, "amqp": 150}
 FAULTS = {
     "rate_5xx": 0.10,
     "rate_429": 0.05,
@@ -88,15 +94,53 @@ class Supervisor:
                     self.restarts += 1
 
 
+@pytest.fixture(params=sorted(JOBS_BY_BROKER))
+def broker(request: pytest.FixtureRequest) -> Iterator[RabbitMQNode | None]:
+    """The run's broker: None for the stack's Redis ("redis"), else a RabbitMQ node ("amqp")."""
+    if request.param == "redis":
+        yield None
+        return
+    if shutil.which("rabbitmq-server") is None:
+        pytest.skip("rabbitmq-server is not installed (.ci/run installs it)")
+    node = RabbitMQNode()
+    try:
+        yield node.start()
+    finally:
+        node.remove()
+
+
 @pytest.fixture
-def chaos_stack(tmp_path: Path) -> Iterator[Stack]:
+def chaos_stack(tmp_path: Path, broker: RabbitMQNode | None) -> Iterator[Stack]:
+    env = ENV if broker is None else ENV | {"CELERY_BROKER_URL": broker.url}
     stack = start_stack(
-        tmp_path, workers=2, env=ENV, emulator_args=("--queue-s", "0.5", "--run-s", "1.0")
+        tmp_path, workers=2, env=env, emulator_args=("--queue-s", "0.5", "--run-s", "1.0")
     )
     try:
         yield stack
     finally:
         stack.stop()
+
+
+def lose_broker_messages(stack: Stack, broker: RabbitMQNode | None) -> int:
+    """Lose the triggers the broker holds; RabbitMQ is restarted first (its messages survive
+    that: the workers' unacked ones go back to the queues, and are purged with them)."""
+    if broker is None:
+        client = connect_redis(stack.redis_server.url)
+        try:
+            return int(client.delete("jobs", "webhooks", "unacked", "unacked_index"))
+        finally:
+            client.close()
+    broker.stop()
+    broker.start()
+    return purge_queues(broker.url, JOBS_QUEUE, WEBHOOKS_QUEUE)
+
+
+def broker_losses_seen(stack: Stack) -> int:
+    """How many times the workers logged losing their broker connection."""
+    return sum(
+        (stack.logs / f"{worker.name}.log").read_text().count("Connection to broker lost")
+        for worker in stack.workers
+    )
 
 
 def post_all(
@@ -141,8 +185,12 @@ def unfinished_report(store: JobStore, job_ids: list[str]) -> str:
 
 
 @pytest.mark.timeout(600)  # ~40-150 s as a rule; the waits below allow for an unlucky tail
-def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
+def test_every_promise_holds_while_things_break(
+    chaos_stack: Stack, broker: RabbitMQNode | None
+) -> None:
     stack = chaos_stack
+    broker_kind = "redis" if broker is None else "amqp"
+    jobs_count = JOBS_BY_BROKER[broker_kind]
     settings = stack.settings()
     app = create_app({"TESTING": True, "SETTINGS": settings})
     redis_client = connect_redis(stack.redis_server.url)
@@ -157,7 +205,7 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             "mask_image_url": f"{stack.emulator_url}/samples/mask.png",
             "webhook_url": receiver.url,
         }
-        for i in range(JOBS)
+        for i in range(jobs_count)
     ]
     job_ids: list[str] = []
     post_errors: Counter[str] = Counter()
@@ -181,15 +229,13 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             time.sleep(2)
             stack.redis_server.start()
             at(16)
-            broker = connect_redis(stack.redis_server.url)
-            lost_queues = broker.delete("jobs", "webhooks", "unacked", "unacked_index")
-            broker.close()
+            lost_messages = lose_broker_messages(stack, broker)
             at(20)
             stack.workers[0].kill()  # SIGKILL #2
             at(35)
             receiver.forced_status = None
             poster.join(120)
-            assert len(job_ids) == JOBS
+            assert len(job_ids) == jobs_count
 
             store = JobStore(redis_client, retention_s=settings.job_retention_s)
 
@@ -208,7 +254,7 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
 
             def all_delivered() -> bool:
                 events = [e for job_id in job_ids for e in store.outbox.events_of(job_id)]
-                return len(events) >= JOBS and all(e.state != PENDING for e in events)
+                return len(events) >= jobs_count and all(e.state != PENDING for e in events)
 
             wait_until(
                 all_delivered, timeout_s=180, what="every final webhook delivered or exhausted"
@@ -244,23 +290,23 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             if d.get("status_code") == 503
         )
         print(
-            f"\nchaos: jobs={JOBS} final={sum(statuses.values())} {dict(sorted(statuses.items()))} "
+            f"\nchaos: jobs={jobs_count} final={sum(statuses.values())} {dict(sorted(statuses.items()))} "
             f"errors={dict(error_codes)} "
             f"| webhooks final_events={len(final_events)} received_verified={len(per_id)} "
             f"duplicates={duplicates} rejected_signatures={len(receiver.rejected)} "
-            f"| upstream submits={sum(submits.values())} ({sum(submits.values()) / JOBS:.3f}/job) "
+            f"| upstream submits={sum(submits.values())} ({sum(submits.values()) / jobs_count:.3f}/job) "
             f"double_submitted_jobs={len(doubles)} explained_by_unknown_outcome={len(doubles) - len(unexplained)} "
             f"unknown_outcomes={counters['submit_outcome_unknown']} "
-            f"| worker_restarts={supervisor.restarts} post_retries={sum(post_errors.values())} "
+            f"| worker_restarts={supervisor.restarts} post_retries={sum(post_errors.values())} {dict(post_errors)} "
             f"faults: upstream 5xx={sum(n for c, n in answers.items() if c.startswith('5'))} "
             f"429={answers.get('429', 0)} receiver_refused={refused_attempts} "
-            f"broker_keys_deleted={lost_queues} "
+            f"broker={broker_kind} broker_messages_lost={lost_messages} "
             f"all_final_at={all_final_at:.0f}s all_delivered_at={elapsed:.0f}s"
         )
-        assert sum(statuses.values()) == JOBS and set(statuses) <= {
+        assert sum(statuses.values()) == jobs_count and set(statuses) <= {
             s.value for s in Status if s.is_final
         }
-        assert statuses["succeeded"] > JOBS * 0.8, statuses
+        assert statuses["succeeded"] > jobs_count * 0.8, statuses
         # The emulator's failed runs, and jobs whose submits went unanswered twice (slow answers
         # past the client timeout, trickled ones cut off, a worker killed during the call).
         assert set(error_codes) <= {"upstream_failed", "submit_outcome_unknown"}, error_codes
@@ -269,7 +315,7 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
             for j in jobs
             if j is not None and j.error is not None and j.error.code == "submit_outcome_unknown"
         )
-        assert len(final_events) == JOBS  # one final event per job
+        assert len(final_events) == jobs_count  # one final event per job
         assert not undelivered, f"{len(undelivered)} final webhooks never received"
         assert not receiver.rejected
         assert all(n >= 1 for n in submits.values())  # every job reached RunComfy
@@ -281,6 +327,8 @@ def test_every_promise_holds_while_things_break(chaos_stack: Stack) -> None:
         assert sum(n for c, n in answers.items() if c.startswith("5")) > 0, answers
         assert answers.get("429", 0) > 0, answers
         assert refused_attempts > 0  # the receiver's 30 s of 503s refused attempts
+        if broker is not None:
+            assert broker_losses_seen(stack) >= len(stack.workers)  # the restart reached them all
     finally:
         receiver.stop()
         redis_client.close()

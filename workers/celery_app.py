@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
@@ -21,6 +23,15 @@ from core.wakeups import (
 
 # Expired uploads' bytes wait at most this long to be removed; their records are gone at once.
 REMOVE_EXPIRED_UPLOADS_EVERY_S = 600.0
+
+REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "sentinel"})
+AMQP_BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+# Redis has no consumer acks: a message taken and not acked within this long is handed out again.
+# Longer than any dispatch runs (its steps are leased for far less), so none runs twice at once.
+REDIS_VISIBILITY_TIMEOUT_S = 600
+# RabbitMQ notices a dead worker's connection (and requeues what it held) within about twice
+# this; the worker likewise notices a broker gone silent. Celery's 120 s default is slow for that.
+AMQP_HEARTBEAT_S = 30
 
 
 @celeryd_after_setup.connect(weak=False)
@@ -61,7 +72,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={"visibility_timeout": 600},
+        **broker_options(settings.celery_broker_url),
         # A dispatch whose broker connection drops runs to its end (its steps stored), rather than
         # being terminated mid-call: a submit cut off that way is "outcome unknown" and is sent
         # again — a second paid run. Its trigger then comes back from the broker: harmless.
@@ -93,6 +104,22 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         _json_logging_for(settings), weak=False, dispatch_uid="inpaint-gateway-logging"
     )
     return app
+
+
+def broker_options(broker_url: str) -> dict[str, Any]:
+    """The Celery settings that depend on the broker's transport, chosen by its URL's scheme."""
+    scheme = urlsplit(broker_url).scheme.lower()
+    if scheme in REDIS_BROKER_SCHEMES:
+        return {"broker_transport_options": {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}}
+    if scheme in AMQP_BROKER_SCHEMES:
+        return {
+            # A send returns once RabbitMQ has the message, not when it left our socket: a
+            # wake-up the broker lost in a restart is then an error we log, not a silent gap.
+            "broker_transport_options": {"confirm_publish": True},
+            "broker_heartbeat": AMQP_HEARTBEAT_S,
+        }
+    # Only the scheme: the URL may carry the broker's password.
+    raise ValueError(f"no broker transport known for the scheme {scheme!r}")
 
 
 def _json_logging_for(settings: Settings):  # type: ignore[no-untyped-def]
