@@ -128,3 +128,5 @@ def pipeline(stack: Stack, redis_client: redis.Redis) -> Iterator[JobPipeline]:
     runcomfy.close()
     assert built.outputs is not None  # built by the pipeline itself
     built.outputs.close()  # its kept-alive connections, not left to the garbage collector
+    assert built.inputs is not None
+    built.inputs.fetcher.close()

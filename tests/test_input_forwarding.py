@@ -299,7 +299,8 @@ def test_a_picture_over_the_cap_on_a_public_host_goes_as_its_url_with_a_note(
 
 def test_a_fetch_is_tried_again_once_after_a_5xx(pictures: PictureServer) -> None:
     url = pictures.serve("/flaky.png", Answer(503, b"busy"), Answer(200, IMAGE))
-    fetched = ImageFetcher(allowed_networks=LOOPBACK, timeout_s=5).fetch(url)
+    with ImageFetcher(allowed_networks=LOOPBACK, timeout_s=5) as fetcher:
+        fetched = fetcher.fetch(url)
     assert fetched == Fetched(IMAGE)
     assert pictures.requests["/flaky.png"] == 2
     sent = {name.lower(): value for name, value in pictures.headers_seen["/flaky.png"].items()}
@@ -309,23 +310,30 @@ def test_a_fetch_is_tried_again_once_after_a_5xx(pictures: PictureServer) -> Non
 
 def test_a_fetch_is_not_tried_again_after_a_404(pictures: PictureServer) -> None:
     url = pictures.serve("/gone.png", Answer(404, b"no"))
-    with pytest.raises(FetchFailed, match="HTTP 404"):
-        ImageFetcher(allowed_networks=LOOPBACK, timeout_s=5).fetch(url)
+    with (
+        ImageFetcher(allowed_networks=LOOPBACK, timeout_s=5) as fetcher,
+        pytest.raises(FetchFailed, match="HTTP 404"),
+    ):
+        fetcher.fetch(url)
     assert pictures.requests["/gone.png"] == 1
 
 
 def test_a_fetch_ends_at_its_total_time_however_the_bytes_trickle(pictures: PictureServer) -> None:
     url = pictures.serve("/slow.png", Answer(200, IMAGE, dribble_s=0.2))
     started = time.monotonic()
-    with pytest.raises(FetchFailed, match=r"no whole answer within INPUT_FETCH_TIMEOUT_S \(1 s\)"):
-        ImageFetcher(allowed_networks=LOOPBACK, timeout_s=1).fetch(url)
+    with (
+        ImageFetcher(allowed_networks=LOOPBACK, timeout_s=1) as fetcher,
+        pytest.raises(FetchFailed, match=r"no whole answer within INPUT_FETCH_TIMEOUT_S \(1 s\)"),
+    ):
+        fetcher.fetch(url)
     assert time.monotonic() - started < 3
 
 
 def test_a_body_past_the_cap_is_read_no_further(pictures: PictureServer) -> None:
     """Without a Content-Length: the read stops one byte past the cap."""
     url = pictures.serve("/endless.png", Answer(200, b"\0" * (MAX_UPLOAD_BYTES * 2), length=False))
-    fetched = ImageFetcher(allowed_networks=LOOPBACK, timeout_s=5).fetch(url)
+    with ImageFetcher(allowed_networks=LOOPBACK, timeout_s=5) as fetcher:
+        fetched = fetcher.fetch(url)
     assert fetched == TooBig(public=False)
 
 
