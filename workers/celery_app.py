@@ -61,7 +61,10 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={"visibility_timeout": 600},
+        broker_transport_options={
+            "visibility_timeout": 600,
+            **sentinel_transport_options(settings),
+        },
         # A dispatch whose broker connection drops runs to its end (its steps stored), rather than
         # being terminated mid-call: a submit cut off that way is "outcome unknown" and is sent
         # again — a second paid run. Its trigger then comes back from the broker: harmless.
@@ -93,6 +96,18 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         _json_logging_for(settings), weak=False, dispatch_uid="inpaint-gateway-logging"
     )
     return app
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, object]:
+    """kombu's sentinel transport options for a `sentinel://` broker: the master it asks the
+    sentinels for, and the sentinels' own password (the URL's is the master's)."""
+    sentinel = settings.redis_sentinel
+    if sentinel is None or not settings.celery_broker_url.startswith("sentinel://"):
+        return {}
+    options: dict[str, object] = {"master_name": sentinel.master}
+    if sentinel.password:
+        options["sentinel_kwargs"] = {"password": sentinel.password}
+    return options
 
 
 def _json_logging_for(settings: Settings):  # type: ignore[no-untyped-def]
