@@ -33,6 +33,7 @@ from tests.support.stack import TEST_SETTINGS
 
 MASTER = "gateway-store"
 WORKER_CONCURRENCY = 2
+SUBMIT_EVERY_S = 0.1  # a steady stream, not a flood the run would spend minutes working off
 SENTINEL_SETTINGS = ("REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD")
 
 
@@ -248,10 +249,23 @@ def test_a_failover_mid_run_loses_no_accepted_job(replicated: Replicated) -> Non
     tag = f"failover {time.time_ns()}"
     accepted: dict[str, str] = {}  # prompt -> job id
 
+    worker = replicated.stack.worker
+    worker_exits: list[int | None] = []
+
+    def supervise() -> None:
+        """What the worker's supervisor does: kombu's sentinel transport may end the worker
+        when the broker's connection drops (an unrecoverable error, exit 1); start it again."""
+        if not worker.running:
+            assert worker.process is not None
+            worker_exits.append(worker.process.returncode)
+            worker.start()
+
     def submit(number: int) -> None:
+        supervise()
         prompt = f"{tag} {number}"
         body = sample_job_body(replicated.stack.emulator_url, prompt=prompt)
         accepted[prompt] = post_until_accepted(api, body)
+        time.sleep(SUBMIT_EVERY_S)
 
     number = 0
     run_until = time.monotonic() + 1.5
@@ -269,10 +283,12 @@ def test_a_failover_mid_run_loses_no_accepted_job(replicated: Replicated) -> Non
         what="the sentinels naming the replica master",
     )
     assert promoted
+    supervise()
     for prompt, job_id in accepted.items():
         job = api.wait_final(job_id, timeout_s=40)
         assert job["status"] == "succeeded", (prompt, job)
 
+    assert all(code != 0 for code in worker_exits), worker_exits  # never a clean-looking exit
     submits = replicated.stack.emulator("/_emulator/stats").json()["submits_by_prompt"]
     assert all(submits.get(prompt, 0) >= 1 for prompt in accepted)
     # A submit in flight when the primary died, or whose request id had not reached the
