@@ -237,6 +237,11 @@ class RedisServer:
         if self._process is not None:
             self._process.kill()
 
+    def signal(self, sig: int) -> None:
+        """Send `sig` (SIGSTOP: connected yet answering nothing; SIGCONT: on again)."""
+        if self._process is not None:
+            self._process.signal(sig)
+
 
 @dataclass
 class SentinelServer:
@@ -505,7 +510,12 @@ class Stack:
     def wait_for_worker(self, process: ManagedProcess, timeout_s: float = 60) -> None:
         """Block until a worker answers a remote-control ping (it consumes from then on)."""
         env = self.env
-        app = Celery("stack-ping", broker=env.get("CELERY_BROKER_URL") or self.redis_url)
+        if env.get("REDIS_SENTINELS"):  # the broker's master is the one the sentinels name
+            from workers.celery_app import create_celery_app
+
+            app = create_celery_app(self.settings())
+        else:
+            app = Celery("stack-ping", broker=env.get("CELERY_BROKER_URL") or self.redis_url)
         app.conf.broker_connection_retry_on_startup = True
 
         def answers() -> bool:

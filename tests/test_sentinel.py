@@ -15,7 +15,6 @@ import pytest
 import redis
 
 from cli.stack import (
-    ManagedProcess,
     RedisServer,
     SentinelServer,
     Stack,
@@ -179,8 +178,9 @@ def replicated(tmp_path: Path) -> Iterator[Replicated]:
         # Only its database counts: the sentinels name the host (the primary dies below).
         stack.use_redis(primary.url)
         stack.start_emulator("--queue-s", "0.3", "--run-s", "0.5")
-        stack.start_worker(name="worker1", concurrency=WORKER_CONCURRENCY)
+        worker = stack.start_worker(name="worker1", concurrency=WORKER_CONCURRENCY)
         stack.start_beat()
+        stack.wait_for_worker(worker)  # consuming through the sentinels before anything fails
         yield Replicated(primary, replica, sentinels, stack)
     finally:
         if stack is not None:
@@ -227,8 +227,7 @@ def test_an_accept_waits_for_the_replica_and_is_answered_if_it_does_not_ack(
     body = sample_job_body(replicated.stack.emulator_url, prompt=f"acked {time.time_ns()}")
     post_until_accepted(api, body)
     assert unacked(settings) == 0
-    replica = replicated.replica._process
-    assert isinstance(replica, ManagedProcess)
+    replica = replicated.replica
     replica.signal(signal.SIGSTOP)  # connected, acking nothing
     try:
         started = time.monotonic()
