@@ -4,7 +4,9 @@ job waits for a replica to hold it, and a failover mid-run loses no accepted job
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,11 +21,12 @@ from cli.stack import (
     SentinelServer,
     Stack,
     sample_job_body,
+    venv_script,
     wait_until,
 )
 from core.clients import ClientStore
 from core.metrics import Counters
-from core.replication import UNACKED_COUNTER
+from core.replication import UNACKED_COUNTER, ReplicaAcks
 from core.settings import Settings, SettingsError, load_settings
 from core.store import connect_redis
 from service import create_app
@@ -295,3 +298,34 @@ def test_a_failover_mid_run_loses_no_accepted_job(replicated: Replicated) -> Non
     # thread busy at the kill.
     again = {prompt: n for prompt, n in submits.items() if prompt.startswith(tag) and n > 1}
     assert len(again) <= WORKER_CONCURRENCY and all(n == 2 for n in again.values()), again
+
+
+@pytest.mark.integration
+def test_the_cli_follows_the_sentinels_to_the_promoted_replica(replicated: Replicated) -> None:
+    replicated.primary.kill()
+    wait_until(
+        lambda: all(s.master_port_now() == replicated.replica.port for s in replicated.sentinels),
+        what="the sentinels naming the replica master",
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REDIS_URL": replicated.primary.url,  # dead: only its database number is used
+        "REDIS_SENTINELS": ",".join(s.address for s in replicated.sentinels),
+        "REDIS_SENTINEL_MASTER": MASTER,
+    }
+    created = subprocess.run(
+        [venv_script("inpaint-gateway"), "clients", "create", "after-failover", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    assert "via sentinels" in created.stderr
+    api_key = json.loads(created.stdout)["api_key"]
+    promoted = connect_redis(replicated.replica.url)
+    try:
+        assert ClientStore(promoted).authenticate(api_key) is not None
+        assert ReplicaAcks(promoted, wait_ms=100).to_wait_for() == 0  # no replica left to wait for
+    finally:
+        promoted.close()
