@@ -15,7 +15,7 @@ import redis
 from core.admission import FairAdmission
 from core.clients import API_KEY_ROTATION_OVERLAP_S, Client, ClientStore
 from core.limits import BUDGET_PERIODS, NO_LIMITS
-from core.settings import SettingsError, load_redis_url
+from core.settings import SettingsError, load_redis_target
 from core.store import connect_redis
 from core.usage import UsageBook, month_span
 
@@ -34,7 +34,7 @@ def url_without_password(url: str) -> str:
 
 
 def _redis_url_source() -> str:
-    """Which setting gave the store's URL (REDIS_URL_FILE wins, as load_redis_url reads it)."""
+    """Which setting gave the store's URL (REDIS_URL_FILE wins, as load_redis_target reads it)."""
     if os.environ.get("REDIS_URL_FILE"):
         return "REDIS_URL_FILE"
     if os.environ.get("REDIS_URL"):
@@ -47,13 +47,16 @@ def redis_for_cli() -> redis.Redis:
     not obvious when another one answers on the default port), and checked to answer."""
     # Only the store matters here: don't demand the RunComfy token of an operator.
     try:
-        redis_url = load_redis_url()
+        target = load_redis_target()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    redis_url = target.url
+    via = f", master {target.sentinel.master!r} via sentinels" if target.sentinel else ""
     click.echo(
-        f"clients: Redis at {url_without_password(redis_url)} ({_redis_url_source()})", err=True
+        f"clients: Redis at {url_without_password(redis_url)} ({_redis_url_source()}{via})",
+        err=True,
     )
-    client = connect_redis(redis_url, socket_timeout_s=5)
+    client = connect_redis(target, socket_timeout_s=5)
     try:
         client.ping()
     except redis.RedisError as exc:

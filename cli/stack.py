@@ -181,6 +181,7 @@ class RedisServer:
     port: int = 0
     appendonly: bool = True
     log_path: Path | None = None
+    replica_of: int = 0  # a replica of the redis-server on this port of 127.0.0.1
     _process: ManagedProcess | None = field(default=None, init=False)
 
     @property
@@ -203,6 +204,8 @@ class RedisServer:
                 "--dir", str(self.data_dir), "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--protected-mode", "no"]  # fmt: skip
+        if self.replica_of:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self._process = ManagedProcess("redis", argv, log_path=self.log_path).start()
         wait_for_port(self.port, process=self._process.process)
         client = redis.Redis.from_url(self.url)
@@ -233,6 +236,72 @@ class RedisServer:
         """SIGKILL: lose whatever AOF had not synced (at most ~1 s with everysec)."""
         if self._process is not None:
             self._process.kill()
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` (SIGSTOP: connected yet answering nothing; SIGCONT: on again)."""
+        if self._process is not None:
+            self._process.signal(sig)
+
+
+@dataclass
+class SentinelServer:
+    """A private redis-sentinel watching the master on `master_port` of 127.0.0.1 as
+    `master_name`, with failover timings short enough for a test to wait for."""
+
+    data_dir: Path
+    master_name: str
+    master_port: int
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    port: int = 0
+    log_path: Path | None = None
+    _process: ManagedProcess | None = field(default=None, init=False)
+
+    @property
+    def address(self) -> str:
+        """host:port, as REDIS_SENTINELS lists it."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> SentinelServer:
+        """Start it; returns once it answers. (It rewrites its config file as it learns.)"""
+        binary = shutil.which("redis-sentinel")
+        if binary is None:
+            raise RuntimeError(
+                "redis-sentinel is not installed (Debian: apt-get install redis-sentinel)"
+            )
+        self.port = self.port or free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "sentinel.conf"
+        name = self.master_name
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.data_dir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {self.master_port} {self.quorum}\n"
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+        self._process = ManagedProcess("sentinel", [binary, str(config)], log_path=self.log_path)
+        self._process.start()
+        wait_for_port(self.port, process=self._process.process)
+        return self
+
+    def master_port_now(self) -> int | None:
+        """The port of the master this sentinel names now (None if it cannot say)."""
+        client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+        try:
+            address = client.sentinel_get_master_addr_by_name(self.master_name)
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+        # redis-py types the answer loosely; it is (host, port), or None for a name not watched.
+        return int(address[1]) if isinstance(address, tuple | list) else None
+
+    def stop(self) -> None:
+        """Stop it."""
+        if self._process is not None:
+            self._process.stop()
 
 
 def python_module_argv(module: str, *args: str) -> list[str]:
@@ -441,7 +510,12 @@ class Stack:
     def wait_for_worker(self, process: ManagedProcess, timeout_s: float = 60) -> None:
         """Block until a worker answers a remote-control ping (it consumes from then on)."""
         env = self.env
-        app = Celery("stack-ping", broker=env.get("CELERY_BROKER_URL") or self.redis_url)
+        if env.get("REDIS_SENTINELS"):  # the broker's master is the one the sentinels name
+            from workers.celery_app import create_celery_app
+
+            app = create_celery_app(self.settings())
+        else:
+            app = Celery("stack-ping", broker=env.get("CELERY_BROKER_URL") or self.redis_url)
         app.conf.broker_connection_retry_on_startup = True
 
         def answers() -> bool:

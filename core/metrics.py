@@ -32,6 +32,10 @@ from core.usage import (
 # Every counter the gateway keeps, with its help text: one place, so names cannot drift.
 COUNTER_HELP = {
     "jobs_accepted": "Jobs accepted by POST /v1/jobs.",
+    "jobs_accepted_without_replica_ack": (
+        "Jobs accepted while the master had a replica that did not hold them within "
+        "REDIS_REPLICA_WAIT_MS (a failover then would lose them)."
+    ),
     "jobs_finished_succeeded": "Jobs that ended succeeded.",
     "jobs_finished_failed": "Jobs that ended failed.",
     "jobs_finished_cancelled": "Jobs that ended cancelled.",

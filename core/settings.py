@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -39,8 +40,30 @@ DEFAULT_API_WAIT_SLOTS = 28
 INPUT_FORWARD_MODES = ("data", "url")
 
 
+DEFAULT_REDIS_REPLICA_WAIT_MS = 100
+SENTINEL_DEFAULT_PORT = 26379
+
+
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class RedisSentinel:
+    """Where Redis Sentinel says the current master of `master` is (REDIS_SENTINELS)."""
+
+    addresses: tuple[tuple[str, int], ...]
+    master: str
+    password: str = field(default="", repr=False)  # the sentinels' own (REDIS_URL's: the master's)
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """How to reach the store: REDIS_URL (database, credentials; its host unless sentinels
+    are given) and, when set, the sentinels that name the current master."""
+
+    url: str
+    sentinel: RedisSentinel | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,14 @@ class Settings:
     media_url_ttl_s: int = DEFAULT_MEDIA_URL_TTL_S
     api_wait_slots: int = DEFAULT_API_WAIT_SLOTS
     public_base_url: str = ""  # the gateway's own address, for URLs in webhooks ("": paths)
+    redis_sentinel: RedisSentinel | None = None
+    # How long accepting a job waits for one replica to hold it (when the master has one).
+    redis_replica_wait_ms: int = DEFAULT_REDIS_REPLICA_WAIT_MS
+
+    @property
+    def redis(self) -> RedisTarget:
+        """The store's address, for core.store.connect_redis."""
+        return RedisTarget(self.redis_url, self.redis_sentinel)
 
     @property
     def uses_public_runcomfy(self) -> bool:
@@ -116,10 +147,11 @@ def load_settings() -> Settings:
     return _reading(_read)
 
 
-def load_redis_url() -> str:
-    """Only REDIS_URL (or REDIS_URL_FILE), as load_settings reads it: for tools that need the
-    store alone, and should not demand the rest (the RunComfy token) of their user."""
-    return _reading(_redis_url)
+def load_redis_target() -> RedisTarget:
+    """Only REDIS_URL (or REDIS_URL_FILE) and the sentinel settings, as load_settings reads
+    them: for tools that need the store alone, and should not demand the rest (the RunComfy
+    token) of their user."""
+    return _reading(lambda env: RedisTarget(_redis_url(env), _redis_sentinel(env)))
 
 
 def _reading(read: Callable[[environs.Env], T]) -> T:
@@ -139,11 +171,78 @@ def _redis_url(env: environs.Env) -> str:
     return url
 
 
+def _redis_sentinel(env: environs.Env) -> RedisSentinel | None:
+    listed: list[str] = env.list("REDIS_SENTINELS", [])
+    addresses = tuple(_host_port(part.strip()) for part in listed if part.strip())
+    master: str = env.str("REDIS_SENTINEL_MASTER", "")
+    password: str = env.str("REDIS_SENTINEL_PASSWORD", "")
+    if not addresses:
+        if master or password:
+            raise SettingsError(
+                "bad setting REDIS_SENTINELS: required when REDIS_SENTINEL_MASTER or "
+                "REDIS_SENTINEL_PASSWORD is set (comma-separated host:port of the sentinels)"
+            )
+        return None
+    if not master:
+        raise SettingsError(
+            "bad setting REDIS_SENTINEL_MASTER: required with REDIS_SENTINELS (the name the "
+            "sentinels monitor the master by)"
+        )
+    return RedisSentinel(addresses, master, password)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        number = int(port) if port else SENTINEL_DEFAULT_PORT
+    except ValueError:
+        number = 0
+    if not host.strip("[]") or not 0 < number < 65536:
+        raise SettingsError(f"bad setting REDIS_SENTINELS: {text!r} is not host:port")
+    return host.strip("[]"), number
+
+
+def sentinel_broker_url(redis_url: str, sentinel: RedisSentinel) -> str:
+    """kombu's `sentinel://` URL for the store's master: each sentinel, the database and
+    credentials of REDIS_URL (the master's; the sentinels' own go in transport options)."""
+    parts = urllib.parse.urlsplit(redis_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    login = f"{credentials}@" if credentials else ""
+    database = parts.path.strip("/") or "0"
+    return ";".join(
+        f"sentinel://{login}{host}:{port}/{database}" for host, port in sentinel.addresses
+    )
+
+
+def _broker_url(env: environs.Env, redis_url: str, sentinel: RedisSentinel | None) -> str:
+    default = sentinel_broker_url(redis_url, sentinel) if sentinel else redis_url
+    url: str = env.str("CELERY_BROKER_URL", default)
+    schemes = [part.partition("://")[0] for part in url.split(";")]
+    if schemes[0] == "sentinel":
+        if sentinel is None:
+            raise SettingsError(
+                "bad setting CELERY_BROKER_URL: a sentinel:// broker needs REDIS_SENTINELS and "
+                "REDIS_SENTINEL_MASTER (the master it names)"
+            )
+        if set(schemes) != {"sentinel"}:
+            raise SettingsError("bad setting CELERY_BROKER_URL: every part must be sentinel://")
+        return url
+    try:
+        _url_scheme("redis", "rediss", "amqp", "amqps")(url)
+    except marshmallow.ValidationError as exc:
+        raise SettingsError(f"bad setting CELERY_BROKER_URL: {' '.join(exc.messages)}") from None
+    return url
+
+
 def _read(env: environs.Env) -> Settings:
     redis_url = _redis_url(env)
-    broker = env.str(
-        "CELERY_BROKER_URL", redis_url, validate=_url_scheme("redis", "rediss", "amqp", "amqps")
-    )
+    sentinel = _redis_sentinel(env)
+    if sentinel is not None and not redis_url.startswith(("redis://", "rediss://")):
+        raise SettingsError(
+            "bad setting REDIS_URL: with REDIS_SENTINELS it must be redis:// or rediss:// (its "
+            "database and credentials are used; the sentinels name the host)"
+        )
+    broker = _broker_url(env, redis_url, sentinel)
     base_url = env.str(
         "RUNCOMFY_BASE_URL", RUNCOMFY_PUBLIC_BASE_URL, validate=_url_scheme("http", "https")
     ).rstrip("/")
@@ -206,6 +305,12 @@ def _read(env: environs.Env) -> Settings:
         public_base_url=_optional_url(
             "PUBLIC_BASE_URL", env.str("PUBLIC_BASE_URL", ""), "http", "https"
         ).rstrip("/"),
+        redis_sentinel=sentinel,
+        redis_replica_wait_ms=env.int(
+            "REDIS_REPLICA_WAIT_MS",
+            DEFAULT_REDIS_REPLICA_WAIT_MS,
+            validate=mv.Range(min=0, max=10000),
+        ),
     )
     _check_together(settings)
     return settings

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+import redis.sentinel
 
 from core.admission import (
     ADMISSION_RECHECK_S,
@@ -31,8 +32,9 @@ from core.keys import COUNTERS_KEY, PREFIX
 from core.limits import NO_LIMITS, LimitRefused
 from core.media_urls import MediaLinks, media_links, signing_key
 from core.outbox import WebhookOutbox
+from core.replication import ReplicaAcks
 from core.schedule import DueSchedule
-from core.settings import DEFAULT_MEDIA_URL_TTL_S
+from core.settings import DEFAULT_MEDIA_URL_TTL_S, RedisTarget
 from core.usage import (
     CHECK_AND_COUNT_ACCEPT_LUA,
     RECORD_FINAL_LUA,
@@ -198,16 +200,36 @@ class Committed:
 MAX_REDIS_CONNECTIONS = 1024
 
 
-def connect_redis(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
-    """A Redis client as every process uses it: text responses, bounded waits, health checks."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=min(5.0, socket_timeout_s),
-        health_check_interval=15,
-        max_connections=MAX_REDIS_CONNECTIONS,
+def connect_redis(target: str | RedisTarget, *, socket_timeout_s: float = 10.0) -> redis.Redis:
+    """A Redis client as every process uses it: text responses, bounded waits, health checks.
+
+    With sentinels, the client asks them for the current master on every new connection, so
+    after a failover it reconnects to the promoted replica (and never writes to a replica).
+    """
+    url, sentinel = (target, None) if isinstance(target, str) else (target.url, target.sentinel)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": min(5.0, socket_timeout_s),
+        "health_check_interval": 15,
+        "max_connections": MAX_REDIS_CONNECTIONS,
+    }
+    if sentinel is None:
+        return redis.Redis.from_url(url, **options)
+    parsed = redis.connection.parse_url(url)  # database, credentials; the sentinels name the host
+    master_options = {k: v for k, v in parsed.items() if k in ("db", "username", "password")}
+    if url.startswith("rediss://"):
+        master_options["ssl"] = True
+    sentinels = redis.sentinel.Sentinel(
+        list(sentinel.addresses),
+        sentinel_kwargs={
+            "socket_timeout": options["socket_timeout"],
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            "password": sentinel.password or None,
+        },
     )
+    client: redis.Redis = sentinels.master_for(sentinel.master, **options, **master_options)
+    return client
 
 
 class JobStore:
@@ -220,8 +242,10 @@ class JobStore:
         retention_s: int,
         media_base_url: str = "",
         media_url_ttl_s: int = DEFAULT_MEDIA_URL_TTL_S,
+        replica_wait_ms: int = 0,
     ) -> None:
         self.redis = client
+        self.replica_acks = ReplicaAcks(client, wait_ms=replica_wait_ms)
         self.retention_s = retention_s
         # Webhook payloads sign their media URLs on this base (PUBLIC_BASE_URL; "": the path).
         self.media_base_url = media_base_url
@@ -281,22 +305,30 @@ class JobStore:
         idempotency_record = ""
         if idempotency is not None:
             idempotency_record = json.dumps({"body": idempotency.body_hash, "job_id": job.id})
-        answer = self._create(
-            keys=keys,
-            args=[
-                job.to_json(),
-                job.id,
-                job.created_at,
-                job.client_id,
-                min(job.deadline_at, job.created_at + ADMISSION_RECHECK_S),
-                job.created_at - self.retention_s,
-                idempotency_record,
-                IDEMPOTENCY_TTL_S,
-                wakeup.ttl_ms if wakeup is not None else 0,
-                *checked.args(job.created_at),
-            ],
-        )
-        return _created(job.id, answer, idempotency, checked)
+        args = [
+            job.to_json(),
+            job.id,
+            job.created_at,
+            job.client_id,
+            min(job.deadline_at, job.created_at + ADMISSION_RECHECK_S),
+            job.created_at - self.retention_s,
+            idempotency_record,
+            IDEMPOTENCY_TTL_S,
+            wakeup.ttl_ms if wakeup is not None else 0,
+            *checked.args(job.created_at),
+        ]
+        replicas = self.replica_acks.to_wait_for()
+        if not replicas:
+            return _created(job.id, self._create(keys=keys, args=args), idempotency, checked)
+        # WAIT counts the writes of its own connection: one pipeline sends both on one.
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._create(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", replicas, self.replica_acks.wait_ms)
+            answer, acked = pipe.execute()
+        created = _created(job.id, answer, idempotency, checked)
+        if created.is_new and int(acked) < replicas:
+            self.replica_acks.not_acked(job.id)
+        return created
 
     def get(self, job_id: str) -> Job | None:
         """The job record, or None."""

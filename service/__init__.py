@@ -78,12 +78,13 @@ def service_context(settings: Settings) -> ServiceContext:
     """The API's collaborators, built once per app from its settings."""
     from workers.celery_app import create_celery_app  # the app sends tasks; it never runs them
 
-    client = connect_redis(settings.redis_url, socket_timeout_s=5)
+    client = connect_redis(settings.redis, socket_timeout_s=5)
     store = JobStore(
         client,
         retention_s=settings.job_retention_s,
         media_base_url=settings.public_base_url,
         media_url_ttl_s=settings.media_url_ttl_s,
+        replica_wait_ms=settings.redis_replica_wait_ms,
     )
     counters = Counters(client)
     celery = create_celery_app(settings)

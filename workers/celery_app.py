@@ -49,6 +49,14 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     app = Celery("inpaint_gateway", broker=settings.celery_broker_url, include=["workers.tasks"])
     tick = settings.dispatch_interval_s
+    transport = broker_options(settings.celery_broker_url)
+    # A sentinel:// broker is a Redis one (its options above), told which master to ask for.
+    sentinel = sentinel_transport_options(settings)
+    if sentinel:
+        transport["broker_transport_options"] = {
+            **transport["broker_transport_options"],
+            **sentinel,
+        }
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -72,7 +80,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        **broker_options(settings.celery_broker_url),
+        **transport,
         # A dispatch whose broker connection drops runs to its end (its steps stored), rather than
         # being terminated mid-call: a submit cut off that way is "outcome unknown" and is sent
         # again — a second paid run. Its trigger then comes back from the broker: harmless.
@@ -120,6 +128,18 @@ def broker_options(broker_url: str) -> dict[str, Any]:
         }
     # Only the scheme: the URL may carry the broker's password.
     raise ValueError(f"no broker transport known for the scheme {scheme!r}")
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, object]:
+    """kombu's sentinel transport options for a `sentinel://` broker: the master it asks the
+    sentinels for, and the sentinels' own password (the URL's is the master's)."""
+    sentinel = settings.redis_sentinel
+    if sentinel is None or not settings.celery_broker_url.startswith("sentinel://"):
+        return {}
+    options: dict[str, object] = {"master_name": sentinel.master}
+    if sentinel.password:
+        options["sentinel_kwargs"] = {"password": sentinel.password}
+    return options
 
 
 def _json_logging_for(settings: Settings):  # type: ignore[no-untyped-def]

@@ -48,7 +48,7 @@ def runtime() -> WorkerRuntime:
 @cache
 def _runtime_for(pid: int) -> WorkerRuntime:
     settings: Settings = current_app.conf.inpaint_settings
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis)
     store = JobStore(
         client,
         retention_s=settings.job_retention_s,
