@@ -10,18 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.run import PHASES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PHASES = (
-    "ingest",
-    "pipeline",
-    "scale",
-    "baseline",
-    "delivery",
-    "uploads",
-    "preflight",
-    "waiters",
-    "variance",
-)
 NUMBER = re.compile(r"^-?\d[\d,]*(\.\d+)?\b")
 
 

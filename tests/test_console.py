@@ -29,7 +29,7 @@ from service.console import (
     spend_bars,
 )
 from service.console_session import SESSION_COOKIE, session_key
-from tests.support.stack import TEST_SETTINGS
+from tests.support.stack import served_stack
 
 pytestmark = pytest.mark.integration
 
@@ -95,19 +95,8 @@ def test_a_page_size_stays_within_bounds() -> None:
 
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(
-        Path(tmp_path_factory.mktemp("console")), settings_env=TEST_SETTINGS, name="console"
-    )
-    try:
-        stack.start_redis()
-        stack.start_emulator("--queue-s", "0.2", "--run-s", "0.3")
-        stack.start_api()
-        stack.start_worker(concurrency=2)
-        stack.start_beat()
-        stack.wait_for_worker(stack.worker)
+    with served_stack(tmp_path_factory.mktemp("console"), "console") as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 class Team:

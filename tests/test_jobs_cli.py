@@ -20,7 +20,7 @@ import requests
 from cli.jobs import parse_settings, progress_text
 from cli.stack import Stack, free_port, venv_script
 from core.clients import ClientStore, NewClientCredentials
-from tests.support.stack import TEST_SETTINGS
+from tests.support.stack import served_stack
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUEUED_LONG = "[emulator:queue=30]"
@@ -30,17 +30,8 @@ PROGRESS_LINE = re.compile(r"^job_\w+ \w+ · (queue position \d+ · )?\d+ s$")
 @pytest.fixture(scope="module")
 def cli_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis, emulator, gunicorn API, then worker and beat (outputs as whole signed URLs)."""
-    stack = Stack(tmp_path_factory.mktemp("jobs-cli"), settings_env=TEST_SETTINGS, name="jobs-cli")
-    try:
-        stack.start_redis()
-        stack.start_emulator("--queue-s", "0.2", "--run-s", "0.3")
-        stack.start_api()
-        stack.start_worker(concurrency=2)
-        stack.start_beat()
-        stack.wait_for_worker(stack.worker)
+    with served_stack(tmp_path_factory.mktemp("jobs-cli"), "jobs-cli") as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,7 +32,7 @@ from core.media_urls import (
 )
 from core.store import JobStore
 from service import create_app
-from tests.support.stack import TEST_SETTINGS
+from tests.support.stack import served_stack
 from workers import decisions
 from workers.outputs import output_url_allowed
 from workers.runcomfy import RequestState
@@ -221,18 +220,9 @@ def test_a_record_of_the_previous_release_shows_runcomfys_urls_not_stored() -> N
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis, emulator, gunicorn API, then worker and beat (which get the API's URL as their
     PUBLIC_BASE_URL: cli/stack.py), with a short OUTPUT_COPY_DEADLINE_S."""
-    settings = TEST_SETTINGS | {"OUTPUT_COPY_DEADLINE_S": str(COPY_DEADLINE_S)}
-    stack = Stack(Path(tmp_path_factory.mktemp("outputs")), settings_env=settings, name="outputs")
-    try:
-        stack.start_redis()
-        stack.start_emulator("--queue-s", "0.2", "--run-s", "0.3")
-        stack.start_api()
-        stack.start_worker(concurrency=2)
-        stack.start_beat()
-        stack.wait_for_worker(stack.worker)
+    deadline = {"OUTPUT_COPY_DEADLINE_S": str(COPY_DEADLINE_S)}
+    with served_stack(tmp_path_factory.mktemp("outputs"), "outputs", deadline) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 class Caller:

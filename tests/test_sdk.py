@@ -36,7 +36,7 @@ from inpaint_gateway_client import (
 from cli.stack import Stack, free_port, wait_until
 from core.clients import ClientStore, NewClientCredentials
 from core.limits import ClientLimits
-from tests.support.stack import TEST_SETTINGS
+from tests.support.stack import served_stack
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LONG_RUN = "[emulator:queue=30]"  # cancellable all along: RunComfy cancels queued requests
@@ -46,17 +46,8 @@ LONG_RUN = "[emulator:queue=30]"  # cancellable all along: RunComfy cancels queu
 def sdk_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis, emulator, gunicorn API, then worker and beat (whose PUBLIC_BASE_URL is the API's,
     so outputs are whole signed URLs)."""
-    stack = Stack(tmp_path_factory.mktemp("sdk"), settings_env=TEST_SETTINGS, name="sdk")
-    try:
-        stack.start_redis()
-        stack.start_emulator("--queue-s", "0.2", "--run-s", "0.3")
-        stack.start_api()
-        stack.start_worker(concurrency=2)
-        stack.start_beat()
-        stack.wait_for_worker(stack.worker)
+    with served_stack(tmp_path_factory.mktemp("sdk"), "sdk") as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def new_credentials(stack: Stack, limits: ClientLimits | None = None) -> NewClientCredentials:

@@ -3,6 +3,8 @@ short, and what a stopped worker's dispatcher would do."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cli.stack import Stack
@@ -42,6 +44,25 @@ def start_stack(
         stack.stop()
         raise
     return stack
+
+
+@contextmanager
+def served_stack(base: Path, name: str, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """redis-server, the emulator, gunicorn's API, then a worker and beat — started after the
+    API, so they get its URL as their PUBLIC_BASE_URL (whole signed media URLs) — with
+    TEST_SETTINGS and `env` over them, for tests that call the API over real HTTP; all stopped
+    at the end."""
+    stack = Stack(base, settings_env=TEST_SETTINGS | (env or {}), name=name)
+    try:
+        stack.start_redis()
+        stack.start_emulator("--queue-s", "0.2", "--run-s", "0.3")
+        stack.start_api()
+        stack.start_worker(concurrency=2)
+        stack.start_beat()
+        stack.wait_for_worker(stack.worker)
+        yield stack
+    finally:
+        stack.stop()
 
 
 def admit(pipeline: JobPipeline) -> None:
