@@ -297,11 +297,16 @@ def submit(
             prompt=prompt, image=sources[0], mask=sources[1], webhook_url=webhook_url, **inputs
         )
         if not (wait_for_it or out is not None):
-            click.echo(json.dumps(job.raw) if as_json else describe_job(job))
+            echo_job(job, as_json)
             return
         if not as_json:
             click.echo(f"submitted {job.id}", err=True)
         finish(client, wait_with_progress(client, job.id, timeout, job), out, as_json)
+
+
+def echo_job(job: Job, as_json: bool) -> None:
+    """The job on stdout: its resource as JSON, or a few readable lines."""
+    click.echo(json.dumps(job.raw) if as_json else describe_job(job))
 
 
 @jobs.command()
@@ -313,7 +318,7 @@ def get(job_id: str, as_json: bool, url: str | None, api_key: str | None) -> Non
     client = gateway_client(url, api_key)
     with client, one_line_errors():
         job = client.get(job_id)
-    click.echo(json.dumps(job.raw) if as_json else describe_job(job))
+    echo_job(job, as_json)
 
 
 @jobs.command(name="list")
@@ -364,7 +369,7 @@ def cancel(job_id: str, as_json: bool, url: str | None, api_key: str | None) -> 
     client = gateway_client(url, api_key)
     with client, one_line_errors():
         job = client.cancel(job_id)
-    click.echo(json.dumps(job.raw) if as_json else describe_job(job))
+    echo_job(job, as_json)
 
 
 def format_usage(usage: Usage) -> str:
