@@ -12,10 +12,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from types import FrameType
 
-from werkzeug.serving import make_server
-
 from emulator.app import create_app
 from emulator.config import ConfigError, EmulatorConfig, config_from_env
+from emulator.server import EmulatorServer
 
 
 def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> EmulatorConfig:
@@ -71,9 +70,12 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> EmulatorCon
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGINT or SIGTERM."""
     config = build_config(sys.argv[1:] if argv is None else argv, os.environ)
-    if config.quiet:
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = make_server(config.host, config.port, create_app(config), threaded=True)
+    # A line per request on stderr unless quiet (emulator.app logs them at INFO).
+    logging.basicConfig(
+        level=logging.WARNING if config.quiet else logging.INFO, format="%(message)s"
+    )
+    logging.getLogger("waitress").setLevel(logging.WARNING)  # not its "Serving on" line
+    server = EmulatorServer(create_app(config), config.host, config.port)
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -81,14 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    serving = threading.Thread(target=server.serve_forever, name="emulator-server", daemon=True)
-    serving.start()
-    print(f"emulator listening on http://{config.host}:{server.server_port}", flush=True)
+    server.start()
+    print(f"emulator listening on http://{config.host}:{server.port}", flush=True)
     while not stop_requested.wait(timeout=0.5):
         pass
-    server.shutdown()
-    server.server_close()
-    serving.join()
+    server.stop()
     print("emulator stopped", flush=True)
     return 0
 

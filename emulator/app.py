@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Flask, Response
+import logging
+
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from emulator.api import upstream_api
@@ -19,6 +21,7 @@ from emulator.stats import CallStats
 
 # Every route but the submit, which reads up to the Model API's own limit (data_uris.py).
 MAX_BODY_BYTES = 1024 * 1024
+ACCESS_LOG = logging.getLogger("emulator.access")
 
 
 def create_app(config: EmulatorConfig | None = None) -> Flask:
@@ -43,7 +46,19 @@ def create_app(config: EmulatorConfig | None = None) -> Flask:
     app.register_blueprint(control_api)
     app.register_blueprint(media)
     app.register_error_handler(HTTPException, _http_error_as_json)
+    app.after_request(_log_request)
     return app
+
+
+def _log_request(response: Response) -> Response:
+    ACCESS_LOG.info(
+        '%s "%s %s" %s',
+        request.remote_addr,
+        request.method,
+        request.full_path.rstrip("?"),
+        response.status_code,
+    )
+    return response
 
 
 def _http_error_as_json(exc: HTTPException) -> Response:

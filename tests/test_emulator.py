@@ -5,13 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import os
 import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -24,7 +22,6 @@ from typing import Any
 import pytest
 import requests
 from PIL import Image, ImageChops, ImageStat
-from werkzeug.serving import make_server
 
 from cli.stack import free_port
 from emulator import EmulatorConfig, Faults, create_app
@@ -32,6 +29,7 @@ from emulator.directives import DirectiveError, parse_directives
 from emulator.faults import OUTPUT_TTL_S
 from emulator.images import SAMPLE_MASK_BOX, make_sample_image, make_sample_mask
 from emulator.outputs import HeldInputs, InputFetchError
+from emulator.server import EmulatorServer
 
 TOKEN = "test-token"
 MODEL_PATH = "/v1/models/tongyi-mai/z-image/turbo/inpainting/lora"
@@ -42,20 +40,13 @@ TEST_FAULTS = Faults(queue_s=0.3, run_s=0.3)
 
 @contextmanager
 def running_emulator(config: EmulatorConfig) -> Iterator[str]:
-    """Serve an emulator app on a free port in a background thread; yield its base URL."""
-    werkzeug_logger = logging.getLogger("werkzeug")
-    previous_level = werkzeug_logger.level
-    werkzeug_logger.setLevel(logging.WARNING)
-    server = make_server("127.0.0.1", 0, create_app(config), threaded=True)
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
+    """Serve an emulator app on a free port in a background thread, as `python -m emulator`
+    does; yield its base URL."""
+    server = EmulatorServer(create_app(config), "127.0.0.1", 0).start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        yield f"http://127.0.0.1:{server.port}"
     finally:
-        server.shutdown()
-        server.server_close()
-        serving.join()
-        werkzeug_logger.setLevel(previous_level)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
