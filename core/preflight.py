@@ -29,14 +29,17 @@ class HeldImage:
     facts: ImageFacts
 
 
-def mask_paints_nothing(mask: bytes) -> bool:
+def mask_paints_nothing(mask: HeldImage) -> bool:
     """True if every pixel of the mask is black: nothing to repaint (white = repaint).
 
-    `mask` has passed inspect_image, so it decodes within the pixel limit.
+    `mask` has passed inspect_image, so it decodes within the pixel limit; decoded again only
+    if that look did not find its brightest pixel.
     """
+    if mask.facts.brightest is not None:
+        return mask.facts.brightest == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(mask)) as image:
+        with Image.open(io.BytesIO(mask.data)) as image:
             brightest = image.convert("L").getextrema()[1]
     return brightest == 0
 
@@ -45,7 +48,7 @@ def preflight_problems(image: HeldImage | None, mask: HeldImage | None) -> dict[
     """What is wrong with the pair, by field name: as much as the pictures held can tell
     (None: that one is not held here, e.g. a URL the API does not fetch). Empty: nothing."""
     problems: dict[str, str] = {}
-    if mask is not None and mask_paints_nothing(mask.data):
+    if mask is not None and mask_paints_nothing(mask):
         problems[MASK_FIELD] = (
             "The mask is all black: nothing to repaint (white marks what to repaint)."
         )

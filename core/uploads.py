@@ -50,14 +50,30 @@ class ImageFacts:
     content_type: str
     width: int
     height: int
+    brightest: int | None = None  # its brightest pixel in grey, 0-255 (None: not looked at)
+
+
+def _brightest_grey(image: Image.Image) -> int:
+    """The brightest pixel of `image` (loaded) seen in grey, 0-255."""
+    _, high = image.convert("L").getextrema()  # one band: two numbers
+    return int(high)  # type: ignore[arg-type]  # Pillow types every mode's answer at once
 
 
 def inspect_image(
-    data: bytes, declared: str | None = None, *, max_bytes: int = MAX_UPLOAD_BYTES
+    data: bytes,
+    declared: str | None = None,
+    *,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+    whole: bool = True,
+    brightest: bool = False,
 ) -> ImageFacts:
     """Decode `data` fully; its facts, or ImageRefused. `declared`: the type the caller named
     (None: none named) — it must be the type the bytes are. `max_bytes`: the size cap (a
-    model's output may be larger than what a client may upload)."""
+    model's output may be larger than what a client may upload). `whole=False` reads the
+    header only (format, size, frames) and decodes no pixel: for bytes kept and served as they
+    came from a source the gateway trusts (RunComfy's outputs), where a full decode, most of
+    the worker's CPU for a job, would protect nobody. `brightest=True` also finds the
+    brightest pixel from the same decode (a mask's preflight)."""
     if not data:
         raise ImageRefused(422, "The body is empty; send the image's bytes.")
     if len(data) > max_bytes:
@@ -76,7 +92,9 @@ def inspect_image(
                     )
                 if getattr(image, "n_frames", 1) > 1:
                     raise ImageRefused(422, "The image is animated; send a single frame.")
-                image.load()  # every pixel: a truncated or corrupt image fails here
+                if whole or brightest:
+                    image.load()  # every pixel: a truncated or corrupt image fails here
+                grey_max = _brightest_grey(image) if brightest else None
     except ImageRefused:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -89,7 +107,7 @@ def inspect_image(
         raise ImageRefused(
             422, f"The bytes are {content_type}, but the request declared {declared}."
         )
-    return ImageFacts(content_type, width, height)
+    return ImageFacts(content_type, width, height, grey_max)
 
 
 @dataclass(frozen=True)
@@ -134,22 +152,25 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-# Keep an existing upload for another retention period, or store this one if none is there.
+# Keep an existing upload at least another period (never shorter than it is already kept: a
+# job may be holding it), or store this one if none is there.
 # KEYS: the upload's record, the expiry index
-# ARGV: the new record (JSON), retention s, expires-at (epoch s), new expires_at text, "1" to
-#       extend only (a record that has meanwhile expired is not written again: its bytes may be
-#       being removed)
+# ARGV: the new record (JSON), seconds to keep, expires-at (epoch s), new expires_at text, "1"
+#       to extend only (a record that has meanwhile expired is not written again: its bytes may
+#       be being removed)
 # Returns the record kept and 1 if it was created, 0 if it was there already; {} if there was
 # nothing to extend.
 _SAVE = """
 local found = redis.call('GET', KEYS[1])
 if not found and ARGV[5] == '1' then return {} end
 if found then
-  local record = cjson.decode(found)
-  record['expires_at'] = ARGV[4]
-  found = cjson.encode(record)
-  redis.call('SET', KEYS[1], found, 'EX', ARGV[2])
-  redis.call('ZADD', KEYS[2], ARGV[3], record['media_key'])
+  if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then
+    local record = cjson.decode(found)
+    record['expires_at'] = ARGV[4]
+    found = cjson.encode(record)
+    redis.call('SET', KEYS[1], found, 'EX', ARGV[2])
+    redis.call('ZADD', KEYS[2], ARGV[3], record['media_key'])
+  end
   return {found, 0}
 end
 local record = cjson.decode(ARGV[1])
@@ -211,17 +232,25 @@ class UploadStore:
         return f"{self.RECORD_PREFIX}{client_id}:{upload_id}"
 
     def save(
-        self, client_id: str, data: bytes, facts: ImageFacts, now: float
+        self,
+        client_id: str,
+        data: bytes,
+        facts: ImageFacts,
+        now: float,
+        *,
+        keep_s: int | None = None,
     ) -> tuple[Upload, bool]:
         """Keep `data` (checked by inspect_image) for `client_id`: the upload and whether it is
-        new. The same bytes again: the same upload, kept another retention period."""
+        new. The same bytes again: the same upload, kept another retention period. `keep_s`:
+        keep it at least this long instead (an output copy lives as long as its job)."""
         digest = hashlib.sha256(data).hexdigest()
         upload_id = upload_id_for(client_id, digest)
         record_key = self._record_key(client_id, upload_id)
-        expires = now + self.retention_s
+        keep_for_s = max(self.retention_s, keep_s or 0)
+        expires = now + keep_for_s
         existing = self.get(client_id, upload_id)
         if existing is not None and self.media.exists(existing.media_key):
-            extended = self._commit(record_key, existing, expires, extend_only=True)
+            extended = self._commit(record_key, existing, keep_for_s, expires, extend_only=True)
             if extended is not None:
                 return extended
         upload = Upload(
@@ -240,7 +269,7 @@ class UploadStore:
             self.redis.delete(record_key)
         self.media.put(upload.media_key, data, upload.content_type)
         try:
-            committed = self._commit(record_key, upload, expires, extend_only=False)
+            committed = self._commit(record_key, upload, keep_for_s, expires, extend_only=False)
         except BaseException:
             self.media.delete(upload.media_key)  # no record names it: nothing left behind
             raise
@@ -251,13 +280,13 @@ class UploadStore:
         return kept, created
 
     def _commit(
-        self, record_key: str, upload: Upload, expires: float, *, extend_only: bool
+        self, record_key: str, upload: Upload, keep_s: int, expires: float, *, extend_only: bool
     ) -> tuple[Upload, bool] | None:
         answer = self._save(
             keys=[record_key, UPLOAD_EXPIRY_KEY],
             args=[
                 json.dumps(asdict(upload)),
-                self.retention_s,
+                keep_s,
                 f"{expires:.3f}",
                 _iso(expires),
                 "1" if extend_only else "0",

@@ -25,6 +25,7 @@ from core.store import PREFIX, connect_redis
 from core.uploads import (
     MAX_UPLOAD_BYTES,
     UPLOAD_EXPIRY_KEY,
+    ImageRefused,
     UploadStore,
     inspect_image,
     remove_expired_uploads,
@@ -326,6 +327,24 @@ def test_a_picture_of_exactly_the_limit_is_taken() -> None:
     assert (facts.width, facts.height) == (8000, 4000)
 
 
+def test_a_header_only_look_refuses_what_is_no_image_and_decodes_no_pixel() -> None:
+    """How output copies are checked (workers/outputs.py): what the bytes say they are."""
+    facts = inspect_image(PNG, whole=False)
+    assert facts == inspect_image(PNG)
+    cut_short = PNG[: len(PNG) // 2]
+    assert inspect_image(cut_short, whole=False) == facts  # no pixel read: not noticed
+    with pytest.raises(ImageRefused, match="cut short"):
+        inspect_image(cut_short)
+    for not_taken, says in [
+        (b"<html>an error page</html>", "not a whole"),
+        (GIF, "not a whole"),
+        (png_header_only(8000, 4001), "8000x4001"),
+        (png_header_only(60000, 60000), "too many pixels"),
+    ]:
+        with pytest.raises(ImageRefused, match=says):
+            inspect_image(not_taken, whole=False)
+
+
 def test_expired_uploads_lose_their_bytes_and_live_ones_keep_them(
     scratch: redis.Redis, tmp_path: Path
 ) -> None:
@@ -349,6 +368,24 @@ def test_expired_uploads_lose_their_bytes_and_live_ones_keep_them(
     again, created = store.save("cli_a", old_data, inspect_image(old_data), now=5000.0)
     assert created and again.id == old.id and again.media_key != old.media_key
     assert store.load_ref("cli_a", again.ref) == (again, old_data)
+
+
+def test_saving_the_same_bytes_again_never_shortens_how_long_they_are_kept(
+    scratch: redis.Redis, tmp_path: Path
+) -> None:
+    """An output copy is kept as long as its job; the same picture uploaded later (kept the
+    shorter upload retention) must not cut that short."""
+    store = UploadStore(scratch, FileMediaStore(tmp_path), retention_s=3600)
+    data = image_bytes("PNG", color="green")
+    now = time.time()
+    kept, _ = store.save("cli_a", data, inspect_image(data), now, keep_s=86400)
+    record_key = f"{PREFIX}upload:cli_a:{kept.id}"
+    assert 86000 < scratch.ttl(record_key) <= 86400
+    again, created = store.save("cli_a", data, inspect_image(data), now + 60)
+    assert not created and again == kept  # expires_at too: not rewritten
+    assert scratch.ttl(record_key) > 86000
+    longer, _ = store.save("cli_a", data, inspect_image(data), now + 60, keep_s=200000)
+    assert scratch.ttl(record_key) > 199000 and longer.expires_at > kept.expires_at
 
 
 def test_beat_sends_the_cleanup_and_a_real_worker_removes_expired_bytes(

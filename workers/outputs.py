@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
 import requests
+import requests.adapters
 
 from core.jobs import StoredImage
 from core.media import MediaStoreError
@@ -66,9 +67,14 @@ def output_url_allowed(url: str, runcomfy_base_url: str) -> bool:
     return origin == _origin(urlsplit(runcomfy_base_url))
 
 
-def _new_session() -> requests.Session:
+def _new_session(connections: int) -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # no proxy, .netrc or CA bundle from the environment
+    # As many kept connections as threads copying at once: a pool with no room for one
+    # closes it, and the next copy pays a new connect.
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=connections, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     return session
 
 
@@ -80,7 +86,11 @@ class OutputCopier:
     runcomfy_base_url: str
     keep_s: int  # as long as the job is kept (JOB_RETENTION_S)
     timeout_s: float = OUTPUT_FETCH_TIMEOUT_S
-    session: requests.Session = field(default_factory=_new_session)
+    connections: int = 10  # kept per host: as many as the threads that copy at once
+    session: requests.Session = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.session = _new_session(self.connections)
 
     def copy_all(self, client_id: str, urls: Sequence[str], now: float) -> tuple[StoredImage, ...]:
         """Each of `urls` kept for `client_id`, in order; OutputCopyFailed at the first that
@@ -97,16 +107,13 @@ class OutputCopier:
     def _copy(self, client_id: str, url: str, now: float) -> StoredImage:
         data = self._download(url)
         try:
-            facts = inspect_image(data, max_bytes=MAX_OUTPUT_BYTES)
+            facts = inspect_image(data, max_bytes=MAX_OUTPUT_BYTES, whole=False)
         except ImageRefused as exc:
             raise OutputCopyFailed(f"an output is not an image to keep: {exc}") from exc
         try:
-            upload, _ = self.uploads.save(client_id, data, facts, now)
-            kept = self.uploads.keep_until(client_id, upload.id, now + self.keep_s, now)
+            upload, _ = self.uploads.save(client_id, data, facts, now, keep_s=self.keep_s)
         except (MediaStoreError, OSError) as exc:
             raise OutputCopyFailed(f"the media store failed: {type(exc).__name__}") from exc
-        if kept is None:  # removed between the two calls: the next look copies it again
-            raise OutputCopyFailed("an output's copy was removed as soon as it was kept")
         record_owner(self.uploads.redis, upload.id, client_id, self.keep_s)
         return StoredImage(
             id=upload.id, sha256=upload.sha256, content_type=upload.content_type, bytes=upload.bytes

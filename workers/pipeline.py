@@ -80,6 +80,7 @@ class JobPipeline:
                 uploads=self.uploads,
                 runcomfy_base_url=self.settings.runcomfy_base_url,
                 keep_s=self.settings.job_retention_s,
+                connections=self.settings.dispatch_batch_size,
             )
         if self.account is None:
             self.account = AccountState(self.store.redis)
@@ -87,6 +88,7 @@ class JobPipeline:
             fetcher = ImageFetcher(
                 allowed_networks=self.settings.input_allowed_networks,
                 timeout_s=self.settings.input_fetch_timeout_s,
+                connections_per_host=self.settings.dispatch_batch_size,
             )
             self.inputs = UpstreamInputs(
                 uploads=self.uploads, fetcher=fetcher, forward=self.settings.input_forward

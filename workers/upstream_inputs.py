@@ -167,7 +167,13 @@ def first_preflight_refusal(problems: dict[str, str]) -> PictureRefused | None:
 class ImageFetcher:
     """Fetches input pictures under the egress rules, within a total time each."""
 
-    def __init__(self, *, allowed_networks: tuple[str, ...], timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        allowed_networks: tuple[str, ...],
+        timeout_s: float,
+        connections_per_host: int = 10,
+    ) -> None:
         self.policy = EgressPolicy.from_cidrs(
             allowed_networks,
             what="image",
@@ -178,8 +184,9 @@ class ImageFetcher:
         # One session for every fetch of the process: a job's two pictures, and the next job's,
         # mostly come from the same few hosts, and a connection kept saves each fetch a connect.
         # Every request is still checked and pinned to its address, and the session keeps no
-        # cookies (egress_session).
-        self.session = egress_session(self.policy)
+        # cookies (egress_session). A pool as large as the threads fetching at once
+        # (`connections_per_host`): a smaller one drops each connection it has no room for.
+        self.session = egress_session(self.policy, connections_per_host=connections_per_host)
 
     def close(self) -> None:
         """Close the kept connections."""
@@ -322,7 +329,8 @@ class UpstreamInputs:
                 f"its host is on a network RunComfy cannot reach ({ALLOWED_NETWORKS_SETTING})",
             )
         try:
-            facts = inspect_image(fetched.data)
+            # The mask's brightest pixel from the same decode: preflight needs no other.
+            facts = inspect_image(fetched.data, brightest=field == MASK_FIELD)
         except ImageRefused as exc:
             raise refusal(field, INPUT_INVALID, f"the answer from {source}: {exc}") from None
         return HeldImage(fetched.data, facts)
