@@ -85,8 +85,8 @@ def submit(model_id: str) -> Response:
     knobs = state.faults.current()
     if knobs.account == "out_of_balance":  # checked before anything is queued: nothing is paid
         return error_response(402, 400002, "insufficient balance: top up the account to continue")
-    # The Model API's own limit, over the app's 1 MiB; werkzeug's server reads and drops the rest
-    # of a body refused unread, so the client hears the answer.
+    # The Model API's own limit, over the app's 1 MiB. The server (emulator/server.py) has read
+    # the whole body before the app runs, so a client whose body is refused hears the answer.
     request.max_content_length = MAX_REQUEST_BYTES
     try:
         body = json.loads(request.get_data())
