@@ -25,7 +25,7 @@ from kubernetes_validate import utils as kubernetes_validate
 import service
 from cli.stack import api_argv, beat_argv, worker_argv
 from core.metrics import COUNTER_HELP, GAUGE_HELP, LABELLED_COUNTER_HELP
-from core.settings import Settings, SettingsError, load_settings
+from core.settings import Settings, SettingsError, load_settings, sentinel_broker_url
 from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from emulator.__main__ import build_config
 
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+SENTINEL_OVERRIDE = ROOT / "docker-compose.sentinel.yml"
 DEPLOY = ROOT / "deploy"
 SETTINGS_SOURCE = ROOT / "core" / "settings.py"
 KEDA_SCHEMA = ROOT / "tests" / "schemas" / "keda.sh_scaledobjects.v1alpha1.yaml"
@@ -74,6 +75,45 @@ def compose() -> dict[str, Any]:
     loaded = yaml.safe_load(COMPOSE_FILE.read_text())
     assert isinstance(loaded, dict)
     return loaded
+
+
+def compose_with_sentinels() -> dict[str, Any]:
+    """docker-compose.yml with docker-compose.sentinel.yml over it, before interpolation."""
+    override = yaml.safe_load(SENTINEL_OVERRIDE.read_text())
+    merged: dict[str, Any] = compose_merge(compose(), override)
+    return merged
+
+
+def compose_merge(base: Any, override: Any) -> Any:
+    """`override` over `base` as compose merges the keys these files use (service, environment,
+    depends_on, volumes: mapping by mapping, key by key); any other value is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return base | {k: compose_merge(base.get(k), v) for k, v in override.items()}
+    return override
+
+
+def sentinel_services(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run redis-sentinel."""
+    return {
+        name: service_
+        for name, service_ in document["services"].items()
+        if "redis-sentinel" in " ".join(service_.get("command") or [])
+    }
+
+
+def sentinel_config(service_: dict[str, Any]) -> list[str]:
+    """The config lines a compose sentinel writes on its first start, its variables filled in
+    from the service's environment."""
+    script = interpolate(service_["command"][-1])
+    body = re.search(r"<<EOF\n(.*?)\nEOF\n", script, re.DOTALL)
+    assert body, "the sentinel writes its config with a heredoc"
+    env = service_.get("environment", {})
+    return re.sub(r"\$(\w+)", lambda m: env[m.group(1)], body.group(1)).splitlines()
+
+
+def sentinel_directives(lines: list[str], directive: str) -> list[list[str]]:
+    """The arguments of each `sentinel <directive> …` line."""
+    return [line.split()[2:] for line in lines if line.split()[:2] == ["sentinel", directive]]
 
 
 def interpolate(value: str) -> str:
@@ -304,10 +344,12 @@ def compose_binary() -> list[str] | None:
     return None
 
 
-def run_compose(binary: list[str], *args: str, home: Path) -> subprocess.CompletedProcess[str]:
+def run_compose(
+    binary: list[str], *args: str, home: Path, files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home)}
     return subprocess.run(
-        [*binary, "-f", str(COMPOSE_FILE), *args],
+        [*binary, *(f"-f{path}" for path in files), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -331,6 +373,110 @@ def test_compose_file_is_valid_for_docker_compose(tmp_path: Path) -> None:
     assert services["worker"]["command"] == WORKER_COMMAND
     assert services["api"]["environment"]["RUNCOMFY_BASE_URL"] == "http://emulator:8100"
     assert services["api"]["environment"]["RUNCOMFY_API_TOKEN"] == "emulator-local-token"
+
+
+# --- docker-compose.sentinel.yml -----------------------------------------------------------
+
+SENTINEL_PORT = 26379
+
+
+def test_sentinel_override_is_valid_for_docker_compose(tmp_path: Path) -> None:
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip(
+            "no docker-compose binary (apt-get install --no-install-recommends docker-compose); "
+            "the YAML checks of the override still ran"
+        )
+    files = (COMPOSE_FILE, SENTINEL_OVERRIDE)
+    quiet = run_compose(binary, "config", "-q", home=tmp_path, files=files)
+    assert quiet.returncode == 0, quiet.stderr
+    rendered = run_compose(binary, "config", home=tmp_path, files=files)
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    assert len(sentinel_services({"services": services})) == 3
+    assert services["worker"]["command"] == WORKER_COMMAND  # the base file's, kept
+    for name in GATEWAY_SERVICES:
+        env = services[name]["environment"]
+        assert env["REDIS_SENTINEL_MASTER"] and env["REDIS_SENTINELS"], name
+        assert env["CELERY_BROKER_URL"].startswith("sentinel://"), name
+        assert env["RUNCOMFY_BASE_URL"] == "http://emulator:8100", name  # the base file's, kept
+
+
+def test_sentinel_override_points_the_gateway_at_the_sentinels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    document = compose_with_sentinels()
+    sentinels = sentinel_services(document)
+    known = settings_names()
+    for name in GATEWAY_SERVICES:
+        service_ = document["services"][name]
+        env: dict[str, str | None] = service_["environment"]
+        assert not set(env) - known, f"{name}: the gateway reads no {sorted(set(env) - known)}"
+        values = {k: interpolate(v) for k, v in env.items() if v is not None}
+        isolated_settings_env(monkeypatch, values)
+        settings = load_settings()
+        sentinel = settings.redis_sentinel
+        assert sentinel is not None, name
+        assert sorted(sentinel.addresses) == [(s, SENTINEL_PORT) for s in sorted(sentinels)], name
+        for config in map(sentinel_config, sentinels.values()):
+            (monitor,) = sentinel_directives(config, "monitor")
+            assert monitor[0] == sentinel.master, f"{name}: the sentinels watch {monitor[0]}"
+        # The broker follows the master through the sentinels: what the gateway derives itself
+        # when CELERY_BROKER_URL is not set, not the base file's redis://redis (the first primary).
+        assert settings.celery_broker_url == sentinel_broker_url(settings.redis_url, sentinel)
+        monkeypatch.delenv("CELERY_BROKER_URL")
+        assert load_settings().celery_broker_url == settings.celery_broker_url, name
+        for needed in ("redis", *sentinels):
+            assert service_["depends_on"][needed]["condition"] == "service_healthy", name
+
+
+def test_sentinel_override_runs_three_sentinels_with_quorum_2() -> None:
+    document = compose_with_sentinels()
+    sentinels = sentinel_services(document)
+    assert len(sentinels) == 3
+    for name, service_ in sentinels.items():
+        config = sentinel_config(service_)
+        assert f"port {SENTINEL_PORT}" in config, name
+        assert sentinel_directives(config, "resolve-hostnames") == [["yes"]], name
+        assert sentinel_directives(config, "announce-hostnames") == [["yes"]], name
+        # Announced by its service name, the one REDIS_SENTINELS and its peers use.
+        assert sentinel_directives(config, "announce-ip") == [[name]], name
+        ((master, host, port, quorum),) = sentinel_directives(config, "monitor")
+        assert (host, port, quorum) == ("redis", "6379", "2"), name
+        ((_, down_after_ms),) = sentinel_directives(config, "down-after-milliseconds")
+        ((_, failover_timeout_ms),) = sentinel_directives(config, "failover-timeout")
+        assert 1000 <= int(down_after_ms) <= 30000, name
+        assert int(failover_timeout_ms) > 2 * int(down_after_ms), name
+        assert service_["image"].startswith("redis:7"), name
+        assert service_["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert service_["restart"] == "unless-stopped", name
+        check = " ".join(service_["healthcheck"]["test"])
+        assert f"-p {SENTINEL_PORT}" in check and master in check, name
+
+
+def test_sentinel_override_replica_replicates_the_primary() -> None:
+    document = compose_with_sentinels()
+    services = document["services"]
+    replicas = {
+        name: s for name, s in services.items() if "--replicaof" in (s.get("command") or [])
+    }
+    assert list(replicas) == ["redis-replica"]
+    for name, service_ in (("redis", services["redis"]), *replicas.items()):
+        command = service_["command"]
+        text = " ".join(command)
+        assert "--appendonly yes" in text and "--appendfsync everysec" in text, name
+        # Known to the sentinels by its service name, whichever role it has.
+        assert command[command.index("--replica-announce-ip") + 1] == name
+        assert service_["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"], name
+        assert service_["restart"] == "unless-stopped", name
+        volume, _, target = service_["volumes"][0].partition(":")
+        assert target == "/data" and volume in document["volumes"], name
+    replica = services["redis-replica"]
+    command = replica["command"]
+    at = command.index("--replicaof")
+    assert command[at + 1 : at + 3] == ["redis", "6379"]
+    assert replica["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert replica["volumes"] != services["redis"]["volumes"], "each its own data"
 
 
 # --- deploy/ (Kubernetes) ------------------------------------------------------------------
