@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -306,8 +306,9 @@ def test_compose_upstream_defaults_to_the_emulator_and_is_overridable() -> None:
         )
 
 
-def test_compose_holds_no_literal_secret() -> None:
-    for name, service_ in compose()["services"].items():
+@pytest.mark.parametrize("document", [compose, compose_with_sentinels], ids=["base", "sentinel"])
+def test_compose_holds_no_literal_secret(document: Callable[[], dict[str, Any]]) -> None:
+    for name, service_ in document()["services"].items():
         env = service_.get("environment") or {}
         items = env.items() if isinstance(env, dict) else (e.partition("=")[::2] for e in env)
         for key, value in items:
@@ -316,7 +317,7 @@ def test_compose_holds_no_literal_secret() -> None:
                 # Only a value meant for the local emulator may serve as the default.
                 default = interpolate(str(value))
                 assert default in ("", "emulator-local-token"), f"{name}: {key} default {default!r}"
-    assert "whsec_" not in COMPOSE_FILE.read_text()
+    assert "whsec_" not in COMPOSE_FILE.read_text() + SENTINEL_OVERRIDE.read_text()
 
 
 def test_compose_settings_are_known_and_load(monkeypatch: pytest.MonkeyPatch) -> None:
