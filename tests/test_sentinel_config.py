@@ -1,5 +1,6 @@
-"""The sentinels of docker-compose.sentinel.yml, run for real: their start script and config,
-with local redis-server and redis-sentinel processes on free ports in place of the containers."""
+"""The sentinel configs shipped in docker-compose.sentinel.yml and deploy/redis-sentinel/, run
+for real with local redis-server and redis-sentinel processes on free ports in place of the
+containers and pods."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ import redis
 
 from cli.stack import ManagedProcess, RedisServer, free_port, wait_for_port, wait_until
 from tests.test_deploy_files import (
+    SENTINEL_MASTER,
     SENTINEL_PORT,
     compose_with_sentinels,
     interpolate,
+    run_with_stubs,
     sentinel_config,
     sentinel_directives,
+    sentinel_resource,
     sentinel_services,
+    started_script,
 )
 
 pytestmark = [
@@ -133,3 +138,51 @@ def test_the_compose_sentinels_watch_the_primary_and_reach_quorum(
     finally:
         for sentinel in sentinels:
             sentinel.process.stop()
+
+
+def test_the_manifest_sentinel_config_is_one_redis_sentinel_runs(
+    primary_and_replica: tuple[RedisServer, RedisServer], tmp_path: Path
+) -> None:
+    primary, _ = primary_and_replica
+    script = started_script(sentinel_resource("StatefulSet", "redis-sentinel"))
+    data = tmp_path / "data"
+    data.mkdir()
+    # What a first pod writes (no peer answering), with the pod's names made this host's.
+    run_with_stubs(
+        script.replace("/data", str(data)),
+        tmp_path,
+        hostname="redis-sentinel-0",
+        sentinels_say="down",
+    )
+    config = data / "sentinel.conf"
+    port = free_port()
+    written = config.read_text()
+    local, changes = re.subn(
+        r"^(port) \d+$|^(sentinel announce-ip) \S+$|^(sentinel monitor \S+) \S+ \d+",
+        lambda m: {
+            "port": f"port {port}",
+            "sentinel announce-ip": "sentinel announce-ip 127.0.0.1",
+        }.get(m.group(1) or m.group(2), f"{m.group(3)} 127.0.0.1 {primary.port}"),
+        written,
+        flags=re.M,
+    )
+    assert changes == 3, written
+    config.write_text(local)
+    sentinel = ManagedProcess(
+        "sentinel", ["redis-sentinel", str(config)], log_path=tmp_path / "sentinel.log"
+    )
+    try:
+        sentinel.start()
+        wait_for_port(port, process=sentinel.process)
+        client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+        try:
+
+            def watching() -> bool:
+                state = client.sentinel_master(SENTINEL_MASTER)
+                return int(state["port"]) == primary.port and int(state["num-slaves"]) == 1
+
+            wait_until(watching, timeout_s=10, what="the sentinel seeing the primary's replica")
+        finally:
+            client.close()
+    finally:
+        sentinel.stop()
