@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from kubernetes_validate import utils as kubernetes_validate
 import service
 from cli.stack import api_argv, beat_argv, worker_argv
 from core.metrics import COUNTER_HELP, GAUGE_HELP, LABELLED_COUNTER_HELP
-from core.settings import Settings, SettingsError, load_settings
+from core.settings import Settings, SettingsError, load_settings, sentinel_broker_url
 from core.wakeups import JOBS_QUEUE, WEBHOOKS_QUEUE
 from emulator.__main__ import build_config
 
@@ -33,8 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+SENTINEL_OVERRIDE = ROOT / "docker-compose.sentinel.yml"
 DEPLOY = ROOT / "deploy"
 SETTINGS_SOURCE = ROOT / "core" / "settings.py"
+SENTINEL_MANIFEST = DEPLOY / "redis-sentinel" / "redis-sentinel.yaml"
 KEDA_SCHEMA = ROOT / "tests" / "schemas" / "keda.sh_scaledobjects.v1alpha1.yaml"
 
 API_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service:create_app()"]
@@ -74,6 +76,45 @@ def compose() -> dict[str, Any]:
     loaded = yaml.safe_load(COMPOSE_FILE.read_text())
     assert isinstance(loaded, dict)
     return loaded
+
+
+def compose_with_sentinels() -> dict[str, Any]:
+    """docker-compose.yml with docker-compose.sentinel.yml over it, before interpolation."""
+    override = yaml.safe_load(SENTINEL_OVERRIDE.read_text())
+    merged: dict[str, Any] = compose_merge(compose(), override)
+    return merged
+
+
+def compose_merge(base: Any, override: Any) -> Any:
+    """`override` over `base` as compose merges the keys these files use (service, environment,
+    depends_on, volumes: mapping by mapping, key by key); any other value is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return base | {k: compose_merge(base.get(k), v) for k, v in override.items()}
+    return override
+
+
+def sentinel_services(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run redis-sentinel."""
+    return {
+        name: service_
+        for name, service_ in document["services"].items()
+        if "redis-sentinel" in " ".join(service_.get("command") or [])
+    }
+
+
+def sentinel_config(service_: dict[str, Any]) -> list[str]:
+    """The config lines a compose sentinel writes on its first start, its variables filled in
+    from the service's environment."""
+    script = interpolate(service_["command"][-1])
+    body = re.search(r"<<EOF\n(.*?)\nEOF\n", script, re.DOTALL)
+    assert body, "the sentinel writes its config with a heredoc"
+    env = service_.get("environment", {})
+    return re.sub(r"\$(\w+)", lambda m: env[m.group(1)], body.group(1)).splitlines()
+
+
+def sentinel_directives(lines: list[str], directive: str) -> list[list[str]]:
+    """The arguments of each `sentinel <directive> …` line."""
+    return [line.split()[2:] for line in lines if line.split()[:2] == ["sentinel", directive]]
 
 
 def interpolate(value: str) -> str:
@@ -265,8 +306,9 @@ def test_compose_upstream_defaults_to_the_emulator_and_is_overridable() -> None:
         )
 
 
-def test_compose_holds_no_literal_secret() -> None:
-    for name, service_ in compose()["services"].items():
+@pytest.mark.parametrize("document", [compose, compose_with_sentinels], ids=["base", "sentinel"])
+def test_compose_holds_no_literal_secret(document: Callable[[], dict[str, Any]]) -> None:
+    for name, service_ in document()["services"].items():
         env = service_.get("environment") or {}
         items = env.items() if isinstance(env, dict) else (e.partition("=")[::2] for e in env)
         for key, value in items:
@@ -275,7 +317,7 @@ def test_compose_holds_no_literal_secret() -> None:
                 # Only a value meant for the local emulator may serve as the default.
                 default = interpolate(str(value))
                 assert default in ("", "emulator-local-token"), f"{name}: {key} default {default!r}"
-    assert "whsec_" not in COMPOSE_FILE.read_text()
+    assert "whsec_" not in COMPOSE_FILE.read_text() + SENTINEL_OVERRIDE.read_text()
 
 
 def test_compose_settings_are_known_and_load(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,10 +346,12 @@ def compose_binary() -> list[str] | None:
     return None
 
 
-def run_compose(binary: list[str], *args: str, home: Path) -> subprocess.CompletedProcess[str]:
+def run_compose(
+    binary: list[str], *args: str, home: Path, files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home)}
     return subprocess.run(
-        [*binary, "-f", str(COMPOSE_FILE), *args],
+        [*binary, *(f"-f{path}" for path in files), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -331,6 +375,110 @@ def test_compose_file_is_valid_for_docker_compose(tmp_path: Path) -> None:
     assert services["worker"]["command"] == WORKER_COMMAND
     assert services["api"]["environment"]["RUNCOMFY_BASE_URL"] == "http://emulator:8100"
     assert services["api"]["environment"]["RUNCOMFY_API_TOKEN"] == "emulator-local-token"
+
+
+# --- docker-compose.sentinel.yml -----------------------------------------------------------
+
+SENTINEL_PORT = 26379
+
+
+def test_sentinel_override_is_valid_for_docker_compose(tmp_path: Path) -> None:
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip(
+            "no docker-compose binary (apt-get install --no-install-recommends docker-compose); "
+            "the YAML checks of the override still ran"
+        )
+    files = (COMPOSE_FILE, SENTINEL_OVERRIDE)
+    quiet = run_compose(binary, "config", "-q", home=tmp_path, files=files)
+    assert quiet.returncode == 0, quiet.stderr
+    rendered = run_compose(binary, "config", home=tmp_path, files=files)
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    assert len(sentinel_services({"services": services})) == 3
+    assert services["worker"]["command"] == WORKER_COMMAND  # the base file's, kept
+    for name in GATEWAY_SERVICES:
+        env = services[name]["environment"]
+        assert env["REDIS_SENTINEL_MASTER"] and env["REDIS_SENTINELS"], name
+        assert env["CELERY_BROKER_URL"].startswith("sentinel://"), name
+        assert env["RUNCOMFY_BASE_URL"] == "http://emulator:8100", name  # the base file's, kept
+
+
+def test_sentinel_override_points_the_gateway_at_the_sentinels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    document = compose_with_sentinels()
+    sentinels = sentinel_services(document)
+    known = settings_names()
+    for name in GATEWAY_SERVICES:
+        service_ = document["services"][name]
+        env: dict[str, str | None] = service_["environment"]
+        assert not set(env) - known, f"{name}: the gateway reads no {sorted(set(env) - known)}"
+        values = {k: interpolate(v) for k, v in env.items() if v is not None}
+        isolated_settings_env(monkeypatch, values)
+        settings = load_settings()
+        sentinel = settings.redis_sentinel
+        assert sentinel is not None, name
+        assert sorted(sentinel.addresses) == [(s, SENTINEL_PORT) for s in sorted(sentinels)], name
+        for config in map(sentinel_config, sentinels.values()):
+            (monitor,) = sentinel_directives(config, "monitor")
+            assert monitor[0] == sentinel.master, f"{name}: the sentinels watch {monitor[0]}"
+        # The broker follows the master through the sentinels: what the gateway derives itself
+        # when CELERY_BROKER_URL is not set, not the base file's redis://redis (the first primary).
+        assert settings.celery_broker_url == sentinel_broker_url(settings.redis_url, sentinel)
+        monkeypatch.delenv("CELERY_BROKER_URL")
+        assert load_settings().celery_broker_url == settings.celery_broker_url, name
+        for needed in ("redis", *sentinels):
+            assert service_["depends_on"][needed]["condition"] == "service_healthy", name
+
+
+def test_sentinel_override_runs_three_sentinels_with_quorum_2() -> None:
+    document = compose_with_sentinels()
+    sentinels = sentinel_services(document)
+    assert len(sentinels) == 3
+    for name, service_ in sentinels.items():
+        config = sentinel_config(service_)
+        assert f"port {SENTINEL_PORT}" in config, name
+        assert sentinel_directives(config, "resolve-hostnames") == [["yes"]], name
+        assert sentinel_directives(config, "announce-hostnames") == [["yes"]], name
+        # Announced by its service name, the one REDIS_SENTINELS and its peers use.
+        assert sentinel_directives(config, "announce-ip") == [[name]], name
+        ((master, host, port, quorum),) = sentinel_directives(config, "monitor")
+        assert (host, port, quorum) == ("redis", "6379", "2"), name
+        ((_, down_after_ms),) = sentinel_directives(config, "down-after-milliseconds")
+        ((_, failover_timeout_ms),) = sentinel_directives(config, "failover-timeout")
+        assert 1000 <= int(down_after_ms) <= 30000, name
+        assert int(failover_timeout_ms) > 2 * int(down_after_ms), name
+        assert service_["image"].startswith("redis:7"), name
+        assert service_["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert service_["restart"] == "unless-stopped", name
+        check = " ".join(service_["healthcheck"]["test"])
+        assert f"-p {SENTINEL_PORT}" in check and master in check, name
+
+
+def test_sentinel_override_replica_replicates_the_primary() -> None:
+    document = compose_with_sentinels()
+    services = document["services"]
+    replicas = {
+        name: s for name, s in services.items() if "--replicaof" in (s.get("command") or [])
+    }
+    assert list(replicas) == ["redis-replica"]
+    for name, service_ in (("redis", services["redis"]), *replicas.items()):
+        command = service_["command"]
+        text = " ".join(command)
+        assert "--appendonly yes" in text and "--appendfsync everysec" in text, name
+        # Known to the sentinels by its service name, whichever role it has.
+        assert command[command.index("--replica-announce-ip") + 1] == name
+        assert service_["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"], name
+        assert service_["restart"] == "unless-stopped", name
+        volume, _, target = service_["volumes"][0].partition(":")
+        assert target == "/data" and volume in document["volumes"], name
+    replica = services["redis-replica"]
+    command = replica["command"]
+    at = command.index("--replicaof")
+    assert command[at + 1 : at + 3] == ["redis", "6379"]
+    assert replica["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert replica["volumes"] != services["redis"]["volumes"], "each its own data"
 
 
 # --- deploy/ (Kubernetes) ------------------------------------------------------------------
@@ -667,6 +815,238 @@ def test_redis_statefulset_is_durable() -> None:
     data_mounts = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
     assert data_mounts and data_mounts[0]["name"] in claims, "/data must be on a PersistentVolume"
     assert redis["spec"]["serviceName"] == resource("Service", "redis")["metadata"]["name"]
+
+
+# --- deploy/redis-sentinel/ (Redis with failover, instead of redis.yaml) -------------------
+
+SENTINEL_MASTER = "gateway-store"
+
+
+def sentinel_resource(kind: str, name: str) -> dict[str, Any]:
+    found = [
+        doc
+        for doc in read_yaml_documents(SENTINEL_MANIFEST)
+        if doc["kind"] == kind and doc["metadata"]["name"] == name
+    ]
+    assert len(found) == 1, f"expected exactly one {kind}/{name} in {SENTINEL_MANIFEST.name}"
+    return found[0]
+
+
+def started_script(workload: dict[str, Any]) -> str:
+    """The ConfigMap script a workload's container runs (`sh /scripts/NAME`)."""
+    container = only_container(workload)
+    shell, script_path = argv(container)
+    assert shell == "sh", "the scripts are mounted without an exec bit"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    for volume in pod_spec(workload)["volumes"]:
+        if "configMap" in volume and script_path.startswith(mounts[volume["name"]] + "/"):
+            data: dict[str, str] = sentinel_resource("ConfigMap", volume["configMap"]["name"])[
+                "data"
+            ]
+            return data[script_path.rpartition("/")[2]]
+    raise AssertionError(f"{script_path} is not from a ConfigMap")
+
+
+STUBS = {
+    # The pod's name, as Kubernetes sets the hostname.
+    "hostname": 'echo "$FAKE_HOSTNAME"',
+    # A sentinel's answer to get-master-addr-by-name: down (no answer), nil, or host and port.
+    "redis-cli": (
+        'echo "$*" >> "$FAKE_CALLS"\n'
+        '[ "$FAKE_MASTER" = down ] && exit 1\n'
+        '[ -z "$FAKE_MASTER" ] && { echo; exit 0; }\n'
+        'printf "%s\\n6379\\n" "$FAKE_MASTER"'
+    ),
+    "getent": "exit 0",
+    "redis-server": 'echo "redis-server $*"',
+    "redis-sentinel": 'echo "redis-sentinel $*"',
+}
+
+
+def run_with_stubs(
+    script: str, tmp_path: Path, *, hostname: str, sentinels_say: str
+) -> tuple[str, list[str]]:
+    """Run a start script with the programs it calls stubbed: what it execs, and what it asked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in STUBS.items():
+        stub = bin_dir / name
+        stub.write_text(f"#!/bin/sh\n{body}\n")
+        stub.chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "FAKE_HOSTNAME": hostname,
+        "FAKE_MASTER": sentinels_say,
+        "FAKE_CALLS": str(calls),
+    }
+    done = subprocess.run(
+        ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1], calls.read_text().splitlines()
+
+
+def test_sentinel_manifest_redis_is_durable_and_headless() -> None:
+    redis = sentinel_resource("StatefulSet", "redis-ha")
+    assert redis["spec"]["replicas"] == 2
+    script = started_script(redis)
+    assert "--appendonly yes" in script and "--appendfsync everysec" in script
+    assert "--maxmemory-policy noeviction" in script
+    container = only_container(redis)
+    claims = {c["metadata"]["name"] for c in redis["spec"]["volumeClaimTemplates"]}
+    data_mounts = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+    assert data_mounts and data_mounts[0]["name"] in claims, "/data must be on a PersistentVolume"
+    assert "--dir /data" in script
+    for workload in (redis, sentinel_resource("StatefulSet", "redis-sentinel")):
+        service_ = sentinel_resource("Service", workload["spec"]["serviceName"])
+        assert service_["spec"]["clusterIP"] == "None", "pods are reached by their own names"
+        # A sentinel must resolve a pod that is still loading its AOF, or a peer not yet ready.
+        assert service_["spec"]["publishNotReadyAddresses"] is True
+        assert selects(
+            {"matchLabels": service_["spec"]["selector"]},
+            workload["spec"]["template"]["metadata"]["labels"],
+        )
+
+
+@pytest.mark.parametrize(
+    ("pod", "sentinels_say", "replicates"),
+    [
+        ("redis-ha-0", "down", None),  # first start: pod 0 is the primary
+        ("redis-ha-1", "down", "redis-ha-0.redis-ha"),
+        ("redis-ha-1", "", "redis-ha-0.redis-ha"),  # sentinels up, master not known yet
+        ("redis-ha-0", "redis-ha-0.redis-ha", None),  # restarted before any failover
+        # The old primary restarted after a failover: a replica of the promoted one, never a
+        # second primary.
+        ("redis-ha-0", "redis-ha-1.redis-ha", "redis-ha-1.redis-ha"),
+        ("redis-ha-1", "redis-ha-1.redis-ha", None),
+    ],
+)
+def test_sentinel_manifest_redis_starts_as_the_sentinels_say(
+    tmp_path: Path, pod: str, sentinels_say: str, replicates: str | None
+) -> None:
+    redis = sentinel_resource("StatefulSet", "redis-ha")
+    assert int(pod.rpartition("-")[2]) < redis["spec"]["replicas"]
+    started, asked = run_with_stubs(
+        started_script(redis), tmp_path, hostname=pod, sentinels_say=sentinels_say
+    )
+    argv_ = started.split()
+    assert argv_[0] == "redis-server"
+    announced = argv_[argv_.index("--replica-announce-ip") + 1]
+    assert announced == f"{pod}.{redis['spec']['serviceName']}"
+    if replicates is None:
+        assert "--replicaof" not in argv_
+    else:
+        assert argv_[argv_.index("--replicaof") + 1 :] == [replicates, "6379"]
+    sentinels = sentinel_resource("StatefulSet", "redis-sentinel")
+    service_name = sentinels["spec"]["serviceName"]
+    every_sentinel = {
+        f"redis-sentinel-{n}.{service_name}" for n in range(sentinels["spec"]["replicas"])
+    }
+    hosts = {call.split()[call.split().index("-h") + 1] for call in asked}
+    assert hosts <= every_sentinel and hosts, asked
+    if sentinels_say == "down":
+        assert hosts == every_sentinel, "asks each sentinel before deciding alone"
+    assert all(f"get-master-addr-by-name {SENTINEL_MASTER}" in call for call in asked)
+
+
+@pytest.mark.parametrize(
+    ("peers_say", "monitors"),
+    [("down", "redis-ha-0.redis-ha"), ("redis-ha-1.redis-ha", "redis-ha-1.redis-ha")],
+)
+def test_sentinel_manifest_sentinels_write_their_config_once(
+    tmp_path: Path, peers_say: str, monitors: str
+) -> None:
+    sentinels = sentinel_resource("StatefulSet", "redis-sentinel")
+    assert sentinels["spec"]["replicas"] == 3
+    script = started_script(sentinels)
+    config_dir = re.search(r"^conf=(/\S+)/sentinel\.conf$", script, re.M)
+    assert config_dir, "the script names its config file"
+    # The config sits on a writable volume: sentinel rewrites it as it learns.
+    container = only_container(sentinels)
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(sentinels)["volumes"]}
+    assert "emptyDir" in volumes[mounts[config_dir.group(1)]]
+    local = tmp_path / "data"
+    local.mkdir()
+    script = script.replace(config_dir.group(1) + "/", f"{local}/")
+    pod = "redis-sentinel-1"
+    started, asked = run_with_stubs(script, tmp_path, hostname=pod, sentinels_say=peers_say)
+    config = (local / "sentinel.conf").read_text().splitlines()
+    assert started == f"redis-sentinel {local}/sentinel.conf"
+    assert sentinel_directives(config, "monitor") == [[SENTINEL_MASTER, monitors, "6379", "2"]]
+    assert sentinel_directives(config, "resolve-hostnames") == [["yes"]]
+    assert sentinel_directives(config, "announce-hostnames") == [["yes"]]
+    assert sentinel_directives(config, "announce-ip") == [[f"{pod}.redis-sentinel"]]
+    assert f"port {SENTINEL_PORT}" in config
+    assert not any(f"{pod}." in call for call in asked), "a sentinel does not ask itself"
+    # Written only when absent: a restarted container keeps what it learnt.
+    (local / "sentinel.conf").write_text("learnt\n")
+    run_with_stubs(script, tmp_path, hostname=pod, sentinels_say="down")
+    assert (local / "sentinel.conf").read_text() == "learnt\n"
+
+
+def test_sentinel_manifest_sentinels_keep_a_quorum_through_a_drain() -> None:
+    sentinels = sentinel_resource("StatefulSet", "redis-sentinel")
+    budgets = [
+        d for d in read_yaml_documents(SENTINEL_MANIFEST) if d["kind"] == "PodDisruptionBudget"
+    ]
+    labels = sentinels["spec"]["template"]["metadata"]["labels"]
+    (budget,) = [b for b in budgets if selects(b["spec"]["selector"], labels)]
+    quorum = 2
+    assert sentinels["spec"]["replicas"] - budget["spec"]["maxUnavailable"] >= quorum
+
+
+def test_sentinel_manifest_pods_are_locked_down() -> None:
+    for name in ("redis-ha", "redis-sentinel"):
+        workload = sentinel_resource("StatefulSet", name)
+        spec = pod_spec(workload)
+        assert spec["automountServiceAccountToken"] is False, name
+        pod_security = spec["securityContext"]
+        assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] != 0, name
+        assert pod_security["seccompProfile"]["type"] == "RuntimeDefault", name
+        container = only_container(workload)
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, name
+        assert security["allowPrivilegeEscalation"] is False, name
+        assert security["capabilities"]["drop"] == ["ALL"], name
+        assert {"requests", "limits"} <= set(container["resources"]), name
+        assert "readinessProbe" in container and "livenessProbe" in container, name
+
+
+def configmap_sentinel_note() -> dict[str, str]:
+    """The settings configmap.yaml's comment says to uncomment when using deploy/redis-sentinel/
+    (and it says to delete CELERY_BROKER_URL)."""
+    text = (DEPLOY / "configmap.yaml").read_text()
+    note = re.search(r"^  # With deploy/redis-sentinel/.*?(?=^  [A-Z])", text, re.M | re.DOTALL)
+    assert note, "configmap.yaml says what to set with deploy/redis-sentinel/"
+    assert "delete CELERY_BROKER_URL" in " ".join(note.group(0).replace("#", " ").split())
+    return dict(re.findall(r"^  # (REDIS_\w+): (\S+)$", note.group(0), re.M))
+
+
+def test_configmap_note_points_the_gateway_at_the_manifest_sentinels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    note = configmap_sentinel_note()
+    assert {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"} <= set(note)
+    data: dict[str, str] = resource("ConfigMap", "inpaint-gateway-config")["data"]
+    # As the note says: CELERY_BROKER_URL deleted, so the broker follows the sentinels too.
+    # RUNCOMFY_API_TOKEN_FILE is a pod's path: the token is given here instead.
+    dropped = ("CELERY_BROKER_URL", "RUNCOMFY_API_TOKEN_FILE")
+    values = {k: v for k, v in data.items() if k not in dropped} | note
+    isolated_settings_env(monkeypatch, values | {"RUNCOMFY_API_TOKEN": "a-token"})
+    settings = load_settings()
+    sentinel = settings.redis_sentinel
+    assert sentinel is not None and sentinel.master == SENTINEL_MASTER
+    assert settings.celery_broker_url == sentinel_broker_url(settings.redis_url, sentinel)
+    sentinels = sentinel_resource("StatefulSet", "redis-sentinel")
+    pods = {
+        f"redis-sentinel-{n}.{sentinels['spec']['serviceName']}"
+        for n in range(sentinels["spec"]["replicas"])
+    }
+    (port,) = only_container(sentinels)["ports"]
+    assert set(sentinel.addresses) == {(pod, port["containerPort"]) for pod in pods}
 
 
 def test_deploy_readme_names_every_manifest() -> None:
