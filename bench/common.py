@@ -368,6 +368,7 @@ class Sizes:
     variance_in_flight: tuple[int, ...]
     variance_post_s: float  # each size POSTed evenly over this (shorter than the shortest run)
     variance_time_scale: float  # PRODUCT §8's run times times this (smoke: a tenth)
+    variance_naive_window_s: float  # the naive design runs this long (it would take hours)
 
 
 FULL = Sizes(
@@ -401,6 +402,7 @@ FULL = Sizes(
     variance_in_flight=(40, 200, 2000),
     variance_post_s=4,
     variance_time_scale=1.0,
+    variance_naive_window_s=60,
 )
 SMOKE = Sizes(
     smoke=True,
@@ -433,6 +435,7 @@ SMOKE = Sizes(
     variance_in_flight=(6,),
     variance_post_s=0.2,
     variance_time_scale=0.1,
+    variance_naive_window_s=4,
 )
 
 

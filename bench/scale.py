@@ -108,7 +108,7 @@ def _upstream_results(stack: Stack, events: list[Any]) -> list[dict[str, Any]]:
         )
 
 
-def _after_finish(stack: Stack, events: list[Any]) -> list[float]:
+def after_finish(stack: Stack, events: list[Any]) -> list[float]:
     """Webhook received minus upstream finished_at, per event."""
     results = _upstream_results(stack, events)
     return [e.received_at - _ts(r["finished_at"]) for e, r in zip(events, results, strict=True)]
@@ -142,7 +142,7 @@ def run(sizes: Sizes, base: Path) -> tuple[list[Row], ScaleOutcome]:
             warmup_ids = [job_id for job_id, _ in warmup]
             if not collector.wait_for(warmup_ids, sizes.scale_run_s + 60):
                 raise RuntimeError("scale: warm-up jobs did not finish")
-            cold = _after_finish(stack, collector.events(warmup_ids))
+            cold = after_finish(stack, collector.events(warmup_ids))
 
             memory_before = used_memory(client)
             cpu = cpu_meter(stack)

@@ -8,19 +8,26 @@ decisions). Each first runs warm-up jobs of both shapes to the end (the gateway 
 windows, as one that has been serving this model has), then, per size, POSTs the jobs evenly
 over a few seconds — shorter than the shortest run, so they are all in flight at once — and
 waits for every verified webhook. Time to result is the webhook received minus RunComfy's
-`finished_at`; calls per job are the emulator's counts. The naive design (a task sleeping 2 s
-between polls) holds one job per worker slot: its figures are the baseline phase's.
+`finished_at`; calls per job are the emulator's counts.
+
+Then the naive design (`bench/naive.py`: a task per job, sleeping 2 s between polls) at the same
+worker concurrency, on the same runs: it holds one job per worker slot however many are sent, so
+it runs for a window (it would take hours); the figures are the jobs finished in it, their time
+to result and calls, and how long each size would take at that pace.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import naive
 from bench.common import (
     Collector,
+    InFlightSampler,
     Poster,
     Row,
     Sizes,
@@ -31,9 +38,9 @@ from bench.common import (
     say,
     start_receiver,
 )
-from bench.scale import run_batch
+from bench.scale import after_finish, run_batch
 from cli.stack import sample_job_body
-from core.clients import ClientStore
+from core.clients import ClientStore, new_webhook_secret
 
 # (steps, run s, spread s): the shapes and runs PRODUCT §8 names.
 SHAPES = ((20, 20.0, 2.0), (8, 5.0, 1.0))
@@ -114,12 +121,79 @@ def _design(sizes: Sizes, base: Path, design: str, app: str) -> list[Outcome]:
     return outcomes
 
 
+@dataclass(frozen=True)
+class NaiveOutcome:
+    """The naive design's window: what finished in it, of `sent`."""
+
+    sent: int
+    window_s: float
+    after_finish: list[float]
+    calls: list[int]
+    peak_in_progress: int
+
+
+def _naive(sizes: Sizes, base: Path) -> NaiveOutcome:
+    n, window = min(sizes.variance_in_flight), sizes.variance_naive_window_s
+    secret = new_webhook_secret()
+    with phase_stack("variance-naive", base, run_s=0, NAIVE_WEBHOOK_SECRET=secret) as stack:
+        worker = stack.start_worker(
+            app="bench.naive", concurrency=sizes.scale_concurrency, queues=None, log_level=None
+        )
+        stack.wait_for_worker(worker)
+        collector = Collector()
+        receiver = start_receiver(secret, collector)
+        celery = naive.create_app(stack.redis_url)
+        try:
+            say(f"variance: naive design: {n} jobs sent, worker -c {sizes.scale_concurrency}, "
+                f"window {window:.0f} s")  # fmt: skip
+            with InFlightSampler(stack) as sampler:
+                started = time.time()
+                with celery.producer_or_acquire() as producer:
+                    for i in range(n):
+                        body = _body(stack.emulator_url, "", i, "naive", sizes.variance_time_scale)
+                        body.pop("webhook_url")  # the task is given it apart: not a model field
+                        celery.send_task(
+                            naive.TASK_NAME, args=(f"naive{i}", body, receiver.url),
+                            producer=producer,
+                        )  # fmt: skip
+                time.sleep(max(0.0, started + window - time.time()))
+            worker.stop(timeout_s=1)  # the jobs held are abandoned: the window is over
+            events = [
+                e for e in collector.events(f"naive{i}" for i in range(n))
+                if e.received_at <= started + window
+            ]  # fmt: skip
+            finished = after_finish(stack, events)
+        finally:
+            receiver.stop()
+            celery.close()
+    calls = [int(e.payload["data"]["upstream_calls"]) for e in events]
+    return NaiveOutcome(n, window, finished, calls, sampler.peak_in_progress)
+
+
+def _naive_rows(sizes: Sizes, outcome: NaiveOutcome) -> list[Row]:
+    done = len(outcome.after_finish)
+    p50, p99 = percentile(outcome.after_finish, 50), percentile(outcome.after_finish, 99)
+    calls = sum(outcome.calls) / done if done else math.nan
+    pace = ", ".join(
+        f"{size}: {fmt(size / done * outcome.window_s if done else math.inf, 's', 0)}"
+        for size in sizes.variance_in_flight
+    )
+    return [
+        Row("variance", f"naive design (-c {sizes.scale_concurrency}), {outcome.sent} sent: at "
+            f"most {outcome.peak_in_progress} in flight; of the {done} finished in "
+            f"{outcome.window_s:.0f} s, time to result p50 / p99, upstream calls per job",
+            f"{fmt(p50, '', 2)} / {fmt(p99, 's', 2)}; {fmt(calls, '', 2)} calls"),
+        Row("variance", "naive design: time all of each size would take at that pace", pace),
+    ]  # fmt: skip
+
+
 def run(sizes: Sizes, base: Path) -> list[Row]:
     outcomes = [
         outcome
         for design, app in DESIGNS
         for outcome in _design(sizes, base / app.replace(".", "-"), design, app)
     ]
+    naive_outcome = _naive(sizes, base / "naive")
     rows = []
     for o in outcomes:
         p50, p99 = percentile(o.after_finish, 50), percentile(o.after_finish, 99)
@@ -143,7 +217,7 @@ def run(sizes: Sizes, base: Path) -> list[Row]:
                 else "—",
             )
         )
-    return rows
+    return rows + _naive_rows(sizes, naive_outcome)
 
 
 def _calls_of(outcomes: list[Outcome], design: str, in_flight: int) -> float:
