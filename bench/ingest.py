@@ -35,7 +35,9 @@ from core.clients import ClientStore
 from core.limits import ClientLimits
 from service import gunicorn_conf
 
-TARGET_RATIO = 0.50
+# PRODUCT §8: accepted jobs/s on 2 cores. The ratio to a trivial endpoint is reported, not a
+# target (decided: a route that does nothing is no peer of a validated, durable accept).
+TARGET_ACCEPTED_PER_S = 1000
 TARGET_HALF_RATE_P99_MS = 25.0
 
 
@@ -286,11 +288,12 @@ def rows(
         Row("ingest", f"GET /healthz max throughput ({how})", fmt(trivial.rps, "req/s", 0)),
         Row("ingest", "GET /healthz latency p50 / p99 at max",
             f"{fmt(trivial.p50_ms, 'ms', 2)} / {fmt(trivial.p99_ms, 'ms', 2)}"),
-        Row("ingest", f"POST /v1/jobs max throughput ({how})", fmt(post.rps, "req/s", 0)),
+        Row("ingest", f"POST /v1/jobs max throughput ({how})", fmt(post.rps, "req/s", 0),
+            f"≥ {TARGET_ACCEPTED_PER_S:,} req/s", judged(post.rps >= TARGET_ACCEPTED_PER_S)),
         Row("ingest", "POST /v1/jobs latency p50 / p99 at max",
             f"{fmt(post.p50_ms, 'ms', 2)} / {fmt(post.p99_ms, 'ms', 2)}"),
-        Row("ingest", "POST / trivial throughput ratio", fmt(ratio * 100, "%", 0),
-            f"≥ {TARGET_RATIO:.0%}", judged(ratio >= TARGET_RATIO)),
+        Row("ingest", "POST / trivial throughput ratio (reported, not a target)",
+            fmt(ratio * 100, "%", 0)),
         Row("ingest", f"POST paced at half max ({half:.0f} req/s asked, "
             f"{sizes.ingest_paced_s:.0f} s): achieved", fmt(paced.rps, "req/s", 0)),
         Row("ingest", "POST at half max: p50 (from scheduled send)", fmt(paced.p50_ms, "ms", 2)),
