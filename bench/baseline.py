@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import naive
 from bench.common import (
@@ -24,8 +26,53 @@ from bench.common import (
     start_receiver,
 )
 from bench.scale import ScaleOutcome
-from cli.stack import sample_job_body
+from cli.listener import ReceivedEvent
+from cli.stack import Stack, sample_job_body
 from core.clients import new_webhook_secret
+
+
+@dataclass(frozen=True)
+class NaiveWindow:
+    """What the naive design did with jobs sent to it, within a window."""
+
+    events: list[ReceivedEvent]  # the verified webhooks received within the window
+    enqueued_in_s: float
+    peak_in_progress: int  # at the emulator
+    rejected: int  # webhooks whose signature failed
+
+
+def run_naive_window(
+    stack: Stack, secret: str, bodies: list[dict[str, Any]], *, concurrency: int, window_s: float
+) -> NaiveWindow:
+    """Send one naive job per model input in `bodies` to `celery -A bench.naive worker -c
+    concurrency` on `stack` (started with NAIVE_WEBHOOK_SECRET=`secret`), and stop it after
+    `window_s`: it would take hours to finish them."""
+    worker = stack.start_worker(
+        app="bench.naive", concurrency=concurrency, queues=None, log_level=None
+    )
+    stack.wait_for_worker(worker)
+    collector = Collector()
+    receiver = start_receiver(secret, collector)
+    celery = naive.create_app(stack.redis_url)
+    job_ids = [f"naive{i}" for i in range(len(bodies))]
+    try:
+        stack.emulator("/_emulator/reset", method="POST")
+        with InFlightSampler(stack) as sampler:
+            started = time.time()
+            with celery.producer_or_acquire() as producer:
+                for job_id, body in zip(job_ids, bodies, strict=True):
+                    celery.send_task(
+                        naive.TASK_NAME, args=(job_id, body, receiver.url), producer=producer
+                    )
+            enqueued_in = time.time() - started
+            time.sleep(max(0.0, started + window_s - time.time()))
+        worker.stop(timeout_s=1)  # the held jobs are abandoned: the window is over
+        events = [e for e in collector.events(job_ids) if e.received_at <= started + window_s]
+        rejected = len(receiver.rejected)
+    finally:
+        receiver.stop()
+        celery.close()
+    return NaiveWindow(events, enqueued_in, sampler.peak_in_progress, rejected)
 
 
 def run(sizes: Sizes, base: Path, gateway: ScaleOutcome | None) -> list[Row]:
@@ -34,37 +81,12 @@ def run(sizes: Sizes, base: Path, gateway: ScaleOutcome | None) -> list[Row]:
     with phase_stack(
         "baseline", base, run_s=sizes.scale_run_s, NAIVE_WEBHOOK_SECRET=secret
     ) as stack:
-        broker_url = stack.redis_url
-        worker = stack.start_worker(
-            app="bench.naive", concurrency=conc, queues=None, log_level=None
-        )
-        stack.wait_for_worker(worker)
-        collector = Collector()
-        receiver = start_receiver(secret, collector)
-        celery = naive.create_app(broker_url)
-        try:
-            body = sample_job_body(stack.emulator_url)
-            stack.emulator("/_emulator/reset", method="POST")
-            say(f"baseline: enqueue {n} naive jobs, worker -c {conc}, window {window:.0f} s")
-            with InFlightSampler(stack) as sampler:
-                started = time.time()
-                with celery.producer_or_acquire() as producer:
-                    for i in range(n):
-                        celery.send_task(
-                            naive.TASK_NAME, args=(f"naive{i}", body, receiver.url),
-                            producer=producer,
-                        )  # fmt: skip
-                enqueued_in = time.time() - started
-                time.sleep(max(0.0, started + window - time.time()))
-            worker.stop(timeout_s=1)  # the held jobs are abandoned: the window is over
-            events = [
-                e for e in collector.events(f"naive{i}" for i in range(n))
-                if e.received_at <= started + window
-            ]  # fmt: skip
-            rejected = len(receiver.rejected)
-        finally:
-            receiver.stop()
-            celery.close()
+        say(f"baseline: enqueue {n} naive jobs, worker -c {conc}, window {window:.0f} s")
+        done = run_naive_window(
+            stack, secret, [sample_job_body(stack.emulator_url)] * n,
+            concurrency=conc, window_s=window,
+        )  # fmt: skip
+    events, enqueued_in, rejected = done.events, done.enqueued_in_s, done.rejected
     finished = len(events)
     projected = n / finished * window if finished else math.inf
     cycle = [e.received_at - e.payload["data"]["started_at"] for e in events]
@@ -76,8 +98,8 @@ def run(sizes: Sizes, base: Path, gateway: ScaleOutcome | None) -> list[Row]:
             f"{enqueued_in:.1f} s, -c {conc}, {sizes.scale_run_s:.0f} s upstream)",
             f"{finished} / {n}"),
         Row("baseline", "naive: peak in flight at RunComfy (in_progress)",
-            fmt(sampler.peak_in_progress, "", 0), f"= {conc} (one per slot)",
-            "yes" if sampler.peak_in_progress == conc else "no"),
+            fmt(done.peak_in_progress, "", 0), f"= {conc} (one per slot)",
+            "yes" if done.peak_in_progress == conc else "no"),
         Row("baseline", f"naive: projected time for all {n} ({n} / finished x window)",
             fmt(projected, "s", 0)),
         Row("baseline", f"naive: cross-check ⌈{n}/{conc}⌉ x mean job time ({fmt(mean_cycle, 's', 1)})",

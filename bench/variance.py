@@ -19,15 +19,13 @@ to result and calls, and how long each size would take at that pace.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import naive
+from bench.baseline import run_naive_window
 from bench.common import (
     Collector,
-    InFlightSampler,
     Poster,
     Row,
     Sizes,
@@ -136,38 +134,19 @@ def _naive(sizes: Sizes, base: Path) -> NaiveOutcome:
     n, window = min(sizes.variance_in_flight), sizes.variance_naive_window_s
     secret = new_webhook_secret()
     with phase_stack("variance-naive", base, run_s=0, NAIVE_WEBHOOK_SECRET=secret) as stack:
-        worker = stack.start_worker(
-            app="bench.naive", concurrency=sizes.scale_concurrency, queues=None, log_level=None
+        say(f"variance: naive design: {n} jobs sent, worker -c {sizes.scale_concurrency}, "
+            f"window {window:.0f} s")  # fmt: skip
+        bodies = [
+            _body(stack.emulator_url, "", i, "naive", sizes.variance_time_scale) for i in range(n)
+        ]
+        for body in bodies:
+            body.pop("webhook_url")  # the task is given it apart: not a model field
+        done = run_naive_window(
+            stack, secret, bodies, concurrency=sizes.scale_concurrency, window_s=window
         )
-        stack.wait_for_worker(worker)
-        collector = Collector()
-        receiver = start_receiver(secret, collector)
-        celery = naive.create_app(stack.redis_url)
-        try:
-            say(f"variance: naive design: {n} jobs sent, worker -c {sizes.scale_concurrency}, "
-                f"window {window:.0f} s")  # fmt: skip
-            with InFlightSampler(stack) as sampler:
-                started = time.time()
-                with celery.producer_or_acquire() as producer:
-                    for i in range(n):
-                        body = _body(stack.emulator_url, "", i, "naive", sizes.variance_time_scale)
-                        body.pop("webhook_url")  # the task is given it apart: not a model field
-                        celery.send_task(
-                            naive.TASK_NAME, args=(f"naive{i}", body, receiver.url),
-                            producer=producer,
-                        )  # fmt: skip
-                time.sleep(max(0.0, started + window - time.time()))
-            worker.stop(timeout_s=1)  # the jobs held are abandoned: the window is over
-            events = [
-                e for e in collector.events(f"naive{i}" for i in range(n))
-                if e.received_at <= started + window
-            ]  # fmt: skip
-            finished = after_finish(stack, events)
-        finally:
-            receiver.stop()
-            celery.close()
-    calls = [int(e.payload["data"]["upstream_calls"]) for e in events]
-    return NaiveOutcome(n, window, finished, calls, sampler.peak_in_progress)
+        finished = after_finish(stack, done.events)
+    calls = [int(e.payload["data"]["upstream_calls"]) for e in done.events]
+    return NaiveOutcome(n, window, finished, calls, done.peak_in_progress)
 
 
 def _naive_rows(sizes: Sizes, outcome: NaiveOutcome) -> list[Row]:
